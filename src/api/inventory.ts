@@ -1,0 +1,81 @@
+/**
+ * The cloud's inventory: hypervisor hosts, student environments and their VMs.
+ * Loaded from a YAML file (see docs in README "Inventory file") into SQLite.
+ */
+
+export type VMRole = 'beachhead' | 'controller' | 'worker';
+
+export interface HostSpec {
+  /** inventory name, e.g. host01 */
+  name: string;
+  /** SSH address (IP or DNS name) */
+  address: string;
+  port: number;
+  user: string;
+  /** OpenSSH public host key line, e.g. "ssh-ed25519 AAAA..."; the connection is refused if the host presents another key */
+  hostKey: string;
+  /** absolute directory on the host holding VM directories: <vmDir>/<environment>/<vm>/ */
+  vmDir: string;
+}
+
+export interface VMFile {
+  /** file name inside the VM directory, e.g. disk0.qcow2 */
+  name: string;
+  /** disk images are attached to QEMU; other files (firmware vars, seed) only move with the VM */
+  kind: 'disk' | 'file';
+  format?: 'qcow2' | 'raw';
+}
+
+export interface VMSpec {
+  /** VM name inside its environment: beachhead, controller-1, node-2 ... */
+  name: string;
+  role: VMRole;
+  /** the guest-cluster node this VM backs */
+  nodeName: string;
+  /** host the VM currently runs on (inventory name) */
+  host: string;
+  memoryMiB: number;
+  cpus: number;
+  files: VMFile[];
+}
+
+export interface EnvironmentSpec {
+  name: string;
+  /** Secret (in the operator's cluster) holding the guest cluster's kubeconfig */
+  kubeconfigSecret: { namespace: string; name: string; key: string };
+  vms: VMSpec[];
+}
+
+export interface Inventory {
+  hosts: HostSpec[];
+  environments: EnvironmentSpec[];
+}
+
+/** Names that end up in file paths and QEMU arguments: a strict allow-list, so no shell or path injection is possible. */
+export const SAFE_NAME = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
+export const SAFE_ABS_PATH = /^\/[A-Za-z0-9._/-]+$/;
+
+export function assertSafeName(kind: string, value: string): void {
+  if (!SAFE_NAME.test(value) || value.includes('..')) {
+    throw new Error(`${kind} ${JSON.stringify(value)} is not a valid name (lower-case letters, digits, '.', '_', '-')`);
+  }
+}
+
+export function assertSafePath(kind: string, value: string): void {
+  if (!SAFE_ABS_PATH.test(value) || value.split('/').includes('..')) {
+    throw new Error(`${kind} ${JSON.stringify(value)} is not a valid absolute path`);
+  }
+}
+
+/** Directory of one VM on a host. */
+export function vmDirectory(host: HostSpec, environment: string, vm: string): string {
+  assertSafePath('host vmDir', host.vmDir);
+  assertSafeName('environment', environment);
+  assertSafeName('vm', vm);
+  return `${host.vmDir.replace(/\/+$/, '')}/${environment}/${vm}`;
+}
+
+/** QEMU's -name for a VM; unique on a host and what the process is found by. */
+export function qemuName(environment: string, vm: string): string {
+  return `${environment}.${vm}`;
+}

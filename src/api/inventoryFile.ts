@@ -1,0 +1,99 @@
+import { readFileSync } from 'node:fs';
+import { parse } from 'yaml';
+import { assertSafeName, assertSafePath, type EnvironmentSpec, type HostSpec, type Inventory, type VMFile, type VMRole, type VMSpec } from './inventory.js';
+
+/**
+ * Reads and validates the inventory YAML (format documented in README, "Inventory file").
+ * Every error names the entry and field at fault.
+ */
+export function loadInventoryFile(path: string): Inventory {
+  let doc: unknown;
+  try {
+    doc = parse(readFileSync(path, 'utf8'));
+  } catch (err) {
+    throw new Error(`inventory ${path}: ${(err as Error).message}`);
+  }
+  return parseInventory(doc, path);
+}
+
+export function parseInventory(doc: unknown, source = 'inventory'): Inventory {
+  const root = obj(doc, source);
+  const hosts = arr(root.hosts, `${source}: hosts`).map((h, i) => parseHost(h, `${source}: hosts[${i}]`));
+  const hostNames = new Set(hosts.map((h) => h.name));
+  if (hostNames.size !== hosts.length) throw new Error(`${source}: host names must be unique`);
+  const environments = arr(root.environments ?? [], `${source}: environments`).map((e, i) => parseEnvironment(e, `${source}: environments[${i}]`, hostNames));
+  if (new Set(environments.map((e) => e.name)).size !== environments.length) throw new Error(`${source}: environment names must be unique`);
+  return { hosts, environments };
+}
+
+function parseHost(v: unknown, at: string): HostSpec {
+  const o = obj(v, at);
+  const name = str(o.name, `${at}.name`);
+  assertSafeName(`${at}.name`, name);
+  const address = str(o.address, `${at}.address`);
+  if (!/^[A-Za-z0-9.:-]+$/.test(address)) throw new Error(`${at}.address ${JSON.stringify(address)} is not a host name or IP address`);
+  const hostKey = str(o.hostKey, `${at}.hostKey`).trim();
+  if (!/^(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|rsa-sha2-256|rsa-sha2-512|ssh-rsa) [A-Za-z0-9+/=]+( .*)?$/.test(hostKey)) {
+    throw new Error(`${at}.hostKey must be an OpenSSH public key line ("ssh-ed25519 AAAA...")`);
+  }
+  const vmDir = str(o.vmDir, `${at}.vmDir`);
+  assertSafePath(`${at}.vmDir`, vmDir);
+  const user = str(o.user ?? 'root', `${at}.user`);
+  assertSafeName(`${at}.user`, user);
+  return { name, address, port: int(o.port ?? 22, `${at}.port`, 1, 65535), user, hostKey, vmDir };
+}
+
+function parseEnvironment(v: unknown, at: string, hosts: Set<string>): EnvironmentSpec {
+  const o = obj(v, at);
+  const name = str(o.name, `${at}.name`);
+  assertSafeName(`${at}.name`, name);
+  const s = obj(o.kubeconfigSecret, `${at}.kubeconfigSecret`);
+  const vms = arr(o.vms, `${at}.vms`).map((vm, i) => parseVm(vm, `${at}.vms[${i}]`, hosts));
+  if (new Set(vms.map((v) => v.name)).size !== vms.length) throw new Error(`${at}: VM names must be unique`);
+  return {
+    name,
+    kubeconfigSecret: { namespace: str(s.namespace, `${at}.kubeconfigSecret.namespace`), name: str(s.name, `${at}.kubeconfigSecret.name`), key: str(s.key ?? 'kubeconfig', `${at}.kubeconfigSecret.key`) },
+    vms,
+  };
+}
+
+const ROLES: VMRole[] = ['beachhead', 'controller', 'worker'];
+
+function parseVm(v: unknown, at: string, hosts: Set<string>): VMSpec {
+  const o = obj(v, at);
+  const name = str(o.name, `${at}.name`);
+  assertSafeName(`${at}.name`, name);
+  const role = str(o.role, `${at}.role`) as VMRole;
+  if (!ROLES.includes(role)) throw new Error(`${at}.role must be one of ${ROLES.join(', ')}`);
+  const host = str(o.host, `${at}.host`);
+  if (!hosts.has(host)) throw new Error(`${at}.host ${JSON.stringify(host)} is not a host of the inventory`);
+  const files = arr(o.files, `${at}.files`).map((f, i): VMFile => {
+    const fo = obj(f, `${at}.files[${i}]`);
+    const fname = str(fo.name, `${at}.files[${i}].name`);
+    assertSafeName(`${at}.files[${i}].name`, fname);
+    const kind = str(fo.kind ?? 'disk', `${at}.files[${i}].kind`);
+    if (kind !== 'disk' && kind !== 'file') throw new Error(`${at}.files[${i}].kind must be disk or file`);
+    const format = fo.format === undefined ? undefined : str(fo.format, `${at}.files[${i}].format`);
+    if (format !== undefined && format !== 'qcow2' && format !== 'raw') throw new Error(`${at}.files[${i}].format must be qcow2 or raw`);
+    return format ? { name: fname, kind, format } : { name: fname, kind };
+  });
+  const nodeName = str(o.nodeName ?? name, `${at}.nodeName`);
+  return { name, role, nodeName, host, memoryMiB: int(o.memoryMiB ?? 64, `${at}.memoryMiB`, 16, 1 << 20), cpus: int(o.cpus ?? 1, `${at}.cpus`, 1, 256), files };
+}
+
+function obj(v: unknown, at: string): Record<string, unknown> {
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new Error(`${at} must be a mapping`);
+  return v as Record<string, unknown>;
+}
+function arr(v: unknown, at: string): unknown[] {
+  if (!Array.isArray(v)) throw new Error(`${at} must be a list`);
+  return v;
+}
+function str(v: unknown, at: string): string {
+  if (typeof v !== 'string' || v.length === 0) throw new Error(`${at} must be a non-empty string`);
+  return v;
+}
+function int(v: unknown, at: string, min: number, max: number): number {
+  if (typeof v !== 'number' || !Number.isInteger(v) || v < min || v > max) throw new Error(`${at} must be an integer between ${min} and ${max}`);
+  return v;
+}

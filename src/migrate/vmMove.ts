@@ -1,0 +1,229 @@
+/**
+ * One VM move as a journaled state machine. Read top to bottom:
+ *
+ *   locate → precheck → cordon → drain → stop (fenced) → transfer + verify
+ *          → start on target → node Ready → uncordon → commit placement → clean source
+ *
+ * Every step writes `begin` to the journal before its side effect and `end`
+ * after it, and every step is idempotent: `locate` looks at where the VM
+ * really is (QEMU status on both hosts) and resumes at the first step whose
+ * effect is missing, so a re-run after an operator crash neither loses nor
+ * doubles a VM. A failure before the VM runs on the target rolls back to the
+ * source; the source image is only removed once the VM runs on the target,
+ * its copy's checksum matched and its node is Ready.
+ */
+import type { EnvironmentSpec, VMSpec } from '../api/inventory.js';
+import type { MigrationSettings, VMStatus } from '../api/types.js';
+import type { GuestCluster } from '../guest/guestCluster.js';
+import type { Hypervisor } from '../hosts/hypervisor.js';
+import type { Store } from '../store/store.js';
+import { relayVmFiles } from '../transfer/relay.js';
+import type { Logger } from '../util/log.js';
+
+export type MoveStep = 'precheck' | 'cordon' | 'drain' | 'stop' | 'transfer' | 'start' | 'nodeReady' | 'uncordon' | 'commit' | 'cleanup' | 'rollback';
+
+export interface MoveObserver {
+  /** a step began, ended or failed: for events, logs and step-duration metrics */
+  step(step: MoveStep, event: 'begin' | 'end' | 'fail', info: { durationMs?: number; message?: string }): void;
+  /** progress for the VM's status entry (merged into what was reported before) */
+  progress(update: Partial<VMStatus>): void;
+}
+
+export interface MoveContext {
+  migrationUid: string;
+  environment: EnvironmentSpec;
+  vm: VMSpec;
+  source: Hypervisor;
+  target: Hypervisor;
+  guest: GuestCluster;
+  store: Store;
+  settings: MigrationSettings;
+  observer: MoveObserver;
+  log: Logger;
+  signal: AbortSignal;
+}
+
+export interface MoveResult {
+  downtimeMs: number;
+  nodeReadyMs: number;
+  bytes: number;
+  resumedFrom: MoveStep;
+}
+
+export class MoveError extends Error {
+  constructor(readonly step: MoveStep, message: string, readonly rolledBack: boolean) {
+    super(message);
+    this.name = 'MoveError';
+  }
+}
+
+/** Where a previous (possibly interrupted) attempt left the VM; decides the resume point. */
+type Location = 'source-running' | 'source-stopped' | 'target-running' | 'target-stopped';
+
+export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
+  const { vm, environment, source, target, guest, settings, signal } = ctx;
+  const env = environment.name;
+  const run = stepRunner(ctx);
+  let stoppedAt: number | undefined;
+  let targetStarted = false;
+  let bytes = 0;
+
+  const location = await run('precheck', async () => {
+    const where = await locate(ctx);
+    // Stopping a controller is only safe while etcd keeps quorum without it.
+    if (vm.role === 'controller' && where === 'source-running') {
+      const quorum = await guest.controlPlaneQuorum(vm.nodeName);
+      if (!quorum.ok) throw new Error(`control plane would lose quorum without ${vm.nodeName}: ${quorum.reason}`);
+    }
+    const node = await guest.nodeState(vm.nodeName);
+    if (!node.exists) throw new Error(`node ${vm.nodeName} of VM ${vm.name} does not exist in the guest cluster of ${env}`);
+    return where;
+  });
+  const resumedFrom: MoveStep = location === 'source-running' ? 'cordon' : location === 'source-stopped' ? 'transfer' : location === 'target-stopped' ? 'start' : 'nodeReady';
+
+  try {
+    if (location === 'source-running') {
+      await run('cordon', () => guest.cordon(vm.nodeName));
+      await run('drain', () => guest.drain(vm.nodeName, {
+        timeoutMs: settings.drainTimeoutMs, gracePeriodSeconds: settings.drainGracePeriodSeconds,
+        deleteEmptyDirData: settings.deleteEmptyDirData, signal,
+        onProgress: (remaining: number) => ctx.observer.progress({ message: `draining: ${remaining} pod(s) left` }),
+      }));
+      stoppedAt = Date.now();
+      await run('stop', async () => {
+        const how = await source.stopVm(env, vm, { powerdownTimeoutMs: settings.powerdownTimeoutMs });
+        await assertStopped(source, env, vm);
+        return how;
+      });
+    }
+    if (location === 'source-running' || location === 'source-stopped') {
+      stoppedAt ??= Date.now();
+      bytes = await run('transfer', async () => {
+        await target.ensureDir(target.vmDir(env, vm.name));
+        const results = await relayVmFiles({
+          source: source.conn, target: target.conn,
+          sourceDir: source.vmDir(env, vm.name), targetDir: target.vmDir(env, vm.name), files: vm.files,
+          stallTimeoutMs: settings.stallTimeoutMs, signal,
+          onProgress: (done: number, total: number) => ctx.observer.progress({ bytesTransferred: done, bytesTotal: total }),
+        });
+        const total = results.reduce((n, r) => n + r.bytes, 0);
+        ctx.observer.progress({ bytesTransferred: total, bytesTotal: total });
+        return total;
+      });
+    }
+    if (location !== 'target-running') {
+      stoppedAt ??= Date.now();
+      // Fencing: the source must be proven stopped right before the target starts.
+      await run('start', async () => {
+        await assertStopped(source, env, vm);
+        await target.startVm(env, vm);
+        targetStarted = true;
+      });
+    }
+    const runningAt = Date.now();
+    const downtimeMs = stoppedAt === undefined ? 0 : runningAt - stoppedAt;
+    ctx.observer.progress({ downtimeSeconds: round(downtimeMs / 1000) });
+
+    await run('nodeReady', () => guest.waitNodeReady(vm.nodeName, { timeoutMs: settings.nodeReadyTimeoutMs, signal }));
+    const nodeReadyMs = Date.now() - runningAt;
+    await run('uncordon', () => guest.uncordon(vm.nodeName));
+    await run('commit', () => ctx.store.setPlacement(env, vm.name, target.host.name));
+    await run('cleanup', async () => {
+      // The copy was verified in `transfer` and the VM is healthy on the target: only now may the source go.
+      const onSource = await source.vmStatus(env, vm);
+      if (onSource.state === 'running' || onSource.state === 'paused' || onSource.state === 'other') {
+        throw new Error(`refusing to clean up: VM ${vm.name} still has a live QEMU on ${source.host.name}`);
+      }
+      if (onSource.state !== 'absent') await source.removeVmDir(env, vm.name);
+    });
+    return { downtimeMs, nodeReadyMs, bytes, resumedFrom };
+  } catch (err) {
+    const failedStep = (err as { step?: MoveStep }).step ?? 'precheck';
+    const reason = (err as Error).message;
+    const rolledBack = await rollback(ctx, { targetStarted }).then(() => true, (rbErr: Error) => {
+      ctx.log.error({ err: rbErr }, 'rollback failed');
+      ctx.observer.progress({ message: `rollback failed: ${rbErr.message}` });
+      return false;
+    });
+    throw new MoveError(failedStep, reason, rolledBack);
+  }
+}
+
+/**
+ * Finds the VM. Exactly one host may hold a live QEMU for it; two is the
+ * split-brain the fencing exists to prevent, and we stop rather than guess.
+ */
+async function locate(ctx: MoveContext): Promise<Location> {
+  const { source, target, vm, environment } = ctx;
+  const [src, dst] = await Promise.all([source.vmStatus(environment.name, vm), target.vmStatus(environment.name, vm)]);
+  const live = (s: string) => s === 'running' || s === 'paused' || s === 'other';
+  if (live(src.state) && live(dst.state)) {
+    throw new Error(`VM ${vm.name} has a live QEMU on both ${source.host.name} and ${target.host.name}; refusing to touch it`);
+  }
+  if (live(dst.state)) return 'target-running';
+  if (live(src.state)) return 'source-running';
+  if (src.state === 'absent' && dst.state === 'stopped') {
+    // Source already cleaned: only possible after a verified copy.
+    return 'target-stopped';
+  }
+  if (src.state === 'absent') throw new Error(`VM ${vm.name} has no files on ${source.host.name} nor a complete copy on ${target.host.name}`);
+  return 'source-stopped';
+}
+
+async function assertStopped(h: Hypervisor, env: string, vm: VMSpec): Promise<void> {
+  const s = await h.vmStatus(env, vm);
+  if (s.state !== 'stopped' && s.state !== 'absent') throw new Error(`VM ${vm.name} is still ${s.state} on ${h.host.name}`);
+}
+
+/** Back to where we started: VM running on the source, node schedulable. */
+async function rollback(ctx: MoveContext, state: { targetStarted: boolean }): Promise<void> {
+  const { source, target, vm, environment, guest } = ctx;
+  const env = environment.name;
+  const run = stepRunner(ctx);
+  await run('rollback', async () => {
+    const onSource = await source.vmStatus(env, vm);
+    const onTarget = await target.vmStatus(env, vm);
+    if (onSource.state === 'absent') {
+      // The source files are gone only after a complete, verified move: nothing to roll back to.
+      throw new Error(`source files of ${vm.name} are gone; leaving the VM on ${target.host.name}`);
+    }
+    if (onTarget.state === 'running' || onTarget.state === 'paused' || onTarget.state === 'other' || state.targetStarted) {
+      await target.stopVm(env, vm, { powerdownTimeoutMs: ctx.settings.powerdownTimeoutMs });
+      await assertStopped(target, env, vm);
+    }
+    if (onSource.state === 'stopped') {
+      await assertStopped(target, env, vm);
+      await source.startVm(env, vm);
+    }
+    if (onTarget.state !== 'absent') await target.removeVmDir(env, vm.name);
+    await guest.uncordon(vm.nodeName);
+  });
+}
+
+function stepRunner(ctx: MoveContext) {
+  const { store, migrationUid, environment, vm, observer } = ctx;
+  return async function run<T>(step: MoveStep, fn: () => Promise<T>): Promise<T> {
+    if (ctx.signal.aborted && step !== 'rollback') throw Object.assign(new Error('migration aborted'), { step });
+    await store.journal(migrationUid, environment.name, vm.name, step, 'begin');
+    await store.updateMove(migrationUid, environment.name, vm.name, { step });
+    observer.progress({ step });
+    observer.step(step, 'begin', {});
+    const started = Date.now();
+    try {
+      const result = await fn();
+      const durationMs = Date.now() - started;
+      await store.journal(migrationUid, environment.name, vm.name, step, 'end', { durationMs });
+      observer.step(step, 'end', { durationMs });
+      return result;
+    } catch (err) {
+      const message = (err as Error).message;
+      await store.journal(migrationUid, environment.name, vm.name, step, 'fail', { message });
+      observer.step(step, 'fail', { durationMs: Date.now() - started, message });
+      throw Object.assign(err as Error, { step: (err as { step?: MoveStep }).step ?? step });
+    }
+  };
+}
+
+function round(n: number): number {
+  return Math.round(n * 1000) / 1000;
+}

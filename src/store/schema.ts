@@ -1,0 +1,129 @@
+import type { Generated, Kysely, Migration } from 'kysely';
+import { sql } from 'kysely';
+
+export interface HostsTable {
+  name: string;
+  address: string;
+  port: number;
+  user: string;
+  host_key: string;
+  vm_dir: string;
+}
+
+export interface EnvironmentsTable {
+  name: string;
+  secret_namespace: string;
+  secret_name: string;
+  secret_key: string;
+}
+
+export interface VmsTable {
+  environment: string;
+  name: string;
+  role: string;
+  node_name: string;
+  /** where the VM lives now: the only placement truth once the VM has been moved */
+  host: string;
+  memory_mib: number;
+  cpus: number;
+  files_json: string;
+  updated_at: string;
+}
+
+export interface MoveRow {
+  id: Generated<number>;
+  migration_uid: string;
+  environment: string;
+  vm: string;
+  from_host: string;
+  to_host: string;
+  phase: string;
+  step: string | null;
+  attempts: number;
+  downtime_ms: number | null;
+  bytes: number;
+  started_at: string | null;
+  finished_at: string | null;
+  message: string | null;
+}
+
+export interface JournalTable {
+  id: Generated<number>;
+  migration_uid: string;
+  environment: string;
+  vm: string;
+  step: string;
+  event: 'begin' | 'end' | 'fail';
+  detail_json: string | null;
+  at: string;
+}
+
+export interface Database {
+  hosts: HostsTable;
+  environments: EnvironmentsTable;
+  vms: VmsTable;
+  vm_moves: MoveRow;
+  journal: JournalTable;
+}
+
+/** Schema migrations live in code so the binary and its database can never disagree. */
+export const migrations: Record<string, Migration> = {
+  '0001_initial': {
+    async up(db: Kysely<unknown>) {
+      await db.schema.createTable('hosts')
+        .addColumn('name', 'text', (c) => c.primaryKey())
+        .addColumn('address', 'text', (c) => c.notNull())
+        .addColumn('port', 'integer', (c) => c.notNull())
+        .addColumn('user', 'text', (c) => c.notNull())
+        .addColumn('host_key', 'text', (c) => c.notNull())
+        .addColumn('vm_dir', 'text', (c) => c.notNull())
+        .execute();
+      await db.schema.createTable('environments')
+        .addColumn('name', 'text', (c) => c.primaryKey())
+        .addColumn('secret_namespace', 'text', (c) => c.notNull())
+        .addColumn('secret_name', 'text', (c) => c.notNull())
+        .addColumn('secret_key', 'text', (c) => c.notNull())
+        .execute();
+      await db.schema.createTable('vms')
+        .addColumn('environment', 'text', (c) => c.notNull().references('environments.name').onDelete('cascade'))
+        .addColumn('name', 'text', (c) => c.notNull())
+        .addColumn('role', 'text', (c) => c.notNull())
+        .addColumn('node_name', 'text', (c) => c.notNull())
+        .addColumn('host', 'text', (c) => c.notNull().references('hosts.name'))
+        .addColumn('memory_mib', 'integer', (c) => c.notNull())
+        .addColumn('cpus', 'integer', (c) => c.notNull())
+        .addColumn('files_json', 'text', (c) => c.notNull())
+        .addColumn('updated_at', 'text', (c) => c.notNull())
+        .addPrimaryKeyConstraint('vms_pk', ['environment', 'name'])
+        .execute();
+      await db.schema.createTable('vm_moves')
+        .addColumn('id', 'integer', (c) => c.primaryKey().autoIncrement())
+        .addColumn('migration_uid', 'text', (c) => c.notNull())
+        .addColumn('environment', 'text', (c) => c.notNull())
+        .addColumn('vm', 'text', (c) => c.notNull())
+        .addColumn('from_host', 'text', (c) => c.notNull())
+        .addColumn('to_host', 'text', (c) => c.notNull())
+        .addColumn('phase', 'text', (c) => c.notNull())
+        .addColumn('step', 'text')
+        .addColumn('attempts', 'integer', (c) => c.notNull().defaultTo(0))
+        .addColumn('downtime_ms', 'integer')
+        .addColumn('bytes', 'integer', (c) => c.notNull().defaultTo(0))
+        .addColumn('started_at', 'text')
+        .addColumn('finished_at', 'text')
+        .addColumn('message', 'text')
+        .addUniqueConstraint('vm_moves_once', ['migration_uid', 'environment', 'vm'])
+        .execute();
+      await db.schema.createTable('journal')
+        .addColumn('id', 'integer', (c) => c.primaryKey().autoIncrement())
+        .addColumn('migration_uid', 'text', (c) => c.notNull())
+        .addColumn('environment', 'text', (c) => c.notNull())
+        .addColumn('vm', 'text', (c) => c.notNull())
+        .addColumn('step', 'text', (c) => c.notNull())
+        .addColumn('event', 'text', (c) => c.notNull())
+        .addColumn('detail_json', 'text')
+        .addColumn('at', 'text', (c) => c.notNull().defaultTo(sql`(strftime('%Y-%m-%dT%H:%M:%fZ','now'))`))
+        .execute();
+      await db.schema.createIndex('journal_by_vm').on('journal').columns(['migration_uid', 'environment', 'vm', 'id']).execute();
+    },
+  },
+};
