@@ -1,0 +1,295 @@
+/**
+ * Operations on one hypervisor host: QEMU VM lifecycle and the file operations the migration needs.
+ * Every path is validated before it reaches a remote command line; process identity is always
+ * re-checked through /proc/<pid>/cmdline so a recycled pid is never mistaken for (or killed as) our VM.
+ */
+import { assertSafeName, assertSafePath, qemuName, vmDirectory, type HostSpec, type VMSpec } from '../api/inventory.js';
+import { log } from '../util/log.js';
+import { QmpClient } from './qmp.js';
+import type { HostConnection } from './ssh.js';
+
+const logger = log.child({ component: 'hypervisor' });
+
+export type VmState = 'absent' | 'stopped' | 'running' | 'paused' | 'other';
+
+export interface VmStatus {
+  state: VmState;
+  /** QEMU RunState from query-status (running, paused, shutdown, postmigrate, ...) */
+  qmpStatus?: string;
+  pid?: number;
+}
+
+export interface VmFileInfo {
+  name: string;
+  size: number;
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/**
+ * Fixed script, data only via positional parameters: prints "absent", "stopped", or
+ * "pid <n> <state>" followed by the NUL-separated cmdline. A zombie counts as gone: it cannot touch the disks.
+ */
+const PROBE_SCRIPT = [
+  '[ -d "$1" ] || { echo absent; exit 0; }',
+  'pid=$(tr -dc 0-9 < "$1/qemu.pid" 2>/dev/null)',
+  '[ -n "$pid" ] && [ -r "/proc/$pid/stat" ] || { echo stopped; exit 0; }',
+  "st=$(sed 's/.*) //' \"/proc/$pid/stat\" 2>/dev/null | cut -d' ' -f1)",
+  '[ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ] || { echo stopped; exit 0; }',
+  'printf "pid %s %s\\n" "$pid" "$st"',
+  'cat "/proc/$pid/cmdline" 2>/dev/null',
+  'exit 0',
+].join('\n');
+
+/** Same liveness rule as PROBE_SCRIPT, for a known pid: exit 0 = still alive (and not a zombie). */
+const ALIVE_SCRIPT = ["st=$(sed 's/.*) //' \"/proc/$1/stat\" 2>/dev/null | cut -d' ' -f1)", '[ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]'].join('\n');
+
+export class Hypervisor {
+  constructor(
+    readonly host: HostSpec,
+    readonly conn: HostConnection,
+  ) {}
+
+  vmDir(environment: string, vm: VMSpec): string {
+    return vmDirectory(this.host, environment, vm.name);
+  }
+
+  /** Finds the live QEMU of this VM, if any: pid from the pidfile, confirmed by its -name argument. */
+  private async probe(environment: string, vm: VMSpec): Promise<{ state: 'absent' | 'stopped' } | { state: 'alive'; pid: number }> {
+    const dir = this.vmDir(environment, vm);
+    const out = await this.conn.execOk(['sh', '-c', PROBE_SCRIPT, 'probe', dir]);
+    const nl = out.indexOf(0x0a);
+    const head = out.subarray(0, nl < 0 ? out.length : nl).toString('utf8').trim();
+    if (head === 'absent') return { state: 'absent' };
+    if (head === 'stopped') return { state: 'stopped' };
+    const m = /^pid (\d+) \S+$/.exec(head);
+    if (!m || nl < 0) throw new Error(`on ${this.host.name}: unexpected probe output ${JSON.stringify(head)}`);
+    const argv = out
+      .subarray(nl + 1)
+      .toString('utf8')
+      .split('\0')
+      .filter((a) => a.length > 0);
+    return this.isOurQemu(argv, environment, vm) ? { state: 'alive', pid: Number(m[1]) } : { state: 'stopped' };
+  }
+
+  private isOurQemu(argv: string[], environment: string, vm: VMSpec): boolean {
+    const exe = argv[0]?.split('/').pop() ?? '';
+    if (!exe.startsWith('qemu-system')) return false;
+    const i = argv.indexOf('-name');
+    const nameArg = i >= 0 ? argv[i + 1] : undefined;
+    return nameArg !== undefined && nameArg.split(',')[0] === qemuName(environment, vm.name);
+  }
+
+  private async isPidAlive(pid: number): Promise<boolean> {
+    const r = await this.conn.exec(['sh', '-c', ALIVE_SCRIPT, 'alive', String(pid)]);
+    return r.code === 0;
+  }
+
+  private async openQmp(environment: string, vm: VMSpec, timeoutMs = 10_000): Promise<QmpClient> {
+    const sock = await this.conn.openUnixSocket(`${this.vmDir(environment, vm)}/qmp.sock`);
+    return QmpClient.open(sock, { timeoutMs });
+  }
+
+  private static mapRunState(status: string): VmState {
+    if (status === 'running') return 'running';
+    if (status === 'paused') return 'paused';
+    return 'other';
+  }
+
+  async vmStatus(environment: string, vm: VMSpec): Promise<VmStatus> {
+    const p = await this.probe(environment, vm);
+    if (p.state !== 'alive') return { state: p.state };
+    let qmp: QmpClient | undefined;
+    try {
+      qmp = await this.openQmp(environment, vm);
+      const st = await qmp.execute<{ status: string; running: boolean }>('query-status', undefined, { timeoutMs: 10_000 });
+      return { state: Hypervisor.mapRunState(st.status), qmpStatus: st.status, pid: p.pid };
+    } catch (err) {
+      // QEMU's monitor serves one client at a time; a busy or wedged monitor must not be reported as "stopped".
+      logger.warn({ host: this.host.name, environment, vm: vm.name, err: (err as Error).message }, 'QEMU alive but QMP unreachable');
+      return { state: 'other', pid: p.pid };
+    } finally {
+      qmp?.close();
+    }
+  }
+
+  async startVm(environment: string, vm: VMSpec, opts: { startTimeoutMs?: number } = {}): Promise<VmStatus> {
+    const dir = this.vmDir(environment, vm);
+    const p = await this.probe(environment, vm);
+    if (p.state === 'alive') throw new Error(`VM ${qemuName(environment, vm.name)} already has a live QEMU (pid ${p.pid}) on ${this.host.name}`);
+    if (p.state === 'absent') throw new Error(`VM directory ${dir} does not exist on ${this.host.name}`);
+    if (!Number.isInteger(vm.memoryMiB) || vm.memoryMiB < 16) throw new Error(`VM ${vm.name}: invalid memoryMiB ${vm.memoryMiB}`);
+    if (!Number.isInteger(vm.cpus) || vm.cpus < 1) throw new Error(`VM ${vm.name}: invalid cpus ${vm.cpus}`);
+
+    const name = qemuName(environment, vm.name);
+    assertSafeName('qemu name', name);
+    const argv = [
+      'qemu-system-x86_64',
+      '-name',
+      `${name},process=${name}`,
+      '-machine',
+      'pc,accel=tcg',
+      '-m',
+      String(vm.memoryMiB),
+      '-smp',
+      String(vm.cpus),
+      '-nodefaults',
+      '-display',
+      'none',
+      '-serial',
+      `file:${dir}/serial.log`,
+      '-qmp',
+      `unix:${dir}/qmp.sock,server=on,wait=off`,
+      '-pidfile',
+      `${dir}/qemu.pid`,
+      '-daemonize',
+    ];
+    for (const f of vm.files) {
+      if (f.kind !== 'disk') continue;
+      assertSafeName('disk file', f.name);
+      const fmt = f.format ?? 'qcow2';
+      if (fmt !== 'qcow2' && fmt !== 'raw') throw new Error(`disk ${f.name}: unsupported format ${String(fmt)}`);
+      // A comma would start a new -drive option; assertSafeName already excludes it.
+      argv.push('-drive', `file=${dir}/${f.name},format=${fmt},if=virtio`);
+    }
+    const t0 = Date.now();
+    // -daemonize returns once QEMU has initialised (or failed), so a bad disk is reported here with QEMU's message.
+    await this.conn.execOk(argv, { timeoutMs: 60_000 });
+
+    const deadline = t0 + (opts.startTimeoutMs ?? 30_000);
+    let lastErr = '';
+    while (Date.now() < deadline) {
+      const st = await this.vmStatus(environment, vm);
+      if (st.state === 'running') {
+        logger.info({ host: this.host.name, environment, vm: vm.name, pid: st.pid, ms: Date.now() - t0 }, 'VM started');
+        return st;
+      }
+      if (st.state === 'stopped') throw new Error(`QEMU for ${name} on ${this.host.name} exited right after start; see ${dir}/serial.log`);
+      lastErr = st.qmpStatus ?? st.state;
+      await sleep(100);
+    }
+    throw new Error(`VM ${name} on ${this.host.name} did not reach running (last: ${lastErr})`);
+  }
+
+  /** Polls until the pid is gone or the deadline passes; true = gone. */
+  private async waitGone(pid: number, timeoutMs: number): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs;
+    while (true) {
+      if (!(await this.isPidAlive(pid))) return true;
+      if (Date.now() >= deadline) return false;
+      await sleep(100);
+    }
+  }
+
+  /**
+   * Stops the VM and returns only once its QEMU process is proven gone: the disks may be copied
+   * and started elsewhere afterwards, so a survivor would mean two writers on one disk.
+   */
+  async stopVm(environment: string, vm: VMSpec, opts: { powerdownTimeoutMs: number; quitTimeoutMs?: number }): Promise<'powerdown' | 'quit' | 'already-stopped'> {
+    const p = await this.probe(environment, vm);
+    if (p.state !== 'alive') return 'already-stopped';
+    const pid = p.pid;
+    const ctx = { host: this.host.name, environment, vm: vm.name, pid };
+
+    let qmp: QmpClient | undefined;
+    try {
+      qmp = await this.openQmp(environment, vm);
+      await qmp.execute('system_powerdown');
+    } catch (err) {
+      logger.warn({ ...ctx, err: (err as Error).message }, 'system_powerdown failed; will quit');
+    }
+    try {
+      if (await this.waitGone(pid, opts.powerdownTimeoutMs)) return 'powerdown';
+
+      try {
+        if (!qmp || qmp.isClosed) {
+          qmp?.close();
+          qmp = await this.openQmp(environment, vm);
+        }
+        // QEMU may exit before the reply arrives; the process check below is the truth.
+        await qmp.execute('quit', undefined, { timeoutMs: 5000 }).catch(() => undefined);
+      } catch (err) {
+        logger.warn({ ...ctx, err: (err as Error).message }, 'QMP quit failed; will kill');
+      }
+      if (await this.waitGone(pid, opts.quitTimeoutMs ?? 10_000)) return 'quit';
+
+      // Last resort; re-check identity first so a recycled pid is never killed.
+      const again = await this.probe(environment, vm);
+      if (again.state === 'alive' && again.pid === pid) {
+        logger.warn(ctx, 'QEMU ignored quit; sending SIGKILL');
+        await this.conn.exec(['kill', '-9', String(pid)]);
+      }
+      if (await this.waitGone(pid, 10_000)) return 'quit';
+      throw new Error(`QEMU ${qemuName(environment, vm.name)} (pid ${pid}) on ${this.host.name} survived SIGKILL; host needs attention`);
+    } finally {
+      qmp?.close();
+    }
+  }
+
+  /** Regular files directly inside the VM directory (not only those in VMSpec.files: stale .partial files show up too). */
+  async listVmFiles(environment: string, vm: VMSpec): Promise<VmFileInfo[]> {
+    const dir = this.vmDir(environment, vm);
+    const out = await this.conn.execOk(['find', dir, '-mindepth', '1', '-maxdepth', '1', '-type', 'f', '-printf', '%f\\t%s\\n']);
+    return out
+      .toString('utf8')
+      .split('\n')
+      .filter(Boolean)
+      .map((line) => {
+        const [name = '', size = '0'] = line.split('\t');
+        return { name, size: Number(size) };
+      })
+      .sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  async fileSize(path: string): Promise<number> {
+    assertSafePath('file', path);
+    const out = await this.conn.execOk(['stat', '-L', '-c', '%s', '--', path]);
+    return Number(out.toString('utf8').trim());
+  }
+
+  async sha256(path: string): Promise<string> {
+    assertSafePath('file', path);
+    const out = await this.conn.execOk(['sha256sum', '-b', '--', path], { timeoutMs: 30 * 60_000 });
+    const hex = out.toString('utf8').split(/\s/)[0] ?? '';
+    if (!/^[0-9a-f]{64}$/.test(hex)) throw new Error(`on ${this.host.name}: unexpected sha256sum output for ${path}`);
+    return hex;
+  }
+
+  async ensureDir(path: string): Promise<void> {
+    assertSafePath('directory', path);
+    await this.conn.execOk(['mkdir', '-p', '--', path]);
+  }
+
+  /** Deletes a VM directory; refuses while a QEMU for the VM is alive (its disks are in use). */
+  async removeVmDir(environment: string, vm: VMSpec): Promise<void> {
+    const dir = this.vmDir(environment, vm);
+    const root = this.host.vmDir.replace(/\/+$/, '');
+    if (!dir.startsWith(`${root}/`) || dir.split('/').length < root.split('/').length + 2) {
+      throw new Error(`refusing to remove ${dir}: not a VM directory under ${root}`);
+    }
+    const p = await this.probe(environment, vm);
+    if (p.state === 'absent') return;
+    if (p.state === 'alive') throw new Error(`refusing to remove ${dir} on ${this.host.name}: QEMU pid ${p.pid} is alive`);
+    await this.conn.execOk(['rm', '-rf', '--', dir]);
+  }
+
+  /** Atomic within one filesystem (rename(2)); -T so an existing directory at b is never moved into. */
+  async rename(a: string, b: string): Promise<void> {
+    assertSafePath('file', a);
+    assertSafePath('file', b);
+    await this.conn.execOk(['mv', '-f', '-T', '--', a, b]);
+  }
+
+  async exists(path: string): Promise<boolean> {
+    assertSafePath('file', path);
+    const r = await this.conn.exec(['test', '-e', path]);
+    if (r.code === 0) return true;
+    if (r.code === 1) return false;
+    throw new Error(`on ${this.host.name}: test -e ${path} failed (${r.code}): ${r.stderr}`);
+  }
+
+  async removeFile(path: string): Promise<void> {
+    assertSafePath('file', path);
+    await this.conn.execOk(['rm', '-f', '--', path]);
+  }
+}

@@ -1,0 +1,249 @@
+/**
+ * One authenticated SSH connection to a hypervisor host. Commands are passed as argv arrays and
+ * every element is single-quoted, so the remote shell never interprets operator-supplied data.
+ */
+import type { Duplex, Readable, Writable } from 'node:stream';
+import pRetry, { AbortError } from 'p-retry';
+import { Client, type ClientChannel, type ConnectConfig } from 'ssh2';
+import type { HostSpec } from '../api/inventory.js';
+import { log } from '../util/log.js';
+
+const logger = log.child({ component: 'ssh' });
+
+export class HostKeyMismatchError extends Error {
+  constructor(readonly host: string) {
+    super(`SSH host key of host ${host} does not match the inventory's hostKey; refusing to connect (possible MITM or re-installed host)`);
+    this.name = 'HostKeyMismatchError';
+  }
+}
+
+export class RemoteCommandError extends Error {
+  constructor(
+    readonly host: string,
+    readonly argv: string[],
+    readonly code: number,
+    readonly stderr: string,
+  ) {
+    super(`on ${host}: ${argv[0] ?? ''} exited with ${code}: ${stderr.trim().slice(0, 2000)}`);
+    this.name = 'RemoteCommandError';
+  }
+}
+
+export interface ExecResult {
+  stdout: Buffer;
+  stderr: string;
+  /** exit status; 128+n style is not synthesised: a signal-killed command reports -1 */
+  code: number;
+}
+
+export interface SpawnedCommand {
+  stdin: Writable;
+  stdout: Readable;
+  stderr: Readable;
+  /** resolves with the exit status (-1 if killed by a signal or the channel closed without one) */
+  exit: Promise<number>;
+  /** best effort: signal the remote process and close the channel */
+  kill(): void;
+}
+
+/** POSIX single-quote: the only character needing care inside '...' is ' itself. */
+export function shellQuote(arg: string): string {
+  if (arg.includes('\0')) throw new Error('argument contains a NUL byte');
+  return `'${arg.replace(/'/g, `'\\''`)}'`;
+}
+
+export function shellCommand(argv: string[]): string {
+  if (argv.length === 0) throw new Error('empty argv');
+  return argv.map(shellQuote).join(' ');
+}
+
+/** Raw key blob of an OpenSSH public-key line ("ssh-ed25519 AAAA... comment"). */
+function hostKeyBlob(host: HostSpec): Buffer {
+  const b64 = host.hostKey.trim().split(/\s+/)[1];
+  if (!b64) throw new Error(`host ${host.name}: hostKey is not an OpenSSH public-key line`);
+  return Buffer.from(b64, 'base64');
+}
+
+export class HostConnection {
+  private alive = true;
+
+  private constructor(
+    readonly host: HostSpec,
+    private readonly client: Client,
+  ) {
+    const markDead = (): void => {
+      this.alive = false;
+    };
+    client.on('error', (err) => {
+      markDead();
+      logger.warn({ host: host.name, err: err.message }, 'ssh connection error');
+    });
+    client.on('close', markDead);
+    client.on('end', markDead);
+  }
+
+  /** false once the transport errored or closed; a dead connection must be replaced, not reused. */
+  get isAlive(): boolean {
+    return this.alive;
+  }
+
+  static async connect(
+    host: HostSpec,
+    identity: { privateKey: string | Buffer },
+    opts: { readyTimeoutMs?: number; retries?: number } = {},
+  ): Promise<HostConnection> {
+    const expected = hostKeyBlob(host);
+    return pRetry(
+      async () => {
+        const client = new Client();
+        let mismatch = false;
+        const cfg: ConnectConfig = {
+          host: host.address,
+          port: host.port,
+          username: host.user,
+          privateKey: identity.privateKey,
+          readyTimeout: opts.readyTimeoutMs ?? 20_000,
+          keepaliveInterval: 10_000,
+          keepaliveCountMax: 3,
+          // GCM is AES-NI accelerated and needs no separate MAC pass: the relay's bottleneck is crypto in this process.
+          algorithms: {
+            cipher: ['aes128-gcm@openssh.com', 'aes256-gcm@openssh.com', 'chacha20-poly1305@openssh.com', 'aes128-ctr', 'aes256-ctr'],
+          },
+          hostVerifier: (key: Buffer) => {
+            const ok = key.length === expected.length && key.equals(expected);
+            if (!ok) mismatch = true;
+            return ok;
+          },
+        };
+        try {
+          await new Promise<void>((resolve, reject) => {
+            const onError = (err: Error): void => {
+              client.removeListener('ready', onReady);
+              reject(err);
+            };
+            const onReady = (): void => {
+              client.removeListener('error', onError);
+              resolve();
+            };
+            client.once('ready', onReady);
+            client.once('error', onError);
+            client.connect(cfg);
+          });
+        } catch (err) {
+          client.end();
+          if (mismatch) throw new AbortError(new HostKeyMismatchError(host.name));
+          const e = err as Error & { level?: string };
+          // Wrong credentials will not fix themselves by retrying.
+          if (e.level === 'client-authentication') {
+            throw new AbortError(new Error(`SSH authentication to host ${host.name} failed: ${e.message}`));
+          }
+          throw new Error(`SSH connect to host ${host.name} (${host.address}:${host.port}) failed: ${e.message}`);
+        }
+        return new HostConnection(host, client);
+      },
+      {
+        retries: opts.retries ?? 3,
+        minTimeout: 200,
+        maxTimeout: 2000,
+        onFailedAttempt: ({ error, attemptNumber, retriesLeft }) => {
+          logger.warn({ host: host.name, attemptNumber, retriesLeft, err: error.message }, 'ssh connect attempt failed');
+        },
+      },
+    );
+  }
+
+  private openExec(argv: string[]): Promise<ClientChannel> {
+    const cmd = shellCommand(argv);
+    return new Promise((resolve, reject) => {
+      try {
+        this.client.exec(cmd, (err, ch) => (err ? reject(err) : resolve(ch)));
+      } catch (err) {
+        // ssh2 throws synchronously when the socket is already gone.
+        reject(err as Error);
+      }
+    });
+  }
+
+  async exec(argv: string[], opts: { stdin?: Buffer | string; timeoutMs?: number } = {}): Promise<ExecResult> {
+    const ch = await this.openExec(argv);
+    return new Promise<ExecResult>((resolve, reject) => {
+      const out: Buffer[] = [];
+      const err: Buffer[] = [];
+      let code = -1;
+      let timer: NodeJS.Timeout | undefined;
+      if (opts.timeoutMs !== undefined) {
+        timer = setTimeout(() => {
+          try {
+            ch.signal('KILL');
+          } catch {
+            // the channel may already be closing; close() below still releases it
+          }
+          ch.close();
+          reject(new Error(`on ${this.host.name}: ${argv[0] ?? ''} timed out after ${opts.timeoutMs} ms`));
+        }, opts.timeoutMs);
+      }
+      ch.on('data', (d: Buffer) => out.push(d));
+      ch.stderr.on('data', (d: Buffer) => err.push(d));
+      ch.on('exit', (c: number | null) => {
+        if (typeof c === 'number') code = c;
+      });
+      ch.on('error', (e: Error) => {
+        if (timer) clearTimeout(timer);
+        reject(e);
+      });
+      ch.on('close', () => {
+        if (timer) clearTimeout(timer);
+        resolve({ stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString('utf8'), code });
+      });
+      if (opts.stdin !== undefined) ch.end(opts.stdin);
+      else ch.end();
+    });
+  }
+
+  async execOk(argv: string[], opts: { stdin?: Buffer | string; timeoutMs?: number } = {}): Promise<Buffer> {
+    const r = await this.exec(argv, opts);
+    if (r.code !== 0) throw new RemoteCommandError(this.host.name, argv, r.code, r.stderr);
+    return r.stdout;
+  }
+
+  async spawn(argv: string[]): Promise<SpawnedCommand> {
+    const ch = await this.openExec(argv);
+    let code = -1;
+    ch.on('exit', (c: number | null) => {
+      if (typeof c === 'number') code = c;
+    });
+    const exit = new Promise<number>((resolve) => {
+      ch.once('close', () => resolve(code));
+    });
+    return {
+      stdin: ch,
+      stdout: ch,
+      stderr: ch.stderr,
+      exit,
+      kill: () => {
+        try {
+          ch.signal('KILL');
+        } catch {
+          // channel already closed
+        }
+        ch.close();
+      },
+    };
+  }
+
+  /** A byte stream to a unix socket on the host (QMP), tunnelled by sshd; no socat needed on the host. */
+  openUnixSocket(path: string): Promise<Duplex> {
+    return new Promise((resolve, reject) => {
+      try {
+        this.client.openssh_forwardOutStreamLocal(path, (err, ch) => (err ? reject(new Error(`on ${this.host.name}: cannot open unix socket ${path}: ${err.message}`)) : resolve(ch)));
+      } catch (err) {
+        reject(err as Error);
+      }
+    });
+  }
+
+  close(): void {
+    this.alive = false;
+    this.client.end();
+  }
+}
