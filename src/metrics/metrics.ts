@@ -1,0 +1,182 @@
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import type { WorkQueueMetricsHooks } from '../controller/runtime/workQueue.js';
+
+/**
+ * The operator's own Prometheus registry (not prom-client's global one, so tests and embedders
+ * can't collide with other libraries' metrics).
+ *
+ * Label policy: labels only ever carry small closed enums (strategy, result, step). Never VM,
+ * environment or host names, never anything from a Secret.
+ */
+export const registry = new Registry();
+
+// Standard, unprefixed process_* and nodejs_* metrics so stock dashboards work.
+collectDefaultMetrics({ register: registry });
+
+/** Migration strategies known to the operator; anything else is reported as "other". */
+export const STRATEGIES = ['live', 'offline', 'cold', 'other'] as const;
+export type StrategyLabel = (typeof STRATEGIES)[number];
+
+export const MOVE_RESULTS = ['success', 'failure', 'rolled_back', 'skipped'] as const;
+export type MoveResult = (typeof MOVE_RESULTS)[number];
+
+/** Step names of a VM move; anything else is reported as "other". */
+export const STEPS = [
+  'plan',
+  'preflight',
+  'drain',
+  'precopy',
+  'stop',
+  'final_sync',
+  'start',
+  'verify',
+  'uncordon',
+  'cleanup',
+  'rollback',
+  'other',
+] as const;
+export type StepLabel = (typeof STEPS)[number];
+
+function oneOf<T extends string>(allowed: readonly T[], value: string, fallback: T): T {
+  return (allowed as readonly string[]).includes(value) ? (value as T) : fallback;
+}
+
+/** Clamp a free-form strategy string to the bounded label set. */
+export function strategyLabel(s: string): StrategyLabel {
+  return oneOf(STRATEGIES, s, 'other');
+}
+/** Clamp a free-form step name to the bounded label set. */
+export function stepLabel(s: string): StepLabel {
+  return oneOf(STEPS, s, 'other');
+}
+/** Clamp a move result to the bounded label set. */
+export function resultLabel(s: string): MoveResult {
+  return oneOf(MOVE_RESULTS, s, 'failure');
+}
+
+export const migrationsStarted = new Counter({
+  name: 'vmops_migrations_started_total',
+  help: 'VMMigration objects whose execution started',
+  labelNames: ['strategy'] as const,
+  registers: [registry],
+});
+
+export const migrationsSucceeded = new Counter({
+  name: 'vmops_migrations_succeeded_total',
+  help: 'VMMigration objects that completed successfully',
+  labelNames: ['strategy'] as const,
+  registers: [registry],
+});
+
+export const migrationsFailed = new Counter({
+  name: 'vmops_migrations_failed_total',
+  help: 'VMMigration objects that ended in failure',
+  labelNames: ['strategy'] as const,
+  registers: [registry],
+});
+
+export const migrationsActive = new Gauge({
+  name: 'vmops_migrations_active',
+  help: 'VMMigration objects currently being executed',
+  registers: [registry],
+});
+
+export const vmMoves = new Counter({
+  name: 'vmops_vm_moves_total',
+  help: 'Single VM moves between hypervisor hosts, by result',
+  labelNames: ['result'] as const,
+  registers: [registry],
+});
+
+export const vmDowntime = new Histogram({
+  name: 'vmops_vm_downtime_seconds',
+  help: 'Time a VM was not running during a move (stop on source to running on target)',
+  buckets: [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600],
+  registers: [registry],
+});
+
+export const transferBytes = new Counter({
+  name: 'vmops_transfer_bytes_total',
+  help: 'Bytes of VM disk and state copied between hosts',
+  registers: [registry],
+});
+
+export const stepDuration = new Histogram({
+  name: 'vmops_step_duration_seconds',
+  help: 'Duration of VM move steps',
+  labelNames: ['step'] as const,
+  buckets: [0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 120, 300, 600, 1800, 3600],
+  registers: [registry],
+});
+
+export const workqueueDepth = new Gauge({
+  name: 'vmops_workqueue_depth',
+  help: 'Keys waiting in the controller work queue',
+  registers: [registry],
+});
+
+export const workqueueAdds = new Counter({
+  name: 'vmops_workqueue_adds_total',
+  help: 'Keys added to the controller work queue (after deduplication)',
+  registers: [registry],
+});
+
+export const workqueueRetries = new Counter({
+  name: 'vmops_workqueue_retries_total',
+  help: 'Rate-limited requeues of the controller work queue (failures)',
+  registers: [registry],
+});
+
+export const informerRestarts = new Counter({
+  name: 'vmops_informer_restarts_total',
+  help: 'Restarts of informers (watch errors, stalls, missed events)',
+  registers: [registry],
+});
+
+export const leaderIsLeader = new Gauge({
+  name: 'vmops_leader_is_leader',
+  help: '1 while this replica holds the leader Lease',
+  registers: [registry],
+});
+
+// --- convenience recorders (they clamp labels so callers can't leak unbounded strings) ---
+
+export function recordMigrationStarted(strategy: string): void {
+  migrationsStarted.inc({ strategy: strategyLabel(strategy) });
+  migrationsActive.inc();
+}
+
+export function recordMigrationFinished(strategy: string, ok: boolean): void {
+  (ok ? migrationsSucceeded : migrationsFailed).inc({ strategy: strategyLabel(strategy) });
+  migrationsActive.dec();
+}
+
+export function recordVmMove(result: string, downtimeSeconds?: number): void {
+  vmMoves.inc({ result: resultLabel(result) });
+  if (downtimeSeconds !== undefined && Number.isFinite(downtimeSeconds) && downtimeSeconds >= 0) {
+    vmDowntime.observe(downtimeSeconds);
+  }
+}
+
+export function recordTransferBytes(bytes: number): void {
+  if (Number.isFinite(bytes) && bytes > 0) transferBytes.inc(bytes);
+}
+
+/** Start a step timer; call the returned function when the step ends. */
+export function startStepTimer(step: string): () => number {
+  return stepDuration.startTimer({ step: stepLabel(step) });
+}
+
+/** Hooks for WorkQueue's `metrics` option. Use them on a single (the controller's) queue. */
+export function workQueueMetricsHooks(): WorkQueueMetricsHooks {
+  return {
+    depth: (n) => workqueueDepth.set(n),
+    add: () => workqueueAdds.inc(),
+    retry: () => workqueueRetries.inc(),
+  };
+}
+
+/** Hook for ResilientInformer's `onRestart` option. */
+export function informerRestartHook(): (reason: string) => void {
+  return () => informerRestarts.inc();
+}
