@@ -1,4 +1,5 @@
 /** VMMigration (vmops.dev/v1alpha1): the types the operator reads and the status it writes. */
+import type { V1ObjectMeta } from '@kubernetes/client-node';
 import type { VMRole } from './inventory.js';
 
 export const GROUP = 'vmops.dev';
@@ -73,7 +74,7 @@ export interface VMMigrationStatus {
 export interface VMMigration {
   apiVersion: string;
   kind: string;
-  metadata: { name: string; namespace: string; uid: string; generation?: number; resourceVersion?: string; deletionTimestamp?: string; creationTimestamp?: string };
+  metadata: V1ObjectMeta & { name: string; namespace: string; uid: string };
   spec: VMMigrationSpec;
   status?: VMMigrationStatus;
 }

@@ -50,8 +50,11 @@ export interface MoveResult {
   resumedFrom: MoveStep;
 }
 
+/** untouched: failed before any side effect; rolled-back: back on the source; stuck: rollback failed, needs a human */
+export type MoveOutcome = 'untouched' | 'rolled-back' | 'stuck';
+
 export class MoveError extends Error {
-  constructor(readonly step: MoveStep, message: string, readonly rolledBack: boolean) {
+  constructor(readonly step: MoveStep, message: string, readonly outcome: MoveOutcome) {
     super(message);
     this.name = 'MoveError';
   }
@@ -69,6 +72,7 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
   let bytes = 0;
 
   const location = await run('precheck', async () => {
+    if (!(await guest.apiHealthy())) throw new Error(`the API server of ${env}'s guest cluster is not healthy`);
     const where = await locate(ctx);
     // Stopping a controller is only safe while etcd keeps quorum without it.
     if (vm.role === 'controller' && where === 'source-running') {
@@ -78,6 +82,8 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
     const node = await guest.nodeState(vm.nodeName);
     if (!node.exists) throw new Error(`node ${vm.nodeName} of VM ${vm.name} does not exist in the guest cluster of ${env}`);
     return where;
+  }).catch((err: Error) => {
+    throw new MoveError('precheck', err.message, 'untouched');
   });
   const resumedFrom: MoveStep = location === 'source-running' ? 'cordon' : location === 'source-stopped' ? 'transfer' : location === 'target-stopped' ? 'start' : 'nodeReady';
 
@@ -99,12 +105,16 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
     if (location === 'source-running' || location === 'source-stopped') {
       stoppedAt ??= Date.now();
       bytes = await run('transfer', async () => {
-        await target.ensureDir(target.vmDir(env, vm.name));
+        const done = new Map<string, number>();
+        const totals = new Map<string, number>();
+        const sum = (m: Map<string, number>) => [...m.values()].reduce((a, b) => a + b, 0);
         const results = await relayVmFiles({
-          source: source.conn, target: target.conn,
-          sourceDir: source.vmDir(env, vm.name), targetDir: target.vmDir(env, vm.name), files: vm.files,
-          stallTimeoutMs: settings.stallTimeoutMs, signal,
-          onProgress: (done: number, total: number) => ctx.observer.progress({ bytesTransferred: done, bytesTotal: total }),
+          source, target, environment: env, vm, stallTimeoutMs: settings.stallTimeoutMs, signal,
+          onProgress: (file, d, t) => {
+            done.set(file, d);
+            totals.set(file, t);
+            ctx.observer.progress({ bytesTransferred: sum(done), bytesTotal: sum(totals) });
+          },
         });
         const total = results.reduce((n, r) => n + r.bytes, 0);
         ctx.observer.progress({ bytesTransferred: total, bytesTotal: total });
@@ -134,18 +144,18 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
       if (onSource.state === 'running' || onSource.state === 'paused' || onSource.state === 'other') {
         throw new Error(`refusing to clean up: VM ${vm.name} still has a live QEMU on ${source.host.name}`);
       }
-      if (onSource.state !== 'absent') await source.removeVmDir(env, vm.name);
+      if (onSource.state !== 'absent') await source.removeVmDir(env, vm);
     });
     return { downtimeMs, nodeReadyMs, bytes, resumedFrom };
   } catch (err) {
     const failedStep = (err as { step?: MoveStep }).step ?? 'precheck';
     const reason = (err as Error).message;
-    const rolledBack = await rollback(ctx, { targetStarted }).then(() => true, (rbErr: Error) => {
-      ctx.log.error({ err: rbErr }, 'rollback failed');
+    const outcome = await rollback(ctx, { targetStarted }).then((): MoveOutcome => 'rolled-back', (rbErr: Error): MoveOutcome => {
+      ctx.log.error({ err: rbErr.message }, 'rollback failed');
       ctx.observer.progress({ message: `rollback failed: ${rbErr.message}` });
-      return false;
+      return 'stuck';
     });
-    throw new MoveError(failedStep, reason, rolledBack);
+    throw new MoveError(failedStep, reason, outcome);
   }
 }
 
@@ -195,7 +205,7 @@ async function rollback(ctx: MoveContext, state: { targetStarted: boolean }): Pr
       await assertStopped(target, env, vm);
       await source.startVm(env, vm);
     }
-    if (onTarget.state !== 'absent') await target.removeVmDir(env, vm.name);
+    if (onTarget.state !== 'absent') await target.removeVmDir(env, vm);
     await guest.uncordon(vm.nodeName);
   });
 }

@@ -1,0 +1,87 @@
+import { CoreV1Api, CustomObjectsApi, PatchStrategy, setHeaderOptions, type KubeConfig } from '@kubernetes/client-node';
+import pRetry from 'p-retry';
+import { GROUP, KIND, PLURAL, VERSION, type VMMigration, type VMMigrationStatus } from '../api/types.js';
+import type { Logger } from '../util/log.js';
+
+/**
+ * Owns the status of one VMMigration while it runs. Progress updates arrive
+ * many times a second during a copy; they are coalesced into at most one
+ * merge-patch per interval, and phase changes are flushed at once.
+ */
+export class StatusWriter {
+  private status: VMMigrationStatus;
+  private dirty = false;
+  private inFlight: Promise<void> | undefined;
+  private timer: NodeJS.Timeout | undefined;
+  private readonly api: CustomObjectsApi;
+
+  constructor(kc: KubeConfig, private readonly obj: Pick<VMMigration, 'metadata'>, initial: VMMigrationStatus, private readonly log: Logger, private readonly intervalMs = 1000) {
+    this.api = kc.makeApiClient(CustomObjectsApi);
+    this.status = structuredClone(initial);
+  }
+
+  get current(): VMMigrationStatus {
+    return this.status;
+  }
+
+  /** Applies a change; written within intervalMs, or immediately when `flush` is awaited. */
+  update(mutate: (s: VMMigrationStatus) => void): void {
+    mutate(this.status);
+    this.dirty = true;
+    this.timer ??= setTimeout(() => {
+      this.timer = undefined;
+      void this.flush().catch((err: Error) => this.log.warn({ err: err.message }, 'status write failed; will retry with the next update'));
+    }, this.intervalMs);
+  }
+
+  async flush(): Promise<void> {
+    while (this.inFlight) await this.inFlight.catch(() => undefined);
+    if (!this.dirty) return;
+    this.dirty = false;
+    const body = { status: structuredClone(this.status) };
+    const { name, namespace } = this.obj.metadata;
+    this.inFlight = pRetry(
+      () => this.api.patchNamespacedCustomObjectStatus({ group: GROUP, version: VERSION, namespace, plural: PLURAL, name, body }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch)),
+      {
+        retries: 4, minTimeout: 200,
+        // A deleted object has no status to write: stop trying.
+        shouldRetry: ({ error }) => (error as { code?: number }).code !== 404,
+      },
+    ).then(() => undefined);
+    try {
+      await this.inFlight;
+    } catch (err) {
+      this.dirty = true;
+      throw err;
+    } finally {
+      this.inFlight = undefined;
+    }
+  }
+
+  close(): void {
+    if (this.timer) clearTimeout(this.timer);
+    this.timer = undefined;
+  }
+}
+
+/** Kubernetes Events on the VMMigration, so `kubectl describe vmm` tells the story step by step. */
+export class EventRecorder {
+  private readonly core: CoreV1Api;
+  constructor(kc: KubeConfig, private readonly component: string, private readonly log: Logger) {
+    this.core = kc.makeApiClient(CoreV1Api);
+  }
+
+  emit(obj: Pick<VMMigration, 'metadata'>, type: 'Normal' | 'Warning', reason: string, message: string): void {
+    const now = new Date();
+    const { name, namespace, uid } = obj.metadata;
+    const body = {
+      metadata: { generateName: `${name}.`, namespace },
+      involvedObject: { apiVersion: `${GROUP}/${VERSION}`, kind: KIND, name, namespace, uid },
+      type, reason, message: message.slice(0, 1024),
+      source: { component: this.component },
+      firstTimestamp: now, lastTimestamp: now, count: 1,
+      reportingComponent: this.component, reportingInstance: process.env.HOSTNAME ?? 'local',
+    };
+    this.core.createNamespacedEvent({ namespace, body }).catch((err: Error) => this.log.debug({ err: err.message }, 'event not recorded'));
+  }
+}
