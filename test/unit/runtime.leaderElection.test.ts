@@ -11,7 +11,7 @@ class FakeLeaseApi implements LeaseApi {
   private fail() {
     if (this.down) throw new Error('connection refused');
   }
-  async readNamespacedLease(): Promise<V1Lease> {
+  async readNamespacedLease(_p?: { name: string; namespace: string }): Promise<V1Lease> {
     this.fail();
     if (!this.lease) throw new ApiException(404, 'not found', {}, {});
     return JSON.parse(JSON.stringify(this.lease)) as V1Lease;
