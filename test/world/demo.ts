@@ -1,0 +1,110 @@
+/**
+ * `npm run demo`: bring up the sandbox, run the operator, apply
+ * manifests/examples/migration.yaml with kubectl and show the move live.
+ *   --keep   leave the sandbox running afterwards (Ctrl-C to tear it down)
+ */
+import { CustomObjectsApi } from '@kubernetes/client-node';
+import { join } from 'node:path';
+import { GROUP, PLURAL, VERSION, type VMMigration, type VMStatus } from '../../src/api/types.js';
+import { REPO_ROOT, SECRET_NAMESPACE, startSandbox } from './sandbox.js';
+
+const keep = process.argv.includes('--keep');
+const tty = process.stdout.isTTY;
+const t0 = Date.now();
+const elapsed = () => `${((Date.now() - t0) / 1000).toFixed(0).padStart(4)}s`;
+const say = (line: string) => console.log(`${elapsed()}  ${line}`);
+
+function mib(n = 0): string {
+  return `${(n / 1048576).toFixed(1)} MiB`;
+}
+
+function bar(done = 0, total = 0, width = 20): string {
+  const f = total > 0 ? Math.min(1, done / total) : 0;
+  const n = Math.round(f * width);
+  return `[${'#'.repeat(n)}${'.'.repeat(width - n)}] ${(f * 100).toFixed(0).padStart(3)}%`;
+}
+
+function render(o: VMMigration): string[] {
+  const s = o.status ?? {};
+  const lines = [`VMMigration ${o.metadata.name}: ${s.phase ?? 'Pending'}  ${s.progress ?? ''}  ${s.currentVM ? `now: ${s.currentVM}` : ''}`];
+  for (const v of s.vms ?? []) lines.push(vmLine(v));
+  return lines;
+}
+
+function vmLine(v: VMStatus): string {
+  const step = v.phase === 'Running' ? (v.step ?? '') : '';
+  const down = v.downtimeSeconds !== undefined ? `down ${v.downtimeSeconds.toFixed(2)} s` : '';
+  return `  ${v.name.padEnd(13)} ${v.phase.padEnd(10)} ${step.padEnd(10)} ${bar(v.bytesTransferred, v.bytesTotal)} ${mib(v.bytesTransferred).padStart(10)}  ${down}`;
+}
+
+async function main(): Promise<void> {
+  const sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'demo'), log: say });
+  let stopping = false;
+  const teardown = async () => {
+    if (stopping) return;
+    stopping = true;
+    say('tearing the sandbox down…');
+    await sb.stop();
+  };
+  process.on('SIGINT', () => void teardown().then(() => process.exit(130)));
+  try {
+    say(`sandbox ready: control plane ${sb.controlPlane.server}, hosts ${sb.hosts.hosts.map((h) => `${h.name}=${h.address}:${h.port}`).join(' ')}`);
+    say('starting the operator (out of cluster, leader election on)…');
+    const op = await sb.startOperator();
+    say(`operator ready; metrics on ${op.metricsUrl}/metrics, log ${join(sb.dir, 'operator.log')}`);
+    say('$ kubectl apply -f manifests/examples/migration.yaml');
+    const applied = await sb.kubectl(['apply', '-f', 'manifests/examples/migration.yaml']);
+    process.stdout.write(applied.stdout);
+
+    const api = sb.kc.makeApiClient(CustomObjectsApi);
+    const started = Date.now();
+    let last: VMMigration | undefined;
+    let printed = 0;
+    let lastText = '';
+    for (;;) {
+      last = (await api.getNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, name: 'move-student-42' })) as VMMigration;
+      const lines = render(last);
+      const text = lines.join('\n');
+      if (tty) {
+        if (printed > 0) process.stdout.write(`\x1b[${printed}A\x1b[0J`);
+        process.stdout.write(`${text}\n`);
+        printed = lines.length;
+      } else if (text.replace(/\[[#.]+\]\s+\d+%/g, '') !== lastText.replace(/\[[#.]+\]\s+\d+%/g, '')) {
+        // Without a terminal, print only when a phase or step changes.
+        console.log(`${elapsed()}\n${text}`);
+      }
+      lastText = text;
+      if (last.status?.phase === 'Succeeded' || last.status?.phase === 'Failed') break;
+      if (Date.now() - started > 20 * 60_000) throw new Error('migration did not finish within 20 minutes');
+      await new Promise((r) => setTimeout(r, tty ? 250 : 1000));
+    }
+    const total = (Date.now() - started) / 1000;
+    console.log('');
+    say('$ kubectl get vmm -n vm-migration-system');
+    process.stdout.write((await sb.kubectl(['get', 'vmm', '-n', SECRET_NAMESPACE])).stdout);
+    console.log('\nSummary');
+    console.log('  VM             from    → to       downtime    bytes moved');
+    let bytes = 0;
+    for (const v of last.status?.vms ?? []) {
+      const p = last.status?.plan?.find((x) => x.vm === v.name);
+      bytes += v.bytesTransferred ?? 0;
+      console.log(`  ${v.name.padEnd(14)} ${(p?.from ?? '').padEnd(7)} → ${(p?.to ?? '').padEnd(7)}  ${(v.downtimeSeconds?.toFixed(2) ?? '-').padStart(7)} s  ${mib(v.bytesTransferred).padStart(12)}   ${v.phase}`);
+    }
+    console.log(`  total: ${total.toFixed(1)} s wall time, ${mib(bytes)} moved, result ${last.status?.phase}: ${last.status?.message ?? ''}`);
+    const metrics = await (await fetch(`${op.metricsUrl}/metrics`)).text();
+    console.log('\nFrom /metrics:');
+    for (const l of metrics.split('\n')) if (/^vmops_(migrations_(started|succeeded|failed)_total|vm_moves_total|transfer_bytes_total|vm_downtime_seconds_(sum|count))/.test(l)) console.log(`  ${l}`);
+    if (last.status?.phase !== 'Succeeded') process.exitCode = 1;
+    if (keep) {
+      say(`sandbox kept: export KUBECONFIG=${sb.controlPlane.kubeconfigPath}; Ctrl-C to tear down`);
+      await new Promise(() => undefined);
+    }
+  } finally {
+    await teardown();
+  }
+}
+
+main().catch((err: Error) => {
+  console.error(`demo failed: ${err.stack ?? err.message}`);
+  process.exit(1);
+});

@@ -1,0 +1,224 @@
+/**
+ * The local sandbox: a real control plane (management + guest cluster share
+ * it), two hypervisor hosts behind real sshd on 127.0.0.2/3, one student
+ * environment of 7 QEMU VMs on host01 with its guest cluster (KWOK nodes
+ * whose heartbeats follow their VMs), a PDB-protected workload, the
+ * environment's kubeconfig Secret and the inventory file for the operator.
+ * Used by `npm run demo` and by the end-to-end test.
+ */
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync, openSync, writeFileSync, rmSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { join, resolve } from 'node:path';
+import { promisify } from 'node:util';
+import { CoreV1Api, KubeConfig } from '@kubernetes/client-node';
+import { stringify } from 'yaml';
+import type { EnvironmentSpec, HostSpec, Inventory, VMSpec } from '../../src/api/inventory.js';
+import { Hypervisor } from '../../src/hosts/hypervisor.js';
+import { HostConnection } from '../../src/hosts/ssh.js';
+import { startControlPlane, type ControlPlane } from './controlPlane.js';
+import { createGuestNodes, deployStudentWorkload, VmLivenessBridge } from './guestCluster.js';
+import { startHosts, type TestHosts } from './hosts.js';
+import { createDiskImage, sha256File } from './images.js';
+
+const execFileP = promisify(execFile);
+export const REPO_ROOT = resolve(import.meta.dirname, '../..');
+
+export interface SandboxOptions {
+  dir: string;
+  environment?: string;
+  /** virtual size of each VM's system disk */
+  diskMiB?: number;
+  workloadReplicas?: number;
+  workloadMinAvailable?: number;
+  log?: (line: string) => void;
+}
+
+export interface Sandbox {
+  dir: string;
+  controlPlane: ControlPlane;
+  kc: KubeConfig;
+  hosts: TestHosts;
+  environment: EnvironmentSpec;
+  inventoryPath: string;
+  dbPath: string;
+  /** sha256 of every VM file before the move: `${vm}/${file}` → hash */
+  checksums: Map<string, string>;
+  workload: { namespace: string; name: string; minAvailable: number; replicas: number };
+  bridge: VmLivenessBridge;
+  kubectl(args: string[], opts?: { allowFail?: boolean }): Promise<{ stdout: string; stderr: string; code: number }>;
+  hypervisor(hostName: string): Promise<Hypervisor>;
+  startOperator(opts?: { metricsPort?: number; logFile?: string }): Promise<OperatorProcess>;
+  stop(): Promise<void>;
+}
+
+export interface OperatorProcess {
+  child: ChildProcess;
+  metricsUrl: string;
+  stop(): Promise<void>;
+}
+
+export const SECRET_NAMESPACE = 'vm-migration-system';
+
+export function studentEnvironment(name: string, host: string): EnvironmentSpec {
+  const vm = (vmName: string, role: VMSpec['role']): VMSpec => ({
+    name: vmName, role, nodeName: `${name}-${vmName}`, host, memoryMiB: 32, cpus: 1,
+    files: [
+      { name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' },
+      // a non-disk file that must travel with the VM (think cloud-init seed / firmware vars)
+      { name: 'seed.img', kind: 'file' },
+    ],
+  });
+  return {
+    name,
+    kubeconfigSecret: { namespace: SECRET_NAMESPACE, name: `${name}-kubeconfig`, key: 'kubeconfig' },
+    vms: [
+      vm('beachhead', 'beachhead'),
+      vm('controller-1', 'controller'), vm('controller-2', 'controller'), vm('controller-3', 'controller'),
+      vm('node-1', 'worker'), vm('node-2', 'worker'), vm('node-3', 'worker'),
+    ],
+  };
+}
+
+export async function freePort(host = '127.0.0.1'): Promise<number> {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.once('error', rej);
+    s.listen(0, host, () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => res(port));
+    });
+  });
+}
+
+export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
+  const say = opts.log ?? (() => undefined);
+  const dir = resolve(opts.dir);
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  const cleanups: Array<() => Promise<void> | void> = [];
+  const stop = async () => {
+    for (const c of cleanups.reverse()) await Promise.resolve().then(c).catch(() => undefined);
+  };
+  try {
+    say('starting control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok)…');
+    const [controlPlane, hosts] = await Promise.all([
+      startControlPlane({ dataDir: join(dir, 'control-plane') }),
+      startHosts({ count: 2, baseDir: join(dir, 'hosts') }),
+    ]);
+    cleanups.push(() => controlPlane.stop(), () => hosts.stop());
+    const kc = new KubeConfig();
+    kc.loadFromString(controlPlane.kubeconfigYaml);
+
+    const kubectl = async (args: string[], o: { allowFail?: boolean } = {}) => {
+      try {
+        const { stdout, stderr } = await execFileP('kubectl', ['--kubeconfig', controlPlane.kubeconfigPath, ...args], { cwd: REPO_ROOT, maxBuffer: 32 << 20 });
+        return { stdout, stderr, code: 0 };
+      } catch (err) {
+        const e = err as { stdout?: string; stderr?: string; code?: number };
+        if (!o.allowFail) throw new Error(`kubectl ${args.join(' ')} failed: ${e.stderr ?? String(err)}`);
+        return { stdout: e.stdout ?? '', stderr: e.stderr ?? '', code: typeof e.code === 'number' ? e.code : 1 };
+      }
+    };
+    say('installing the VMMigration CRD and namespace with kubectl…');
+    await kubectl(['apply', '-f', 'crds/', '-f', 'manifests/namespace.yaml']);
+    await kubectl(['wait', '--for=condition=Established', 'crd/vmmigrations.vmops.dev', '--timeout=60s']);
+
+    const host01 = hosts.hosts[0]!;
+    const environment = studentEnvironment(opts.environment ?? 'student-42', host01.name);
+    const conns: HostConnection[] = [];
+    cleanups.push(() => conns.forEach((c) => c.close()));
+    const hypervisor = async (name: string) => {
+      const host = hosts.hosts.find((h) => h.name === name);
+      if (!host) throw new Error(`no sandbox host ${name}`);
+      const conn = await HostConnection.connect(host, { privateKey: hosts.identity.privateKey });
+      conns.push(conn);
+      return new Hypervisor(host, conn);
+    };
+
+    say(`creating ${environment.vms.length} VM disk images on ${host01.name} and booting the VMs…`);
+    const checksums = new Map<string, string>();
+    const h01 = await hypervisor(host01.name);
+    let seed = 1;
+    for (const vm of environment.vms) {
+      const vmDir = h01.vmDir(environment.name, vm);
+      mkdirSync(vmDir, { recursive: true });
+      await createDiskImage(join(vmDir, 'disk0.qcow2'), { sizeMiB: opts.diskMiB ?? 64, format: 'qcow2', seed: seed++ });
+      await createDiskImage(join(vmDir, 'seed.img'), { sizeMiB: 1, format: 'raw', seed: seed++, regions: 2 });
+      for (const f of vm.files) checksums.set(`${vm.name}/${f.name}`, await sha256File(join(vmDir, f.name)));
+    }
+    cleanups.push(() => killAllQemu(environment));
+    for (const vm of environment.vms) await h01.startVm(environment.name, vm);
+
+    say('registering the guest cluster nodes (KWOK) and the student workload with its PodDisruptionBudget…');
+    await createGuestNodes(kc, environment);
+    const bridge = new VmLivenessBridge(kc, environment.vms.map((v) => ({ nodeName: v.nodeName, qemuName: `${environment.name}.${v.name}` })));
+    bridge.start();
+    cleanups.push(() => bridge.stop());
+    await kubectl(['wait', '--for=condition=Ready', ...environment.vms.map((v) => `node/${v.nodeName}`), '--timeout=120s']);
+    const workload = { namespace: `${environment.name}-apps`, name: 'web', replicas: opts.workloadReplicas ?? 6, minAvailable: opts.workloadMinAvailable ?? 4 };
+    await deployStudentWorkload(kc, { namespace: workload.namespace, name: workload.name, replicas: workload.replicas, minAvailable: workload.minAvailable, nodeNames: environment.vms.filter((v) => v.role === 'worker').map((v) => v.nodeName) });
+    await kubectl(['rollout', 'status', '-n', workload.namespace, `deployment/${workload.name}`, '--timeout=120s']);
+
+    // The operator reaches the guest cluster only through this Secret.
+    const core = kc.makeApiClient(CoreV1Api);
+    await core.createNamespacedSecret({
+      namespace: SECRET_NAMESPACE,
+      body: { metadata: { name: environment.kubeconfigSecret.name }, type: 'Opaque', stringData: { kubeconfig: controlPlane.kubeconfigYaml } },
+    });
+
+    const inventory: Inventory = { hosts: hosts.hosts, environments: [environment] };
+    const inventoryPath = join(dir, 'inventory.yaml');
+    writeFileSync(inventoryPath, `# written by the sandbox; format: README "Inventory file"\n${stringify(inventoryForFile(inventory))}`);
+    const dbPath = join(dir, 'operator.db');
+
+    const startOperator = async (o: { metricsPort?: number; logFile?: string } = {}): Promise<OperatorProcess> => {
+      const metricsPort = o.metricsPort ?? (await freePort());
+      const logFd = openSync(o.logFile ?? join(dir, 'operator.log'), 'a');
+      const child = spawn(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run',
+        '--kubeconfig', controlPlane.kubeconfigPath, '--inventory', inventoryPath, '--db', dbPath,
+        '--ssh-key', hosts.identity.privateKeyPath, '--namespace', SECRET_NAMESPACE,
+        '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1', '--leader-elect'], {
+        cwd: REPO_ROOT, stdio: ['ignore', logFd, logFd], env: { ...process.env, LOG_LEVEL: process.env.LOG_LEVEL ?? 'info' },
+      });
+      const metricsUrl = `http://127.0.0.1:${metricsPort}`;
+      const exited = new Promise<void>((r) => child.once('exit', () => r()));
+      const proc: OperatorProcess = {
+        child, metricsUrl,
+        stop: async () => {
+          if (child.exitCode === null) child.kill('SIGTERM');
+          await Promise.race([exited, new Promise((r) => setTimeout(r, 15_000))]);
+          if (child.exitCode === null) child.kill('SIGKILL');
+        },
+      };
+      cleanups.push(() => proc.stop());
+      for (let i = 0; ; i++) {
+        if (child.exitCode !== null) throw new Error(`operator exited with ${child.exitCode}; see ${join(dir, 'operator.log')}`);
+        const ok = await fetch(`${metricsUrl}/readyz`).then((r) => r.ok, () => false);
+        if (ok) break;
+        if (i > 300) throw new Error('operator did not become ready within 60 s');
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      return proc;
+    };
+
+    return { dir, controlPlane, kc, hosts, environment, inventoryPath, dbPath, checksums, workload, bridge, kubectl, hypervisor, startOperator, stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
+
+function inventoryForFile(inv: Inventory): unknown {
+  return {
+    hosts: inv.hosts.map((h: HostSpec) => ({ name: h.name, address: h.address, port: h.port, user: h.user, hostKey: h.hostKey, vmDir: h.vmDir })),
+    environments: inv.environments,
+  };
+}
+
+/** Last-resort cleanup: no QEMU of the sandbox may outlive it. */
+async function killAllQemu(env: EnvironmentSpec): Promise<void> {
+  for (const vm of env.vms) {
+    await execFileP('pkill', ['-9', '-f', `-name ${env.name}.${vm.name},`]).catch(() => undefined);
+  }
+}
