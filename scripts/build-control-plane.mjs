@@ -78,9 +78,42 @@ export function controlPlaneBinDir() {
   return binDir;
 }
 
+function sleepSync(ms) {
+  Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
+}
+
+/** One build at a time per cache: concurrent callers (parallel test files, a second shell) wait for it. */
+function withBuildLock(fn) {
+  const lock = join(cacheRoot, 'build.lock');
+  mkdirSync(cacheRoot, { recursive: true });
+  for (;;) {
+    try {
+      mkdirSync(lock);
+      writeFileSync(join(lock, 'pid'), String(process.pid));
+      break;
+    } catch {
+      let owner = 0;
+      try { owner = Number(readFileSync(join(lock, 'pid'), 'utf8')); } catch { /* being created */ }
+      let alive = false;
+      try { if (owner) { process.kill(owner, 0); alive = true; } } catch { /* dead owner */ }
+      if (owner && !alive) rmSync(lock, { recursive: true, force: true });
+      else sleepSync(2000);
+    }
+  }
+  try {
+    return fn();
+  } finally {
+    rmSync(lock, { recursive: true, force: true });
+  }
+}
+
 export function ensureControlPlane() {
   const marker = join(binDir, '.complete');
   if (existsSync(marker)) return binDir;
+  return withBuildLock(() => (existsSync(marker) ? binDir : buildAll(marker)));
+}
+
+function buildAll(marker) {
   const t0 = Date.now();
   mkdirSync(binDir, { recursive: true });
   const k8s = VERSIONS.kubernetes;
@@ -111,6 +144,7 @@ export function ensureControlPlane() {
 }
 
 if (import.meta.url === `file://${process.argv[1]}`) {
-  const dir = ensureControlPlane();
-  if (process.argv.includes('--print-dir')) console.log(dir);
+  // --print-dir only names the cache directory (it does not build).
+  if (process.argv.includes('--print-dir')) console.log(binDir);
+  else ensureControlPlane();
 }

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what the sandbox and the tests need, only what is missing:
+# Debian packages, node_modules, and the control-plane binaries (built once
+# from the Go module proxy and cached by version in ~/.cache/vm-migration-operator).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v qemu-system-x86_64 >/dev/null || need_pkgs+=(qemu-system-x86)
+command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
+[ -x /usr/sbin/sshd ] || need_pkgs+=(openssh-server)
+command -v ssh-keygen >/dev/null || need_pkgs+=(openssh-client)
+command -v zstd >/dev/null || need_pkgs+=(zstd)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v pkill >/dev/null || need_pkgs+=(procps)
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  echo "[setup] installing Debian packages: ${need_pkgs[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}" >/dev/null
+fi
+command -v kubectl >/dev/null || { echo "[setup] kubectl is required on PATH" >&2; exit 1; }
+command -v go >/dev/null || { echo "[setup] Go is required to build the test control plane" >&2; exit 1; }
+
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  echo "[setup] npm ci"
+  npm ci --no-audit --no-fund
+fi
+
+echo "[setup] control plane binaries: $(node scripts/build-control-plane.mjs --print-dir)"
+node scripts/build-control-plane.mjs
