@@ -30,6 +30,7 @@ export interface ControllerOptions {
 }
 
 interface ActiveRun {
+  key: string;
   controller: AbortController;
   done: Promise<void>;
 }
@@ -109,7 +110,9 @@ export class MigrationController {
     const obj = this.informer.get(name, namespace);
     if (!obj) {
       // Deleted: a runner for it (found by key) stops at the next step boundary and rolls back.
-      for (const [uid, run] of this.runs) if ((run as ActiveRun & { key?: string }).key === key) run.controller.abort(new Error(`VMMigration ${key} deleted`)), this.runs.delete(uid);
+      for (const run of this.runs.values()) {
+        if (run.key === key) run.controller.abort(new Error(`VMMigration ${key} deleted`));
+      }
       return;
     }
     const uid = obj.metadata.uid;
@@ -141,7 +144,7 @@ export class MigrationController {
       leading.removeEventListener('abort', onLost);
       this.runs.delete(uid);
     });
-    this.runs.set(uid, Object.assign({ controller, done }, { key }));
+    this.runs.set(uid, { key, controller, done });
   }
 
   private claim(uid: string, envs: string[]): string[] {
