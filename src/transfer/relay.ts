@@ -66,6 +66,25 @@ async function remoteSha256(conn: HostConnection, path: string): Promise<string>
   return hex;
 }
 
+/** The stall timer and caller's signal must also bound waits that are not stream operations. */
+function abortable<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+  signal.throwIfAborted();
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => reject(signal.reason instanceof Error ? signal.reason : new Error('aborted'));
+    signal.addEventListener('abort', onAbort, { once: true });
+    p.then(
+      (v) => {
+        signal.removeEventListener('abort', onAbort);
+        resolve(v);
+      },
+      (e: unknown) => {
+        signal.removeEventListener('abort', onAbort);
+        reject(e instanceof Error ? e : new Error(String(e)));
+      },
+    );
+  });
+}
+
 export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
   const { source, target, sourcePath, targetPath } = opts;
   assertSafePath('source path', sourcePath);
@@ -102,14 +121,17 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
   const srcErr: Buffer[] = [];
   const dstErr: Buffer[] = [];
   writer.stderr.on('data', (d: Buffer) => dstErr.push(d));
+  // The channel is a Duplex: pipeline() waits for its readable side to end too, which never happens unless it flows.
+  writer.stdout.resume();
   const t0 = Date.now();
   try {
     reader = await source.spawn(['cat', '--', sourcePath]);
     reader.stderr.on('data', (d: Buffer) => srcErr.push(d));
+    reader.stdin.end();
     armStall();
     // pipeline propagates backpressure end to end: a slow target throttles the source's SSH window.
     await pipeline(reader.stdout, meter, writer.stdin, { signal });
-    const [srcCode, dstCode] = await Promise.all([reader.exit, writer.exit]);
+    const [srcCode, dstCode] = await abortable(Promise.all([reader.exit, writer.exit]), signal);
     if (srcCode !== 0) throw new RemoteCommandError(source.host.name, ['cat', sourcePath], srcCode, Buffer.concat(srcErr).toString());
     if (dstCode !== 0) throw new RemoteCommandError(target.host.name, ['cat', '>', partial], dstCode, Buffer.concat(dstErr).toString());
   } catch (err) {
@@ -128,8 +150,8 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
     const [srcSha, dstSha] = await Promise.all([remoteSha256(source, sourcePath), remoteSha256(target, partial)]);
     verifyChecksums(sourcePath, streamSha, srcSha, dstSha);
     // Data must be on disk before the rename makes it the real file, or a host crash could leave a torn "final" file.
-    await target.execOk(['sync', '--', partial]);
-    await target.execOk(['mv', '-f', '-T', '--', partial, targetPath]);
+    // One round trip for both: each SSH exec costs a remote shell start.
+    await target.execOk(['sh', '-c', 'sync -- "$1" && mv -f -T -- "$1" "$2"', 'relay-commit', partial, targetPath]);
   } catch (err) {
     await target.exec(['rm', '-f', '--', partial]).catch(() => undefined);
     throw err;

@@ -1,0 +1,193 @@
+import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { vmDirectory, type HostSpec, type VMSpec } from '../../src/api/inventory.js';
+import { Hypervisor } from '../../src/hosts/hypervisor.js';
+import { HostConnection } from '../../src/hosts/ssh.js';
+import { ChecksumMismatchError, relayFile, relayVmFiles, verifyChecksums } from '../../src/transfer/relay.js';
+import { startHosts, type TestHosts } from '../world/hosts.js';
+import { createDiskImage, sha256File } from '../world/images.js';
+
+const ENV = 'env-transfer';
+
+const vm: VMSpec = {
+  name: 'worker-1',
+  role: 'worker',
+  nodeName: 'worker-1',
+  host: 'host01',
+  memoryMiB: 64,
+  cpus: 1,
+  files: [
+    { name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' },
+    { name: 'disk1.img', kind: 'disk', format: 'raw' },
+    { name: 'nvram.fd', kind: 'file' },
+  ],
+};
+
+describe('relay between two real hosts', () => {
+  let world: TestHosts;
+  let baseDir: string;
+  let h1: HostSpec;
+  let h2: HostSpec;
+  let c1: HostConnection;
+  let c2: HostConnection;
+  let hv1: Hypervisor;
+  let hv2: Hypervisor;
+  let srcDir: string;
+  let dstDir: string;
+
+  beforeAll(async () => {
+    baseDir = await mkdtemp(path.join(tmpdir(), 'vmop-transfer-'));
+    world = await startHosts({ count: 2, baseDir, firstAddress: 12 });
+    [h1, h2] = world.hosts as [HostSpec, HostSpec];
+    [c1, c2] = await Promise.all([HostConnection.connect(h1, world.identity), HostConnection.connect(h2, world.identity)]);
+    hv1 = new Hypervisor(h1, c1);
+    hv2 = new Hypervisor(h2, c2);
+    srcDir = vmDirectory(h1, ENV, vm.name);
+    dstDir = vmDirectory(h2, ENV, vm.name);
+    await mkdir(srcDir, { recursive: true });
+    await createDiskImage(path.join(srcDir, 'disk0.qcow2'), { sizeMiB: 64, format: 'qcow2', seed: 42, regions: 24 });
+    await createDiskImage(path.join(srcDir, 'disk1.img'), { sizeMiB: 16, format: 'raw', seed: 7 });
+    execFileSync('dd', ['if=/dev/urandom', `of=${path.join(srcDir, 'nvram.fd')}`, 'bs=128K', 'count=1', 'status=none']);
+  });
+
+  afterAll(async () => {
+    await hv1?.stopVm(ENV, vm, { powerdownTimeoutMs: 0 }).catch(() => undefined);
+    await hv2?.stopVm(ENV, vm, { powerdownTimeoutMs: 0 }).catch(() => undefined);
+    c1?.close();
+    c2?.close();
+    await world?.stop();
+    await rm(baseDir, { recursive: true, force: true });
+  });
+
+  it('relays a qcow2 from host01 to host02 byte-identically, atomically', async () => {
+    const src = path.join(srcDir, 'disk0.qcow2');
+    const dst = `${h2.vmDir}/single/disk0.qcow2`;
+    await hv2.ensureDir(path.dirname(dst));
+    let lastDone = 0;
+    let lastTotal = 0;
+    const r = await relayFile({
+      source: c1,
+      sourcePath: src,
+      target: c2,
+      targetPath: dst,
+      onProgress: (d, t) => {
+        expect(d).toBeGreaterThanOrEqual(lastDone);
+        lastDone = d;
+        lastTotal = t;
+      },
+    });
+    const expected = await sha256File(src);
+    expect(r.sha256).toBe(expected);
+    expect(await sha256File(dst)).toBe(expected);
+    expect(r.bytes).toBe(lastTotal);
+    expect(lastDone).toBe(lastTotal);
+    expect(existsSync(`${dst}.partial`)).toBe(false);
+    // still a valid image with the same guest-visible content
+    execFileSync('qemu-img', ['compare', '-q', src, dst]);
+  });
+
+  it('measures relay throughput on a 128 MiB file', async () => {
+    const src = path.join(h1.vmDir, 'big.bin');
+    execFileSync('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', 'count=128', 'status=none']);
+    const dst = path.join(h2.vmDir, 'big.bin');
+    const t0 = Date.now();
+    const r = await relayFile({ source: c1, sourcePath: src, target: c2, targetPath: dst });
+    const secs = (Date.now() - t0) / 1000;
+    expect(await sha256File(dst)).toBe(r.sha256);
+    console.log(`relay: ${r.bytes} bytes in ${secs.toFixed(2)} s incl. checksums = ${(r.bytes / 1048576 / secs).toFixed(1)} MiB/s`);
+    await rm(src);
+    await rm(dst);
+  });
+
+  it('detects a source that changes during the copy and leaves nothing behind', async () => {
+    const src = path.join(h1.vmDir, 'changing.bin');
+    execFileSync('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', 'count=64', 'status=none']);
+    const dst = path.join(h2.vmDir, 'changing.bin');
+    let mutation: Promise<unknown> | undefined;
+    const err = await relayFile({
+      source: c1,
+      sourcePath: src,
+      target: c2,
+      targetPath: dst,
+      onProgress: () => {
+        // cat has already read offset 0: rewriting it now changes the file but not the stream.
+        mutation ??= c1.execOk(['dd', 'if=/dev/zero', `of=${src}`, 'bs=4096', 'count=1', 'conv=notrunc', 'status=none']);
+      },
+    }).catch((e: unknown) => e);
+    await mutation;
+    expect(err).toBeInstanceOf(ChecksumMismatchError);
+    const m = err as ChecksumMismatchError;
+    expect(m.streamSha256).toBe(m.targetSha256);
+    expect(m.sourceSha256).not.toBe(m.streamSha256);
+    expect(existsSync(dst)).toBe(false);
+    expect(existsSync(`${dst}.partial`)).toBe(false);
+
+    expect(() => verifyChecksums('/x', 'a', 'a', 'a')).not.toThrow();
+    expect(() => verifyChecksums('/x', 'a', 'a', 'b')).toThrow(ChecksumMismatchError);
+    expect(() => verifyChecksums('/x', 'a', 'b', 'a')).toThrow(ChecksumMismatchError);
+  });
+
+  it('aborts on signal and removes the partial file', async () => {
+    const src = path.join(h1.vmDir, 'abort.bin');
+    execFileSync('dd', ['if=/dev/urandom', `of=${src}`, 'bs=1M', 'count=64', 'status=none']);
+    const dst = path.join(h2.vmDir, 'abort.bin');
+    const ac = new AbortController();
+    const err = await relayFile({
+      source: c1,
+      sourcePath: src,
+      target: c2,
+      targetPath: dst,
+      signal: ac.signal,
+      onProgress: (d) => {
+        if (d > 1024 * 1024) ac.abort(new Error('operator cancelled'));
+      },
+    }).catch((e: unknown) => e);
+    expect((err as Error).message).toMatch(/cancelled/);
+    expect(existsSync(dst)).toBe(false);
+    expect(existsSync(`${dst}.partial`)).toBe(false);
+    expect(c1.isAlive && c2.isAlive).toBe(true);
+  });
+
+  it('fails clearly on a missing source and rejects unsafe paths', async () => {
+    await expect(relayFile({ source: c1, sourcePath: `${h1.vmDir}/nope`, target: c2, targetPath: `${h2.vmDir}/nope` })).rejects.toThrow(/nope/);
+    expect(existsSync(`${h2.vmDir}/nope.partial`)).toBe(false);
+    await expect(relayFile({ source: c1, sourcePath: `${h1.vmDir}/a;rm -rf /`, target: c2, targetPath: `${h2.vmDir}/a` })).rejects.toThrow(/not a valid absolute path/);
+  });
+
+  it('refuses to copy a running VM, then moves a stopped one and boots it on the target', async () => {
+    await hv1.startVm(ENV, vm);
+    await expect(relayVmFiles({ source: hv1, target: hv2, environment: ENV, vm })).rejects.toThrow(/source VM is running/);
+
+    let t0 = Date.now();
+    expect(await hv1.stopVm(ENV, vm, { powerdownTimeoutMs: 500 })).toBe('quit');
+    const stopMs = Date.now() - t0;
+
+    t0 = Date.now();
+    const results = await relayVmFiles({ source: hv1, target: hv2, environment: ENV, vm });
+    const relayMs = Date.now() - t0;
+    expect(results.map((r) => r.file)).toEqual(['disk0.qcow2', 'disk1.img', 'nvram.fd']);
+    for (const r of results) {
+      expect(r.sha256).toBe(await sha256File(path.join(srcDir, r.file)));
+      expect(await sha256File(path.join(dstDir, r.file))).toBe(r.sha256);
+    }
+    const listed = await hv2.listVmFiles(ENV, vm);
+    expect(listed.map((f) => f.name)).toEqual(['disk0.qcow2', 'disk1.img', 'nvram.fd']);
+
+    t0 = Date.now();
+    const st = await hv2.startVm(ENV, { ...vm, host: 'host02' });
+    const startMs = Date.now() - t0;
+    expect(st.state).toBe('running');
+    expect((await hv1.vmStatus(ENV, vm)).state).toBe('stopped');
+    // a second QEMU for the same VM on the target is refused
+    await expect(hv2.startVm(ENV, vm)).rejects.toThrow(/already has a live QEMU/);
+    // and copying into a directory with a live QEMU is refused
+    await expect(relayVmFiles({ source: hv1, target: hv2, environment: ENV, vm })).rejects.toThrow(/running there/);
+    expect(await hv2.stopVm(ENV, vm, { powerdownTimeoutMs: 500 })).toBe('quit');
+    const bytes = results.reduce((a, r) => a + r.bytes, 0);
+    console.log(`migration: stop ${stopMs} ms, relay ${bytes} bytes in ${relayMs} ms, start on target ${startMs} ms`);
+  });
+});
