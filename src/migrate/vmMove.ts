@@ -41,6 +41,8 @@ export interface MoveContext {
   observer: MoveObserver;
   log: Logger;
   signal: AbortSignal;
+  /** the copy engine; relayVmFiles unless a strategy brings its own */
+  transfer?: typeof relayVmFiles;
 }
 
 export interface MoveResult {
@@ -108,7 +110,7 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
         const done = new Map<string, number>();
         const totals = new Map<string, number>();
         const sum = (m: Map<string, number>) => [...m.values()].reduce((a, b) => a + b, 0);
-        const results = await relayVmFiles({
+        const results = await (ctx.transfer ?? relayVmFiles)({
           source, target, environment: env, vm, stallTimeoutMs: settings.stallTimeoutMs, signal,
           onProgress: (file, d, t) => {
             done.set(file, d);
