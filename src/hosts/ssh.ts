@@ -5,7 +5,7 @@
 import type { Duplex, Readable, Writable } from 'node:stream';
 import pRetry, { AbortError } from 'p-retry';
 import { Client, type ClientChannel, type ConnectConfig } from 'ssh2';
-import type { HostSpec } from '../api/inventory.js';
+import { assertSafePath, type HostSpec } from '../api/inventory.js';
 import { log } from '../util/log.js';
 
 const logger = log.child({ component: 'ssh' });
@@ -36,6 +36,10 @@ export interface ExecResult {
   code: number;
 }
 
+/**
+ * A streaming remote command. stdout must be consumed (or resume()d) even if unused: the channel
+ * only reports its end, and so `exit`, once its readable side has been read to EOF.
+ */
 export interface SpawnedCommand {
   stdin: Writable;
   stdout: Readable;
@@ -233,6 +237,7 @@ export class HostConnection {
 
   /** A byte stream to a unix socket on the host (QMP), tunnelled by sshd; no socat needed on the host. */
   openUnixSocket(path: string): Promise<Duplex> {
+    assertSafePath('unix socket', path);
     return new Promise((resolve, reject) => {
       try {
         this.client.openssh_forwardOutStreamLocal(path, (err, ch) => (err ? reject(new Error(`on ${this.host.name}: cannot open unix socket ${path}: ${err.message}`)) : resolve(ch)));
