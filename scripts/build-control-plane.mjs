@@ -8,10 +8,19 @@
 // (k8s.io/kubernetes → ./staging/src/..., etcd → ../api) to the published
 // versions, so the replace list is derived from the upstream go.mod instead of
 // being hard-coded here.
+//
+// Usage:
+//   node scripts/build-control-plane.mjs               build (if needed), print nothing
+//   node scripts/build-control-plane.mjs --print-dir   ONLY print the bin dir (no build);
+//                                                      the build is done when <dir>/.complete exists
+//   node scripts/build-control-plane.mjs --build --print-dir   build (if needed), then print the dir
+//
+// Concurrent builders (two test runs, a manual run) are serialised by a lock
+// file next to the bin dir; a waiting builder returns once .complete appears.
 import { execFileSync } from 'node:child_process';
 import { existsSync, mkdirSync, readFileSync, writeFileSync, rmSync } from 'node:fs';
 import { homedir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 
 export const VERSIONS = {
   kubernetes: process.env.VMOPS_K8S_VERSION ?? 'v1.33.13',

@@ -1,0 +1,188 @@
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { AppsV1Api, CoreV1Api, KubeConfig, PolicyV1Api, type V1Pod } from '@kubernetes/client-node';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { EnvironmentSpec, VMSpec } from '../../src/api/inventory.js';
+import { DrainError, GuestCluster } from '../../src/guest/guestCluster.js';
+import { startControlPlane, type ControlPlane } from '../world/controlPlane.js';
+import { createGuestNodes, deployStudentWorkload, startBareQemu, VmLivenessBridge, type BareQemu } from '../world/guestCluster.js';
+
+const ENV = 'gst';
+const vm = (name: string, role: VMSpec['role']): VMSpec => ({ name, role, nodeName: `${ENV}-${name}`, host: 'h', memoryMiB: 256, cpus: 2, files: [] });
+const env: EnvironmentSpec = {
+  name: ENV,
+  kubeconfigSecret: { namespace: 'x', name: 'x', key: 'kubeconfig' },
+  vms: [vm('beachhead', 'beachhead'), vm('controller-1', 'controller'), vm('controller-2', 'controller'), vm('controller-3', 'controller'), vm('node-1', 'worker'), vm('node-2', 'worker'), vm('node-3', 'worker')],
+};
+const WORKERS = env.vms.filter((v) => v.role === 'worker').map((v) => v.nodeName);
+const NS = `${ENV}-apps`;
+const REPLICAS = 6;
+const MIN_AVAILABLE = 5;
+
+async function until<T>(what: string, timeoutMs: number, fn: () => Promise<T | undefined | false>): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms: ${what}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+const isReadyPod = (p: V1Pod) => !p.metadata?.deletionTimestamp && (p.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') ?? false);
+
+describe('GuestCluster against a real control plane with KWOK nodes', () => {
+  let dir: string;
+  let cp: ControlPlane;
+  let kc: KubeConfig;
+  let core: CoreV1Api;
+  let apps: AppsV1Api;
+  let guest: GuestCluster;
+  let qemu: BareQemu | undefined;
+  let bridge: VmLivenessBridge;
+  const c2 = `${ENV}-controller-2`;
+  const c2Qemu = `${ENV}.controller-2`;
+
+  beforeAll(async () => {
+    dir = await mkdtemp(join(tmpdir(), 'vmop-guest-'));
+    cp = await startControlPlane({ dataDir: join(dir, 'cp') });
+    kc = new KubeConfig();
+    kc.loadFromString(cp.kubeconfigYaml);
+    core = kc.makeApiClient(CoreV1Api);
+    apps = kc.makeApiClient(AppsV1Api);
+    guest = GuestCluster.fromKubeconfigYaml(cp.kubeconfigYaml);
+    await createGuestNodes(kc, env);
+    // controller-2's "kubelet" follows a real QEMU process (the others are simply managed by KWOK)
+    qemu = await startBareQemu(c2Qemu, { logPath: join(dir, 'qemu.log') });
+    bridge = new VmLivenessBridge(kc, [{ nodeName: c2, qemuName: c2Qemu }]);
+    bridge.start();
+    for (const v of env.vms) await guest.waitNodeReady(v.nodeName, { timeoutMs: 60_000 });
+    await deployStudentWorkload(kc, { namespace: NS, name: 'web', replicas: REPLICAS, minAvailable: MIN_AVAILABLE, nodeNames: WORKERS });
+    await until('workload available', 90_000, async () => (await apps.readNamespacedDeployment({ name: 'web', namespace: NS })).status?.availableReplicas === REPLICAS);
+  }, 3_600_000);
+
+  afterAll(async () => {
+    await bridge?.stop();
+    await qemu?.kill();
+    await cp?.stop();
+    if (dir && !process.env.KEEP_TEST_DIRS) await rm(dir, { recursive: true, force: true });
+  });
+
+  it('places the student workload on workers only, spread over them', async () => {
+    const pods = (await core.listNamespacedPod({ namespace: NS })).items;
+    const perNode = new Map<string, number>();
+    for (const p of pods) perNode.set(p.spec!.nodeName!, (perNode.get(p.spec!.nodeName!) ?? 0) + 1);
+    expect([...perNode.keys()].sort()).toEqual(WORKERS);
+    expect([...perNode.values()]).toEqual([2, 2, 2]);
+  });
+
+  it('cordons and uncordons', async () => {
+    const n = `${ENV}-node-2`;
+    expect(await guest.nodeState(n)).toEqual({ exists: true, ready: true, unschedulable: false });
+    await guest.cordon(n);
+    expect(await guest.nodeState(n)).toEqual({ exists: true, ready: true, unschedulable: true });
+    await guest.uncordon(n);
+    expect(await guest.nodeState(n)).toEqual({ exists: true, ready: true, unschedulable: false });
+    expect(await guest.nodeState('no-such-node')).toEqual({ exists: false, ready: false, unschedulable: false });
+  });
+
+  it('drains through the Eviction API honouring the PDB: 429s are retried until replacements are available elsewhere', async () => {
+    const node = `${ENV}-node-1`;
+    const before = (await core.listNamespacedPod({ namespace: NS })).items.filter((p) => p.spec?.nodeName === node);
+    expect(before.length).toBe(2);
+
+    // Watch the workload during the drain: Ready, non-terminating pods must never drop below minAvailable.
+    let minReady = Infinity;
+    let minDeploymentAvailable = Infinity;
+    let watching = true;
+    const watcher = (async () => {
+      while (watching) {
+        const [pods, d] = await Promise.all([core.listNamespacedPod({ namespace: NS }), apps.readNamespacedDeployment({ name: 'web', namespace: NS })]);
+        minReady = Math.min(minReady, pods.items.filter(isReadyPod).length);
+        minDeploymentAvailable = Math.min(minDeploymentAvailable, d.status?.availableReplicas ?? 0);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    })();
+    const progress: number[] = [];
+    const t0 = Date.now();
+    const result = await guest.drain(node, { timeoutMs: 60_000, gracePeriodSeconds: 5, deleteEmptyDirData: false, onProgress: (n) => progress.push(n) });
+    const drainMs = Date.now() - t0;
+    watching = false;
+    await watcher;
+
+    const after = (await core.listNamespacedPod({ namespace: NS })).items;
+    const readyElsewhere = after.filter((p) => isReadyPod(p) && p.spec?.nodeName !== node).length;
+    console.log(`drain: ${JSON.stringify(result)} in ${drainMs} ms; progress ${progress.join('→')}; min Ready pods ${minReady}, min Deployment available ${minDeploymentAvailable}; Ready elsewhere at return ${readyElsewhere}`);
+    expect(result.evicted).toBe(2);
+    expect(result.pdbRetries).toBeGreaterThanOrEqual(1); // the second eviction hit HTTP 429 at least once
+    expect(after.filter((p) => p.spec?.nodeName === node)).toHaveLength(0);
+    expect(readyElsewhere).toBeGreaterThanOrEqual(MIN_AVAILABLE);
+    expect(minReady).toBeGreaterThanOrEqual(MIN_AVAILABLE);
+    expect(minDeploymentAvailable).toBeGreaterThanOrEqual(MIN_AVAILABLE);
+    expect(progress[0]).toBe(2);
+    expect(progress.at(-1)).toBe(0);
+    expect((await guest.nodeState(node)).unschedulable).toBe(true);
+    // the PDB object itself never reported a violation
+    const pdb = await kc.makeApiClient(PolicyV1Api).readNamespacedPodDisruptionBudget({ name: 'web', namespace: NS });
+    expect(pdb.status?.currentHealthy).toBeGreaterThanOrEqual(MIN_AVAILABLE);
+    await guest.uncordon(node);
+  });
+
+  it('refuses pods with emptyDir data unless allowed, before evicting anything', async () => {
+    const node = `${ENV}-node-3`;
+    await core.createNamespacedPod({
+      namespace: NS,
+      body: {
+        metadata: { name: 'scratch' },
+        spec: { nodeName: node, containers: [{ name: 'c', image: 'registry.k8s.io/pause:3.10' }], volumes: [{ name: 'tmp', emptyDir: {} }] },
+      },
+    });
+    const podsBefore = (await core.listNamespacedPod({ namespace: NS })).items.filter((p) => p.spec?.nodeName === node).length;
+    await expect(guest.drain(node, { timeoutMs: 10_000, gracePeriodSeconds: 5, deleteEmptyDirData: false, force: true })).rejects.toThrow(/emptyDir.*scratch/);
+    const podsAfter = (await core.listNamespacedPod({ namespace: NS })).items.filter((p) => p.spec?.nodeName === node && !p.metadata?.deletionTimestamp).length;
+    expect(podsAfter).toBe(podsBefore);
+    await guest.uncordon(node);
+    await core.deleteNamespacedPod({ name: 'scratch', namespace: NS, gracePeriodSeconds: 0 });
+  });
+
+  it('times out instead of violating a PDB that allows no disruption', async () => {
+    const ns = `${ENV}-strict`;
+    const node = `${ENV}-node-2`;
+    await deployStudentWorkload(kc, { namespace: ns, name: 'db', replicas: 1, minAvailable: 1, nodeNames: [node] });
+    await until('db available', 60_000, async () => (await apps.readNamespacedDeployment({ name: 'db', namespace: ns })).status?.availableReplicas === 1);
+    const err = await guest.drain(node, { timeoutMs: 6_000, gracePeriodSeconds: 5, deleteEmptyDirData: false }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(DrainError);
+    expect((err as Error).message).toMatch(/timed out.*db-/);
+    const db = (await core.listNamespacedPod({ namespace: ns })).items;
+    expect(db).toHaveLength(1);
+    expect(db[0]!.metadata?.deletionTimestamp).toBeUndefined();
+    expect(isReadyPod(db[0]!)).toBe(true);
+    await guest.uncordon(node);
+  });
+
+  it('quorum check: OK with all controllers Ready, refuses while another controller is NotReady', async () => {
+    const c1 = `${ENV}-controller-1`;
+    expect(await guest.controlPlaneQuorum(c1)).toMatchObject({ ok: true, controllers: 3, healthy: 2 });
+    expect(await guest.controlPlaneQuorum(`${ENV}-node-1`)).toMatchObject({ ok: true, controllers: 3, healthy: 3 });
+
+    // controller-2's VM dies; the real node-lifecycle controller marks its node NotReady
+    const t0 = Date.now();
+    await qemu!.kill();
+    qemu = undefined;
+    await until('controller-2 NotReady', 60_000, async () => !(await guest.nodeState(c2)).ready);
+    const notReadyMs = Date.now() - t0;
+    const q = await guest.controlPlaneQuorum(c1);
+    expect(q).toMatchObject({ ok: false, controllers: 3, healthy: 1 });
+    expect(q.reason).toContain(c2);
+    // moving controller-2 itself is still fine: the other two are Ready and a majority
+    expect((await guest.controlPlaneQuorum(c2)).ok).toBe(true);
+
+    const t1 = Date.now();
+    qemu = await startBareQemu(c2Qemu, { logPath: join(dir, 'qemu.log') });
+    await guest.waitNodeReady(c2, { timeoutMs: 60_000 });
+    const readyMs = Date.now() - t1;
+    console.log(`controller-2: VM killed → NotReady ${notReadyMs} ms, restarted → Ready ${readyMs} ms`);
+    expect((await guest.controlPlaneQuorum(c1)).ok).toBe(true);
+  });
+});

@@ -1,0 +1,278 @@
+/**
+ * A real, throw-away Kubernetes control plane for tests: etcd, kube-apiserver,
+ * kube-controller-manager, kube-scheduler and KWOK (as the "kubelet" of fake
+ * nodes), all built from source by scripts/build-control-plane.mjs and run as
+ * child processes on free loopback ports. Nothing here imitates a Kubernetes
+ * component: every controller, admission plugin and API is the upstream one.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { generateKeyPairSync, randomBytes } from 'node:crypto';
+import { closeSync, existsSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { request } from 'node:https';
+import { request as httpRequest } from 'node:http';
+import { createServer } from 'node:net';
+import { join, resolve } from 'node:path';
+import { stringify } from 'yaml';
+import { controlPlaneBinDir, ensureControlPlane } from '../../scripts/build-control-plane.mjs';
+
+export interface ControlPlane {
+  /** https://127.0.0.1:<port> */
+  server: string;
+  /** admin kubeconfig (static token in group system:masters, CA of the API server's self-signed cert) */
+  kubeconfigPath: string;
+  kubeconfigYaml: string;
+  binDir: string;
+  /** directory holding the data and one log file per component */
+  dataDir: string;
+  /** wall-clock time from spawning etcd until the API server was ready and the default ServiceAccount existed */
+  startupMs: number;
+  stop(): Promise<void>;
+}
+
+export interface ControlPlaneOptions {
+  dataDir: string;
+  /** kube-controller-manager --node-monitor-grace-period: how long a node may miss heartbeats before it goes NotReady (default 8) */
+  nodeMonitorGracePeriodSeconds?: number;
+}
+
+/** Label selecting the nodes KWOK acts as kubelet for (see test/world/guestCluster.ts for why a label and not an annotation). */
+export const KWOK_MANAGE_LABEL = 'kwok.x-k8s.io/node';
+export const KWOK_MANAGE_VALUE = 'fake';
+/** KWOK node lease duration; it renews every quarter of it (1 s), well inside the node-monitor grace period. */
+const KWOK_NODE_LEASE_SECONDS = 4;
+
+const REPO_ROOT = resolve(import.meta.dirname, '../..');
+
+async function freePort(): Promise<number> {
+  return new Promise((res, rej) => {
+    const s = createServer();
+    s.once('error', rej);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address() as { port: number };
+      s.close(() => res(port));
+    });
+  });
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+/** Builds the binaries if needed without blocking this process's event loop (the builder is synchronous and takes many minutes cold). */
+async function ensureBinaries(): Promise<string> {
+  if (!existsSync(join(controlPlaneBinDir(), '.complete'))) {
+    const script = join(REPO_ROOT, 'scripts/build-control-plane.mjs');
+    await new Promise<void>((res, rej) => {
+      const child = spawn(process.execPath, [script], { stdio: ['ignore', 'inherit', 'inherit'] });
+      child.once('error', rej);
+      child.once('exit', (code) => (code === 0 ? res() : rej(new Error(`${script} exited with ${code}`))));
+    });
+  }
+  return ensureControlPlane();
+}
+
+interface Proc {
+  name: string;
+  child: ChildProcess;
+  logPath: string;
+  exited: Promise<void>;
+}
+
+function tail(path: string, lines = 25): string {
+  try {
+    return readFileSync(path, 'utf8').split('\n').slice(-lines).join('\n');
+  } catch {
+    return '';
+  }
+}
+
+/** GET a URL; resolves with the status code (0 when the connection failed). */
+function probe(url: string, opts: { ca?: string; token?: string } = {}): Promise<{ status: number; body: string }> {
+  return new Promise((res) => {
+    const u = new URL(url);
+    const req = (u.protocol === 'https:' ? request : httpRequest)(
+      u,
+      { method: 'GET', ca: opts.ca, headers: opts.token ? { Authorization: `Bearer ${opts.token}` } : {}, timeout: 5000 },
+      (resp) => {
+        let body = '';
+        resp.setEncoding('utf8');
+        resp.on('data', (d: string) => (body += d));
+        resp.on('end', () => res({ status: resp.statusCode ?? 0, body }));
+        resp.on('error', () => res({ status: 0, body }));
+      },
+    );
+    req.on('timeout', () => req.destroy());
+    req.on('error', () => res({ status: 0, body: '' }));
+    req.end();
+  });
+}
+
+export async function startControlPlane(opts: ControlPlaneOptions): Promise<ControlPlane> {
+  const binDir = await ensureBinaries();
+  const dataDir = resolve(opts.dataDir);
+  mkdirSync(dataDir, { recursive: true });
+  const t0 = Date.now();
+  const procs: Proc[] = [];
+  let stopped = false;
+
+  const killAllSync = () => {
+    for (const p of procs) if (p.child.exitCode === null && p.child.signalCode === null) p.child.kill('SIGKILL');
+  };
+  // No component may outlive the test process, even when it dies without calling stop().
+  process.once('exit', killAllSync);
+
+  const stop = async () => {
+    if (stopped) return;
+    stopped = true;
+    for (const p of [...procs].reverse()) {
+      if (p.child.exitCode === null && p.child.signalCode === null) p.child.kill('SIGTERM');
+      await Promise.race([p.exited, sleep(5000)]);
+      if (p.child.exitCode === null && p.child.signalCode === null) {
+        p.child.kill('SIGKILL');
+        await Promise.race([p.exited, sleep(2000)]);
+      }
+    }
+    process.removeListener('exit', killAllSync);
+  };
+
+  const start = (name: string, args: string[]): Proc => {
+    const logPath = join(dataDir, `${name}.log`);
+    const fd = openSync(logPath, 'a');
+    writeFileSync(fd, `\n==== ${new Date().toISOString()} ${name} ${args.join(' ')}\n`);
+    const child = spawn(join(binDir, name), args, { stdio: ['ignore', fd, fd], cwd: dataDir, env: { ...process.env, HOME: dataDir } });
+    closeSync(fd);
+    const exited = new Promise<void>((r) => child.once('exit', () => r()));
+    child.once('error', () => undefined);
+    const p = { name, child, logPath, exited };
+    procs.push(p);
+    return p;
+  };
+
+  const failIfExited = (p: Proc) => {
+    if (p.child.exitCode !== null || p.child.signalCode !== null) {
+      throw new Error(`${p.name} exited (${p.child.exitCode ?? p.child.signalCode}) during start-up; log ${p.logPath}:\n${tail(p.logPath)}`);
+    }
+  };
+
+  const waitFor = async (what: string, p: Proc[], timeoutMs: number, check: () => Promise<boolean>) => {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      p.forEach(failIfExited);
+      if (await check()) return;
+      if (Date.now() > deadline) {
+        throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; logs: ${p.map((x) => x.logPath).join(', ')}\n${p.map((x) => `--- ${x.name}\n${tail(x.logPath)}`).join('\n')}`);
+      }
+      await sleep(200);
+    }
+  };
+
+  try {
+    // ---- credentials -------------------------------------------------------------------------
+    const pki = join(dataDir, 'pki');
+    mkdirSync(pki, { recursive: true });
+    const sa = generateKeyPairSync('rsa', {
+      modulusLength: 2048,
+      publicKeyEncoding: { type: 'spki', format: 'pem' },
+      privateKeyEncoding: { type: 'pkcs1', format: 'pem' },
+    });
+    const saKey = join(pki, 'sa.key');
+    const saPub = join(pki, 'sa.pub');
+    writeFileSync(saKey, sa.privateKey, { mode: 0o600 });
+    writeFileSync(saPub, sa.publicKey);
+    const token = randomBytes(24).toString('hex');
+    const tokenFile = join(pki, 'tokens.csv');
+    writeFileSync(tokenFile, `${token},admin,admin-uid,"system:masters"\n`, { mode: 0o600 });
+    const certDir = join(pki, 'apiserver');
+
+    // ---- etcd ----------------------------------------------------------------------------------
+    const [etcdClient, etcdPeer, apiPort] = [await freePort(), await freePort(), await freePort()];
+    const etcd = start('etcd', [
+      '--name=default',
+      `--data-dir=${join(dataDir, 'etcd')}`,
+      `--listen-client-urls=http://127.0.0.1:${etcdClient}`,
+      `--advertise-client-urls=http://127.0.0.1:${etcdClient}`,
+      `--listen-peer-urls=http://127.0.0.1:${etcdPeer}`,
+      `--initial-advertise-peer-urls=http://127.0.0.1:${etcdPeer}`,
+      `--initial-cluster=default=http://127.0.0.1:${etcdPeer}`,
+      '--initial-cluster-state=new',
+      '--unsafe-no-fsync', // test data only; makes writes ~10x faster on slow disks
+      '--log-level=warn',
+    ]);
+    await waitFor('etcd /health', [etcd], 60_000, async () => {
+      const r = await probe(`http://127.0.0.1:${etcdClient}/health`);
+      return r.status === 200 && r.body.includes('"health":"true"');
+    });
+
+    // ---- kube-apiserver ---------------------------------------------------------------------------
+    const server = `https://127.0.0.1:${apiPort}`;
+    const apiserver = start('kube-apiserver', [
+      `--etcd-servers=http://127.0.0.1:${etcdClient}`,
+      '--bind-address=127.0.0.1',
+      '--advertise-address=127.0.0.1',
+      `--secure-port=${apiPort}`,
+      `--cert-dir=${certDir}`, // self-signed serving cert + its CA, generated at start
+      `--token-auth-file=${tokenFile}`,
+      '--authorization-mode=Node,RBAC',
+      `--service-account-key-file=${saPub}`,
+      `--service-account-signing-key-file=${saKey}`,
+      '--service-account-issuer=https://kubernetes.default.svc.cluster.local',
+      '--service-cluster-ip-range=10.96.0.0/16',
+      '--allow-privileged=true',
+      '--endpoint-reconciler-type=none', // the kubernetes Service cannot point at a loopback address anyway
+      '--profiling=false',
+      '--v=1',
+    ]);
+    const caPath = join(certDir, 'apiserver.crt');
+    await waitFor('kube-apiserver /readyz', [etcd, apiserver], 120_000, async () => {
+      if (!existsSync(caPath)) return false;
+      const r = await probe(`${server}/readyz`, { ca: readFileSync(caPath, 'utf8'), token });
+      return r.status === 200;
+    });
+    const ca = readFileSync(caPath, 'utf8');
+
+    const kubeconfigYaml = stringify({
+      apiVersion: 'v1',
+      kind: 'Config',
+      clusters: [{ name: 'test', cluster: { server, 'certificate-authority-data': Buffer.from(ca).toString('base64') } }],
+      users: [{ name: 'admin', user: { token } }],
+      contexts: [{ name: 'admin@test', context: { cluster: 'test', user: 'admin', namespace: 'default' } }],
+      'current-context': 'admin@test',
+    });
+    const kubeconfigPath = join(dataDir, 'admin.kubeconfig');
+    writeFileSync(kubeconfigPath, kubeconfigYaml, { mode: 0o600 });
+
+    // ---- controllers, scheduler, kwok ---------------------------------------------------------------
+    const grace = opts.nodeMonitorGracePeriodSeconds ?? 8;
+    const kcm = start('kube-controller-manager', [
+      `--kubeconfig=${kubeconfigPath}`,
+      '--leader-elect=false',
+      '--secure-port=0',
+      '--controllers=*', // all default controllers: nodelifecycle, disruption, replicaset, deployment, garbagecollector, serviceaccount(-token), namespace, ...
+      '--use-service-account-credentials=true',
+      `--service-account-private-key-file=${saKey}`,
+      `--root-ca-file=${caPath}`,
+      `--node-monitor-grace-period=${grace}s`,
+      '--node-monitor-period=1s',
+      '--v=2',
+    ]);
+    const scheduler = start('kube-scheduler', [`--kubeconfig=${kubeconfigPath}`, '--leader-elect=false', '--secure-port=0', '--v=1']);
+    const kwok = start('kwok', [
+      `--kubeconfig=${kubeconfigPath}`,
+      '--manage-all-nodes=false',
+      `--manage-nodes-with-label-selector=${KWOK_MANAGE_LABEL}=${KWOK_MANAGE_VALUE}`,
+      `--node-lease-duration-seconds=${KWOK_NODE_LEASE_SECONDS}`,
+      '--cidr=10.244.0.1/16',
+      '--node-ip=127.0.0.1',
+    ]);
+
+    const adminHeaders = { ca, token };
+    await waitFor('the default ServiceAccount (created by kube-controller-manager)', [etcd, apiserver, kcm, scheduler, kwok], 120_000, async () => {
+      const r = await probe(`${server}/api/v1/namespaces/default/serviceaccounts/default`, adminHeaders);
+      return r.status === 200;
+    });
+    const startupMs = Date.now() - t0;
+    writeFileSync(join(dataDir, 'startup.json'), JSON.stringify({ startupMs, server, binDir }) + '\n');
+    return { server, kubeconfigPath, kubeconfigYaml, binDir, dataDir, startupMs, stop };
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+}
