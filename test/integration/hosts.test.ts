@@ -8,7 +8,7 @@ import { vmDirectory } from '../../src/api/inventory.js';
 import { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { QmpClient, type QmpEvent } from '../../src/hosts/qmp.js';
 import { HostConnection, HostKeyMismatchError } from '../../src/hosts/ssh.js';
-import { startHosts, type TestHosts } from '../world/hosts.js';
+import { HOST_USER, startHosts, type TestHosts } from '../world/hosts.js';
 import { createDiskImage } from '../world/images.js';
 
 const ENV = 'env-hosts';
@@ -53,9 +53,18 @@ describe('hosts over real sshd + QEMU', () => {
 
   it('connects with the pinned host key and runs commands', async () => {
     expect(conn.isAlive).toBe(true);
-    const r = await conn.exec(['id', '-u']);
+    const r = await conn.exec(['id', '-un']);
     expect(r.code).toBe(0);
-    expect(r.stdout.toString().trim()).toBe('0');
+    // an unprivileged host user whose login shell reads no rc files
+    expect(r.stdout.toString().trim()).toBe(HOST_USER);
+    expect((await conn.execOk(['id', '-u'])).toString().trim()).not.toBe('0');
+    const n = 10;
+    const t0 = Date.now();
+    for (let i = 0; i < n; i++) await conn.execOk(['true']);
+    const perExec = (Date.now() - t0) / n;
+    console.log(`exec latency: ${perExec.toFixed(1)} ms per exec`);
+    // root's ~/.bashrc (pyenv init) used to cost ~400 ms per exec
+    expect(perExec).toBeLessThan(250);
     const c2 = await HostConnection.connect(h2, world.identity);
     expect((await c2.execOk(['hostname'])).length).toBeGreaterThan(0);
     c2.close();

@@ -1,17 +1,79 @@
 /**
  * Test world: N "hypervisor hosts", each a real OpenSSH sshd listening on its own loopback
  * address (127.0.0.N), with its own host key and VM directory under baseDir.
- * Everything runs as the current (root) user on this machine; the hosts differ only by address,
- * port, host key and vmDir, which is exactly what the operator sees of a host.
+ * The operator logs in as a dedicated unprivileged user (HOST_USER, login shell /bin/sh: no
+ * ~/.bashrc, so an exec costs a few ms instead of ~400 ms), which owns every vmDir; QEMU runs as
+ * that user with TCG. The hosts differ only by address, port, host key and vmDir, which is exactly
+ * what the operator sees of a host. sshd itself runs as root (it must switch users).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { mkdir, readFile, writeFile, rm } from 'node:fs/promises';
+import { chmod, chown, mkdir, readFile, stat, writeFile, rm } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import type { HostSpec } from '../../src/api/inventory.js';
 
 const execFileP = promisify(execFile);
+
+/** The host-side account of every test host. */
+export const HOST_USER = 'vmhost';
+
+export interface HostUser {
+  name: string;
+  uid: number;
+  gid: number;
+}
+
+let hostUserP: Promise<HostUser> | undefined;
+
+/** Creates HOST_USER once (system user, shell /bin/sh, home dir) and makes it able to log in by key. */
+export function ensureHostUser(): Promise<HostUser> {
+  hostUserP ??= (async () => {
+    const id = async (flag: string): Promise<number> => Number((await execFileP('id', [flag, HOST_USER])).stdout.trim());
+    try {
+      await id('-u');
+    } catch {
+      await execFileP('useradd', ['--system', '--shell', '/bin/sh', '--create-home', HOST_USER]).catch(async (err: unknown) => {
+        // a concurrent test process may have created it in between
+        await id('-u').catch(() => {
+          throw err;
+        });
+      });
+    }
+    // useradd leaves the password "!" (locked): without PAM, sshd then refuses even key logins. "*" = no password, not locked.
+    await execFileP('usermod', ['-p', '*', HOST_USER]);
+    return { name: HOST_USER, uid: await id('-u'), gid: await id('-g') };
+  })();
+  return hostUserP;
+}
+
+/** sshd reads authorized_keys as the user, and the user must reach its vmDir: every ancestor needs o+x. */
+async function makeTraversable(dir: string): Promise<void> {
+  for (let d = path.resolve(dir); ; d = path.dirname(d)) {
+    const st = await stat(d);
+    if ((st.mode & 0o001) === 0) await chmod(d, (st.mode & 0o7777) | 0o011);
+    if (d === path.dirname(d)) return;
+  }
+}
+
+/**
+ * Files the test process (root) creates inside a host's vmDir must belong to the host user, as if
+ * the host had created them: chowns `file` and its root-owned ancestor directories up to the first
+ * directory owned by the host user. Outside a vmDir (no such ancestor) nothing changes.
+ */
+export async function adoptHostFile(file: string): Promise<void> {
+  const user = await ensureHostUser();
+  const chain: string[] = [path.resolve(file)];
+  for (let d = path.dirname(chain[0] as string); d !== path.dirname(d); d = path.dirname(d)) {
+    const st = await stat(d);
+    if (st.uid === user.uid) {
+      for (const p of chain) await chown(p, user.uid, user.gid);
+      return;
+    }
+    if (st.uid !== 0) return;
+    chain.push(d);
+  }
+}
 
 export interface OperatorIdentity {
   privateKey: string;
@@ -75,6 +137,8 @@ export async function startHosts(opts: { count: number; baseDir: string; firstAd
   if (first + opts.count > 255) throw new Error('too many hosts for 127.0.0.0/24');
   const baseDir = path.resolve(opts.baseDir);
   await mkdir(baseDir, { recursive: true });
+  const user = await ensureHostUser();
+  await makeTraversable(baseDir);
   // sshd refuses to start without its privilege-separation directory.
   await mkdir('/run/sshd', { recursive: true, mode: 0o755 });
 
@@ -115,13 +179,17 @@ export async function startHosts(opts: { count: number; baseDir: string; firstAd
       const vmDir = path.join(dir, 'vms');
       await mkdir(sshDir, { recursive: true });
       await mkdir(vmDir, { recursive: true });
+      await chown(vmDir, user.uid, user.gid);
+      await chmod(dir, 0o755);
+      await chmod(sshDir, 0o755);
       hostDirs[name] = sshDir;
 
       const hostKeyPath = path.join(sshDir, 'ssh_host_ed25519_key');
       await keygen(hostKeyPath, `${name}-hostkey`);
       const [keyType, keyBlob] = (await readFile(`${hostKeyPath}.pub`, 'utf8')).trim().split(/\s+/);
       const authorizedKeys = path.join(sshDir, 'authorized_keys');
-      await writeFile(authorizedKeys, `${identity.publicKey}\n`, { mode: 0o600 });
+      await writeFile(authorizedKeys, `${identity.publicKey}\n`, { mode: 0o644 });
+      await chown(authorizedKeys, user.uid, user.gid);
 
       const port = await freePort(address);
       const cfg = path.join(sshDir, 'sshd_config');
@@ -134,7 +202,8 @@ export async function startHosts(opts: { count: number; baseDir: string; firstAd
           `AuthorizedKeysFile ${authorizedKeys}`,
           `PidFile ${path.join(sshDir, 'sshd.pid')}`,
           'UsePAM no',
-          'PermitRootLogin prohibit-password',
+          `AllowUsers ${user.name}`,
+          'PermitRootLogin no',
           'PasswordAuthentication no',
           'KbdInteractiveAuthentication no',
           'StrictModes no',
@@ -155,7 +224,7 @@ export async function startHosts(opts: { count: number; baseDir: string; firstAd
         name,
         address,
         port,
-        user: 'root',
+        user: user.name,
         hostKey: `${keyType} ${keyBlob}`,
         vmDir,
       });

@@ -6,6 +6,7 @@ import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
 import { promisify } from 'node:util';
+import { adoptHostFile } from './hosts.js';
 
 const execFileP = promisify(execFile);
 
@@ -46,6 +47,8 @@ export async function createDiskImage(path: string, opts: DiskImageOptions): Pro
     cmds.push('-c', `write -q -P ${pattern} ${startUnit * unit} ${lenUnits * unit}`);
   }
   await execFileP('qemu-io', ['-f', opts.format, ...cmds, path]);
+  // Inside a test host's vmDir the image belongs to the host's (unprivileged) user, as QEMU there runs as it.
+  await adoptHostFile(path);
 }
 
 export async function sha256File(path: string): Promise<string> {
