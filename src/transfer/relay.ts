@@ -1,17 +1,31 @@
 /**
- * Host-to-host file copy relayed through the operator: `cat` on the source streams over one SSH
- * connection into `cat > file.partial` on the target over another. The hosts need no trust in each
- * other and nothing is staged on the operator's disk. Three checksums (stream, source file, target
- * file) must agree before the .partial is atomically renamed into place.
+ * Host-to-host file copy relayed through the operator over two plain SSH exec channels (no SFTP,
+ * no trust between the hosts, nothing staged on the operator's disk):
+ *
+ *   source: perl READER (data extents only, framed) [| zstd -1 -T0]
+ *     → operator: counts wire bytes, token-bucket limit, stall timer, parses the frames and hashes
+ *       each segment's file bytes (via a local `zstd -d` when compressed)
+ *     → target: [zstd -d |] perl WRITER into <file>.partial, created sparse with truncate.
+ *
+ * The file is cut into fixed segments; after the target wrote a segment the operator hashes those
+ * bytes on the target file (one exec) and compares with its stream hash. A dropped connection,
+ * a killed process or a mismatch is retried (p-retry), resending only segments not yet verified.
+ * Before the atomic rename: every data segment verified, target size right, no data outside the
+ * source's extents (holes are holes), and the source file unchanged (size, mtime, ctime, inode).
  */
+import { spawn, spawnSync, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { createHash } from 'node:crypto';
+import { once } from 'node:events';
 import { Transform, type TransformCallback } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
-import { assertSafeName, assertSafePath, vmDirectory, type VMSpec } from '../api/inventory.js';
+import pRetry, { AbortError } from 'p-retry';
+import { assertSafeName, assertSafePath, vmDirectory, type HostSpec, type VMSpec } from '../api/inventory.js';
 import type { Hypervisor } from '../hosts/hypervisor.js';
-import type { HostConnection } from '../hosts/ssh.js';
-import { RemoteCommandError } from '../hosts/ssh.js';
+import { RemoteCommandError, type HostConnection, type SpawnedCommand } from '../hosts/ssh.js';
 import { log } from '../util/log.js';
+import { FrameParser, opsText, parseQemuImgMap, planSegments, subtractExtents, type Extent, type Segment } from './plan.js';
+import { FINAL_SH, HASH_EXTENTS_SH, PREPARE_SH, PROBE_SH, READER, WRITER } from './scripts.js';
+import { TokenBucket } from './throttle.js';
 
 const logger = log.child({ component: 'relay' });
 
@@ -27,6 +41,29 @@ export class ChecksumMismatchError extends Error {
   }
 }
 
+/** Some segments' target bytes did not hash to what was streamed; they are resent on the next attempt. */
+export class SegmentVerifyError extends Error {
+  constructor(
+    readonly path: string,
+    readonly segments: number[],
+    detail: string,
+  ) {
+    super(`copy of ${path}: ${segments.length} segment(s) not verified on the target (${segments.slice(0, 8).join(', ')}${segments.length > 8 ? ', …' : ''}): ${detail}`);
+    this.name = 'SegmentVerifyError';
+  }
+}
+
+export class SourceChangedError extends Error {
+  constructor(
+    readonly path: string,
+    readonly before: string,
+    readonly after: string,
+  ) {
+    super(`source file ${path} changed during the copy (size mtime ctime inode: ${before} → ${after}); is the VM really stopped?`);
+    this.name = 'SourceChangedError';
+  }
+}
+
 export class RelayStalledError extends Error {
   constructor(
     readonly path: string,
@@ -38,9 +75,37 @@ export class RelayStalledError extends Error {
   }
 }
 
+export type Compression = 'none' | 'zstd';
+
+export interface AttemptStats {
+  attempt: number;
+  /** segments this attempt set out to send */
+  segments: number;
+  /** file bytes streamed (data extents only) */
+  dataBytes: number;
+  /** bytes that passed through the operator (compressed size when compressed) */
+  wireBytes: number;
+  error?: string;
+}
+
 export interface RelayResult {
+  /** bytes that had to be sent: the file's allocated data (holes excluded); = progress total */
   bytes: number;
+  /** logical file size */
+  size: number;
+  /**
+   * sha256 over the verified manifest (size, segment size and every segment's extents and sha256):
+   * equal manifests ⇔ byte-identical files. Not the sha256 of the whole file (that would read the holes).
+   */
   sha256: string;
+  compression: Compression;
+  /** all bytes through the operator, over all attempts */
+  wireBytes: number;
+  /** file bytes streamed over all attempts (> bytes only when something was resent) */
+  sentBytes: number;
+  segments: number;
+  attempts: AttemptStats[];
+  seconds: number;
 }
 
 export interface RelayOptions {
@@ -48,22 +113,32 @@ export interface RelayOptions {
   sourcePath: string;
   target: HostConnection;
   targetPath: string;
+  /** bytesTotal = data bytes to send (holes excluded); bytesDone never decreases */
   onProgress?: (bytesDone: number, bytesTotal: number) => void;
   signal?: AbortSignal;
-  /** abort when no byte arrived for this long (default 60 s) */
+  /** fail (not retried) when no byte arrived for this long (default 60 s) */
   stallTimeoutMs?: number;
+  /** 'auto' = zstd when both hosts and the operator have it (default 'none') */
+  compression?: Compression | 'auto';
+  /** bytes per second through the operator (wire bytes); unlimited if unset */
+  bandwidthLimit?: number;
+  /** verification and resume granularity (default 32 MiB) */
+  segmentBytes?: number;
+  /** attempts after the first (default 3) */
+  retries?: number;
+  /** a fresh connection after a drop; without it a dead connection fails the copy */
+  reconnect?: (host: HostSpec) => Promise<HostConnection>;
+  /** fault injection for tests: runs before a segment is hashed on the target */
+  beforeVerify?: (segment: number, partialPath: string) => Promise<void> | void;
+  /** attempt start (tests use it to find the remote processes) */
+  onAttempt?: (attempt: number) => void;
 }
 
-/** Throws ChecksumMismatchError unless all three digests are equal. */
+const DEFAULT_SEGMENT = 32 * 1024 * 1024;
+
+/** Kept for callers comparing whole-file digests themselves. */
 export function verifyChecksums(path: string, stream: string, source: string, target: string): void {
   if (stream !== source || stream !== target) throw new ChecksumMismatchError(path, stream, source, target);
-}
-
-async function remoteSha256(conn: HostConnection, path: string): Promise<string> {
-  const out = await conn.execOk(['sha256sum', '-b', '--', path], { timeoutMs: 30 * 60_000 });
-  const hex = out.toString('utf8').split(/\s/)[0] ?? '';
-  if (!/^[0-9a-f]{64}$/.test(hex)) throw new Error(`on ${conn.host.name}: unexpected sha256sum output for ${path}`);
-  return hex;
 }
 
 /** The stall timer and caller's signal must also bound waits that are not stream operations. */
@@ -85,88 +160,317 @@ function abortable<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
   });
 }
 
+let localZstd: boolean | undefined;
+/** The operator decompresses a copy of the stream to hash the file bytes; without zstd here, no compression. */
+function operatorHasZstd(): boolean {
+  localZstd ??= spawnSync('zstd', ['-V'], { stdio: 'ignore' }).status === 0;
+  return localZstd;
+}
+
+interface SourceProbe {
+  size: number;
+  identity: string;
+  zstd: boolean;
+  extents: Extent[];
+}
+
+function parseMapOutput(out: string, size: number): Extent[] {
+  const t = out.trim();
+  // no qemu-img (or it failed): every byte is data
+  if (t === '' || t === 'NOMAP') return size > 0 ? [{ offset: 0, length: size }] : [];
+  return parseQemuImgMap(t, size);
+}
+
+async function probeSource(conn: HostConnection, path: string): Promise<SourceProbe> {
+  const out = (await conn.execOk(['sh', '-c', PROBE_SH, 'relay-probe', path], { timeoutMs: 120_000 })).toString('utf8');
+  const [statLine = '', zstdLine = '', ...rest] = out.split('\n');
+  const size = Number(statLine.split(' ')[0]);
+  if (!Number.isSafeInteger(size) || size < 0) throw new Error(`on ${conn.host.name}: cannot stat ${path}: ${JSON.stringify(statLine)}`);
+  return { size, identity: statLine.trim(), zstd: zstdLine.trim() === 'zstd=1', extents: parseMapOutput(rest.join('\n'), size) };
+}
+
+async function sourceIdentity(conn: HostConnection, path: string): Promise<string> {
+  return (await conn.execOk(['stat', '-L', '-c', '%s %.9Y %.9Z %i', path])).toString('utf8').trim();
+}
+
+/** Collects a stream's lines. */
+function onLines(stream: NodeJS.ReadableStream, fn: (line: string) => void): void {
+  let buf = '';
+  stream.on('data', (d: Buffer) => {
+    buf += d.toString('utf8');
+    let nl: number;
+    while ((nl = buf.indexOf('\n')) >= 0) {
+      fn(buf.slice(0, nl));
+      buf = buf.slice(nl + 1);
+    }
+  });
+}
+
+/** At most `n` tasks at a time. */
+function limiter(n: number): <T>(task: () => Promise<T>) => Promise<T> {
+  let active = 0;
+  const queue: Array<() => void> = [];
+  return <T>(task: () => Promise<T>): Promise<T> =>
+    new Promise<T>((resolve, reject) => {
+      const run = (): void => {
+        active++;
+        task()
+          .then(resolve, reject)
+          .finally(() => {
+            active--;
+            queue.shift()?.();
+          });
+      };
+      if (active < n) run();
+      else queue.push(run);
+    });
+}
+
 export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
-  const { source, target, sourcePath, targetPath } = opts;
+  const { sourcePath, targetPath } = opts;
   assertSafePath('source path', sourcePath);
   assertSafePath('target path', targetPath);
   const partial = `${targetPath}.partial`;
   const stallMs = opts.stallTimeoutMs ?? 60_000;
+  const segmentBytes = opts.segmentBytes ?? DEFAULT_SEGMENT;
   opts.signal?.throwIfAborted();
-
-  const total = Number((await source.execOk(['stat', '-L', '-c', '%s', '--', sourcePath])).toString('utf8').trim());
-
-  const hash = createHash('sha256');
-  let done = 0;
-  const stall = new AbortController();
-  let stallTimer: NodeJS.Timeout | undefined;
-  const armStall = (): void => {
-    if (stallTimer) clearTimeout(stallTimer);
-    stallTimer = setTimeout(() => stall.abort(new RelayStalledError(sourcePath, stallMs, done)), stallMs);
-  };
-  const signal = opts.signal ? AbortSignal.any([opts.signal, stall.signal]) : stall.signal;
-
-  const meter = new Transform({
-    transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback) {
-      hash.update(chunk);
-      done += chunk.length;
-      armStall();
-      opts.onProgress?.(done, total);
-      cb(null, chunk);
-    },
-  });
-
-  // The shell only sees a fixed script; the path arrives as $1.
-  const writer = await target.spawn(['sh', '-c', 'exec cat > "$1"', 'relay-write', partial]);
-  let reader: Awaited<ReturnType<HostConnection['spawn']>> | undefined;
-  const srcErr: Buffer[] = [];
-  const dstErr: Buffer[] = [];
-  writer.stderr.on('data', (d: Buffer) => dstErr.push(d));
-  // The channel is a Duplex: pipeline() waits for its readable side to end too, which never happens unless it flows.
-  writer.stdout.resume();
+  let source = opts.source;
+  let target = opts.target;
   const t0 = Date.now();
-  try {
-    reader = await source.spawn(['cat', '--', sourcePath]);
-    reader.stderr.on('data', (d: Buffer) => srcErr.push(d));
-    reader.stdin.end();
-    armStall();
-    // pipeline propagates backpressure end to end: a slow target throttles the source's SSH window.
-    await pipeline(reader.stdout, meter, writer.stdin, { signal });
-    const [srcCode, dstCode] = await abortable(Promise.all([reader.exit, writer.exit]), signal);
-    if (srcCode !== 0) throw new RemoteCommandError(source.host.name, ['cat', sourcePath], srcCode, Buffer.concat(srcErr).toString());
-    if (dstCode !== 0) throw new RemoteCommandError(target.host.name, ['cat', '>', partial], dstCode, Buffer.concat(dstErr).toString());
-  } catch (err) {
-    reader?.kill();
-    writer.kill();
-    await target.exec(['rm', '-f', '--', partial]).catch(() => undefined);
-    const reason = signal.aborted && signal.reason instanceof Error ? signal.reason : err;
-    throw reason;
-  } finally {
-    if (stallTimer) clearTimeout(stallTimer);
-  }
-  const seconds = (Date.now() - t0) / 1000;
-  const streamSha = hash.digest('hex');
+
+  const probe = await probeSource(source, sourcePath);
+  const segments = planSegments(probe.size, probe.extents, segmentBytes);
+  const total = segments.reduce((n, s) => n + s.dataBytes, 0);
+  const bySegment = new Map(segments.map((s) => [s.index, s]));
+  const verified = new Map<number, string>();
+  const attempts: AttemptStats[] = [];
+  let wireTotal = 0;
+  let sentTotal = 0;
+  let reported = 0;
+  let compression: Compression = 'none';
+  const progress = (done: number): void => {
+    if (done > reported) reported = Math.min(done, total);
+    opts.onProgress?.(reported, total);
+  };
+
+  const ensureConnections = async (): Promise<void> => {
+    for (const which of ['source', 'target'] as const) {
+      const c = which === 'source' ? source : target;
+      if (c.isAlive) continue;
+      if (!opts.reconnect) throw new AbortError(new Error(`SSH connection to ${c.host.name} was lost and no reconnect was given`));
+      logger.info({ host: c.host.name }, 'reconnecting for the next relay attempt');
+      const fresh = await opts.reconnect(c.host);
+      if (which === 'source') source = fresh;
+      else target = fresh;
+    }
+  };
+
+  const hashOnTarget = async (seg: Segment): Promise<string> => {
+    const r = await target.exec(['sh', '-c', HASH_EXTENTS_SH, 'relay-verify', READER, partial], { stdin: opsText([seg], false), timeoutMs: Math.max(stallMs, 60_000) });
+    const hex = r.stdout.toString('utf8').split(/\s/)[0] ?? '';
+    if (r.code !== 0 || r.stderr.trim() !== '' || !/^[0-9a-f]{64}$/.test(hex)) throw new RemoteCommandError(target.host.name, ['relay-verify', partial], r.code, r.stderr);
+    return hex;
+  };
+
+  const attempt = async (attemptNumber: number): Promise<void> => {
+    await ensureConnections();
+    opts.onAttempt?.(attemptNumber);
+    const prep = (await target.execOk(['sh', '-c', PREPARE_SH, 'relay-prepare', partial, String(probe.size), attemptNumber === 1 ? '1' : '0'])).toString('utf8');
+    if (prep.startsWith('new') && verified.size > 0) {
+      logger.warn({ path: partial }, 'partial file vanished between attempts; starting over');
+      verified.clear();
+    }
+    if (attemptNumber === 1) {
+      const wanted = opts.compression ?? 'none';
+      compression = wanted !== 'none' && probe.zstd && prep.includes('zstd=1') && operatorHasZstd() ? 'zstd' : 'none';
+      if (wanted === 'zstd' && compression === 'none') logger.info({ path: sourcePath }, 'zstd not available on both hosts and the operator; sending uncompressed');
+    }
+    const pending = segments.filter((s) => !verified.has(s.index));
+    const stats: AttemptStats = { attempt: attemptNumber, segments: pending.length, dataBytes: 0, wireBytes: 0 };
+    attempts.push(stats);
+    if (pending.length === 0) return;
+    const verifiedBefore = [...verified.keys()].reduce((n, k) => n + (bySegment.get(k)?.dataBytes ?? 0), 0);
+
+    const local = new AbortController();
+    const stall = new AbortController();
+    const signal = AbortSignal.any([local.signal, stall.signal, ...(opts.signal ? [opts.signal] : [])]);
+    let stallTimer: NodeJS.Timeout | undefined;
+    const armStall = (): void => {
+      if (stallTimer) clearTimeout(stallTimer);
+      stallTimer = setTimeout(() => stall.abort(new RelayStalledError(sourcePath, stallMs, reported)), stallMs);
+    };
+
+    // Stream digests per segment, resolved by the parser; target digests checked as the writer reports segments.
+    const streamDigest = new Map<number, { promise: Promise<string>; resolve: (h: string) => void }>();
+    for (const s of pending) {
+      let resolve!: (h: string) => void;
+      const promise = new Promise<string>((r) => (resolve = r));
+      streamDigest.set(s.index, { promise, resolve });
+    }
+    const parser = new FrameParser(
+      pending,
+      (index, hex) => streamDigest.get(index)?.resolve(hex),
+      (n) => {
+        stats.dataBytes += n;
+        sentTotal += n;
+        progress(verifiedBefore + stats.dataBytes);
+      },
+    );
+    const failures: string[] = [];
+    const verifyLimit = limiter(2);
+    const verifications: Promise<void>[] = [];
+    const verifySegment = async (index: number): Promise<void> => {
+      const seg = bySegment.get(index);
+      const sd = streamDigest.get(index);
+      if (!seg || !sd) throw new Error(`target reported unplanned segment ${index}`);
+      const expected = await abortable(sd.promise, signal);
+      await opts.beforeVerify?.(index, partial);
+      const got = await hashOnTarget(seg);
+      if (got === expected) verified.set(index, got);
+      else failures.push(`segment ${index}: stream ${expected}, target ${got}`);
+    };
+
+    const readerArgv = compression === 'zstd' ? ['sh', '-c', 'perl -e "$1" f "$2" | zstd -q -1 -T0 -c', 'relay-read', READER, sourcePath] : ['perl', '-e', READER, 'f', sourcePath];
+    const writerArgv = compression === 'zstd' ? ['sh', '-c', 'zstd -q -d -c | perl -e "$1" "$2"', 'relay-write', WRITER, partial] : ['perl', '-e', WRITER, partial];
+
+    let reader: SpawnedCommand | undefined;
+    let writer: SpawnedCommand | undefined;
+    let decomp: ChildProcessWithoutNullStreams | undefined;
+    const srcErr: Buffer[] = [];
+    const dstErr: Buffer[] = [];
+    let streamDone = false;
+    let writerEnded = false;
+    try {
+      writer = await target.spawn(writerArgv);
+      writer.stderr.on('data', (d: Buffer) => dstErr.push(d));
+      onLines(writer.stdout, (line) => {
+        if (line === 'END') writerEnded = true;
+        const m = /^E (\d+)$/.exec(line);
+        if (m) verifications.push(verifyLimit(() => verifySegment(Number(m[1]))).catch((e: unknown) => void failures.push((e as Error).message)));
+      });
+      void writer.exit.then((code) => {
+        if (!streamDone || code !== 0) local.abort(new RemoteCommandError(target.host.name, ['relay-write', partial], code, Buffer.concat(dstErr).toString() || 'target writer exited early'));
+      });
+      reader = await source.spawn(readerArgv);
+      reader.stderr.on('data', (d: Buffer) => srcErr.push(d));
+      reader.stdin.end(opsText(pending, true));
+
+      if (compression === 'zstd') {
+        decomp = spawn('zstd', ['-q', '-d', '-c'], { stdio: ['pipe', 'pipe', 'pipe'] });
+        decomp.stdout.on('data', (d: Buffer) => {
+          try {
+            parser.push(d);
+          } catch (err) {
+            local.abort(err);
+          }
+        });
+        decomp.stderr.resume();
+        decomp.stdin.on('error', () => undefined);
+      }
+      const bucket = opts.bandwidthLimit ? new TokenBucket(opts.bandwidthLimit) : undefined;
+      const d = decomp;
+      const meter = new Transform({
+        transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback) {
+          void (async () => {
+            armStall();
+            if (bucket) await bucket.take(chunk.length, signal);
+            stats.wireBytes += chunk.length;
+            wireTotal += chunk.length;
+            if (d) {
+              if (!d.stdin.write(chunk)) await abortable(once(d.stdin, 'drain'), signal);
+            } else {
+              parser.push(chunk);
+            }
+            armStall();
+          })().then(
+            () => cb(null, chunk),
+            (err: unknown) => cb(err as Error),
+          );
+        },
+      });
+      armStall();
+      // pipeline propagates backpressure end to end: a slow target throttles the source's SSH window.
+      await pipeline(reader.stdout, meter, writer.stdin, { signal });
+      if (d) {
+        d.stdin.end();
+        const [code] = (await abortable(once(d, 'close'), signal)) as [number | null];
+        if (code !== 0) throw new Error(`local zstd -d exited with ${code}`);
+      }
+      parser.finish();
+      streamDone = true;
+      const [srcCode, dstCode] = await abortable(Promise.all([reader.exit, writer.exit]), signal);
+      if (srcCode !== 0) throw new RemoteCommandError(source.host.name, ['relay-read', sourcePath], srcCode, Buffer.concat(srcErr).toString());
+      if (dstCode !== 0 || !writerEnded) throw new RemoteCommandError(target.host.name, ['relay-write', partial], dstCode, Buffer.concat(dstErr).toString());
+      await abortable(Promise.all(verifications), signal);
+    } catch (err) {
+      const reason = signal.aborted && signal.reason instanceof Error ? signal.reason : (err as Error);
+      stats.error = reason.message;
+      // the user's abort and a stall end the copy; everything else is worth another attempt
+      if (opts.signal?.aborted || reason instanceof RelayStalledError) throw new AbortError(reason);
+      throw reason;
+    } finally {
+      if (stallTimer) clearTimeout(stallTimer);
+      if (!streamDone) {
+        reader?.kill();
+        writer?.kill();
+        decomp?.kill('SIGKILL');
+        local.abort(new Error('attempt finished'));
+      }
+    }
+    const missing = pending.filter((s) => !verified.has(s.index)).map((s) => s.index);
+    if (missing.length > 0) {
+      const e = new SegmentVerifyError(sourcePath, missing, failures.join('; ') || 'no verification result');
+      stats.error = e.message;
+      throw e;
+    }
+  };
 
   try {
-    const [srcSha, dstSha] = await Promise.all([remoteSha256(source, sourcePath), remoteSha256(target, partial)]);
-    verifyChecksums(sourcePath, streamSha, srcSha, dstSha);
-    // Data must be on disk before the rename makes it the real file, or a host crash could leave a torn "final" file.
-    // One round trip for both: each SSH exec costs a remote shell start.
+    await pRetry(attempt, {
+      retries: opts.retries ?? 3,
+      minTimeout: 200,
+      maxTimeout: 2000,
+      signal: opts.signal,
+      onFailedAttempt: ({ error, attemptNumber, retriesLeft }) => {
+        logger.warn({ path: sourcePath, attemptNumber, retriesLeft, verified: verified.size, segments: segments.length, err: error.message }, 'relay attempt failed');
+      },
+    });
+    await finalCheck();
+    // Data must be on disk before the rename makes it the real file; one round trip for both.
     await target.execOk(['sh', '-c', 'sync -- "$1" && mv -f -T -- "$1" "$2"', 'relay-commit', partial, targetPath]);
   } catch (err) {
-    await target.exec(['rm', '-f', '--', partial]).catch(() => undefined);
+    if (target.isAlive) await target.exec(['rm', '-f', '--', partial]).catch(() => undefined);
+    else if (opts.reconnect) await opts.reconnect(target.host).then((c) => c.exec(['rm', '-f', '--', partial]).finally(() => c.close())).catch(() => undefined);
     throw err;
   }
+
+  async function finalCheck(): Promise<void> {
+    const [after, fin] = await Promise.all([sourceIdentity(source, sourcePath), target.execOk(['sh', '-c', FINAL_SH, 'relay-final', partial], { timeoutMs: 120_000 })]);
+    if (after !== probe.identity) throw new SourceChangedError(sourcePath, probe.identity, after);
+    const [sizeLine = '', ...rest] = fin.toString('utf8').split('\n');
+    if (Number(sizeLine.trim()) !== probe.size) throw new Error(`on ${target.host.name}: ${partial} has size ${sizeLine.trim()}, expected ${probe.size}`);
+    // Holes must read as zeros: anything the target has allocated outside the source's data must be zero bytes.
+    const extra = subtractExtents(parseMapOutput(rest.join('\n'), probe.size), probe.extents);
+    if (extra.length > 0) {
+      const r = await target.exec(['perl', '-e', READER, 'z', partial], { stdin: opsText([{ index: -1, start: 0, end: probe.size, extents: extra, dataBytes: 0 }], false), timeoutMs: 30 * 60_000 });
+      if (r.code !== 0 || r.stdout.toString().trim() !== 'zero') throw new Error(`on ${target.host.name}: ${partial} has non-zero data where the source has holes: ${r.stderr.trim()}`);
+    }
+  }
+
+  const manifest = createHash('sha256');
+  manifest.update(`size ${probe.size} segment ${segmentBytes}\n`);
+  for (const s of segments) manifest.update(`${s.index} ${s.extents.map((e) => `${e.offset}+${e.length}`).join(',')} ${verified.get(s.index) ?? ''}\n`);
+  const seconds = (Date.now() - t0) / 1000;
+  progress(total);
   logger.info(
-    { from: source.host.name, to: target.host.name, path: sourcePath, bytes: done, seconds, mbPerSec: seconds > 0 ? Math.round(done / 1e6 / seconds) : undefined },
+    { from: source.host.name, to: target.host.name, path: sourcePath, size: probe.size, bytes: total, wireBytes: wireTotal, sentBytes: sentTotal, compression, attempts: attempts.length, seconds, mibPerSec: seconds > 0 ? Math.round(probe.size / 1048576 / seconds) : undefined },
     'file relayed',
   );
-  return { bytes: done, sha256: streamSha };
+  return { bytes: total, size: probe.size, sha256: manifest.digest('hex'), compression, wireBytes: wireTotal, sentBytes: sentTotal, segments: segments.length, attempts, seconds };
 }
 
-export interface VmFileRelayResult extends RelayResult {
-  file: string;
-  seconds: number;
-}
+/** bytes, sha256 and seconds as before; the details are optional so other transfer engines can return this type too. */
+export type VmFileRelayResult = Pick<RelayResult, 'bytes' | 'sha256' | 'seconds'> & Partial<RelayResult> & { file: string };
 
 export interface RelayVmOptions {
   source: Hypervisor;
@@ -176,6 +480,11 @@ export interface RelayVmOptions {
   onProgress?: (file: string, bytesDone: number, bytesTotal: number) => void;
   signal?: AbortSignal;
   stallTimeoutMs?: number;
+  compression?: Compression | 'auto';
+  bandwidthLimit?: number;
+  segmentBytes?: number;
+  retries?: number;
+  reconnect?: (host: HostSpec) => Promise<HostConnection>;
   /**
    * Copying a disk under a running QEMU yields an inconsistent image; only callers doing
    * their own consistency handling (e.g. a pre-copy that is re-verified later) may turn this off.
@@ -203,7 +512,6 @@ export async function relayVmFiles(opts: RelayVmOptions): Promise<VmFileRelayRes
   const results: VmFileRelayResult[] = [];
   for (const f of vm.files) {
     opts.signal?.throwIfAborted();
-    const t0 = Date.now();
     const r = await relayFile({
       source: source.conn,
       sourcePath: `${srcDir}/${f.name}`,
@@ -212,8 +520,13 @@ export async function relayVmFiles(opts: RelayVmOptions): Promise<VmFileRelayRes
       onProgress: opts.onProgress ? (d, t) => opts.onProgress?.(f.name, d, t) : undefined,
       signal: opts.signal,
       stallTimeoutMs: opts.stallTimeoutMs,
+      compression: opts.compression,
+      bandwidthLimit: opts.bandwidthLimit,
+      segmentBytes: opts.segmentBytes,
+      retries: opts.retries,
+      reconnect: opts.reconnect,
     });
-    results.push({ file: f.name, ...r, seconds: (Date.now() - t0) / 1000 });
+    results.push({ file: f.name, ...r });
   }
   return results;
 }

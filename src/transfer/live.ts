@@ -1,0 +1,303 @@
+/**
+ * Live migration of a running VM to another host, disks included, through the operator (no trust
+ * between hosts):
+ *
+ *   target: qemu-img create (source virtual sizes); QEMU with the VM's argv + `-incoming defer -S`
+ *           (status inmigrate); nbd-server-start on <dir>/nbd.sock; nbd-server-add writable per disk
+ *   source: drive-mirror sync=full mode=existing copy-mode=write-blocking to the tunnelled NBD → READY
+ *   both:   migrate-set-parameters (downtime-limit, max-bandwidth); target migrate-incoming unix:<dir>/migrate.sock;
+ *           source migrate unix:<tunnel>; query-migrate until completed
+ *   then:   source is postmigrate (the guest's last state is on the target); source mirrors are soft-
+ *           cancelled (nothing is dirty: write-blocking mirrored every write synchronously), target
+ *           nbd-server-stop, target cont → running; source QEMU quit.
+ *
+ * Safety: the guest never runs on two hosts. The target runs only after the source reached
+ * postmigrate (checked) and the handover is done; before that every failure (mirror, convergence
+ * timeout, target crash) cancels the migration and the mirrors, kills the target QEMU and removes the
+ * target's files, and leaves the source running. If the source completed but the target cannot be
+ * started, the target QEMU is killed (proven gone) before the source is resumed.
+ */
+import type { VMSpec } from '../api/inventory.js';
+import type { Hypervisor } from '../hosts/hypervisor.js';
+import { createDisks, openQmpAt, queryDisks, quitQemu, startIncomingQemu, verifyGuestData, type DiskVerification, type IncomingQemu, type QemuDisk } from '../hosts/qemuIncoming.js';
+import type { QmpClient } from '../hosts/qmp.js';
+import { log } from '../util/log.js';
+import { MirrorJobs, type MirrorProgress } from './mirror.js';
+import { openTunnel, tunnelSocketPath, type Tunnel } from './tunnel.js';
+import { relayFile } from './relay.js';
+
+const logger = log.child({ component: 'live' });
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+export class LiveMigrationAbortedError extends Error {
+  constructor(
+    message: string,
+    /** where it stopped: the source still runs the VM, the target was cleaned */
+    readonly phase: 'prepare' | 'mirror' | 'migrate' | 'handover',
+  ) {
+    super(message);
+    this.name = 'LiveMigrationAbortedError';
+  }
+}
+
+export interface LiveProgress {
+  phase: 'mirror' | 'migrate' | 'handover';
+  mirror?: MirrorProgress;
+  /** query-migrate's ram section: transferred / remaining / total bytes, dirty pages rate */
+  ram?: { transferred: number; remaining: number; total: number; dirtyPagesRate?: number };
+  tunnelBytes: number;
+}
+
+export interface LiveMigrateOptions {
+  source: Hypervisor;
+  target: Hypervisor;
+  environment: string;
+  vm: VMSpec;
+  /** QEMU's downtime-limit (ms): the RAM left for the final stop-and-copy must fit in it (default 300) */
+  downtimeLimitMs?: number;
+  /** QEMU's max-bandwidth for the RAM migration, bytes/s (default: QEMU's, 128 MiB/s) */
+  maxBandwidthBytesPerSec?: number;
+  /** disk mirror: give up if not READY in time (default 1 h) */
+  mirrorReadyTimeoutMs?: number;
+  /** RAM migration: give up (migrate_cancel, clean abort) if not completed in time (default 10 min) */
+  convergenceTimeoutMs?: number;
+  /** hash the guest data on both hosts while both are stopped, before the target resumes (adds time ∝ disk size to the downtime) */
+  verifyBeforeResume?: boolean;
+  onProgress?: (p: LiveProgress) => void;
+  signal?: AbortSignal;
+  pollMs?: number;
+}
+
+export interface LiveMigrateResult {
+  /** QEMU's own figure from query-migrate (source stop → last byte sent) */
+  qemuDowntimeMs: number;
+  /** our figure: STOP event seen from the source → target's cont answered (status running) */
+  measuredDowntimeMs: number;
+  totalMs: number;
+  /** mirror (NBD) and migration stream bytes through the operator, both directions */
+  bytes: { disks: number; migration: number; total: number };
+  /** query-migrate ram.transferred on the source */
+  ramTransferred: number;
+  phases: { prepareMs: number; mirrorMs: number; migrateMs: number; handoverMs: number };
+  verification?: DiskVerification[];
+}
+
+interface MigrateInfo {
+  status?: string;
+  downtime?: number;
+  'total-time'?: number;
+  'error-desc'?: string;
+  ram?: { transferred: number; remaining: number; total: number; 'dirty-pages-rate'?: number };
+}
+
+async function status(qmp: QmpClient): Promise<string> {
+  return (await qmp.execute<{ status: string }>('query-status')).status;
+}
+
+export async function liveMigrate(opts: LiveMigrateOptions): Promise<LiveMigrateResult> {
+  const { source, target, environment, vm } = opts;
+  const pollMs = opts.pollMs ?? 100;
+  const srcDir = source.vmDir(environment, vm);
+  const dstDir = target.vmDir(environment, vm);
+  const ctx = { vm: vm.name, from: source.host.name, to: target.host.name };
+  const t0 = Date.now();
+
+  const src = await openQmpAt(source, srcDir);
+  let incoming: IncomingQemu | undefined;
+  let createdDir = false;
+  let disks: QemuDisk[] = [];
+  const tunnels: Tunnel[] = [];
+  let jobs: MirrorJobs | undefined;
+  let migrateStarted = false;
+  let phase: LiveMigrationAbortedError['phase'] = 'prepare';
+  const tunnelBytes = (): number => tunnels.reduce((n, t) => n + t.stats.bytesAtoB + t.stats.bytesBtoA, 0);
+
+  /** Every failure before the handover ends here: source running, target gone. */
+  const abort = async (reason: Error): Promise<never> => {
+    logger.warn({ ...ctx, phase, err: reason.message }, 'live migration failed; aborting');
+    const problems: string[] = [];
+    if (migrateStarted) {
+      await src.execute('migrate_cancel').catch((e: Error) => problems.push(`migrate_cancel: ${e.message}`));
+      const deadline = Date.now() + 30_000;
+      while (Date.now() < deadline) {
+        const m = await src.execute<MigrateInfo>('query-migrate').catch(() => ({}) as MigrateInfo);
+        if (m.status !== 'active' && m.status !== 'cancelling' && m.status !== 'device' && m.status !== 'pre-switchover' && m.status !== 'setup') break;
+        await sleep(50);
+      }
+    }
+    if (jobs) {
+      await jobs.cancel({ force: true, timeoutMs: 30_000 }).catch((e: Error) => problems.push(`mirror cancel: ${e.message}`));
+      jobs.dispose();
+    }
+    for (const t of tunnels) await t.close();
+    // Target first: once it is proven gone, the source may safely run again.
+    try {
+      await quitQemu(target, environment, vm, incoming?.qmp);
+      if (createdDir) await target.removeVmDir(environment, vm);
+      else for (const d of disks) await target.removeFile(`${dstDir}/${d.file}`);
+    } catch (e) {
+      problems.push(`target cleanup: ${(e as Error).message}`);
+    }
+    try {
+      const s = await status(src);
+      if (s === 'postmigrate' || s === 'paused' || s === 'finish-migrate') {
+        if (problems.some((p) => p.startsWith('target cleanup'))) {
+          problems.push(`source left ${s}: the target QEMU could not be proven gone`);
+        } else {
+          await src.execute('cont');
+        }
+      }
+    } catch (e) {
+      problems.push(`source resume: ${(e as Error).message}`);
+    }
+    src.close();
+    const extra = problems.length ? ` (cleanup problems: ${problems.join('; ')})` : '';
+    throw new LiveMigrationAbortedError(`live migration of ${vm.name} aborted in ${phase}: ${reason.message}${extra}`, phase);
+  };
+
+  let tPrepared = 0;
+  let tMirrored = 0;
+  let tMigrated = 0;
+  let stopSeenAt: number | undefined;
+  const onStop = (): void => {
+    stopSeenAt ??= Date.now();
+  };
+  src.on('STOP', onStop);
+  let mig: MigrateInfo = {};
+
+  try {
+    // ── prepare ──
+    if ((await status(src)) !== 'running') throw new Error('source VM is not running');
+    disks = await queryDisks(src, srcDir, vm);
+    const tst = await target.vmStatus(environment, vm);
+    if (tst.state === 'absent') createdDir = true;
+    else if (tst.state !== 'stopped') throw new Error(`a QEMU for ${vm.name} is ${tst.state} on ${target.host.name}`);
+    else {
+      // files of an earlier, aborted attempt would be overwritten; anything else there is not ours to replace
+      for (const d of disks) {
+        if (await target.exists(`${dstDir}/${d.file}`)) throw new Error(`${dstDir}/${d.file} already exists on ${target.host.name}`);
+      }
+    }
+    await target.ensureDir(dstDir);
+    await createDisks(target, dstDir, disks);
+    for (const f of vm.files) {
+      // non-disk files are not opened by QEMU (see Hypervisor.startVm): copy them now
+      if (f.kind === 'disk') continue;
+      await relayFile({ source: source.conn, sourcePath: `${srcDir}/${f.name}`, target: target.conn, targetPath: `${dstDir}/${f.name}`, signal: opts.signal });
+    }
+    incoming = await startIncomingQemu(target, environment, vm, { paused: true });
+    const dst = incoming.qmp;
+    const targetDisks = await queryDisks(dst, dstDir, vm);
+    const nbdSock = `${dstDir}/nbd.sock`;
+    await dst.execute('nbd-server-start', { addr: { type: 'unix', data: { path: nbdSock } } });
+    for (const d of targetDisks) await dst.execute('nbd-server-add', { device: d.device, name: d.device, writable: true });
+    const nbdTunnel = await openTunnel({ a: source.conn, b: target.conn, socketPathOnA: tunnelSocketPath(srcDir, 'nbd'), destination: { unixPath: nbdSock } });
+    tunnels.push(nbdTunnel);
+    tPrepared = Date.now();
+
+    // ── mirror ──
+    phase = 'mirror';
+    jobs = await MirrorJobs.start(
+      src,
+      disks.map((d, i) => ({ disk: d, uri: `nbd+unix:///${targetDisks[i]?.device ?? d.device}?socket=${nbdTunnel.socketPathOnA}` })),
+      { prefix: 'live', copyMode: 'write-blocking' },
+    );
+    await jobs.waitReady({
+      timeoutMs: opts.mirrorReadyTimeoutMs ?? 3600_000,
+      signal: opts.signal,
+      onProgress: (p) => opts.onProgress?.({ phase: 'mirror', mirror: p, tunnelBytes: tunnelBytes() }),
+    });
+    tMirrored = Date.now();
+
+    // ── migrate ──
+    phase = 'migrate';
+    const params: Record<string, number> = { 'downtime-limit': opts.downtimeLimitMs ?? 300 };
+    if (opts.maxBandwidthBytesPerSec !== undefined) params['max-bandwidth'] = opts.maxBandwidthBytesPerSec;
+    await src.execute('migrate-set-parameters', params);
+    const migSock = `${dstDir}/migrate.sock`;
+    await dst.execute('migrate-incoming', { uri: `unix:${migSock}` });
+    const migTunnel = await openTunnel({ a: source.conn, b: target.conn, socketPathOnA: tunnelSocketPath(srcDir, 'mig'), destination: { unixPath: migSock } });
+    tunnels.push(migTunnel);
+    opts.signal?.throwIfAborted();
+    migrateStarted = true;
+    await src.execute('migrate', { uri: `unix:${migTunnel.socketPathOnA}` });
+    const deadline = Date.now() + (opts.convergenceTimeoutMs ?? 600_000);
+    while (true) {
+      mig = await src.execute<MigrateInfo>('query-migrate');
+      opts.onProgress?.({
+        phase: 'migrate',
+        mirror: jobs.progress,
+        ram: mig.ram ? { transferred: mig.ram.transferred, remaining: mig.ram.remaining, total: mig.ram.total, dirtyPagesRate: mig.ram['dirty-pages-rate'] } : undefined,
+        tunnelBytes: tunnelBytes(),
+      });
+      if (mig.status === 'completed') break;
+      if (mig.status === 'failed' || mig.status === 'cancelled') throw new Error(`migration ${mig.status}: ${mig['error-desc'] ?? 'no reason given'}`);
+      if (incoming.qmp.isClosed) throw new Error('target QEMU went away during migration');
+      if (Date.now() > deadline) throw new Error(`migration did not converge within ${opts.convergenceTimeoutMs ?? 600_000} ms (status ${mig.status ?? '?'}, ram remaining ${mig.ram?.remaining ?? '?'} bytes)`);
+      opts.signal?.throwIfAborted();
+      await sleep(pollMs);
+    }
+    tMigrated = Date.now();
+  } catch (err) {
+    src.removeListener('STOP', onStop);
+    return abort(err as Error);
+  }
+
+  // ── handover ── the guest state now lives in the (paused) target; the source is postmigrate.
+  phase = 'handover';
+  const dst = incoming.qmp;
+  let verification: DiskVerification[] | undefined;
+  try {
+    const s = await status(src);
+    if (s !== 'postmigrate') throw new Error(`source is ${s} after migration, expected postmigrate`);
+    // the target must have the whole state before it may run
+    const waitUntil = Date.now() + 30_000;
+    let ts = await status(dst);
+    while (ts === 'inmigrate' && Date.now() < waitUntil) {
+      await sleep(20);
+      ts = await status(dst);
+    }
+    if (ts !== 'paused') throw new Error(`target is ${ts} after migration, expected paused`);
+    // write-blocking mirrors hold nothing dirty; the soft cancel still drains and confirms the sync
+    await jobs.cancel({ force: false, timeoutMs: 60_000 });
+    jobs.dispose();
+    jobs = undefined;
+    await dst.execute('nbd-server-stop');
+    if (opts.verifyBeforeResume) {
+      // flush the target's qcow2 caches so an outside reader sees the data (source: postmigrate already flushed)
+      for (const d of disks) await dst.execute('human-monitor-command', { 'command-line': `qemu-io ${d.device} "flush"` });
+      verification = await verifyGuestData(source, target, environment, vm);
+    }
+  } catch (err) {
+    // The target never ran: kill it (proven gone) and resume the source.
+    src.removeListener('STOP', onStop);
+    return abort(err as Error);
+  }
+  const resumedEv = dst.waitForEvent('RESUME', 10_000).catch(() => undefined);
+  await dst.execute('cont');
+  const runningAt = Date.now();
+  await resumedEv;
+  src.removeListener('STOP', onStop);
+  const tHandover = Date.now();
+
+  for (const t of tunnels) await t.close();
+  const bytesDisks = tunnels[0] ? tunnels[0].stats.bytesAtoB + tunnels[0].stats.bytesBtoA : 0;
+  const bytesMig = tunnels[1] ? tunnels[1].stats.bytesAtoB + tunnels[1].stats.bytesBtoA : 0;
+  dst.close();
+  // The source is postmigrate: its QEMU holds no live guest; end it and prove it gone.
+  await quitQemu(source, environment, vm, src).catch((err: Error) => logger.error({ ...ctx, err: err.message }, 'source QEMU did not quit after migration; host needs attention'));
+  await target.conn.exec(['rm', '-f', '--', `${dstDir}/nbd.sock`, `${dstDir}/migrate.sock`]).catch(() => undefined);
+
+  const result: LiveMigrateResult = {
+    qemuDowntimeMs: mig.downtime ?? -1,
+    measuredDowntimeMs: stopSeenAt !== undefined ? runningAt - stopSeenAt : -1,
+    totalMs: Date.now() - t0,
+    bytes: { disks: bytesDisks, migration: bytesMig, total: bytesDisks + bytesMig },
+    ramTransferred: mig.ram?.transferred ?? 0,
+    phases: { prepareMs: tPrepared - t0, mirrorMs: tMirrored - tPrepared, migrateMs: tMigrated - tMirrored, handoverMs: tHandover - tMigrated },
+    verification,
+  };
+  logger.info({ ...ctx, ...result }, 'live migration done');
+  return result;
+}
+

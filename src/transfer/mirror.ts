@@ -1,0 +1,465 @@
+/**
+ * Pre-copy: the disks of a RUNNING VM are mirrored to the target host while the guest keeps working,
+ * so a later cold cutover only has to stop the VM, let the mirror converge and start it on the target
+ * — downtime no longer depends on disk size.
+ *
+ *   target: qemu-img create <disk>.partial (source's virtual size)
+ *           qemu-nbd --fork --persistent --socket <dir>/<disk>.nbd.sock <disk>.partial   (one per disk)
+ *   tunnel: unix socket in the source VM dir ──operator──▶ that NBD socket (src/transfer/tunnel.ts)
+ *   source: drive-mirror sync=full mode=existing target=nbd+unix:///<export>?socket=<tunnel> → BLOCK_JOB_READY
+ *   cutover: pause the guest (ACPI power-down with shutdown action "pause", or QMP stop), soft-cancel the
+ *           READY mirrors (QEMU copies what is still dirty, then ends the job; the source keeps its own
+ *           disk, so a rollback simply resumes it), stop qemu-nbd (flushes), rename .partial → final.
+ *
+ * Also the generic mirror-job driver used by live migration (src/transfer/live.ts).
+ */
+import type { VMSpec } from '../api/inventory.js';
+import type { Hypervisor } from '../hosts/hypervisor.js';
+import { createDisks, openQmpAt, queryDisks, quitQemu, verifyGuestData, type DiskVerification, type QemuDisk } from '../hosts/qemuIncoming.js';
+import type { QmpClient, QmpEvent } from '../hosts/qmp.js';
+import { relayFile } from './relay.js';
+import { openTunnel, tunnelSocketPath, type Tunnel } from './tunnel.js';
+import { log } from '../util/log.js';
+
+const logger = log.child({ component: 'mirror' });
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+// ───────────────────────────── generic mirror jobs ─────────────────────────────
+
+export interface MirrorJobProgress {
+  jobId: string;
+  device: string;
+  /** bytes copied so far / current total (total grows while the guest dirties data) */
+  offset: number;
+  len: number;
+  ready: boolean;
+  status: string;
+}
+
+export interface MirrorProgress {
+  jobs: MirrorJobProgress[];
+  offset: number;
+  len: number;
+  ready: boolean;
+}
+
+interface BlockJobInfo {
+  device: string;
+  type: string;
+  len: number;
+  offset: number;
+  ready: boolean;
+  status: string;
+}
+
+export interface MirrorTarget {
+  disk: QemuDisk;
+  /** QEMU filename of the target, e.g. nbd+unix:///virtio0?socket=/path */
+  uri: string;
+}
+
+export class MirrorJobs {
+  readonly jobIds: string[];
+  /** error text per job id, from BLOCK_JOB_ERROR / BLOCK_JOB_COMPLETED(error) */
+  private readonly errors = new Map<string, string>();
+  private readonly ended = new Map<string, string>();
+  private last: MirrorProgress;
+  private readonly onEvent: (ev: QmpEvent) => void;
+
+  private constructor(
+    private readonly qmp: QmpClient,
+    readonly targets: MirrorTarget[],
+    prefix: string,
+  ) {
+    this.jobIds = targets.map((t) => `${prefix}-${t.disk.device}`);
+    this.last = { jobs: [], offset: 0, len: 0, ready: false };
+    this.onEvent = (ev: QmpEvent): void => {
+      const id = typeof ev.data?.device === 'string' ? ev.data.device : undefined;
+      if (!id || !this.jobIds.includes(id)) return;
+      if (ev.event === 'BLOCK_JOB_ERROR') this.errors.set(id, `I/O error (${String(ev.data?.operation)})`);
+      if (ev.event === 'BLOCK_JOB_COMPLETED' || ev.event === 'BLOCK_JOB_CANCELLED') {
+        if (typeof ev.data?.error === 'string') this.errors.set(id, ev.data.error);
+        this.ended.set(id, ev.event);
+      }
+    };
+    qmp.on('event', this.onEvent);
+  }
+
+  /**
+   * drive-mirror sync=full mode=existing for every target. copyMode 'write-blocking' (active mirror)
+   * makes every guest write reach the target before it completes once the job is READY, so nothing is
+   * left dirty when the source stops — required for live migration.
+   */
+  static async start(qmp: QmpClient, targets: MirrorTarget[], opts: { prefix: string; copyMode?: 'background' | 'write-blocking'; speedBytesPerSec?: number }): Promise<MirrorJobs> {
+    const jobs = new MirrorJobs(qmp, targets, opts.prefix);
+    const started: string[] = [];
+    try {
+      for (const [i, t] of targets.entries()) {
+        const jobId = jobs.jobIds[i] as string;
+        await qmp.execute('drive-mirror', {
+          'job-id': jobId,
+          device: t.disk.device,
+          target: t.uri,
+          // the NBD export carries guest data: never probe it for a format
+          format: 'raw',
+          sync: 'full',
+          mode: 'existing',
+          'copy-mode': opts.copyMode ?? 'background',
+          ...(opts.speedBytesPerSec ? { speed: opts.speedBytesPerSec } : {}),
+          // keep the job around after it ended so its result can be read
+          'auto-dismiss': false,
+        });
+        started.push(jobId);
+      }
+    } catch (err) {
+      await jobs.cancel({ force: true, only: started }).catch(() => undefined);
+      jobs.dispose();
+      throw err;
+    }
+    return jobs;
+  }
+
+  async poll(): Promise<MirrorProgress> {
+    const all = await this.qmp.execute<BlockJobInfo[]>('query-block-jobs');
+    const jobs: MirrorJobProgress[] = [];
+    for (const [i, id] of this.jobIds.entries()) {
+      const j = all.find((x) => x.device === id);
+      const device = this.targets[i]?.disk.device ?? id;
+      if (!j) jobs.push({ jobId: id, device, offset: 0, len: 0, ready: false, status: 'absent' });
+      else jobs.push({ jobId: id, device, offset: j.offset, len: j.len, ready: j.ready, status: j.status });
+    }
+    this.last = {
+      jobs,
+      offset: jobs.reduce((n, j) => n + j.offset, 0),
+      len: jobs.reduce((n, j) => n + j.len, 0),
+      ready: jobs.every((j) => j.ready),
+    };
+    return this.last;
+  }
+
+  get progress(): MirrorProgress {
+    return this.last;
+  }
+
+  private failure(): string | undefined {
+    for (const [id, e] of this.errors) return `mirror job ${id}: ${e}`;
+    for (const j of this.last.jobs) {
+      if (j.status === 'concluded' || j.status === 'absent' || j.status === 'aborting' || j.status === 'null') return `mirror job ${j.jobId} ended before it was ready (status ${j.status})`;
+    }
+    return undefined;
+  }
+
+  /** Resolves once every job is READY (source and target in sync, mirroring new writes). */
+  async waitReady(opts: { timeoutMs: number; pollMs?: number; signal?: AbortSignal; onProgress?: (p: MirrorProgress) => void }): Promise<MirrorProgress> {
+    const deadline = Date.now() + opts.timeoutMs;
+    while (true) {
+      opts.signal?.throwIfAborted();
+      const p = await this.poll();
+      opts.onProgress?.(p);
+      const f = this.failure();
+      if (f) throw new Error(f);
+      if (p.ready) return p;
+      if (Date.now() > deadline) throw new Error(`mirror not ready within ${opts.timeoutMs} ms (${p.offset}/${p.len} bytes)`);
+      await sleep(opts.pollMs ?? 200);
+    }
+  }
+
+  /**
+   * Ends the jobs. force=false on READY jobs is QEMU's "soft cancel": the job first copies everything
+   * still dirty, then ends without pivoting (the source keeps using its own disk). force=true drops
+   * the job at once (the target is then incomplete). Waits until the jobs concluded; throws with
+   * QEMU's error if a soft cancel did not end in sync.
+   */
+  async cancel(opts: { force: boolean; timeoutMs?: number; only?: string[] }): Promise<void> {
+    const ids = opts.only ?? this.jobIds;
+    for (const id of ids) {
+      await this.qmp.execute('block-job-cancel', { device: id, force: opts.force }).catch((err: Error) => {
+        // a job that already ended is fine; its outcome is checked below
+        if (!/not found|No active block job|cannot be cancelled|in state/i.test(err.message)) throw err;
+      });
+    }
+    const deadline = Date.now() + (opts.timeoutMs ?? 120_000);
+    while (true) {
+      const all = await this.qmp.execute<BlockJobInfo[]>('query-block-jobs');
+      const mine = all.filter((j) => ids.includes(j.device));
+      const pending = mine.filter((j) => j.status !== 'concluded');
+      if (pending.length === 0) {
+        for (const j of mine) await this.qmp.execute('job-dismiss', { id: j.device }).catch(() => undefined);
+        break;
+      }
+      if (Date.now() > deadline) throw new Error(`mirror jobs ${pending.map((j) => `${j.device}:${j.status}`).join(', ')} did not end within ${opts.timeoutMs ?? 120_000} ms`);
+      await sleep(50);
+    }
+    if (!opts.force) {
+      const errs = ids.map((id) => (this.errors.has(id) ? `${id}: ${this.errors.get(id) ?? ''}` : undefined)).filter(Boolean);
+      if (errs.length > 0) throw new Error(`mirror did not converge: ${errs.join('; ')}`);
+    }
+  }
+
+  dispose(): void {
+    this.qmp.removeListener('event', this.onEvent);
+  }
+}
+
+// ───────────────────────────── pre-copy (cold cutover) ─────────────────────────────
+
+export interface PrecopyOptions {
+  source: Hypervisor;
+  target: Hypervisor;
+  environment: string;
+  vm: VMSpec;
+  /** QMP client of the source QEMU to use (QEMU serves one QMP client at a time); opened if absent */
+  sourceQmp?: QmpClient;
+  /** mirror speed limit per disk, bytes/s (0 = unlimited) */
+  speedBytesPerSec?: number;
+  copyMode?: 'background' | 'write-blocking';
+  readyTimeoutMs?: number;
+  onProgress?: (p: MirrorProgress) => void;
+  signal?: AbortSignal;
+}
+
+export interface PrecopyCompleteResult {
+  /** bytes that went through the tunnels (NBD protocol, both directions) */
+  bytes: number;
+  disks: { file: string; virtualSize: number }[];
+}
+
+export interface PrecopyHandle {
+  /** resolves once every disk is mirrored and in sync (BLOCK_JOB_READY); rejects on error/timeout */
+  readonly ready: Promise<MirrorProgress>;
+  /** latest progress (refreshed while waiting for ready and on poll()) */
+  progress(): MirrorProgress;
+  poll(): Promise<MirrorProgress>;
+  /** the source QMP client in use; share it, do not close it */
+  readonly sourceQmp: QmpClient;
+  readonly disks: QemuDisk[];
+  readonly tunnels: Tunnel[];
+  /**
+   * After the guest is paused/shut down on the source (QEMU still alive, see pauseSourceForCutover):
+   * lets the mirrors converge (soft cancel), stops the NBD exports (flushed), renames the target disks
+   * into place. Throws if the source VM is still running. The source QEMU is left alive (paused).
+   */
+  complete(opts?: { timeoutMs?: number }): Promise<PrecopyCompleteResult>;
+  /** Drops the mirrors, stops the exports, removes the target's partial disks; the source is untouched. Idempotent. */
+  abort(): Promise<void>;
+}
+
+interface NbdExport {
+  disk: QemuDisk;
+  socket: string;
+  pidFile: string;
+  partial: string;
+}
+
+const PARTIAL = '.partial';
+
+/**
+ * Ends a qemu-nbd started by us: pid from its pidfile, identity checked through /proc/<pid>/cmdline
+ * (must be qemu-nbd serving that socket), SIGTERM (qemu-nbd flushes and exits), SIGKILL after 10 s.
+ */
+const NBD_STOP_SCRIPT = [
+  'pid=$(tr -dc 0-9 < "$1" 2>/dev/null)',
+  '[ -n "$pid" ] || exit 0',
+  'tr "\\0" "\\n" < "/proc/$pid/cmdline" 2>/dev/null | grep -qxF -- "$2" || exit 0',
+  'kill -TERM "$pid" 2>/dev/null || exit 0',
+  'i=0',
+  'while [ -d "/proc/$pid" ] && [ "$(sed "s/.*) //" "/proc/$pid/stat" 2>/dev/null | cut -d" " -f1)" != Z ]; do',
+  '  i=$((i+1)); [ $i -gt 200 ] && { kill -KILL "$pid"; exit 3; }',
+  '  sleep 0.05',
+  'done',
+  'rm -f "$1"',
+].join('\n');
+
+async function stopNbd(target: Hypervisor, e: NbdExport): Promise<void> {
+  const r = await target.conn.exec(['sh', '-c', NBD_STOP_SCRIPT, 'nbd-stop', e.pidFile, `--socket=${e.socket}`]);
+  if (r.code === 3) throw new Error(`qemu-nbd for ${e.partial} on ${target.host.name} ignored SIGTERM and was killed; its data may not be flushed`);
+  if (r.code !== 0) throw new Error(`stopping qemu-nbd on ${target.host.name} failed (${r.code}): ${r.stderr}`);
+  await target.conn.exec(['rm', '-f', '--', e.socket]).catch(() => undefined);
+}
+
+export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle> {
+  const { source, target, environment, vm } = opts;
+  const srcDir = source.vmDir(environment, vm);
+  const dstDir = target.vmDir(environment, vm);
+  const ownQmp = !opts.sourceQmp;
+  const qmp = opts.sourceQmp ?? (await openQmpAt(source, srcDir));
+  const exports: NbdExport[] = [];
+  const tunnels: Tunnel[] = [];
+  let jobs: MirrorJobs | undefined;
+  let aborted = false;
+
+  const cleanup = async (removePartials: boolean): Promise<void> => {
+    if (jobs) {
+      await jobs.cancel({ force: true, timeoutMs: 30_000 }).catch((err: Error) => logger.warn({ err: err.message }, 'mirror cancel failed'));
+      jobs.dispose();
+    }
+    for (const t of tunnels) await t.close();
+    for (const e of exports) {
+      await stopNbd(target, e).catch((err: Error) => logger.warn({ err: err.message }, 'qemu-nbd stop failed'));
+      if (removePartials) await target.conn.exec(['rm', '-f', '--', e.partial, e.socket, e.pidFile]).catch(() => undefined);
+    }
+  };
+
+  let disks: QemuDisk[];
+  try {
+    const st = await qmp.execute<{ status: string }>('query-status');
+    if (st.status !== 'running' && st.status !== 'paused') throw new Error(`source VM is ${st.status}, not running`);
+    disks = await queryDisks(qmp, srcDir, vm);
+    // The target must hold no live QEMU of this VM; files of an earlier attempt are replaced.
+    const tst = await target.vmStatus(environment, vm);
+    if (tst.state !== 'absent' && tst.state !== 'stopped') throw new Error(`a QEMU for ${vm.name} is ${tst.state} on ${target.host.name}`);
+    await target.ensureDir(dstDir);
+    await createDisks(target, dstDir, disks, PARTIAL);
+    for (const d of disks) {
+      const e: NbdExport = {
+        disk: d,
+        socket: `${dstDir}/${d.file}.nbd.sock`,
+        pidFile: `${dstDir}/${d.file}.nbd.pid`,
+        partial: `${dstDir}/${d.file}${PARTIAL}`,
+      };
+      await target.conn.execOk(
+        [
+          'qemu-nbd',
+          '--fork',
+          `--pid-file=${e.pidFile}`,
+          `--socket=${e.socket}`,
+          '--persistent',
+          '--shared=4',
+          `--format=${d.format}`,
+          `--export-name=${d.device}`,
+          '--discard=unmap',
+          '--',
+          e.partial,
+        ],
+        { timeoutMs: 30_000 },
+      );
+      exports.push(e);
+      tunnels.push(await openTunnel({ a: source.conn, b: target.conn, socketPathOnA: tunnelSocketPath(srcDir, `nbd-${d.device}`), destination: { unixPath: e.socket } }));
+    }
+    jobs = await MirrorJobs.start(
+      qmp,
+      disks.map((d, i) => ({ disk: d, uri: `nbd+unix:///${d.device}?socket=${tunnels[i]?.socketPathOnA ?? ''}` })),
+      { prefix: 'precopy', copyMode: opts.copyMode ?? 'background', speedBytesPerSec: opts.speedBytesPerSec },
+    );
+  } catch (err) {
+    await cleanup(true);
+    if (ownQmp) qmp.close();
+    throw err;
+  }
+  const mj = jobs;
+  logger.info({ vm: vm.name, from: source.host.name, to: target.host.name, disks: disks.map((d) => d.file) }, 'pre-copy mirrors started');
+
+  const ready = mj.waitReady({ timeoutMs: opts.readyTimeoutMs ?? 6 * 3600_000, signal: opts.signal, onProgress: opts.onProgress });
+  // the caller may only look at progress; an unobserved rejection must not crash the process
+  ready.catch(() => undefined);
+
+  const bytes = (): number => tunnels.reduce((n, t) => n + t.stats.bytesAtoB + t.stats.bytesBtoA, 0);
+
+  return {
+    ready,
+    progress: () => mj.progress,
+    poll: () => mj.poll(),
+    sourceQmp: qmp,
+    disks,
+    tunnels,
+    async complete(copts = {}) {
+      if (aborted) throw new Error('pre-copy was aborted');
+      const st = await qmp.execute<{ status: string }>('query-status');
+      if (st.status === 'running') throw new Error('pre-copy complete() needs the source VM stopped (it is running): data would keep changing');
+      await ready;
+      await mj.cancel({ force: false, timeoutMs: copts.timeoutMs ?? 120_000 });
+      mj.dispose();
+      jobs = undefined;
+      for (const t of tunnels) await t.close();
+      for (const e of exports) await stopNbd(target, e);
+      for (const e of exports) await target.rename(e.partial, `${dstDir}/${e.disk.file}`);
+      await target.conn.execOk(['sync']);
+      if (ownQmp) qmp.close();
+      return { bytes: bytes(), disks: disks.map((d) => ({ file: d.file, virtualSize: d.virtualSize })) };
+    },
+    async abort() {
+      if (aborted) return;
+      aborted = true;
+      await cleanup(true);
+      if (ownQmp) qmp.close();
+    },
+  };
+}
+
+/**
+ * Pauses the guest for the cutover without letting QEMU exit (an exiting QEMU would kill the mirror
+ * before it converged): shutdown action "pause", ACPI power-down, wait for status shutdown; a guest
+ * that does not react within powerdownTimeoutMs is paused with QMP stop (disk state as after a crash).
+ */
+export async function pauseSourceForCutover(qmp: QmpClient, opts: { powerdownTimeoutMs: number }): Promise<'powerdown' | 'stop'> {
+  if (opts.powerdownTimeoutMs > 0) {
+    await qmp.execute('set-action', { shutdown: 'pause' });
+    await qmp.execute('system_powerdown');
+    const deadline = Date.now() + opts.powerdownTimeoutMs;
+    while (Date.now() < deadline) {
+      const s = await qmp.execute<{ status: string }>('query-status');
+      if (s.status === 'shutdown') return 'powerdown';
+      await sleep(100);
+    }
+  }
+  await qmp.execute('stop');
+  return 'stop';
+}
+
+export interface PrecopyCutoverResult extends PrecopyCompleteResult {
+  /** stop issued on the source → QMP status running on the target */
+  downtimeMs: number;
+  how: 'powerdown' | 'stop';
+  phases: { pauseMs: number; convergeMs: number; quitSourceMs: number; filesMs: number; startMs: number };
+  verification?: DiskVerification[];
+}
+
+/**
+ * The whole cold cutover after startPrecopy's `ready`: pause the source, converge the mirrors, quit
+ * the source QEMU (proven gone), relay the VM's non-disk files, start the VM on the target.
+ * verify=true hashes the guest data on both hosts BEFORE the target starts (adds time ∝ disk size
+ * to the downtime). On failure before the target start, the target's files are left for the caller's
+ * rollback and the source QEMU is resumed if it is still alive.
+ */
+export async function precopyCutover(
+  handle: PrecopyHandle,
+  opts: { source: Hypervisor; target: Hypervisor; environment: string; vm: VMSpec; powerdownTimeoutMs: number; verify?: boolean },
+): Promise<PrecopyCutoverResult> {
+  const { source, target, environment, vm } = opts;
+  await handle.ready;
+  const t0 = Date.now();
+  let sourceQuit = false;
+  try {
+    const how = await pauseSourceForCutover(handle.sourceQmp, { powerdownTimeoutMs: opts.powerdownTimeoutMs });
+    const t1 = Date.now();
+    const res = await handle.complete();
+    const t2 = Date.now();
+    sourceQuit = true;
+    await quitQemu(source, environment, vm, handle.sourceQmp);
+    const t3 = Date.now();
+    const srcDir = source.vmDir(environment, vm);
+    const dstDir = target.vmDir(environment, vm);
+    for (const f of vm.files) {
+      if (f.kind === 'disk') continue;
+      await relayFile({ source: source.conn, sourcePath: `${srcDir}/${f.name}`, target: target.conn, targetPath: `${dstDir}/${f.name}` });
+    }
+    const verification = opts.verify ? await verifyGuestData(source, target, environment, vm) : undefined;
+    const t4 = Date.now();
+    await target.startVm(environment, vm);
+    const t5 = Date.now();
+    return {
+      ...res,
+      downtimeMs: t5 - t0,
+      how,
+      phases: { pauseMs: t1 - t0, convergeMs: t2 - t1, quitSourceMs: t3 - t2, filesMs: t4 - t3, startMs: t5 - t4 },
+      verification,
+    };
+  } catch (err) {
+    if (!sourceQuit) {
+      await handle.abort().catch(() => undefined);
+      // the guest was only paused: give it back
+      await handle.sourceQmp.execute('cont').catch(() => undefined);
+    }
+    throw err;
+  }
+}

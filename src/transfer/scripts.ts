@@ -1,0 +1,80 @@
+/**
+ * The fixed Perl programs the relay runs on the hosts (perl-base is Essential on Debian, so every
+ * hypervisor has it). Data never reaches a shell: file paths arrive as argv, extent lists on stdin.
+ *
+ * Frame format (reader "f" mode → writer): 17-byte header `type(1) a(u64 BE) b(u64 BE)`;
+ * `D off len` is followed by len bytes of file data to write at off; `E seg 0` ends a segment
+ * (the writer then reports "E <seg>" on stdout). Holes are never sent: the target file is created
+ * with `truncate`, so every byte not written stays a hole.
+ */
+
+/** READER mode file < ops: mode f = framed stream, r = raw data of the D extents, z = check that the D extents are all zero bytes. */
+export const READER = String.raw`
+use strict; use warnings;
+my ($mode, $path) = @ARGV;
+binmode STDIN; binmode STDOUT;
+my $in = do { local $/; <STDIN> } // '';
+open(my $f, '<', $path) or die "open $path: $!\n"; binmode $f;
+sub out { my $w = 0; while ($w < length $_[0]) { my $n = syswrite(STDOUT, $_[0], length($_[0]) - $w, $w); die "write: $!\n" unless defined $n; $w += $n } }
+for my $op (split /\n/, $in) {
+  my ($t, $o, $l) = split / /, $op;
+  if ($t eq 'E') { out(pack('a1Q>Q>', 'E', $o, 0)) if $mode eq 'f'; next }
+  die "bad op\n" unless $t eq 'D';
+  out(pack('a1Q>Q>', 'D', $o, $l)) if $mode eq 'f';
+  sysseek($f, $o, 0) or die "seek $path: $!\n";
+  while ($l > 0) {
+    my $n = sysread($f, my $buf, $l > 1048576 ? 1048576 : $l);
+    die "read $path: $!\n" unless defined $n;
+    die "$path: unexpected end of file at $o\n" if $n == 0;
+    if ($mode eq 'z') { die "nonzero data at $o\n" if $buf =~ /[^\0]/ } else { out($buf) }
+    $l -= $n; $o += $n;
+  }
+}
+print "zero\n" if $mode eq 'z';
+`;
+
+/** WRITER partial < frames: writes D frames at their offsets, prints "E <seg>" after each segment, "END" at a clean end. */
+export const WRITER = String.raw`
+use strict; use warnings; use Fcntl;
+my $path = shift;
+sysopen(my $f, $path, O_RDWR) or die "open $path: $!\n"; binmode $f;
+binmode STDIN; $| = 1;
+sub rd { my $n = shift; my $b = ''; while (length($b) < $n) { my $r = sysread(STDIN, $b, $n - length($b), length($b)); die "read: $!\n" unless defined $r; if ($r == 0) { return undef if length($b) == 0; die "stream truncated\n" } } return $b }
+while (defined(my $h = rd(17))) {
+  my ($t, $o, $l) = unpack('a1Q>Q>', $h);
+  if ($t eq 'E') { print "E $o\n"; next }
+  die "bad frame\n" unless $t eq 'D';
+  sysseek($f, $o, 0) or die "seek $path: $!\n";
+  while ($l > 0) {
+    my $d = rd($l > 1048576 ? 1048576 : $l);
+    die "stream truncated\n" unless defined $d;
+    my $w = 0;
+    while ($w < length $d) { my $r = syswrite($f, $d, length($d) - $w, $w); die "write $path: $!\n" unless defined $r; $w += $r }
+    $l -= length $d;
+  }
+}
+close($f) or die "close $path: $!\n";
+print "END\n";
+`;
+
+/** sh: $1 = READER, $2 = file; stdin = D ops; prints the sha256 of the extents' bytes (openssl uses SHA-NI, sha256sum does not). */
+export const HASH_EXTENTS_SH = [
+  'if command -v openssl >/dev/null 2>&1; then h() { openssl dgst -sha256 -r; }; else h() { sha256sum -b; }; fi',
+  'perl -e "$1" r "$2" | h',
+].join('\n');
+
+/** sh: probe a source file: "size mtime ctime inode", then "zstd=0|1", then the qemu-img extent map (or NOMAP). */
+export const PROBE_SH = [
+  'stat -L -c "%s %.9Y %.9Z %i" "$1" || exit 3',
+  'if command -v zstd >/dev/null 2>&1; then echo zstd=1; else echo zstd=0; fi',
+  'qemu-img map -U -f raw --output=json "$1" 2>/dev/null || echo NOMAP',
+].join('\n');
+
+/** sh: $1 partial, $2 size, $3 fresh(1|0): (re)creates the sparse partial file; prints "new" or "kept". */
+export const PREPARE_SH = [
+  'if [ "$3" = 1 ] || [ ! -f "$1" ]; then rm -f "$1" && truncate -s "$2" "$1" && echo new; else truncate -s "$2" "$1" && echo kept; fi',
+  'if command -v zstd >/dev/null 2>&1; then echo zstd=1; else echo zstd=0; fi',
+].join('\n');
+
+/** sh: $1 partial: size and extent map of the written file, for the hole check before commit. */
+export const FINAL_SH = ['stat -c %s "$1" || exit 3', 'qemu-img map -U -f raw --output=json "$1" 2>/dev/null || echo NOMAP'].join('\n');

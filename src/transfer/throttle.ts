@@ -1,0 +1,67 @@
+/** Token bucket on the operator's pipe: take(n) resolves once n bytes may pass at `bytesPerSecond`. */
+export class TokenBucket {
+  private tokens: number;
+  private last = performance.now();
+
+  constructor(
+    readonly bytesPerSecond: number,
+    /** bytes allowed in a burst; small, so short copies are limited too */
+    readonly burst = Math.max(64 * 1024, Math.floor(bytesPerSecond / 20)),
+  ) {
+    if (!(bytesPerSecond > 0)) throw new Error(`invalid bandwidth limit ${bytesPerSecond}`);
+    this.tokens = burst;
+  }
+
+  async take(n: number, signal?: AbortSignal): Promise<void> {
+    const now = performance.now();
+    this.tokens = Math.min(this.burst, this.tokens + ((now - this.last) / 1000) * this.bytesPerSecond);
+    this.last = now;
+    this.tokens -= n;
+    if (this.tokens >= 0) return;
+    const waitMs = (-this.tokens / this.bytesPerSecond) * 1000;
+    await new Promise<void>((resolve, reject) => {
+      const t = setTimeout(done, waitMs);
+      function done(): void {
+        signal?.removeEventListener('abort', onAbort);
+        resolve();
+      }
+      function onAbort(): void {
+        clearTimeout(t);
+        reject(signal?.reason instanceof Error ? signal.reason : new Error('aborted'));
+      }
+      signal?.addEventListener('abort', onAbort, { once: true });
+    });
+  }
+}
+
+/** Rate and ETA from progress samples over a sliding window (for status lines and the demo). */
+export class RateMeter {
+  private samples: Array<{ t: number; done: number }> = [];
+
+  constructor(private readonly windowMs = 5000) {}
+
+  update(done: number, now = Date.now()): void {
+    this.samples.push({ t: now, done });
+    while (this.samples.length > 2 && (this.samples[0] as { t: number }).t < now - this.windowMs) this.samples.shift();
+  }
+
+  /** bytes per second over the window; 0 until two samples exist */
+  get bytesPerSecond(): number {
+    const a = this.samples[0];
+    const b = this.samples[this.samples.length - 1];
+    if (!a || !b || b.t <= a.t) return 0;
+    return Math.max(0, ((b.done - a.done) * 1000) / (b.t - a.t));
+  }
+
+  /** seconds left at the current rate; undefined while the rate is unknown */
+  etaSeconds(total: number): number | undefined {
+    const last = this.samples[this.samples.length - 1];
+    const rate = this.bytesPerSecond;
+    if (!last || rate <= 0) return undefined;
+    return Math.max(0, (total - last.done) / rate);
+  }
+}
+
+export function formatRate(bytesPerSecond: number): string {
+  return `${(bytesPerSecond / 1048576).toFixed(1)} MiB/s`;
+}
