@@ -18,7 +18,7 @@ import { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { HostConnection } from '../../src/hosts/ssh.js';
 import { startControlPlane, type ControlPlane } from './controlPlane.js';
 import { createGuestNodes, deployStudentWorkload, VmLivenessBridge } from './guestCluster.js';
-import { startHosts, type TestHosts } from './hosts.js';
+import { adoptHostFile, startHosts, type TestHosts } from './hosts.js';
 import { createDiskImage, sha256File } from './images.js';
 
 const execFileP = promisify(execFile);
@@ -145,7 +145,10 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
       mkdirSync(vmDir, { recursive: true });
       await createDiskImage(join(vmDir, 'disk0.qcow2'), { sizeMiB: opts.diskMiB ?? 64, format: 'qcow2', seed: seed++ });
       await createDiskImage(join(vmDir, 'seed.img'), { sizeMiB: 1, format: 'raw', seed: seed++, regions: 2 });
-      for (const f of vm.files) checksums.set(`${vm.name}/${f.name}`, await sha256File(join(vmDir, f.name)));
+      for (const f of vm.files) {
+        await adoptHostFile(join(vmDir, f.name));
+        checksums.set(`${vm.name}/${f.name}`, await sha256File(join(vmDir, f.name)));
+      }
     }
     cleanups.push(() => killAllQemu(environment));
     for (const vm of environment.vms) await h01.startVm(environment.name, vm);
