@@ -27,6 +27,8 @@ import { openTunnel, tunnelSocketPath, type Tunnel } from './tunnel.js';
 import { relayFile } from './relay.js';
 
 const logger = log.child({ component: 'live' });
+/** QEMU's default max-bandwidth (MAX_THROTTLE, 128 MiB/s) */
+export const QEMU_DEFAULT_MAX_BANDWIDTH = 128 * 1024 * 1024;
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 export class LiveMigrationAbortedError extends Error {
@@ -55,7 +57,7 @@ export interface LiveMigrateOptions {
   vm: VMSpec;
   /** QEMU's downtime-limit (ms): the RAM left for the final stop-and-copy must fit in it (default 300) */
   downtimeLimitMs?: number;
-  /** QEMU's max-bandwidth for the RAM migration, bytes/s (default: QEMU's, 128 MiB/s) */
+  /** QEMU's max-bandwidth for the RAM migration, bytes/s (default: QEMU's default, 128 MiB/s; set on every attempt) */
   maxBandwidthBytesPerSec?: number;
   /** disk mirror: give up if not READY in time (default 1 h) */
   mirrorReadyTimeoutMs?: number;
@@ -66,6 +68,8 @@ export interface LiveMigrateOptions {
   onProgress?: (p: LiveProgress) => void;
   signal?: AbortSignal;
   pollMs?: number;
+  /** QMP client of the source QEMU to use (QEMU serves one client at a time); it is closed when liveMigrate returns */
+  sourceQmp?: QmpClient;
 }
 
 export interface LiveMigrateResult {
@@ -102,7 +106,7 @@ export async function liveMigrate(opts: LiveMigrateOptions): Promise<LiveMigrate
   const ctx = { vm: vm.name, from: source.host.name, to: target.host.name };
   const t0 = Date.now();
 
-  const src = await openQmpAt(source, srcDir);
+  const src = opts.sourceQmp ?? (await openQmpAt(source, srcDir));
   let incoming: IncomingQemu | undefined;
   let createdDir = false;
   let disks: QemuDisk[] = [];
@@ -211,9 +215,11 @@ export async function liveMigrate(opts: LiveMigrateOptions): Promise<LiveMigrate
 
     // ── migrate ──
     phase = 'migrate';
-    const params: Record<string, number> = { 'downtime-limit': opts.downtimeLimitMs ?? 300 };
-    if (opts.maxBandwidthBytesPerSec !== undefined) params['max-bandwidth'] = opts.maxBandwidthBytesPerSec;
-    await src.execute('migrate-set-parameters', params);
+    // always both: parameters persist in the source QEMU across attempts (an aborted slow attempt would throttle the next)
+    await src.execute('migrate-set-parameters', {
+      'downtime-limit': opts.downtimeLimitMs ?? 300,
+      'max-bandwidth': opts.maxBandwidthBytesPerSec ?? QEMU_DEFAULT_MAX_BANDWIDTH,
+    });
     const migSock = `${dstDir}/migrate.sock`;
     await dst.execute('migrate-incoming', { uri: `unix:${migSock}` });
     const migTunnel = await openTunnel({ a: source.conn, b: target.conn, socketPathOnA: tunnelSocketPath(srcDir, 'mig'), destination: { unixPath: migSock } });
@@ -274,7 +280,17 @@ export async function liveMigrate(opts: LiveMigrateOptions): Promise<LiveMigrate
     return abort(err as Error);
   }
   const resumedEv = dst.waitForEvent('RESUME', 10_000).catch(() => undefined);
-  await dst.execute('cont');
+  try {
+    await dst.execute('cont');
+  } catch (err) {
+    // Unknown whether the target runs: the source stays postmigrate (never resumed here), so the VM
+    // runs on at most one host. The caller must locate it (Hypervisor.vmStatus on the target).
+    src.removeListener('STOP', onStop);
+    src.close();
+    dst.close();
+    for (const t of tunnels) await t.close();
+    throw new Error(`live migration of ${vm.name}: cont on the target failed (${(err as Error).message}); the source is left postmigrate (paused, not resumable without checking the target)`);
+  }
   const runningAt = Date.now();
   await resumedEv;
   src.removeListener('STOP', onStop);

@@ -257,18 +257,21 @@ const PARTIAL = '.partial';
  * Ends a qemu-nbd started by us: pid from its pidfile, identity checked through /proc/<pid>/cmdline
  * (must be qemu-nbd serving that socket), SIGTERM (qemu-nbd flushes and exits), SIGKILL after 10 s.
  */
-const NBD_STOP_SCRIPT = [
-  'pid=$(tr -dc 0-9 < "$1" 2>/dev/null)',
-  '[ -n "$pid" ] || exit 0',
-  'tr "\\0" "\\n" < "/proc/$pid/cmdline" 2>/dev/null | grep -qxF -- "$2" || exit 0',
-  'kill -TERM "$pid" 2>/dev/null || exit 0',
-  'i=0',
-  'while [ -d "/proc/$pid" ] && [ "$(sed "s/.*) //" "/proc/$pid/stat" 2>/dev/null | cut -d" " -f1)" != Z ]; do',
-  '  i=$((i+1)); [ $i -gt 200 ] && { kill -KILL "$pid"; exit 3; }',
-  '  sleep 0.05',
-  'done',
-  'rm -f "$1"',
+const NBD_STOP_FN = [
+  'nbd_stop() {',
+  '  pid=$(tr -dc 0-9 < "$1" 2>/dev/null || true)',
+  '  [ -n "$pid" ] || return 0',
+  '  tr "\\0" "\\n" < "/proc/$pid/cmdline" 2>/dev/null | grep -qxF -- "$2" || return 0',
+  '  kill -TERM "$pid" 2>/dev/null || return 0',
+  '  i=0',
+  '  while [ -d "/proc/$pid" ] && [ "$(sed "s/.*) //" "/proc/$pid/stat" 2>/dev/null | cut -d" " -f1)" != Z ]; do',
+  '    i=$((i+1)); if [ $i -gt 200 ]; then kill -KILL "$pid"; return 3; fi',
+  '    sleep 0.05',
+  '  done',
+  '  rm -f -- "$1"',
+  '}',
 ].join('\n');
+const NBD_STOP_SCRIPT = `${NBD_STOP_FN}\nnbd_stop "$1" "$2"`;
 
 async function stopNbd(target: Hypervisor, e: NbdExport): Promise<void> {
   const r = await target.conn.exec(['sh', '-c', NBD_STOP_SCRIPT, 'nbd-stop', e.pidFile, `--socket=${e.socket}`]);
@@ -370,10 +373,30 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
       await mj.cancel({ force: false, timeoutMs: copts.timeoutMs ?? 120_000 });
       mj.dispose();
       jobs = undefined;
-      for (const t of tunnels) await t.close();
-      for (const e of exports) await stopNbd(target, e);
-      for (const e of exports) await target.rename(e.partial, `${dstDir}/${e.disk.file}`);
-      await target.conn.execOk(['sync']);
+      // one round trip on the target: stop every qemu-nbd (it flushes on SIGTERM), rename into place, make the renames durable
+      const finish = target.conn.exec([
+        'sh',
+        '-c',
+        [
+          NBD_STOP_FN,
+          'set -e',
+          'dir=$1; shift',
+          'while [ $# -gt 0 ]; do',
+          '  pidf=$1 sock=$2 part=$3 final=$4; shift 4',
+          '  nbd_stop "$pidf" "--socket=$sock" || exit $?',
+          '  rm -f -- "$sock"',
+          '  mv -f -T -- "$part" "$final"',
+          '  sync -- "$final"',
+          'done',
+          'sync -- "$dir"',
+        ].join('\n'),
+        'precopy-finish',
+        dstDir,
+        ...exports.flatMap((e) => [e.pidFile, e.socket, e.partial, `${dstDir}/${e.disk.file}`]),
+      ]);
+      const [r] = await Promise.all([finish, ...tunnels.map((t) => t.close())]);
+      if (r.code === 3) throw new Error(`a qemu-nbd on ${target.host.name} ignored SIGTERM and was killed; target data may be incomplete`);
+      if (r.code !== 0) throw new Error(`finishing the NBD exports on ${target.host.name} failed (${r.code}): ${r.stderr}`);
       if (ownQmp) qmp.close();
       return { bytes: bytes(), disks: disks.map((d) => ({ file: d.file, virtualSize: d.virtualSize })) };
     },
@@ -404,6 +427,18 @@ export async function pauseSourceForCutover(qmp: QmpClient, opts: { powerdownTim
   }
   await qmp.execute('stop');
   return 'stop';
+}
+
+/**
+ * Undoes pauseSourceForCutover: shutdown action back to QEMU's default (poweroff) and the guest
+ * running again — after a guest power-down that means a reset (a reboot of the guest).
+ */
+export async function resumeSource(qmp: QmpClient): Promise<void> {
+  await qmp.execute('set-action', { shutdown: 'poweroff' });
+  const s = (await qmp.execute<{ status: string }>('query-status')).status;
+  if (s === 'running') return;
+  if (s === 'shutdown' || s === 'guest-panicked') await qmp.execute('system_reset');
+  await qmp.execute('cont');
 }
 
 export interface PrecopyCutoverResult extends PrecopyCompleteResult {
@@ -457,8 +492,8 @@ export async function precopyCutover(
   } catch (err) {
     if (!sourceQuit) {
       await handle.abort().catch(() => undefined);
-      // the guest was only paused: give it back
-      await handle.sourceQmp.execute('cont').catch(() => undefined);
+      // the guest was only paused (or shut down with QEMU kept alive): give it back
+      await resumeSource(handle.sourceQmp).catch((e: Error) => logger.error({ vm: vm.name, err: e.message }, 'could not resume the source after a failed cutover'));
     }
     throw err;
   }

@@ -134,7 +134,6 @@ describe('downtime strategies between two real hosts', () => {
     const readyMs = Date.now() - t0;
     expect(ready.ready).toBe(true);
     expect(ready.len).toBeGreaterThan(0);
-    expect((await hv1.vmStatus(ENV, vm)).state).toBe('other'); // QMP busy with our client: still live
     const res = await precopyCutover(pc, { source: hv1, target: hv2, environment: ENV, vm, powerdownTimeoutMs: 0 });
     console.log(`pre-copy idle: ready after ${readyMs} ms, tunnel bytes ${res.bytes}, downtime ${res.downtimeMs} ms ${JSON.stringify(res.phases)}`);
     expect((await hv1.vmStatus(ENV, vm)).state).toBe('stopped');
@@ -234,6 +233,7 @@ describe('downtime strategies between two real hosts', () => {
 
   it('a live migration that cannot converge aborts cleanly: source keeps running, target clean', async () => {
     const vm = await runningVm('live-stuck');
+    const tAbort = Date.now();
     const err = await liveMigrate({
       source: hv1,
       target: hv2,
@@ -244,19 +244,67 @@ describe('downtime strategies between two real hosts', () => {
       downtimeLimitMs: 1,
       convergenceTimeoutMs: 2000,
     }).catch((e: unknown) => e);
+    console.log(`live non-converging: aborted after ${Date.now() - tAbort} ms: ${(err as Error).message}`);
     expect(err).toBeInstanceOf(LiveMigrationAbortedError);
     expect((err as LiveMigrationAbortedError).phase).toBe('migrate');
     expect((err as Error).message).toMatch(/did not converge/);
     expect((err as Error).message).not.toMatch(/cleanup problems/);
+    const tS = Date.now();
     const src = await hv1.vmStatus(ENV, vm);
+    console.log(`status after abort took ${Date.now() - tS} ms`);
     expect(src.state).toBe('running');
     expect(await hv2.vmStatus(ENV, vm)).toEqual({ state: 'absent' });
     // no tunnel sockets left in the source VM dir
     const left = (await c1.execOk(['ls', '-a', vmDirectory(h1, ENV, vm.name)])).toString();
     expect(left).not.toMatch(/\.sock.*\n.*\.sock|nbd-|mig-/);
     // and the source can still be migrated afterwards
+    const tOk = Date.now();
     const ok = await liveMigrate({ source: hv1, target: hv2, environment: ENV, vm });
+    console.log(`retry after abort: ${Date.now() - tOk} ms ${JSON.stringify(ok.phases)}`);
     expect(ok.qemuDowntimeMs).toBeGreaterThanOrEqual(0);
     expect((await hv2.vmStatus(ENV, vm)).state).toBe('running');
+  });
+
+  it('pre-copy abort leaves the source running and no files on the target', async () => {
+    const vm = await runningVm('pc-abort');
+    const pc = await startPrecopy({ source: hv1, target: hv2, environment: ENV, vm, speedBytesPerSec: 1024 * 1024 });
+    await new Promise((r) => setTimeout(r, 500));
+    expect(pc.progress().ready).toBe(false);
+    await pc.abort();
+    await expect(pc.ready).rejects.toThrow();
+    pc.sourceQmp.close();
+    expect((await hv1.vmStatus(ENV, vm)).state).toBe('running');
+    expect(await hv2.listVmFiles(ENV, vm)).toEqual([]);
+    const left = (await c1.execOk(['ls', vmDirectory(h1, ENV, vm.name)])).toString();
+    expect(left).not.toMatch(/nbd-/);
+    // nothing of ours still runs on the target host
+    const procs = (await c2.execOk(['ps', '-eo', 'args'])).toString().split('\n');
+    expect(procs.filter((l) => l.startsWith('qemu-nbd') && l.includes(vmDirectory(h2, ENV, vm.name)))).toEqual([]);
+  });
+
+  it('live-migrates while the guest writes during the mirror (write-blocking): data identical', async () => {
+    const vm = await runningVm('live-busy', undefined, 128);
+    const dir = vmDirectory(h1, ENV, vm.name);
+    const { openQmpAt } = await import('../../src/hosts/qemuIncoming.js');
+    const qmp = await openQmpAt(hv1, dir);
+    const w = writeLoop(qmp, 'virtio0', 128 * 1024 * 1024);
+    let stopping: Promise<{ writes: number }> | undefined;
+    const res = await liveMigrate({
+      source: hv1,
+      target: hv2,
+      environment: ENV,
+      vm,
+      sourceQmp: qmp,
+      onProgress: (p) => {
+        // stop issuing writes once the mirror is READY; writes already queued on the QMP client run before `migrate`
+        if (p.phase === 'mirror' && p.mirror?.ready) stopping ??= w.stop();
+      },
+    });
+    const wr = await (stopping ?? w.stop());
+    console.log(`live under writes: ${wr.writes} writes, QEMU downtime ${res.qemuDowntimeMs} ms, measured ${res.measuredDowntimeMs} ms, bytes ${JSON.stringify(res.bytes)}`);
+    expect(wr.writes).toBeGreaterThan(5);
+    expect((await hv2.vmStatus(ENV, vm)).state).toBe('running');
+    await hv2.stopVm(ENV, vm, { powerdownTimeoutMs: 0 });
+    await verifyGuestData(hv1, hv2, ENV, vm);
   });
 });
