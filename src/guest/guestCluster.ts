@@ -327,8 +327,10 @@ export class GuestCluster {
           else if (!isTransient(err)) throw new DrainError(`eviction of ${namespace}/${name} refused: ${errorText(err)}`, [`${namespace}/${name}`]);
           lastErr = errorText(err);
         }
-        if (Date.now() + backoff > deadline) throw timedOut(`evicting ${namespace}/${name} (last answer: ${lastErr})`);
-        await sleep(backoff * (0.8 + Math.random() * 0.4), signal);
+        const left = deadline - Date.now();
+        if (left <= 0) throw timedOut(`evicting ${namespace}/${name} (last answer: ${lastErr})`);
+        // one last attempt right at the deadline rather than giving up early
+        await sleep(Math.min(backoff * (0.8 + Math.random() * 0.4), left), signal);
         backoff = Math.min(backoff * 2, 5000);
       }
     };

@@ -19,6 +19,8 @@ const WORKERS = env.vms.filter((v) => v.role === 'worker').map((v) => v.nodeName
 const NS = `${ENV}-apps`;
 const REPLICAS = 6;
 const MIN_AVAILABLE = 5;
+/** pods on KWOK nodes become Ready this long after being scheduled, like real ones after pull + start-up */
+const POD_READY_MS = 1500;
 
 async function until<T>(what: string, timeoutMs: number, fn: () => Promise<T | undefined | false>): Promise<T> {
   const deadline = Date.now() + timeoutMs;
@@ -46,7 +48,7 @@ describe('GuestCluster against a real control plane with KWOK nodes', () => {
 
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), 'vmop-guest-'));
-    cp = await startControlPlane({ dataDir: join(dir, 'cp') });
+    cp = await startControlPlane({ dataDir: join(dir, 'cp'), podReadyDelayMs: POD_READY_MS });
     kc = new KubeConfig();
     kc.loadFromString(cp.kubeconfigYaml);
     core = kc.makeApiClient(CoreV1Api);
@@ -116,6 +118,8 @@ describe('GuestCluster against a real control plane with KWOK nodes', () => {
     console.log(`drain: ${JSON.stringify(result)} in ${drainMs} ms; progress ${progress.join('→')}; min Ready pods ${minReady}, min Deployment available ${minDeploymentAvailable}; Ready elsewhere at return ${readyElsewhere}`);
     expect(result.evicted).toBe(2);
     expect(result.pdbRetries).toBeGreaterThanOrEqual(1); // the second eviction hit HTTP 429 at least once
+    // ...and got through only after the first pod's replacement had started elsewhere (pods take POD_READY_MS to become Ready)
+    expect(drainMs).toBeGreaterThanOrEqual(POD_READY_MS);
     expect(after.filter((p) => p.spec?.nodeName === node)).toHaveLength(0);
     expect(readyElsewhere).toBeGreaterThanOrEqual(MIN_AVAILABLE);
     expect(minReady).toBeGreaterThanOrEqual(MIN_AVAILABLE);

@@ -33,6 +33,11 @@ export interface ControlPlaneOptions {
   dataDir: string;
   /** kube-controller-manager --node-monitor-grace-period: how long a node may miss heartbeats before it goes NotReady (default 8) */
   nodeMonitorGracePeriodSeconds?: number;
+  /**
+   * How long a pod on a KWOK node takes from scheduled to Running/Ready (image pull, start-up,
+   * readiness probe of a real kubelet). 0 (default) = KWOK's default "fast" pod stages.
+   */
+  podReadyDelayMs?: number;
 }
 
 /** Label selecting the nodes KWOK acts as kubelet for (see test/world/guestCluster.ts for why a label and not an annotation). */
@@ -40,6 +45,143 @@ export const KWOK_MANAGE_LABEL = 'kwok.x-k8s.io/node';
 export const KWOK_MANAGE_VALUE = 'fake';
 /** KWOK node lease duration; it renews every quarter of it (1 s), well inside the node-monitor grace period. */
 const KWOK_NODE_LEASE_SECONDS = 4;
+
+/**
+ * KWOK v0.7.0's default pod stages (kustomize/stage/pod/fast: pod-ready, pod-complete, pod-delete)
+ * verbatim, except that pod-ready waits __DELAY__ ms. Given as config, they replace the built-in
+ * pod stages; node stages stay KWOK's defaults.
+ */
+const KWOK_POD_STAGES = `apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: pod-ready
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Pod
+  selector:
+    matchExpressions:
+    - key: '.metadata.deletionTimestamp'
+      operator: 'DoesNotExist'
+    - key: '.status.podIP'
+      operator: 'DoesNotExist'
+  delay:
+    durationMilliseconds: __DELAY__
+  next:
+    statusTemplate: |
+      {{ $now := Now }}
+
+      conditions:
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: Initialized
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: Ready
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: ContainersReady
+      {{ range .spec.readinessGates }}
+      - lastTransitionTime: {{ $now | Quote }}
+        status: "True"
+        type: {{ .conditionType | Quote }}
+      {{ end }}
+
+      containerStatuses:
+      {{ range .spec.containers }}
+      - image: {{ .image | Quote }}
+        name: {{ .name | Quote }}
+        ready: true
+        restartCount: 0
+        state:
+          running:
+            startedAt: {{ $now | Quote }}
+      {{ end }}
+
+      initContainerStatuses:
+      {{ range .spec.initContainers }}
+      - image: {{ .image | Quote }}
+        name: {{ .name | Quote }}
+        ready: true
+        restartCount: 0
+        {{ if eq .restartPolicy "Always" }}
+        started: true
+        state:
+          running:
+            startedAt: {{ $now | Quote }}
+        {{ else }}
+        state:
+          terminated:
+            exitCode: 0
+            finishedAt: {{ $now | Quote }}
+            reason: Completed
+            startedAt: {{ $now | Quote }}
+        {{ end }}
+      {{ end }}
+
+      hostIP: {{ NodeIPWith .spec.nodeName | Quote }}
+      podIP: {{ PodIPWith .spec.nodeName ( or .spec.hostNetwork false ) ( or .metadata.uid "" ) ( or .metadata.name "" ) ( or .metadata.namespace "" ) | Quote }}
+      phase: Running
+      startTime: {{ $now | Quote }}
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: pod-complete
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Pod
+  selector:
+    matchExpressions:
+    - key: '.metadata.deletionTimestamp'
+      operator: 'DoesNotExist'
+    - key: '.status.phase'
+      operator: 'In'
+      values:
+      - 'Running'
+    - key: '.metadata.ownerReferences.[].kind'
+      operator: 'In'
+      values:
+      - 'Job'
+  next:
+    statusTemplate: |
+      {{ $now := Now }}
+      {{ $root := . }}
+      containerStatuses:
+      {{ range $index, $item := .spec.containers }}
+      {{ $origin := index $root.status.containerStatuses $index }}
+      - image: {{ $item.image | Quote }}
+        name: {{ $item.name | Quote }}
+        ready: false
+        restartCount: 0
+        started: false
+        state:
+          terminated:
+            exitCode: 0
+            finishedAt: {{ $now | Quote }}
+            reason: Completed
+            startedAt: {{ $now | Quote }}
+      {{ end }}
+      phase: Succeeded
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: Stage
+metadata:
+  name: pod-delete
+spec:
+  resourceRef:
+    apiGroup: v1
+    kind: Pod
+  selector:
+    matchExpressions:
+    - key: '.metadata.deletionTimestamp'
+      operator: 'Exists'
+  next:
+    finalizers:
+      empty: true
+    delete: true
+`;
 
 const REPO_ROOT = resolve(import.meta.dirname, '../..');
 
@@ -254,7 +396,14 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
       '--v=2',
     ]);
     const scheduler = start('kube-scheduler', [`--kubeconfig=${kubeconfigPath}`, '--leader-elect=false', '--secure-port=0', '--v=1']);
+    const kwokConfig: string[] = [];
+    if (opts.podReadyDelayMs) {
+      const path = join(dataDir, 'kwok-pod-stages.yaml');
+      writeFileSync(path, KWOK_POD_STAGES.replace('__DELAY__', String(Math.round(opts.podReadyDelayMs))));
+      kwokConfig.push(`--config=${path}`);
+    }
     const kwok = start('kwok', [
+      ...kwokConfig,
       `--kubeconfig=${kubeconfigPath}`,
       '--manage-all-nodes=false',
       `--manage-nodes-with-label-selector=${KWOK_MANAGE_LABEL}=${KWOK_MANAGE_VALUE}`,
