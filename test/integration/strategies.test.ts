@@ -13,7 +13,7 @@ import { buildQemuArgv, verifyGuestData } from '../../src/hosts/qemuIncoming.js'
 import type { QmpClient } from '../../src/hosts/qmp.js';
 import { HostConnection } from '../../src/hosts/ssh.js';
 import { liveMigrate, LiveMigrationAbortedError } from '../../src/transfer/live.js';
-import { precopyCutover, startPrecopy } from '../../src/transfer/mirror.js';
+import { pauseSourceForCutover, precopyCutover, resumeSource, startPrecopy } from '../../src/transfer/mirror.js';
 import { openTunnel, tunnelSocketPath } from '../../src/transfer/tunnel.js';
 import { adoptHostFile, startHosts, type TestHosts } from '../world/hosts.js';
 import { createDiskImage } from '../world/images.js';
@@ -270,6 +270,10 @@ describe('downtime strategies between two real hosts', () => {
     const pc = await startPrecopy({ source: hv1, target: hv2, environment: ENV, vm, speedBytesPerSec: 1024 * 1024 });
     await new Promise((r) => setTimeout(r, 500));
     expect(pc.progress().ready).toBe(false);
+    // a cutover pause (ACPI first: no guest OS answers, so QMP stop after 300 ms) can be undone
+    expect(await pauseSourceForCutover(pc.sourceQmp, { powerdownTimeoutMs: 300 })).toBe('stop');
+    await resumeSource(pc.sourceQmp);
+    expect((await pc.sourceQmp.execute<{ status: string }>('query-status')).status).toBe('running');
     await pc.abort();
     await expect(pc.ready).rejects.toThrow();
     pc.sourceQmp.close();
