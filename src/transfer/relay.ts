@@ -390,7 +390,11 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
       });
       armStall();
       // pipeline propagates backpressure end to end: a slow target throttles the source's SSH window.
-      await pipeline(reader.stdout, meter, writer.stdin, { signal });
+      // pipeline() settles only once every stream closed, and sshd does not close the channel of a
+      // stopped (hung) process: an abort or stall must not wait for that.
+      const piped = pipeline(reader.stdout, meter, writer.stdin, { signal });
+      piped.catch(() => undefined);
+      await abortable(piped, signal);
       if (d) {
         d.stdin.end();
         const [code] = (await abortable(once(d, 'close'), signal)) as [number | null];
@@ -405,6 +409,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
     } catch (err) {
       const reason = signal.aborted && signal.reason instanceof Error ? signal.reason : (err as Error);
       stats.error = reason.message;
+      logger.debug({ path: sourcePath, attemptNumber, err: reason.message }, 'relay attempt failed');
       // the user's abort and a stall end the copy; everything else is worth another attempt
       if (opts.signal?.aborted || reason instanceof RelayStalledError) throw new AbortError(reason);
       throw reason;
@@ -439,6 +444,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
     // Data must be on disk before the rename makes it the real file; one round trip for both.
     await target.execOk(['sh', '-c', 'sync -- "$1" && mv -f -T -- "$1" "$2"', 'relay-commit', partial, targetPath]);
   } catch (err) {
+    logger.debug({ path: sourcePath, err: (err as Error).message }, 'relay failed; removing the partial file');
     if (target.isAlive) await target.exec(['rm', '-f', '--', partial]).catch(() => undefined);
     else if (opts.reconnect) await opts.reconnect(target.host).then((c) => c.exec(['rm', '-f', '--', partial]).finally(() => c.close())).catch(() => undefined);
     throw err;

@@ -1,0 +1,281 @@
+/**
+ * The relay's transfer engine on real sshd hosts: sparse files, zstd, resume after a killed process
+ * or a dropped connection, corruption, bandwidth limit, stall timeout.
+ */
+import { execFileSync } from 'node:child_process';
+import { existsSync, readdirSync, readFileSync } from 'node:fs';
+import { mkdtemp, open, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { HostSpec } from '../../src/api/inventory.js';
+import { HostConnection } from '../../src/hosts/ssh.js';
+import { relayFile, RelayStalledError, SegmentVerifyError } from '../../src/transfer/relay.js';
+import { RateMeter, TokenBucket } from '../../src/transfer/throttle.js';
+import { adoptHostFile, startHosts, type TestHosts } from '../world/hosts.js';
+import { allocatedBytes, createDiskImage, createMixedFile, createSparseFile, sha256File } from '../world/images.js';
+
+const MiB = 1024 * 1024;
+
+/** pids of the relay processes (perl reader/writer) working on `file`, found in /proc like any admin would. */
+function relayPids(file: string): number[] {
+  const pids: number[] = [];
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const argv = readFileSync(`/proc/${d}/cmdline`, 'utf8').split('\0');
+      if (argv[0] === 'perl' && argv.includes(file)) pids.push(Number(d));
+    } catch {
+      // process gone
+    }
+  }
+  return pids;
+}
+
+function signalAll(pids: number[], sig: NodeJS.Signals): void {
+  for (const p of pids) {
+    try {
+      process.kill(p, sig);
+    } catch {
+      // already gone
+    }
+  }
+}
+
+describe('transfer engine between two real hosts', () => {
+  let world: TestHosts;
+  let baseDir: string;
+  let h1: HostSpec;
+  let h2: HostSpec;
+  let c1: HostConnection;
+  let c2: HostConnection;
+  const reconnect = (h: HostSpec): Promise<HostConnection> => HostConnection.connect(h, world.identity);
+  const extra: HostConnection[] = [];
+
+  beforeAll(async () => {
+    baseDir = await mkdtemp(path.join(tmpdir(), 'vmop-engine-'));
+    world = await startHosts({ count: 2, baseDir, firstAddress: 22 });
+    [h1, h2] = world.hosts as [HostSpec, HostSpec];
+    [c1, c2] = await Promise.all([reconnect(h1), reconnect(h2)]);
+  });
+
+  afterAll(async () => {
+    for (const c of [c1, c2, ...extra]) c?.close();
+    await world?.stop();
+    await rm(baseDir, { recursive: true, force: true });
+  });
+
+  const src = (name: string): string => path.join(h1.vmDir, name);
+  const dst = (name: string): string => path.join(h2.vmDir, name);
+
+  it('copies a sparse raw image: holes stay holes, only data is sent, sha256 identical', async () => {
+    const s = src('sparse.img');
+    const { allocated } = await createSparseFile(s, { sizeBytes: 512 * MiB, dataBytes: 24 * MiB, chunkBytes: 1 * MiB, seed: 3 });
+    const r = await relayFile({ source: c1, sourcePath: s, target: c2, targetPath: dst('sparse.img'), segmentBytes: 16 * MiB });
+    expect(await sha256File(dst('sparse.img'))).toBe(await sha256File(s));
+    const srcBlocks = await allocatedBytes(s);
+    const dstBlocks = await allocatedBytes(dst('sparse.img'));
+    console.log(`sparse: size ${r.size}, allocated src ${srcBlocks} dst ${dstBlocks}, data ${r.bytes}, wire ${r.wireBytes}, ${r.seconds.toFixed(2)} s`);
+    expect(r.size).toBe(512 * MiB);
+    expect(r.bytes).toBe(allocated);
+    expect(dstBlocks).toBeLessThanOrEqual(srcBlocks * 1.05);
+    expect(r.wireBytes).toBeLessThanOrEqual(allocated * 1.05);
+    expect(existsSync(`${dst('sparse.img')}.partial`)).toBe(false);
+
+    // a qcow2 (its host file is sparse too) stays a valid image with the same guest content
+    const q = src('disk.qcow2');
+    await createDiskImage(q, { sizeMiB: 256, format: 'qcow2', seed: 9, regions: 40 });
+    const rq = await relayFile({ source: c1, sourcePath: q, target: c2, targetPath: dst('disk.qcow2'), segmentBytes: 4 * MiB });
+    expect(await sha256File(dst('disk.qcow2'))).toBe(await sha256File(q));
+    expect(await allocatedBytes(dst('disk.qcow2'))).toBeLessThanOrEqual((await allocatedBytes(q)) * 1.05);
+    execFileSync('qemu-img', ['compare', '-q', q, dst('disk.qcow2')]);
+    expect(rq.bytes).toBeLessThanOrEqual(rq.size);
+  });
+
+  it('gives identical files with zstd on and off, and zstd sends fewer bytes', async () => {
+    const s = src('mixed.bin');
+    await createMixedFile(s, { sizeBytes: 32 * MiB, seed: 5 });
+    const plain = await relayFile({ source: c1, sourcePath: s, target: c2, targetPath: dst('mixed-plain.bin'), compression: 'none' });
+    const packed = await relayFile({ source: c1, sourcePath: s, target: c2, targetPath: dst('mixed-zstd.bin'), compression: 'auto' });
+    const want = await sha256File(s);
+    expect(await sha256File(dst('mixed-plain.bin'))).toBe(want);
+    expect(await sha256File(dst('mixed-zstd.bin'))).toBe(want);
+    expect(plain.compression).toBe('none');
+    expect(packed.compression).toBe('zstd');
+    expect(packed.sha256).toBe(plain.sha256);
+    console.log(`zstd: wire ${packed.wireBytes} vs plain ${plain.wireBytes} (${(packed.wireBytes / plain.wireBytes).toFixed(2)}x)`);
+    expect(packed.wireBytes).toBeLessThan(plain.wireBytes * 0.8);
+  });
+
+  it('resumes after the target process is killed mid-copy without resending verified segments', async () => {
+    const s = src('kill.bin');
+    execFileSync('dd', ['if=/dev/urandom', `of=${s}`, 'bs=1M', 'count=48', 'status=none']);
+    await adoptHostFile(s);
+    const partial = `${dst('kill.bin')}.partial`;
+    let killed = false;
+    const r = await relayFile({
+      source: c1,
+      sourcePath: s,
+      target: c2,
+      targetPath: dst('kill.bin'),
+      segmentBytes: 4 * MiB,
+      onProgress: (d) => {
+        if (!killed && d > 32 * MiB) {
+          killed = true;
+          signalAll(relayPids(partial), 'SIGKILL');
+        }
+      },
+    });
+    expect(killed).toBe(true);
+    expect(await sha256File(dst('kill.bin'))).toBe(await sha256File(s));
+    console.log(`kill: attempts ${JSON.stringify(r.attempts)}`);
+    expect(r.attempts.length).toBeGreaterThanOrEqual(2);
+    expect(r.attempts[0]?.error).toBeTruthy();
+    const retry = r.attempts[1];
+    // the retry sends only the segments not verified before the kill
+    expect(retry?.dataBytes).toBeGreaterThan(0);
+    expect(retry?.dataBytes).toBeLessThan(r.size);
+    expect(retry?.segments).toBeLessThan(r.segments);
+    expect(retry?.dataBytes).toBe((retry?.segments ?? 0) * 4 * MiB);
+  });
+
+  it('reconnects after the SSH connection drops mid-copy and resumes', async () => {
+    const s = src('drop.bin');
+    execFileSync('dd', ['if=/dev/urandom', `of=${s}`, 'bs=1M', 'count=40', 'status=none']);
+    await adoptHostFile(s);
+    const doomed = await reconnect(h2);
+    let dropped = false;
+    const r = await relayFile({
+      source: c1,
+      sourcePath: s,
+      target: doomed,
+      targetPath: dst('drop.bin'),
+      segmentBytes: 4 * MiB,
+      reconnect: async (h) => {
+        const c = await reconnect(h);
+        extra.push(c);
+        return c;
+      },
+      onProgress: (d) => {
+        if (!dropped && d > 24 * MiB) {
+          dropped = true;
+          doomed.close();
+        }
+      },
+    });
+    expect(dropped).toBe(true);
+    expect(await sha256File(dst('drop.bin'))).toBe(await sha256File(s));
+    console.log(`drop: attempts ${JSON.stringify(r.attempts)}`);
+    expect(r.attempts.length).toBeGreaterThanOrEqual(2);
+    expect(r.attempts[r.attempts.length - 1]?.dataBytes).toBeLessThan(r.size);
+  });
+
+  it('detects a corrupted target segment: never renamed into place; a retry resends only that segment', async () => {
+    const s = src('corrupt.bin');
+    execFileSync('dd', ['if=/dev/urandom', `of=${s}`, 'bs=1M', 'count=16', 'status=none']);
+    await adoptHostFile(s);
+    const corrupt = async (segment: number, partial: string): Promise<void> => {
+      if (segment !== 1) return;
+      const fh = await open(partial, 'r+');
+      await fh.write(Buffer.from('garbage!'), 0, 8, 4 * MiB + 100);
+      await fh.close();
+    };
+    const err = await relayFile({ source: c1, sourcePath: s, target: c2, targetPath: dst('corrupt.bin'), segmentBytes: 4 * MiB, retries: 0, beforeVerify: corrupt }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(SegmentVerifyError);
+    expect((err as SegmentVerifyError).segments).toEqual([1]);
+    expect(existsSync(dst('corrupt.bin'))).toBe(false);
+    expect(existsSync(`${dst('corrupt.bin')}.partial`)).toBe(false);
+
+    let corruptions = 0;
+    const r = await relayFile({
+      source: c1,
+      sourcePath: s,
+      target: c2,
+      targetPath: dst('corrupt.bin'),
+      segmentBytes: 4 * MiB,
+      beforeVerify: async (seg, p) => {
+        if (seg === 1 && corruptions++ === 0) await corrupt(seg, p);
+      },
+    });
+    expect(await sha256File(dst('corrupt.bin'))).toBe(await sha256File(s));
+    expect(r.attempts.map((a) => a.segments)).toEqual([4, 1]);
+    expect(r.attempts[1]?.dataBytes).toBe(4 * MiB);
+  });
+
+  it('honours a bandwidth limit within 20%', async () => {
+    const s = src('limited.bin');
+    execFileSync('dd', ['if=/dev/urandom', `of=${s}`, 'bs=1M', 'count=32', 'status=none']);
+    await adoptHostFile(s);
+    const limit = 8 * MiB;
+    let first = 0;
+    let last = 0;
+    const meter = new RateMeter(60_000);
+    const r = await relayFile({
+      source: c1,
+      sourcePath: s,
+      target: c2,
+      targetPath: dst('limited.bin'),
+      bandwidthLimit: limit,
+      onProgress: (d) => {
+        const now = Date.now();
+        first ||= now;
+        last = now;
+        meter.update(d, now);
+      },
+    });
+    const rate = r.wireBytes / ((last - first) / 1000);
+    console.log(`limit ${limit / MiB} MiB/s: streamed at ${(rate / MiB).toFixed(2)} MiB/s (meter ${(meter.bytesPerSecond / MiB).toFixed(2)}), whole copy ${r.seconds.toFixed(2)} s`);
+    expect(rate).toBeGreaterThan(limit * 0.8);
+    expect(rate).toBeLessThan(limit * 1.2);
+    expect(await sha256File(dst('limited.bin'))).toBe(await sha256File(s));
+    expect(meter.etaSeconds(r.bytes)).toBe(0);
+  });
+
+  it('fails cleanly with RelayStalledError when no data flows', async () => {
+    const s = src('stall.bin');
+    execFileSync('dd', ['if=/dev/urandom', `of=${s}`, 'bs=1M', 'count=64', 'status=none']);
+    await adoptHostFile(s);
+    const partial = `${dst('stall.bin')}.partial`;
+    let frozen: number[] = [];
+    const t0 = Date.now();
+    let tStop = 0;
+    const err = await relayFile({
+      source: c1,
+      sourcePath: s,
+      target: c2,
+      targetPath: dst('stall.bin'),
+      stallTimeoutMs: 1500,
+      onProgress: (d) => {
+        if (frozen.length === 0 && d > 4 * MiB) {
+          frozen = relayPids(partial);
+          tStop = Date.now();
+          signalAll(frozen, 'SIGSTOP');
+        }
+      },
+    }).catch((e: unknown) => e);
+    const elapsed = Date.now() - t0;
+    signalAll(frozen, 'SIGKILL');
+    expect(frozen.length).toBeGreaterThan(0);
+    expect(err).toBeInstanceOf(RelayStalledError);
+    console.log(`stall: detected ${Date.now() - tStop} ms after freezing the target (timeout 1500 ms)`);
+    expect(elapsed).toBeLessThan(15_000);
+    expect(existsSync(dst('stall.bin'))).toBe(false);
+    // the partial file is removed (allow the killed writer's channel a moment to go)
+    await new Promise((r) => setTimeout(r, 200));
+    expect(existsSync(partial)).toBe(false);
+  });
+
+  it('token bucket and rate meter units', async () => {
+    const b = new TokenBucket(4 * MiB, 64 * 1024);
+    const t0 = performance.now();
+    for (let i = 0; i < 32; i++) await b.take(64 * 1024);
+    const secs = (performance.now() - t0) / 1000;
+    expect(secs).toBeGreaterThan(0.4);
+    expect(secs).toBeLessThan(0.75);
+    const m = new RateMeter(10_000);
+    m.update(0, 0);
+    m.update(10 * MiB, 1000);
+    expect(m.bytesPerSecond).toBe(10 * MiB);
+    expect(m.etaSeconds(30 * MiB)).toBe(2);
+  });
+});
