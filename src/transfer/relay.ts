@@ -349,7 +349,8 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
         if (m) verifications.push(verifyLimit(() => verifySegment(Number(m[1]))).catch((e: unknown) => void failures.push((e as Error).message)));
       });
       void writer.exit.then((code) => {
-        if (!streamDone || code !== 0) local.abort(new RemoteCommandError(target.host.name, ['relay-write', partial], code, Buffer.concat(dstErr).toString() || 'target writer exited early'));
+        // a clean exit after END is normal even before the operator's side finished (e.g. local zstd still draining)
+        if (code !== 0 || !writerEnded) local.abort(new RemoteCommandError(target.host.name, ['relay-write', partial], code, Buffer.concat(dstErr).toString() || 'target writer exited early'));
       });
       reader = await source.spawn(readerArgv);
       reader.stderr.on('data', (d: Buffer) => srcErr.push(d));

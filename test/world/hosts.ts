@@ -208,6 +208,8 @@ export async function startHosts(opts: { count: number; baseDir: string; firstAd
           'KbdInteractiveAuthentication no',
           'StrictModes no',
           'AllowStreamLocalForwarding yes',
+          // as on a stock Debian host (scp uses SFTP since OpenSSH 9.0; the benchmark's manual runbook needs it)
+          'Subsystem sftp internal-sftp',
           // The operator multiplexes many exec channels over one connection (polls, relays, QMP).
           'MaxSessions 64',
           'MaxStartups 64:30:128',
