@@ -86,6 +86,11 @@ export class HostConnection {
     client.on('end', markDead);
   }
 
+  /** the underlying ssh2 client, for stream-local tunnels (src/transfer/tunnel.ts) */
+  get sshClient(): Client {
+    return this.client;
+  }
+
   /** false once the transport errored or closed; a dead connection must be replaced, not reused. */
   get isAlive(): boolean {
     return this.alive;
@@ -156,11 +161,23 @@ export class HostConnection {
     );
   }
 
-  private openExec(argv: string[]): Promise<ClientChannel> {
+  /**
+   * ssh2 may deliver the exit status in the same packet batch as the exec
+   * reply, i.e. before any listener attached after an `await`: the exit
+   * listener is attached synchronously here, or the code is lost (-1).
+   */
+  private openExec(argv: string[]): Promise<{ ch: ClientChannel; exitCode: () => number }> {
     const cmd = shellCommand(argv);
     return new Promise((resolve, reject) => {
       try {
-        this.client.exec(cmd, (err, ch) => (err ? reject(err) : resolve(ch)));
+        this.client.exec(cmd, (err, ch) => {
+          if (err) return reject(err);
+          let code = -1;
+          ch.on('exit', (c: number | null) => {
+            if (typeof c === 'number') code = c;
+          });
+          resolve({ ch, exitCode: () => code });
+        });
       } catch (err) {
         // ssh2 throws synchronously when the socket is already gone.
         reject(err as Error);
@@ -169,11 +186,10 @@ export class HostConnection {
   }
 
   async exec(argv: string[], opts: { stdin?: Buffer | string; timeoutMs?: number } = {}): Promise<ExecResult> {
-    const ch = await this.openExec(argv);
+    const { ch, exitCode } = await this.openExec(argv);
     return new Promise<ExecResult>((resolve, reject) => {
       const out: Buffer[] = [];
       const err: Buffer[] = [];
-      let code = -1;
       let timer: NodeJS.Timeout | undefined;
       if (opts.timeoutMs !== undefined) {
         timer = setTimeout(() => {
@@ -188,16 +204,13 @@ export class HostConnection {
       }
       ch.on('data', (d: Buffer) => out.push(d));
       ch.stderr.on('data', (d: Buffer) => err.push(d));
-      ch.on('exit', (c: number | null) => {
-        if (typeof c === 'number') code = c;
-      });
       ch.on('error', (e: Error) => {
         if (timer) clearTimeout(timer);
         reject(e);
       });
       ch.on('close', () => {
         if (timer) clearTimeout(timer);
-        resolve({ stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString('utf8'), code });
+        resolve({ stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString('utf8'), code: exitCode() });
       });
       if (opts.stdin !== undefined) ch.end(opts.stdin);
       else ch.end();
@@ -211,13 +224,9 @@ export class HostConnection {
   }
 
   async spawn(argv: string[]): Promise<SpawnedCommand> {
-    const ch = await this.openExec(argv);
-    let code = -1;
-    ch.on('exit', (c: number | null) => {
-      if (typeof c === 'number') code = c;
-    });
+    const { ch, exitCode } = await this.openExec(argv);
     const exit = new Promise<number>((resolve) => {
-      ch.once('close', () => resolve(code));
+      ch.once('close', () => resolve(exitCode()));
     });
     return {
       stdin: ch,
