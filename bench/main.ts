@@ -132,8 +132,9 @@ async function main(): Promise<void> {
     for (const c of conns) c.close();
     await world.stop();
     if (!process.env.BENCH_DIR) await rm(baseDir, { recursive: true, force: true });
+    // what was measured is printed even when a later method failed
+    print(rows);
   }
-  print(rows);
 }
 
 function print(rows: Row[]): void {
