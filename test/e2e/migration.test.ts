@@ -137,7 +137,9 @@ describe('rolling migration of a 7-VM environment', () => {
 
     const started = Date.now();
     await sb.kubectl(['apply', '-f', 'manifests/examples/migration.yaml']);
-    const wait = await sb.kubectl(['wait', '-n', SECRET_NAMESPACE, '--for=condition=Ready', 'vmm/move-student-42', '--timeout=900s'], { allowFail: true });
+    // Fail fast on a Failed migration; then prove `kubectl wait` sees the Ready condition.
+    await waitForPhase('move-student-42', ['Succeeded', 'Failed'], 900_000);
+    const wait = await sb.kubectl(['wait', '-n', SECRET_NAMESPACE, '--for=condition=Ready', 'vmm/move-student-42', '--timeout=30s'], { allowFail: true });
     const wallSeconds = (Date.now() - started) / 1000;
     nodeWatch.abort();
     depWatch.abort();
