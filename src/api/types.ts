@@ -7,7 +7,8 @@ export const VERSION = 'v1alpha1';
 export const PLURAL = 'vmmigrations';
 export const KIND = 'VMMigration';
 
-export type Strategy = 'Rolling';
+export type Strategy = 'Rolling' | 'LiveMigrate';
+export type LiveFallback = 'PreCopy' | 'Cold' | 'None';
 export type MigrationPhase = 'Pending' | 'Running' | 'Paused' | 'Succeeded' | 'Failed' | 'Aborted';
 export type VMPhase = 'Pending' | 'Running' | 'Succeeded' | 'Failed' | 'RolledBack' | 'Skipped';
 
@@ -16,7 +17,8 @@ export interface VMMigrationSpec {
   sourceHost?: string;
   targetHost: string;
   strategy?: Strategy;
-  transfer?: { mode?: 'Relay'; stallTimeoutSeconds?: number };
+  transfer?: { mode?: 'Relay'; precopy?: boolean; stallTimeoutSeconds?: number };
+  live?: { downtimeLimit?: string; maxBandwidthMiBps?: number; convergenceTimeout?: string; fallback?: LiveFallback };
   maxUnavailablePerEnvironment?: number;
   drain?: { timeout?: string; gracePeriodSeconds?: number; deleteEmptyDirData?: boolean };
   shutdown?: { powerdownTimeout?: string };
@@ -85,6 +87,8 @@ export interface MigrationSettings {
   sourceHost: string | undefined;
   targetHost: string;
   strategy: Strategy;
+  precopy: boolean;
+  live: { downtimeLimitMs: number; maxBandwidthBytesPerSec: number | undefined; convergenceTimeoutMs: number; fallback: LiveFallback };
   stallTimeoutMs: number;
   drainTimeoutMs: number;
   drainGracePeriodSeconds: number;
@@ -117,6 +121,13 @@ export function settingsFrom(spec: VMMigrationSpec): MigrationSettings {
     sourceHost: spec.sourceHost,
     targetHost: spec.targetHost,
     strategy: spec.strategy ?? 'Rolling',
+    precopy: spec.transfer?.precopy ?? false,
+    live: {
+      downtimeLimitMs: parseDuration(spec.live?.downtimeLimit ?? '300ms'),
+      maxBandwidthBytesPerSec: spec.live?.maxBandwidthMiBps ? spec.live.maxBandwidthMiBps * 1048576 : undefined,
+      convergenceTimeoutMs: parseDuration(spec.live?.convergenceTimeout ?? '10m'),
+      fallback: spec.live?.fallback ?? 'PreCopy',
+    },
     stallTimeoutMs: (spec.transfer?.stallTimeoutSeconds ?? 60) * 1000,
     drainTimeoutMs: parseDuration(spec.drain?.timeout ?? '10m'),
     drainGracePeriodSeconds: spec.drain?.gracePeriodSeconds ?? 30,
@@ -126,4 +137,9 @@ export function settingsFrom(spec: VMMigrationSpec): MigrationSettings {
     paused: spec.paused ?? false,
     dryRun: spec.dryRun ?? false,
   };
+}
+
+/** The bounded strategy label used in metrics. */
+export function strategyName(s: Pick<MigrationSettings, 'strategy' | 'precopy'>): 'cold' | 'precopy' | 'live' {
+  return s.strategy === 'LiveMigrate' ? 'live' : s.precopy ? 'precopy' : 'cold';
 }

@@ -5,7 +5,7 @@
 import { CoreV1Api, type KubeConfig } from '@kubernetes/client-node';
 import pRetry from 'p-retry';
 import type { EnvironmentSpec } from '../api/inventory.js';
-import { settingsFrom, type PlanEntry, type VMMigration, type VMMigrationStatus, type VMStatus } from '../api/types.js';
+import { settingsFrom, strategyName, type PlanEntry, type VMMigration, type VMMigrationStatus, type VMStatus } from '../api/types.js';
 import { GuestCluster } from '../guest/guestCluster.js';
 import type { HostPool } from '../hosts/pool.js';
 import * as metrics from '../metrics/metrics.js';
@@ -41,7 +41,7 @@ export async function runMigration(vmm: VMMigration, deps: RunnerDeps, signal: A
   const settings = settingsFrom(vmm.spec);
   const writer = new StatusWriter(deps.kc, vmm, vmm.status ?? {}, log, deps.statusIntervalMs);
   const now = () => new Date().toISOString();
-  const strategy = settings.strategy;
+  const strategy = strategyName(settings);
   try {
     let plan: PlanEntry[] | undefined = vmm.status?.plan;
     const resuming = plan !== undefined && vmm.status?.phase === 'Running';

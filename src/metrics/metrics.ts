@@ -14,7 +14,7 @@ export const registry = new Registry();
 collectDefaultMetrics({ register: registry });
 
 /** Migration strategies known to the operator; anything else is reported as "other". */
-export const STRATEGIES = ['live', 'offline', 'cold', 'other'] as const;
+export const STRATEGIES = ['cold', 'precopy', 'live', 'other'] as const;
 export type StrategyLabel = (typeof STRATEGIES)[number];
 
 export const MOVE_RESULTS = ['success', 'failure', 'rolled_back', 'skipped'] as const;
@@ -22,15 +22,18 @@ export type MoveResult = (typeof MOVE_RESULTS)[number];
 
 /** Step names of a VM move; anything else is reported as "other". */
 export const STEPS = [
-  'plan',
-  'preflight',
+  'precheck',
+  'cordon',
   'drain',
-  'precopy',
+  'mirror',
   'stop',
-  'final_sync',
+  'transfer',
+  'cutover',
+  'live',
   'start',
-  'verify',
+  'nodeReady',
   'uncordon',
+  'commit',
   'cleanup',
   'rollback',
   'other',

@@ -4,6 +4,12 @@
  *   locate → precheck → cordon → drain → stop (fenced) → transfer + verify
  *          → start on target → node Ready → uncordon → commit placement → clean source
  *
+ * Strategies replace the middle: pre-copy mirrors the disks while the VM runs
+ * (`mirror`, overlapping the drain) and `cutover` does stop → converge →
+ * fenced quit → verify → start; live migration (`live`) hands the running VM
+ * over without cordon or drain, and on a clean abort falls back to pre-copy
+ * or cold as the spec says.
+ *
  * Every step writes `begin` to the journal before its side effect and `end`
  * after it, and every step is idempotent: `locate` looks at where the VM
  * really is (QEMU status on both hosts) and resumes at the first step whose
@@ -17,10 +23,12 @@ import type { MigrationSettings, VMStatus } from '../api/types.js';
 import type { GuestCluster } from '../guest/guestCluster.js';
 import type { Hypervisor } from '../hosts/hypervisor.js';
 import type { Store } from '../store/store.js';
+import { liveMigrate, LiveMigrationAbortedError } from '../transfer/live.js';
+import { precopyCutover, startPrecopy, type PrecopyHandle } from '../transfer/mirror.js';
 import { relayVmFiles } from '../transfer/relay.js';
 import type { Logger } from '../util/log.js';
 
-export type MoveStep = 'precheck' | 'cordon' | 'drain' | 'stop' | 'transfer' | 'start' | 'nodeReady' | 'uncordon' | 'commit' | 'cleanup' | 'rollback';
+export type MoveStep = 'precheck' | 'live' | 'mirror' | 'cordon' | 'drain' | 'cutover' | 'stop' | 'transfer' | 'start' | 'nodeReady' | 'uncordon' | 'commit' | 'cleanup' | 'rollback';
 
 export interface MoveObserver {
   /** a step began, ended or failed: for events, logs and step-duration metrics */
@@ -43,6 +51,8 @@ export interface MoveContext {
   signal: AbortSignal;
   /** the copy engine; relayVmFiles unless a strategy brings its own */
   transfer?: typeof relayVmFiles;
+  /** replaceable for unit tests of the state machine */
+  strategies?: { liveMigrate?: typeof liveMigrate; startPrecopy?: typeof startPrecopy; precopyCutover?: typeof precopyCutover };
 }
 
 export interface MoveResult {
@@ -72,6 +82,8 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
   let stoppedAt: number | undefined;
   let targetStarted = false;
   let bytes = 0;
+  /** strategies that stop and start the VM themselves report their own stop → running figure */
+  let downtimeOverrideMs: number | undefined;
 
   const location = await run('precheck', async () => {
     if (!(await guest.apiHealthy())) throw new Error(`the API server of ${env}'s guest cluster is not healthy`);
@@ -89,14 +101,64 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
   });
   const resumedFrom: MoveStep = location === 'source-running' ? 'cordon' : location === 'source-stopped' ? 'transfer' : location === 'target-stopped' ? 'start' : 'nodeReady';
 
+  let precopy: PrecopyHandle | undefined;
+  let moved = false;
   try {
-    if (location === 'source-running') {
+    if (location === 'source-running' && settings.strategy === 'LiveMigrate') {
+      // Live: the VM keeps running and its node stays Ready, so nothing is cordoned or drained.
+      const live = await run('live', async () => {
+        try {
+          return await (ctx.strategies?.liveMigrate ?? liveMigrate)({
+            source, target, environment: env, vm, signal,
+            downtimeLimitMs: settings.live.downtimeLimitMs, maxBandwidthBytesPerSec: settings.live.maxBandwidthBytesPerSec,
+            convergenceTimeoutMs: settings.live.convergenceTimeoutMs,
+            onProgress: (p) => ctx.observer.progress({ bytesTransferred: p.tunnelBytes, message: `live: ${p.phase}` }),
+          });
+        } catch (err) {
+          if (err instanceof LiveMigrationAbortedError && settings.live.fallback !== 'None') {
+            ctx.observer.progress({ message: `live migration aborted (${err.message}); falling back to ${settings.live.fallback}` });
+            return undefined;
+          }
+          throw err;
+        }
+      });
+      if (live) {
+        moved = true;
+        targetStarted = true;
+        bytes = live.bytes.total;
+        downtimeOverrideMs = live.measuredDowntimeMs;
+      }
+    }
+    const mode = settings.strategy === 'LiveMigrate' ? settings.live.fallback : settings.precopy ? 'PreCopy' : 'Cold';
+    if (location === 'source-running' && !moved && mode === 'PreCopy') {
+      // Mirror while the node drains: by the time the VM stops, its disks are already on the target.
+      precopy = await run('mirror', () => (ctx.strategies?.startPrecopy ?? startPrecopy)({
+        source, target, environment: env, vm, signal,
+        onProgress: (p) => ctx.observer.progress({ bytesTransferred: p.offset, bytesTotal: p.len }),
+      }));
+    }
+    if (location === 'source-running' && !moved) {
       await run('cordon', () => guest.cordon(vm.nodeName));
       await run('drain', () => guest.drain(vm.nodeName, {
         timeoutMs: settings.drainTimeoutMs, gracePeriodSeconds: settings.drainGracePeriodSeconds,
         deleteEmptyDirData: settings.deleteEmptyDirData, signal,
         onProgress: (remaining: number) => ctx.observer.progress({ message: `draining: ${remaining} pod(s) left` }),
       }));
+    }
+    if (precopy) {
+      const handle = precopy;
+      await handle.ready;
+      // stop → mirror converges → source quit (fenced) → other files → start on target; the copy is verified before start.
+      const cut = await run('cutover', () => (ctx.strategies?.precopyCutover ?? precopyCutover)(handle, {
+        source, target, environment: env, vm, powerdownTimeoutMs: settings.powerdownTimeoutMs, verify: true,
+      }));
+      precopy = undefined;
+      moved = true;
+      targetStarted = true;
+      bytes = cut.bytes;
+      downtimeOverrideMs = cut.downtimeMs;
+    }
+    if (location === 'source-running' && !moved) {
       stoppedAt = Date.now();
       await run('stop', async () => {
         const how = await source.stopVm(env, vm, { powerdownTimeoutMs: settings.powerdownTimeoutMs });
@@ -104,7 +166,7 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
         return how;
       });
     }
-    if (location === 'source-running' || location === 'source-stopped') {
+    if ((location === 'source-running' || location === 'source-stopped') && !moved) {
       stoppedAt ??= Date.now();
       bytes = await run('transfer', async () => {
         const done = new Map<string, number>();
@@ -123,7 +185,7 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
         return total;
       });
     }
-    if (location !== 'target-running') {
+    if (location !== 'target-running' && !moved) {
       stoppedAt ??= Date.now();
       // Fencing: the source must be proven stopped right before the target starts.
       await run('start', async () => {
@@ -133,7 +195,7 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
       });
     }
     const runningAt = Date.now();
-    const downtimeMs = stoppedAt === undefined ? 0 : runningAt - stoppedAt;
+    const downtimeMs = downtimeOverrideMs ?? (stoppedAt === undefined ? 0 : runningAt - stoppedAt);
     ctx.observer.progress({ downtimeSeconds: round(downtimeMs / 1000) });
 
     await run('nodeReady', () => guest.waitNodeReady(vm.nodeName, { timeoutMs: settings.nodeReadyTimeoutMs, signal }));
@@ -150,6 +212,8 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
     });
     return { downtimeMs, nodeReadyMs, bytes, resumedFrom };
   } catch (err) {
+    // A running mirror holds the source's QMP socket: release it before rollback looks at the VM.
+    if (precopy) await precopy.abort().catch((e: Error) => ctx.log.warn({ err: e.message }, 'aborting the mirror failed'));
     const failedStep = (err as { step?: MoveStep }).step ?? 'precheck';
     const reason = (err as Error).message;
     const outcome = await rollback(ctx, { targetStarted }).then((): MoveOutcome => 'rolled-back', (rbErr: Error): MoveOutcome => {
@@ -170,7 +234,20 @@ async function locate(ctx: MoveContext): Promise<Location> {
   const [src, dst] = await Promise.all([source.vmStatus(environment.name, vm), target.vmStatus(environment.name, vm)]);
   const live = (s: string) => s === 'running' || s === 'paused' || s === 'other';
   if (live(src.state) && live(dst.state)) {
-    throw new Error(`VM ${vm.name} has a live QEMU on both ${source.host.name} and ${target.host.name}; refusing to touch it`);
+    // An interrupted live migration leaves two QEMUs, but only one of them ever ran the guest:
+    // a target still waiting for the incoming stream never ran it, a source that finished handing over never will again.
+    if (src.qmpStatus === 'running' && (dst.qmpStatus === 'inmigrate' || dst.qmpStatus === 'prelaunch')) {
+      await target.stopVm(environment.name, vm, { powerdownTimeoutMs: 0 });
+      await assertStopped(target, environment.name, vm);
+      await target.removeVmDir(environment.name, vm);
+      return 'source-running';
+    }
+    if (src.qmpStatus === 'postmigrate' && dst.qmpStatus === 'running') {
+      await source.stopVm(environment.name, vm, { powerdownTimeoutMs: 0 });
+      await assertStopped(source, environment.name, vm);
+      return 'target-running';
+    }
+    throw new Error(`VM ${vm.name} has a live QEMU on both ${source.host.name} (${src.qmpStatus ?? src.state}) and ${target.host.name} (${dst.qmpStatus ?? dst.state}); refusing to touch it`);
   }
   if (live(dst.state)) return 'target-running';
   if (live(src.state)) return 'source-running';

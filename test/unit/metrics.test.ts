@@ -29,11 +29,11 @@ describe('metrics', () => {
   it('GET /metrics exposes the operator counters, histograms and default process metrics', async () => {
     recordMigrationStarted('live');
     recordMigrationFinished('live', true);
-    recordMigrationStarted('offline');
-    recordMigrationFinished('offline', false);
+    recordMigrationStarted('cold');
+    recordMigrationFinished('cold', false);
     recordVmMove('success', 0.3);
     recordTransferBytes(1024);
-    startStepTimer('precopy')();
+    startStepTimer('mirror')();
     const q = new WorkQueue({ metrics: workQueueMetricsHooks(), baseDelayMs: 10_000 });
     q.add('a');
     q.add('b');
@@ -47,14 +47,14 @@ describe('metrics', () => {
     expect(type).toContain('text/plain');
     expect(body).toMatch(/^vmops_migrations_started_total\{strategy="live"\} 1$/m);
     expect(body).toMatch(/^vmops_migrations_succeeded_total\{strategy="live"\} 1$/m);
-    expect(body).toMatch(/^vmops_migrations_failed_total\{strategy="offline"\} 1$/m);
+    expect(body).toMatch(/^vmops_migrations_failed_total\{strategy="cold"\} 1$/m);
     expect(body).toMatch(/^vmops_migrations_active 0$/m);
     expect(body).toMatch(/^vmops_vm_moves_total\{result="success"\} 1$/m);
     expect(body).toMatch(/^vmops_vm_downtime_seconds_bucket\{le="0.05"\} 0$/m);
     expect(body).toMatch(/^vmops_vm_downtime_seconds_bucket\{le="0.5"\} 1$/m);
     expect(body).toMatch(/^vmops_vm_downtime_seconds_bucket\{le="600"\} 1$/m);
     expect(body).toMatch(/^vmops_transfer_bytes_total 1024$/m);
-    expect(body).toMatch(/^vmops_step_duration_seconds_count\{step="precopy"\} 1$/m);
+    expect(body).toMatch(/^vmops_step_duration_seconds_count\{step="mirror"\} 1$/m);
     expect(body).toMatch(/^vmops_workqueue_depth 0$/m); // shutdown dropped the queued keys
     expect(body).toMatch(/^vmops_workqueue_retries_total 1$/m);
     expect(body).toMatch(/^vmops_informer_restarts_total 1$/m);
@@ -65,7 +65,7 @@ describe('metrics', () => {
   it('clamps free-form label values to bounded enums', () => {
     expect(strategyLabel('live')).toBe('live');
     expect(strategyLabel('student-env-42/secret')).toBe('other');
-    expect(stepLabel('precopy')).toBe('precopy');
+    expect(stepLabel('mirror')).toBe('mirror');
     expect(stepLabel('vm-controller-1')).toBe('other');
     recordMigrationStarted('some-user-string');
     recordMigrationFinished('some-user-string', true);

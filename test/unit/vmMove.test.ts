@@ -9,23 +9,24 @@ import { settingsFrom } from '../../src/api/types.js';
 import type { GuestCluster } from '../../src/guest/guestCluster.js';
 import type { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { moveVm, MoveError, type MoveContext } from '../../src/migrate/vmMove.js';
+import { LiveMigrationAbortedError } from '../../src/transfer/live.js';
 import { Store } from '../../src/store/store.js';
 import { log } from '../../src/util/log.js';
 
 type State = 'absent' | 'stopped' | 'running';
 
-function fakeHost(name: string, initial: State, calls: string[]): Hypervisor & { state: State } {
+function fakeHost(name: string, initial: State, calls: string[]): Hypervisor & { state: State; qmpStatus?: string } {
   const host: HostSpec = { name, address: '127.0.0.2', port: 22, user: 'root', hostKey: 'ssh-ed25519 AAAA', vmDir: `/${name}` };
   const h = {
-    host, state: initial, conn: {} as never,
+    host, state: initial, qmpStatus: undefined as string | undefined, conn: {} as never,
     vmDir: (env: string, vm: VMSpec) => `/${name}/${env}/${vm.name}`,
-    vmStatus: async () => ({ state: h.state }),
+    vmStatus: async () => ({ state: h.state, qmpStatus: h.qmpStatus ?? (h.state === 'running' ? 'running' : undefined) }),
     startVm: async () => { calls.push(`${name}:start`); h.state = 'running'; return { state: 'running' }; },
     stopVm: async () => { calls.push(`${name}:stop`); const was = h.state; h.state = 'stopped'; return was === 'running' ? 'quit' : 'already-stopped'; },
     ensureDir: async () => { if (h.state === 'absent') h.state = 'stopped'; },
     removeVmDir: async () => { calls.push(`${name}:remove`); h.state = 'absent'; },
   };
-  return h as unknown as Hypervisor & { state: State };
+  return h as unknown as Hypervisor & { state: State; qmpStatus?: string };
 }
 
 function fakeGuest(calls: string[], opts: { quorumOk?: boolean } = {}): GuestCluster {
@@ -120,5 +121,96 @@ describe('moveVm', () => {
     ctx.guest = fakeGuest(calls, { quorumOk: false });
     await expect(moveVm(ctx)).rejects.toThrow(/lose quorum.*controller-3 is NotReady/);
     expect(calls).toEqual([]);
+  });
+});
+
+describe('moveVm strategies', () => {
+  const live = (target: { state: State }, calls: string[], fail = false, source?: { state: State }) => async () => {
+    calls.push('live');
+    if (fail) throw new LiveMigrationAbortedError('did not converge in 2 s', 'migrate');
+    target.state = 'running';
+    if (source) source.state = 'stopped';
+    return { qemuDowntimeMs: 20, measuredDowntimeMs: 180, totalMs: 1500, bytes: { disks: 10, migration: 20, total: 30 }, ramTransferred: 20, phases: { prepareMs: 0, mirrorMs: 0, migrateMs: 0, handoverMs: 0 } };
+  };
+  const precopyFakes = (source: { state: State }, target: { state: State }, calls: string[], opts: { failDrain?: boolean } = {}) => ({
+    startPrecopy: async () => {
+      calls.push('mirror');
+      return { ready: Promise.resolve({}), abort: async () => { calls.push('mirror-abort'); } } as never;
+    },
+    precopyCutover: async () => {
+      calls.push('cutover');
+      source.state = 'stopped';
+      target.state = 'running';
+      return { downtimeMs: 900, bytes: 64, disks: [], how: 'stop', phases: {} } as never;
+    },
+    failDrain: opts.failDrain,
+  });
+
+  it('live: hands the VM over without cordon, drain or stop and reports QEMU-side downtime', async () => {
+    const { ctx, calls, source, target } = await context('running', 'absent');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], strategy: 'LiveMigrate' });
+    ctx.strategies = { liveMigrate: live(target, calls, false, source) as never };
+    const r = await moveVm(ctx);
+    expect(calls).toEqual(['live', 'ready:e-controller-1', 'uncordon:e-controller-1', 'host01:remove']);
+    expect(r.downtimeMs).toBe(180);
+    expect(r.bytes).toBe(30);
+  });
+
+  it('live that does not converge falls back to pre-copy with a drain', async () => {
+    const { ctx, calls, source, target } = await context('running', 'absent');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], strategy: 'LiveMigrate' });
+    const f = precopyFakes(source, target, calls);
+    ctx.strategies = { liveMigrate: live(target, calls, true) as never, startPrecopy: f.startPrecopy as never, precopyCutover: f.precopyCutover as never };
+    const r = await moveVm(ctx);
+    expect(calls.slice(0, 5)).toEqual(['live', 'mirror', 'cordon:e-controller-1', 'drain:e-controller-1', 'cutover']);
+    expect(calls).not.toContain('host01:stop');
+    expect(r.downtimeMs).toBe(900);
+  });
+
+  it('live with fallback None fails and leaves the VM running on the source, node untouched', async () => {
+    const { ctx, calls, source, target } = await context('running', 'absent');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], strategy: 'LiveMigrate', live: { fallback: 'None' } });
+    ctx.strategies = { liveMigrate: live(target, calls, true) as never };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ step: 'live', outcome: 'rolled-back' });
+    expect(source.state).toBe('running');
+    expect(calls).not.toContain('cordon:e-controller-1');
+  });
+
+  it('pre-copy: mirror overlaps the drain; cutover replaces stop, transfer and start', async () => {
+    const { ctx, calls, source, target } = await context('running', 'absent');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], transfer: { precopy: true } });
+    const f = precopyFakes(source, target, calls);
+    ctx.strategies = { startPrecopy: f.startPrecopy as never, precopyCutover: f.precopyCutover as never };
+    const r = await moveVm(ctx);
+    expect(calls).toEqual(['mirror', 'cordon:e-controller-1', 'drain:e-controller-1', 'cutover', 'ready:e-controller-1', 'uncordon:e-controller-1', 'host01:remove']);
+    expect(r.downtimeMs).toBe(900);
+  });
+
+  it('pre-copy: a failed drain aborts the mirror before rolling back', async () => {
+    const { ctx, calls, source, target } = await context('running', 'absent');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], transfer: { precopy: true } });
+    const f = precopyFakes(source, target, calls);
+    ctx.strategies = { startPrecopy: f.startPrecopy as never, precopyCutover: f.precopyCutover as never };
+    (ctx.guest as unknown as { drain: () => Promise<void> }).drain = async () => { throw new Error('drain timed out: PDB'); };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ step: 'drain', outcome: 'rolled-back' });
+    expect(calls).toContain('mirror-abort');
+    expect(calls.indexOf('mirror-abort')).toBeLessThan(calls.indexOf('uncordon:e-controller-1'));
+    expect(source.state).toBe('running');
+  });
+
+  it('after a crash mid live migration, a target still in inmigrate is discarded and the move starts over', async () => {
+    const { ctx, calls, target } = await context('running', 'running');
+    target.qmpStatus = 'inmigrate';
+    const r = await moveVm(ctx);
+    expect(calls.slice(0, 2)).toEqual(['host02:stop', 'host02:remove']);
+    expect(r.resumedFrom).toBe('cordon');
+  });
+
+  it('after a crash right after a live handover, the postmigrate source is quit and the move completes', async () => {
+    const { ctx, calls, source } = await context('running', 'running');
+    source.qmpStatus = 'postmigrate';
+    const r = await moveVm(ctx);
+    expect(calls[0]).toBe('host01:stop');
+    expect(r.resumedFrom).toBe('nodeReady');
   });
 });
