@@ -17,7 +17,7 @@ export interface VMMigrationSpec {
   sourceHost?: string;
   targetHost: string;
   strategy?: Strategy;
-  transfer?: { mode?: 'Relay'; precopy?: boolean; stallTimeoutSeconds?: number };
+  transfer?: { mode?: 'Relay'; precopy?: boolean; compression?: 'None' | 'Zstd' | 'Auto'; bandwidthLimitMiBps?: number; stallTimeoutSeconds?: number };
   live?: { downtimeLimit?: string; maxBandwidthMiBps?: number; convergenceTimeout?: string; fallback?: LiveFallback };
   maxUnavailablePerEnvironment?: number;
   drain?: { timeout?: string; gracePeriodSeconds?: number; deleteEmptyDirData?: boolean };
@@ -90,6 +90,8 @@ export interface MigrationSettings {
   precopy: boolean;
   live: { downtimeLimitMs: number; maxBandwidthBytesPerSec: number | undefined; convergenceTimeoutMs: number; fallback: LiveFallback };
   stallTimeoutMs: number;
+  compression: 'none' | 'zstd' | 'auto';
+  bandwidthLimitBytesPerSec: number | undefined;
   drainTimeoutMs: number;
   drainGracePeriodSeconds: number;
   deleteEmptyDirData: boolean;
@@ -129,6 +131,8 @@ export function settingsFrom(spec: VMMigrationSpec): MigrationSettings {
       fallback: spec.live?.fallback ?? 'PreCopy',
     },
     stallTimeoutMs: (spec.transfer?.stallTimeoutSeconds ?? 60) * 1000,
+    compression: ({ None: 'none', Zstd: 'zstd', Auto: 'auto' } as const)[spec.transfer?.compression ?? 'None'],
+    bandwidthLimitBytesPerSec: spec.transfer?.bandwidthLimitMiBps ? spec.transfer.bandwidthLimitMiBps * 1048576 : undefined,
     drainTimeoutMs: parseDuration(spec.drain?.timeout ?? '10m'),
     drainGracePeriodSeconds: spec.drain?.gracePeriodSeconds ?? 30,
     deleteEmptyDirData: spec.drain?.deleteEmptyDirData ?? true,

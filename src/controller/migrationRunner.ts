@@ -135,6 +135,7 @@ export async function runMigration(vmm: VMMigration, deps: RunnerDeps, signal: A
           const guest = GuestCluster.fromKubeconfigYaml(await guestKubeconfig(deps.kc, env));
           const result = await moveVm({
             migrationUid: vmm.metadata.uid, environment: env, vm: vmSpec, source, target, guest, store, settings, signal, log: vmLog,
+            reconnect: (h) => deps.pool.connectFresh(h),
             observer: {
               step(step, event, info) {
                 if (event === 'begin') stepTimers.set(step, metrics.startStepTimer(step));

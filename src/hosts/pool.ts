@@ -24,6 +24,11 @@ export class HostPool {
     return new Hypervisor(host, await pending);
   }
 
+  /** A dedicated new connection (the caller closes it): relay retries after a dropped connection. */
+  connectFresh(host: HostSpec): Promise<HostConnection> {
+    return HostConnection.connect(host, this.identity);
+  }
+
   closeAll(): void {
     for (const p of this.connecting.values()) void p.then((c) => c.close(), () => undefined);
     this.connecting.clear();

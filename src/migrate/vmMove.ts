@@ -18,10 +18,11 @@
  * source; the source image is only removed once the VM runs on the target,
  * its copy's checksum matched and its node is Ready.
  */
-import type { EnvironmentSpec, VMSpec } from '../api/inventory.js';
+import type { EnvironmentSpec, HostSpec, VMSpec } from '../api/inventory.js';
 import type { MigrationSettings, VMStatus } from '../api/types.js';
 import type { GuestCluster } from '../guest/guestCluster.js';
 import type { Hypervisor } from '../hosts/hypervisor.js';
+import type { HostConnection } from '../hosts/ssh.js';
 import type { Store } from '../store/store.js';
 import { liveMigrate, LiveMigrationAbortedError } from '../transfer/live.js';
 import { precopyCutover, startPrecopy, type PrecopyHandle } from '../transfer/mirror.js';
@@ -51,6 +52,8 @@ export interface MoveContext {
   signal: AbortSignal;
   /** the copy engine; relayVmFiles unless a strategy brings its own */
   transfer?: typeof relayVmFiles;
+  /** a fresh SSH connection for a relay retry after a dropped connection */
+  reconnect?: (host: HostSpec) => Promise<HostConnection>;
   /** replaceable for unit tests of the state machine */
   strategies?: { liveMigrate?: typeof liveMigrate; startPrecopy?: typeof startPrecopy; precopyCutover?: typeof precopyCutover };
 }
@@ -174,6 +177,7 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
         const sum = (m: Map<string, number>) => [...m.values()].reduce((a, b) => a + b, 0);
         const results = await (ctx.transfer ?? relayVmFiles)({
           source, target, environment: env, vm, stallTimeoutMs: settings.stallTimeoutMs, signal,
+          compression: settings.compression, bandwidthLimit: settings.bandwidthLimitBytesPerSec, reconnect: ctx.reconnect,
           onProgress: (file, d, t) => {
             done.set(file, d);
             totals.set(file, t);
