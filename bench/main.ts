@@ -5,6 +5,8 @@
  *   BENCH_SCALE=0.1 npm run bench     # 0.1 = 205 MiB qcow2 + 2 GiB sparse raw (205 MiB allocated)
  *   BENCH_METHODS=b,c,d               # subset of a,b,c,d,e
  *   BENCH_DIR=/var/tmp/x              # where hosts and the bastion live (default: a temp dir)
+ *   BENCH_PARTS=transfer,downtime     # which parts to run (default both); downtime: see bench/downtime.ts
+ *   BENCH_STRATEGIES=cold,precopy,precopy-verify,live   # downtime part: subset of strategies
  */
 import { execFile, spawn } from 'node:child_process';
 import { chown, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
@@ -16,12 +18,14 @@ import { HostConnection } from '../src/hosts/ssh.js';
 import { relayFile } from '../src/transfer/relay.js';
 import { ensureHostUser, startHosts } from '../test/world/hosts.js';
 import { allocatedBytes, createMixedFile, createSparseFile } from '../test/world/images.js';
+import { downtimeTable, runDowntime, type DowntimeRow } from './downtime.js';
 
 const execFileP = promisify(execFile);
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
 const scale = Number(process.env.BENCH_SCALE ?? '1');
 const methods = (process.env.BENCH_METHODS ?? 'a,b,c,d,e').split(',').map((m) => m.trim());
+const parts = (process.env.BENCH_PARTS ?? 'transfer,downtime').split(',').map((m) => m.trim());
 
 interface Row {
   image: string;
@@ -46,6 +50,26 @@ const q = (s: string): string => `'${s.replace(/'/g, `'\\''`)}'`;
 async function main(): Promise<void> {
   const baseDir = process.env.BENCH_DIR ?? (await mkdtemp(path.join(tmpdir(), 'vmop-bench-')));
   await mkdir(baseDir, { recursive: true });
+  let failed: unknown;
+  try {
+    if (parts.includes('transfer')) await runTransfer(baseDir).catch((err: unknown) => (failed = err));
+    if (parts.includes('downtime')) {
+      let rows: DowntimeRow[] = [];
+      try {
+        const strategies = process.env.BENCH_STRATEGIES?.split(',').map((x) => x.trim());
+        rows = await runDowntime({ baseDir, scale, strategies });
+      } catch (err) {
+        failed ??= err;
+      }
+      console.log(`\n${downtimeTable(rows, scale)}`);
+    }
+  } finally {
+    if (!process.env.BENCH_DIR) await rm(baseDir, { recursive: true, force: true });
+  }
+  if (failed) throw failed;
+}
+
+async function runTransfer(baseDir: string): Promise<void> {
   const world = await startHosts({ count: 2, baseDir, firstAddress: 60 });
   const [h1, h2] = world.hosts as [HostSpec, HostSpec];
   const rows: Row[] = [];
@@ -131,7 +155,6 @@ async function main(): Promise<void> {
   } finally {
     for (const c of conns) c.close();
     await world.stop();
-    if (!process.env.BENCH_DIR) await rm(baseDir, { recursive: true, force: true });
     // what was measured is printed even when a later method failed
     print(rows);
   }
