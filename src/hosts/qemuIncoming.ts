@@ -165,6 +165,32 @@ export async function quitQemu(hv: Hypervisor, environment: string, vm: VMSpec, 
  * caller must make sure no writer is active and QEMU's caches are flushed (QEMU quit, or
  * postmigrate, or flushed and paused), otherwise the result is meaningless.
  */
+/**
+ * Hash of the guest-visible content that costs time in proportion to the data, not the virtual
+ * size: qemu-img converts the image to a sparse raw temp file, then only its data extents are read,
+ * on a fixed 64 KiB grid, and every non-zero block is hashed with its index. Holes and written
+ * zeros hash the same, so the result depends only on what the guest sees, not on how either
+ * host's image or file system happens to lay it out.
+ */
+const GUEST_HASH_PL = String.raw`
+use strict; use warnings;
+my ($path) = @ARGV; my $B = 65536; my %seen; my @blocks;
+binmode STDOUT;
+while (my $line = <STDIN>) {
+  next unless $line =~ /"start":\s*(\d+),\s*"length":\s*(\d+).*"data":\s*true/;
+  for (my $i = int($1 / $B); $i * $B < $1 + $2; $i++) { push @blocks, $i unless $seen{$i}++ }
+}
+open(my $f, '<', $path) or die "open $path: $!\n"; binmode $f;
+my $zero = "\0" x $B;
+for my $i (@blocks) {
+  sysseek($f, $i * $B, 0) or die "seek: $!\n";
+  my $n = sysread($f, my $buf, $B); die "read: $!\n" unless defined $n;
+  $buf .= "\0" x ($B - $n) if $n < $B;
+  next if $buf eq $zero;
+  print pack('Q>', $i), $buf;
+}
+`;
+
 export async function guestContentSha256(hv: Hypervisor, path: string, format: 'qcow2' | 'raw'): Promise<string> {
   assertSafePath('image', path);
   const script = [
@@ -172,12 +198,16 @@ export async function guestContentSha256(hv: Hypervisor, path: string, format: '
     't=$(mktemp "$1.verify.XXXXXX")',
     'trap \'rm -f "$t"\' EXIT',
     'qemu-img convert -U -f "$2" -O raw "$1" "$t"',
-    'sha256sum -b "$t"',
+    'if command -v openssl >/dev/null 2>&1; then h="openssl dgst -sha256 -r"; else h="sha256sum -b"; fi',
+    'printf "size %s\\n" "$(stat -c %s "$t")"',
+    'qemu-img map -f raw --output=json "$t" | perl -e "$3" "$t" | $h',
   ].join('\n');
-  const out = await hv.conn.execOk(['sh', '-c', script, 'guest-sha256', path, format], { timeoutMs: 60 * 60_000 });
-  const hex = out.toString('utf8').split(/\s/)[0] ?? '';
-  if (!/^[0-9a-f]{64}$/.test(hex)) throw new Error(`on ${hv.host.name}: unexpected sha256sum output for ${path}`);
-  return hex;
+  const out = await hv.conn.execOk(['sh', '-c', script, 'guest-sha256', path, format, GUEST_HASH_PL], { timeoutMs: 60 * 60_000 });
+  const [sizeLine, hashLine] = out.toString('utf8').split('\n');
+  const size = /^size (\d+)$/.exec(sizeLine ?? '')?.[1];
+  const hex = (hashLine ?? '').split(/\s/)[0] ?? '';
+  if (!size || !/^[0-9a-f]{64}$/.test(hex)) throw new Error(`on ${hv.host.name}: unexpected guest hash output for ${path}`);
+  return `${hex}:${size}`;
 }
 
 export interface DiskVerification {

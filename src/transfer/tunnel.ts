@@ -195,13 +195,15 @@ export async function openTunnel(opts: TunnelOptions): Promise<Tunnel> {
         s.on('data', (d: Buffer) => {
           stats.bytesBtoA += d.length;
         });
-        // Half-close is propagated by pipe(); the pair is released once both directions are done.
-        let ends = 0;
-        const onEnd = (): void => {
-          if (++ends === 2) setImmediate(() => pair.destroy());
+        // Half-close is propagated by pipe(); the pair is released once both directions are done,
+        // i.e. once each side has *flushed* what pipe() wrote into it ('finish'), not merely once its
+        // source ended: destroying on 'end' dropped data still queued behind the SSH window.
+        let done = 0;
+        const onFinish = (): void => {
+          if (++done === 2) setImmediate(() => pair.destroy());
         };
-        chA.once('end', onEnd);
-        s.once('end', onEnd);
+        chA.once('finish', onFinish);
+        s.once('finish', onFinish);
         chA.once('close', () => pair.destroy());
         s.once('close', () => pair.destroy());
         chA.pipe(s);
