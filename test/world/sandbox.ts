@@ -150,7 +150,7 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
         checksums.set(`${vm.name}/${f.name}`, await sha256File(join(vmDir, f.name)));
       }
     }
-    cleanups.push(() => killAllQemu(environment));
+    cleanups.push(() => killSandboxQemu(dir));
     for (const vm of environment.vms) await h01.startVm(environment.name, vm);
 
     say('registering the guest cluster nodes (KWOK) and the student workload with its PodDisruptionBudget…');
@@ -219,9 +219,20 @@ function inventoryForFile(inv: Inventory): unknown {
   };
 }
 
-/** Last-resort cleanup: no QEMU of the sandbox may outlive it. */
-async function killAllQemu(env: EnvironmentSpec): Promise<void> {
-  for (const vm of env.vms) {
-    await execFileP('pkill', ['-9', '-f', `-name ${env.name}.${vm.name},`]).catch(() => undefined);
+/** Last-resort cleanup: no QEMU of this sandbox (its disks live under `dir`) may outlive it; other sandboxes' VMs are left alone. */
+async function killSandboxQemu(dir: string): Promise<void> {
+  const { readdir, readFile } = await import('node:fs/promises');
+  for (const pid of await readdir('/proc').catch(() => [] as string[])) {
+    if (!/^\d+$/.test(pid)) continue;
+    const cmd = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
+    if (cmd.startsWith('qemu-system') || cmd.includes('/qemu-system')) {
+      if (cmd.includes(`${dir}/`)) {
+        try {
+          process.kill(Number(pid), 'SIGKILL');
+        } catch {
+          // already gone
+        }
+      }
+    }
   }
 }
