@@ -254,7 +254,9 @@ describe('crash safety (journal + idempotent steps)', () => {
       if (Date.now() > deadline) throw new Error(`never saw a VM in stop/transfer/start: ${JSON.stringify(o?.status?.vms)}`);
       await new Promise((res) => setTimeout(res, 100));
     }
-    await new Promise((res) => operator.child.exitCode !== null ? res(undefined) : operator.child.once('exit', res));
+    // A signalled child has signalCode set and exitCode null.
+    await new Promise((res) => (operator.child.exitCode !== null || operator.child.signalCode !== null ? res(undefined) : operator.child.once('exit', res)));
+    console.log(`[e2e] operator killed at ${killedAt}`);
 
     // While no operator runs, the fencing invariant must already hold.
     const h01 = await sb.hypervisor('host01');
@@ -265,7 +267,9 @@ describe('crash safety (journal + idempotent steps)', () => {
       expect(live(a.state) && live(b.state), `${vm.name} live on both hosts after the crash`).toBe(false);
     }
 
+    console.log('[e2e] fencing holds while no operator runs; restarting the operator');
     operator = await sb.startOperator();
+    console.log('[e2e] operator restarted');
     const o = await waitForPhase('crash-back', ['Succeeded', 'Failed'], 600_000);
     expect(o.status?.phase, `killed at ${killedAt}: ${JSON.stringify(o.status?.vms)}`).toBe('Succeeded');
     for (const vm of sb.environment.vms) {

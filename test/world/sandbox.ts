@@ -94,6 +94,8 @@ export async function freePort(host = '127.0.0.1'): Promise<number> {
 export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
   const say = opts.log ?? (() => undefined);
   const dir = resolve(opts.dir);
+  // VMs of an earlier run that was killed before its cleanup would keep their guest nodes "alive".
+  await killSandboxQemu(dir);
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir, { recursive: true });
   const cleanups: Array<() => Promise<void> | void> = [];
@@ -189,9 +191,10 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
       const proc: OperatorProcess = {
         child, metricsUrl,
         stop: async () => {
-          if (child.exitCode === null) child.kill('SIGTERM');
+          const running = () => child.exitCode === null && child.signalCode === null;
+          if (running()) child.kill('SIGTERM');
           await Promise.race([exited, new Promise((r) => setTimeout(r, 15_000))]);
-          if (child.exitCode === null) child.kill('SIGKILL');
+          if (running()) child.kill('SIGKILL');
         },
       };
       cleanups.push(() => proc.stop());
