@@ -3,8 +3,9 @@
  * Every path is validated before it reaches a remote command line; process identity is always
  * re-checked through /proc/<pid>/cmdline so a recycled pid is never mistaken for (or killed as) our VM.
  */
-import { assertSafeName, assertSafePath, qemuName, vmDirectory, type HostSpec, type VMSpec } from '../api/inventory.js';
+import { assertSafePath, qemuName, vmDirectory, type HostSpec, type VMSpec } from '../api/inventory.js';
 import { log } from '../util/log.js';
+import { buildQemuArgv } from './qemuArgv.js';
 import { QmpClient } from './qmp.js';
 import type { HostConnection } from './ssh.js';
 
@@ -118,40 +119,8 @@ export class Hypervisor {
     const p = await this.probe(environment, vm);
     if (p.state === 'alive') throw new Error(`VM ${qemuName(environment, vm.name)} already has a live QEMU (pid ${p.pid}) on ${this.host.name}`);
     if (p.state === 'absent') throw new Error(`VM directory ${dir} does not exist on ${this.host.name}`);
-    if (!Number.isInteger(vm.memoryMiB) || vm.memoryMiB < 16) throw new Error(`VM ${vm.name}: invalid memoryMiB ${vm.memoryMiB}`);
-    if (!Number.isInteger(vm.cpus) || vm.cpus < 1) throw new Error(`VM ${vm.name}: invalid cpus ${vm.cpus}`);
-
+    const argv = buildQemuArgv(dir, environment, vm);
     const name = qemuName(environment, vm.name);
-    assertSafeName('qemu name', name);
-    const argv = [
-      'qemu-system-x86_64',
-      '-name',
-      `${name},process=${name}`,
-      '-machine',
-      'pc,accel=tcg',
-      '-m',
-      String(vm.memoryMiB),
-      '-smp',
-      String(vm.cpus),
-      '-nodefaults',
-      '-display',
-      'none',
-      '-serial',
-      `file:${dir}/serial.log`,
-      '-qmp',
-      `unix:${dir}/qmp.sock,server=on,wait=off`,
-      '-pidfile',
-      `${dir}/qemu.pid`,
-      '-daemonize',
-    ];
-    for (const f of vm.files) {
-      if (f.kind !== 'disk') continue;
-      assertSafeName('disk file', f.name);
-      const fmt = f.format ?? 'qcow2';
-      if (fmt !== 'qcow2' && fmt !== 'raw') throw new Error(`disk ${f.name}: unsupported format ${String(fmt)}`);
-      // A comma would start a new -drive option; assertSafeName already excludes it.
-      argv.push('-drive', `file=${dir}/${f.name},format=${fmt},if=virtio`);
-    }
     const t0 = Date.now();
     // -daemonize returns once QEMU has initialised (or failed), so a bad disk is reported here with QEMU's message.
     await this.conn.execOk(argv, { timeoutMs: 60_000 });

@@ -7,7 +7,7 @@
  * migration needs the same device configuration on both ends. test/integration/strategies.test.ts
  * compares the two.
  */
-import { assertSafeName, assertSafePath, qemuName, type VMSpec } from '../api/inventory.js';
+import { assertSafeName, assertSafePath, type VMSpec } from '../api/inventory.js';
 import { log } from '../util/log.js';
 import type { Hypervisor } from './hypervisor.js';
 import { QmpClient } from './qmp.js';
@@ -15,52 +15,9 @@ import { QmpClient } from './qmp.js';
 const logger = log.child({ component: 'qemu-incoming' });
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-export interface QemuArgvOptions {
-  /** add `-incoming defer`: QEMU waits (status inmigrate) for migrate-incoming */
-  incomingDefer?: boolean;
-  /** add `-S`: do not start the vCPUs by itself, not even after an incoming migration completed */
-  paused?: boolean;
-}
+import { buildQemuArgv } from './qemuArgv.js';
 
-/** Copy of Hypervisor.startVm's argv construction (keep in sync), plus the incoming flags. */
-export function buildQemuArgv(dir: string, environment: string, vm: VMSpec, opts: QemuArgvOptions = {}): string[] {
-  assertSafePath('VM directory', dir);
-  if (!Number.isInteger(vm.memoryMiB) || vm.memoryMiB < 16) throw new Error(`VM ${vm.name}: invalid memoryMiB ${vm.memoryMiB}`);
-  if (!Number.isInteger(vm.cpus) || vm.cpus < 1) throw new Error(`VM ${vm.name}: invalid cpus ${vm.cpus}`);
-  const name = qemuName(environment, vm.name);
-  assertSafeName('qemu name', name);
-  const argv = [
-    'qemu-system-x86_64',
-    '-name',
-    `${name},process=${name}`,
-    '-machine',
-    'pc,accel=tcg',
-    '-m',
-    String(vm.memoryMiB),
-    '-smp',
-    String(vm.cpus),
-    '-nodefaults',
-    '-display',
-    'none',
-    '-serial',
-    `file:${dir}/serial.log`,
-    '-qmp',
-    `unix:${dir}/qmp.sock,server=on,wait=off`,
-    '-pidfile',
-    `${dir}/qemu.pid`,
-    '-daemonize',
-  ];
-  for (const f of vm.files) {
-    if (f.kind !== 'disk') continue;
-    assertSafeName('disk file', f.name);
-    const fmt = f.format ?? 'qcow2';
-    if (fmt !== 'qcow2' && fmt !== 'raw') throw new Error(`disk ${f.name}: unsupported format ${String(fmt)}`);
-    argv.push('-drive', `file=${dir}/${f.name},format=${fmt},if=virtio`);
-  }
-  if (opts.paused) argv.push('-S');
-  if (opts.incomingDefer) argv.push('-incoming', 'defer');
-  return argv;
-}
+export { buildQemuArgv, type QemuArgvOptions } from './qemuArgv.js';
 
 /** One disk as attached to a running QEMU. */
 export interface QemuDisk {
