@@ -160,7 +160,12 @@ export async function runMigration(vmm: VMMigration, deps: RunnerDeps, signal: A
         } catch (err) {
           // Errors before moveVm (connecting, reading the Secret) happen before any side effect.
           const moveErr = err instanceof MoveError ? err : new MoveError('precheck', (err as Error).message, 'untouched');
-          const where = { untouched: 'nothing was changed', 'rolled-back': `rolled back: VM runs on ${entry.from} again`, stuck: 'rollback FAILED, manual attention needed' }[moveErr.outcome];
+          if (moveErr.outcome === 'interrupted') {
+            // Leave the move 'Running' in the store: the next leader resumes it from the journal.
+            await writer.flush().catch(() => undefined);
+            throw new Aborted(moveErr.message);
+          }
+          const where = { untouched: 'nothing was changed', 'rolled-back': `rolled back: VM runs on ${entry.from} again`, stuck: 'rollback FAILED, manual attention needed', interrupted: 'interrupted' }[moveErr.outcome];
           const message = `${entry.environment}/${entry.vm} failed at step ${moveErr.step}: ${moveErr.message} (${where})`;
           const phase = moveErr.outcome === 'rolled-back' ? 'RolledBack' : 'Failed';
           metrics.recordVmMove(moveErr.outcome === 'rolled-back' ? 'rolled_back' : 'failure');

@@ -10,6 +10,7 @@ import type { HostPool } from '../hosts/pool.js';
 import * as metrics from '../metrics/metrics.js';
 import type { Store } from '../store/store.js';
 import type { Logger } from '../util/log.js';
+import { Handover } from '../migrate/vmMove.js';
 import { Aborted, RetryLater, runMigration } from './migrationRunner.js';
 import { ResilientInformer, objectKey } from './runtime/informer.js';
 import { LeaseLeaderElector } from './runtime/leaderElection.js';
@@ -86,7 +87,7 @@ export class MigrationController {
         for (const o of this.informer.list()) this.queue.add(objectKey(o));
         signal.addEventListener('abort', () => {
           // Lost the Lease: another replica takes over; stop touching VMs now. Steps resume from the journal there.
-          for (const run of this.runs.values()) run.controller.abort(new Error('lost leadership'));
+          for (const run of this.runs.values()) run.controller.abort(new Handover('lost leadership'));
         });
       },
       onStoppedLeading: (reason) => this.opts.log.warn({ reason }, 'stopped leading'),
@@ -96,7 +97,7 @@ export class MigrationController {
   }
 
   async stop(): Promise<void> {
-    for (const run of this.runs.values()) run.controller.abort(new Error('operator shutting down'));
+    for (const run of this.runs.values()) run.controller.abort(new Handover('operator shutting down'));
     await Promise.allSettled([...this.runs.values()].map((r) => r.done));
     await this.queue.shutdown({ timeoutMs: 10_000 });
     await this.queueRunning;
@@ -121,7 +122,7 @@ export class MigrationController {
 
     const controller = new AbortController();
     const leading = this.leading;
-    const onLost = () => controller.abort(new Error('lost leadership'));
+    const onLost = () => controller.abort(new Handover('lost leadership'));
     leading.addEventListener('abort', onLost, { once: true });
     const log = this.opts.log.child({ migration: key });
     const done = runMigration(obj, {

@@ -65,8 +65,17 @@ export interface MoveResult {
   resumedFrom: MoveStep;
 }
 
-/** untouched: failed before any side effect; rolled-back: back on the source; stuck: rollback failed, needs a human */
-export type MoveOutcome = 'untouched' | 'rolled-back' | 'stuck';
+/**
+ * untouched: failed before any side effect; rolled-back: back on the source; stuck: rollback failed,
+ * needs a human; interrupted: stopped on purpose mid-way (leadership lost, shutdown) and left for
+ * the next run to resume from the journal — rolling back then would race the new leader.
+ */
+export type MoveOutcome = 'untouched' | 'rolled-back' | 'stuck' | 'interrupted';
+
+/** Abort reason that means "stop, someone will resume" rather than "cancel and roll back". */
+export class Handover extends Error {
+  readonly resumable = true;
+}
 
 export class MoveError extends Error {
   constructor(readonly step: MoveStep, message: string, readonly outcome: MoveOutcome) {
@@ -219,6 +228,9 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
     // A running mirror holds the source's QMP socket: release it before rollback looks at the VM.
     if (precopy) await precopy.abort().catch((e: Error) => ctx.log.warn({ err: e.message }, 'aborting the mirror failed'));
     const failedStep = (err as { step?: MoveStep }).step ?? 'precheck';
+    if (signal.aborted && signal.reason instanceof Handover) {
+      throw new MoveError(failedStep, `interrupted: ${signal.reason.message}`, 'interrupted');
+    }
     const reason = (err as Error).message;
     const outcome = await rollback(ctx, { targetStarted }).then((): MoveOutcome => 'rolled-back', (rbErr: Error): MoveOutcome => {
       ctx.log.error({ err: rbErr.message }, 'rollback failed');

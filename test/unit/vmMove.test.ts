@@ -8,7 +8,7 @@ import type { EnvironmentSpec, HostSpec, VMSpec } from '../../src/api/inventory.
 import { settingsFrom } from '../../src/api/types.js';
 import type { GuestCluster } from '../../src/guest/guestCluster.js';
 import type { Hypervisor } from '../../src/hosts/hypervisor.js';
-import { moveVm, MoveError, type MoveContext } from '../../src/migrate/vmMove.js';
+import { Handover, moveVm, MoveError, type MoveContext } from '../../src/migrate/vmMove.js';
 import { LiveMigrationAbortedError } from '../../src/transfer/live.js';
 import { Store } from '../../src/store/store.js';
 import { log } from '../../src/util/log.js';
@@ -212,5 +212,40 @@ describe('moveVm strategies', () => {
     const r = await moveVm(ctx);
     expect(calls[0]).toBe('host01:stop');
     expect(r.resumedFrom).toBe('nodeReady');
+  });
+});
+
+describe('moveVm interruption', () => {
+  it('stops without rolling back when the run is handed over (leadership lost); the next run resumes', async () => {
+    const { ctx, calls, source } = await context('running', 'absent');
+    const ac = new AbortController();
+    ctx.signal = ac.signal;
+    (ctx.guest as unknown as { drain: () => Promise<void> }).drain = async () => {
+      calls.push('drain');
+      ac.abort(new Handover('lost leadership'));
+      throw new Error('drain aborted');
+    };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ step: 'drain', outcome: 'interrupted' });
+    expect(calls).toEqual(['cordon:e-controller-1', 'drain']);
+    expect(source.state).toBe('running');
+
+    // the next leader picks it up: same VM state, a fresh signal
+    ctx.signal = new AbortController().signal;
+    (ctx.guest as unknown as { drain: () => Promise<{ evicted: number }> }).drain = async () => ({ evicted: 0 });
+    const r = await moveVm(ctx);
+    expect(r.resumedFrom).toBe('cordon');
+    expect(source.state).toBe('absent');
+  });
+
+  it('a user cancel (plain abort) still rolls back', async () => {
+    const { ctx, calls } = await context('running', 'absent');
+    const ac = new AbortController();
+    ctx.signal = ac.signal;
+    (ctx.guest as unknown as { drain: () => Promise<void> }).drain = async () => {
+      ac.abort(new Error('VMMigration deleted'));
+      throw new Error('drain aborted');
+    };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ outcome: 'rolled-back' });
+    expect(calls).toContain('uncordon:e-controller-1');
   });
 });
