@@ -55,6 +55,9 @@ export interface VMStatus {
   downtimeSeconds?: number;
   bytesTransferred?: number;
   bytesTotal?: number;
+  /** while copying: current rate and time left at that rate */
+  bytesPerSecond?: number;
+  etaSeconds?: number;
   startedAt?: string;
   finishedAt?: string;
   message?: string;

@@ -125,6 +125,7 @@ export async function runMigration(vmm: VMMigration, deps: RunnerDeps, signal: A
         await store.updateMove(vmm.metadata.uid, entry.environment, entry.vm, { phase: 'Running', attempts: record.attempts + 1, startedAt: now() });
         const vmLog = log.child({ environment: entry.environment, vm: entry.vm });
         const stepTimers = new Map<MoveStep, () => number>();
+        let reportedBytes = 0;
         try {
           const env = await mustEnvironment(store, entry.environment);
           const vmSpec = env.vms.find((v) => v.name === entry.vm);
@@ -147,12 +148,21 @@ export async function runMigration(vmm: VMMigration, deps: RunnerDeps, signal: A
                 if (event === 'end' && reason) deps.events.emit(vmm, 'Normal', reason, `${entry.environment}/${entry.vm}: ${step} done in ${((info.durationMs ?? 0) / 1000).toFixed(1)} s`);
                 if (event === 'fail') deps.events.emit(vmm, 'Warning', 'StepFailed', `${entry.environment}/${entry.vm}: ${step} failed: ${info.message ?? ''}`);
               },
-              progress: (update) => vmStatus(update),
+              progress: (update) => {
+                vmStatus(update);
+                // Bytes count in metrics as they move, not only when a VM is done.
+                if (update.bytesTransferred !== undefined && update.bytesTransferred > reportedBytes) {
+                  metrics.recordTransferBytes(update.bytesTransferred - reportedBytes);
+                  reportedBytes = update.bytesTransferred;
+                }
+                if (update.bytesPerSecond !== undefined) metrics.transferRate.set(update.bytesPerSecond);
+              },
             },
           });
           done++;
           metrics.recordVmMove('success', result.downtimeMs / 1000);
-          metrics.recordTransferBytes(result.bytes);
+          if (result.bytes > reportedBytes) metrics.recordTransferBytes(result.bytes - reportedBytes);
+          metrics.transferRate.set(0);
           await store.updateMove(vmm.metadata.uid, entry.environment, entry.vm, { phase: 'Succeeded', finishedAt: now(), downtimeMs: result.downtimeMs, bytes: result.bytes });
           vmStatus({ phase: 'Succeeded', finishedAt: now(), downtimeSeconds: result.downtimeMs / 1000, bytesTransferred: result.bytes, step: undefined, message: `downtime ${(result.downtimeMs / 1000).toFixed(1)} s, node Ready ${(result.nodeReadyMs / 1000).toFixed(1)} s after start` });
           writer.update((s) => { s.progress = `${done}/${entries.length}`; });

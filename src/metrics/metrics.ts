@@ -104,6 +104,12 @@ export const transferBytes = new Counter({
   registers: [registry],
 });
 
+export const transferRate = new Gauge({
+  name: 'vmops_transfer_rate_bytes_per_second',
+  help: 'Rate of the copy in progress (0 when none runs)',
+  registers: [registry],
+});
+
 export const stepDuration = new Histogram({
   name: 'vmops_step_duration_seconds',
   help: 'Duration of VM move steps',

@@ -27,6 +27,7 @@ import type { Store } from '../store/store.js';
 import { liveMigrate, LiveMigrationAbortedError } from '../transfer/live.js';
 import { precopyCutover, startPrecopy, type PrecopyHandle } from '../transfer/mirror.js';
 import { relayVmFiles } from '../transfer/relay.js';
+import { RateMeter } from '../transfer/throttle.js';
 import type { Logger } from '../util/log.js';
 
 export type MoveStep = 'precheck' | 'live' | 'mirror' | 'cordon' | 'drain' | 'cutover' | 'stop' | 'transfer' | 'start' | 'nodeReady' | 'uncordon' | 'commit' | 'cleanup' | 'rollback';
@@ -184,17 +185,22 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
         const done = new Map<string, number>();
         const totals = new Map<string, number>();
         const sum = (m: Map<string, number>) => [...m.values()].reduce((a, b) => a + b, 0);
+        const meter = new RateMeter();
         const results = await (ctx.transfer ?? relayVmFiles)({
           source, target, environment: env, vm, stallTimeoutMs: settings.stallTimeoutMs, signal,
           compression: settings.compression, bandwidthLimit: settings.bandwidthLimitBytesPerSec, reconnect: ctx.reconnect,
           onProgress: (file, d, t) => {
             done.set(file, d);
             totals.set(file, t);
-            ctx.observer.progress({ bytesTransferred: sum(done), bytesTotal: sum(totals) });
+            const bytesTransferred = sum(done);
+            const bytesTotal = sum(totals);
+            meter.update(bytesTransferred);
+            const eta = meter.etaSeconds(bytesTotal);
+            ctx.observer.progress({ bytesTransferred, bytesTotal, bytesPerSecond: Math.round(meter.bytesPerSecond), etaSeconds: eta === undefined ? undefined : Math.ceil(eta) });
           },
         });
         const total = results.reduce((n, r) => n + r.bytes, 0);
-        ctx.observer.progress({ bytesTransferred: total, bytesTotal: total });
+        ctx.observer.progress({ bytesTransferred: total, bytesTotal: total, bytesPerSecond: 0, etaSeconds: 0 });
         return total;
       });
     }

@@ -33,7 +33,8 @@ function render(o: VMMigration): string[] {
 
 function vmLine(v: VMStatus): string {
   const step = v.phase === 'Running' ? (v.step ?? '') : '';
-  const down = v.downtimeSeconds !== undefined ? `down ${v.downtimeSeconds.toFixed(2)} s` : '';
+  const rate = v.phase === 'Running' && v.bytesPerSecond ? `${mib(v.bytesPerSecond)}/s${v.etaSeconds !== undefined ? ` ETA ${v.etaSeconds} s` : ''}` : '';
+  const down = v.downtimeSeconds !== undefined ? `down ${v.downtimeSeconds.toFixed(2)} s` : rate;
   return `  ${v.name.padEnd(13)} ${v.phase.padEnd(10)} ${step.padEnd(10)} ${bar(v.bytesTransferred, v.bytesTotal)} ${mib(v.bytesTransferred).padStart(10)}  ${down}`;
 }
 
@@ -69,11 +70,12 @@ async function main(): Promise<void> {
         if (printed > 0) process.stdout.write(`\x1b[${printed}A\x1b[0J`);
         process.stdout.write(`${text}\n`);
         printed = lines.length;
-      } else if (text.replace(/\[[#.]+\]\s+\d+%/g, '') !== lastText.replace(/\[[#.]+\]\s+\d+%/g, '')) {
+      } else {
         // Without a terminal, print only when a phase or step changes.
-        console.log(`${elapsed()}\n${text}`);
+        const key = `${last.status?.phase}|${(last.status?.vms ?? []).map((v) => `${v.phase}:${v.step ?? ''}`).join(',')}`;
+        if (key !== lastText) console.log(`${elapsed()}\n${text}`);
+        lastText = key;
       }
-      lastText = text;
       if (last.status?.phase === 'Succeeded' || last.status?.phase === 'Failed') break;
       if (Date.now() - started > 20 * 60_000) throw new Error('migration did not finish within 20 minutes');
       await new Promise((r) => setTimeout(r, tty ? 250 : 1000));
