@@ -204,8 +204,17 @@ export async function openTunnel(opts: TunnelOptions): Promise<Tunnel> {
         };
         chA.once('finish', onFinish);
         s.once('finish', onFinish);
-        chA.once('close', () => pair.destroy());
-        s.once('close', () => pair.destroy());
+        // One side closing must not discard what is still queued towards the other side (the SSH
+        // window may hold back the last bytes): end the other side gracefully and release the pair
+        // once it has flushed, with a bound in case the peer stops reading.
+        const closeAfterFlush = (other: Duplex): void => {
+          if (other.writableFinished || other.destroyed) return pair.destroy();
+          other.once('finish', () => pair.destroy());
+          other.end();
+          setTimeout(() => pair.destroy(), 30_000).unref();
+        };
+        chA.once('close', () => closeAfterFlush(s));
+        s.once('close', () => closeAfterFlush(chA));
         chA.pipe(s);
         s.pipe(chA);
         chA.resume();
