@@ -479,19 +479,15 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
 /** bytes, sha256 and seconds as before; the details are optional so other transfer engines can return this type too. */
 export type VmFileRelayResult = Pick<RelayResult, 'bytes' | 'sha256' | 'seconds'> & Partial<RelayResult> & { file: string };
 
-export interface RelayVmOptions {
+/** The per-copy knobs of relayFile that a whole-VM copy passes through unchanged. */
+type RelayTuning = Pick<RelayOptions, 'signal' | 'stallTimeoutMs' | 'compression' | 'bandwidthLimit' | 'segmentBytes' | 'retries' | 'reconnect'>;
+
+export interface RelayVmOptions extends RelayTuning {
   source: Hypervisor;
   target: Hypervisor;
   environment: string;
   vm: VMSpec;
   onProgress?: (file: string, bytesDone: number, bytesTotal: number) => void;
-  signal?: AbortSignal;
-  stallTimeoutMs?: number;
-  compression?: Compression | 'auto';
-  bandwidthLimit?: number;
-  segmentBytes?: number;
-  retries?: number;
-  reconnect?: (host: HostSpec) => Promise<HostConnection>;
   /**
    * Copying a disk under a running QEMU yields an inconsistent image; only callers doing
    * their own consistency handling (e.g. a pre-copy that is re-verified later) may turn this off.
@@ -501,7 +497,7 @@ export interface RelayVmOptions {
 
 /** Copies every file of the VM (VMSpec.files) into the same VM directory layout on the target host. */
 export async function relayVmFiles(opts: RelayVmOptions): Promise<VmFileRelayResult[]> {
-  const { source, target, environment, vm } = opts;
+  const { source, target, environment, vm, onProgress: _onProgress, requireSourceStopped: _requireSourceStopped, ...tuning } = opts;
   const srcDir = vmDirectory(source.host, environment, vm.name);
   const dstDir = vmDirectory(target.host, environment, vm.name);
   for (const f of vm.files) assertSafeName('VM file', f.name);
@@ -525,13 +521,7 @@ export async function relayVmFiles(opts: RelayVmOptions): Promise<VmFileRelayRes
       target: target.conn,
       targetPath: `${dstDir}/${f.name}`,
       onProgress: opts.onProgress ? (d, t) => opts.onProgress?.(f.name, d, t) : undefined,
-      signal: opts.signal,
-      stallTimeoutMs: opts.stallTimeoutMs,
-      compression: opts.compression,
-      bandwidthLimit: opts.bandwidthLimit,
-      segmentBytes: opts.segmentBytes,
-      retries: opts.retries,
-      reconnect: opts.reconnect,
+      ...tuning,
     });
     results.push({ file: f.name, ...r });
   }
