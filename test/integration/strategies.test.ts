@@ -2,9 +2,8 @@
  * Downtime strategies on real parts: two sshd hosts, real QEMU (TCG), disks from test/world/images.
  * The tunnel, the pre-copy (mirror while running, cold cutover) and live migration through the operator.
  */
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
+import { mkdir } from 'node:fs/promises';
 import net from 'node:net';
-import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { vmDirectory, type HostSpec, type VMSpec } from '../../src/api/inventory.js';
@@ -15,7 +14,7 @@ import { HostConnection } from '../../src/hosts/ssh.js';
 import { liveMigrate, LiveMigrationAbortedError } from '../../src/transfer/live.js';
 import { pauseSourceForCutover, precopyCutover, resumeSource, startPrecopy } from '../../src/transfer/mirror.js';
 import { openTunnel, tunnelSocketPath } from '../../src/transfer/tunnel.js';
-import { adoptHostFile, startHosts, type TestHosts } from '../world/hosts.js';
+import { adoptHostFile, startTwoHosts, type TwoHosts } from '../world/hosts.js';
 import { createDiskImage } from '../world/images.js';
 
 const ENV = 'env-strat';
@@ -25,8 +24,7 @@ function vmSpec(name: string, files: VMSpec['files'] = [{ name: 'disk0.qcow2', k
 }
 
 describe('downtime strategies between two real hosts', () => {
-  let world: TestHosts;
-  let baseDir: string;
+  let two: TwoHosts;
   let h1: HostSpec;
   let h2: HostSpec;
   let c1: HostConnection;
@@ -36,12 +34,8 @@ describe('downtime strategies between two real hosts', () => {
   const used: VMSpec[] = [];
 
   beforeAll(async () => {
-    baseDir = await mkdtemp(path.join(tmpdir(), 'vmop-strat-'));
-    world = await startHosts({ count: 2, baseDir, firstAddress: 22 });
-    [h1, h2] = world.hosts as [HostSpec, HostSpec];
-    [c1, c2] = await Promise.all([HostConnection.connect(h1, world.identity), HostConnection.connect(h2, world.identity)]);
-    hv1 = new Hypervisor(h1, c1);
-    hv2 = new Hypervisor(h2, c2);
+    two = await startTwoHosts({ tmpPrefix: 'vmop-strat-', firstAddress: 22 });
+    ({ h1, h2, c1, c2, hv1, hv2 } = two);
   });
 
   afterEach(async () => {
@@ -52,10 +46,7 @@ describe('downtime strategies between two real hosts', () => {
   });
 
   afterAll(async () => {
-    c1?.close();
-    c2?.close();
-    await world?.stop();
-    await rm(baseDir, { recursive: true, force: true });
+    await two?.stop();
   });
 
   async function runningVm(name: string, files?: VMSpec['files'], sizeMiB = 64): Promise<VMSpec> {

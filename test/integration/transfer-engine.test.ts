@@ -4,15 +4,14 @@
  */
 import { execFileSync } from 'node:child_process';
 import { existsSync, readdirSync, readFileSync } from 'node:fs';
-import { mkdtemp, open, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { open } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { HostSpec } from '../../src/api/inventory.js';
 import { HostConnection } from '../../src/hosts/ssh.js';
 import { relayFile, RelayStalledError, SegmentVerifyError } from '../../src/transfer/relay.js';
 import { RateMeter, TokenBucket } from '../../src/transfer/throttle.js';
-import { adoptHostFile, startHosts, type TestHosts } from '../world/hosts.js';
+import { adoptHostFile, startTwoHosts, type TwoHosts } from '../world/hosts.js';
 import { allocatedBytes, createDiskImage, createMixedFile, createSparseFile, sha256File } from '../world/images.js';
 
 const MiB = 1024 * 1024;
@@ -43,26 +42,22 @@ function signalAll(pids: number[], sig: NodeJS.Signals): void {
 }
 
 describe('transfer engine between two real hosts', () => {
-  let world: TestHosts;
-  let baseDir: string;
+  let two: TwoHosts;
   let h1: HostSpec;
   let h2: HostSpec;
   let c1: HostConnection;
   let c2: HostConnection;
-  const reconnect = (h: HostSpec): Promise<HostConnection> => HostConnection.connect(h, world.identity);
+  const reconnect = (h: HostSpec): Promise<HostConnection> => HostConnection.connect(h, two.world.identity);
   const extra: HostConnection[] = [];
 
   beforeAll(async () => {
-    baseDir = await mkdtemp(path.join(tmpdir(), 'vmop-engine-'));
-    world = await startHosts({ count: 2, baseDir, firstAddress: 22 });
-    [h1, h2] = world.hosts as [HostSpec, HostSpec];
-    [c1, c2] = await Promise.all([reconnect(h1), reconnect(h2)]);
+    two = await startTwoHosts({ tmpPrefix: 'vmop-engine-', firstAddress: 22 });
+    ({ h1, h2, c1, c2 } = two);
   });
 
   afterAll(async () => {
-    for (const c of [c1, c2, ...extra]) c?.close();
-    await world?.stop();
-    await rm(baseDir, { recursive: true, force: true });
+    for (const c of extra) c.close();
+    await two?.stop();
   });
 
   const src = (name: string): string => path.join(h1.vmDir, name);

@@ -1,14 +1,13 @@
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
-import { mkdir, mkdtemp, rm } from 'node:fs/promises';
-import { tmpdir } from 'node:os';
+import { mkdir, rm } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { vmDirectory, type HostSpec, type VMSpec } from '../../src/api/inventory.js';
 import { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { HostConnection } from '../../src/hosts/ssh.js';
 import { ChecksumMismatchError, relayFile, relayVmFiles, SourceChangedError, verifyChecksums } from '../../src/transfer/relay.js';
-import { adoptHostFile, startHosts, type TestHosts } from '../world/hosts.js';
+import { adoptHostFile, startTwoHosts, type TwoHosts } from '../world/hosts.js';
 import { createDiskImage, sha256File } from '../world/images.js';
 
 const ENV = 'env-transfer';
@@ -28,8 +27,7 @@ const vm: VMSpec = {
 };
 
 describe('relay between two real hosts', () => {
-  let world: TestHosts;
-  let baseDir: string;
+  let two: TwoHosts;
   let h1: HostSpec;
   let h2: HostSpec;
   let c1: HostConnection;
@@ -40,12 +38,8 @@ describe('relay between two real hosts', () => {
   let dstDir: string;
 
   beforeAll(async () => {
-    baseDir = await mkdtemp(path.join(tmpdir(), 'vmop-transfer-'));
-    world = await startHosts({ count: 2, baseDir, firstAddress: 12 });
-    [h1, h2] = world.hosts as [HostSpec, HostSpec];
-    [c1, c2] = await Promise.all([HostConnection.connect(h1, world.identity), HostConnection.connect(h2, world.identity)]);
-    hv1 = new Hypervisor(h1, c1);
-    hv2 = new Hypervisor(h2, c2);
+    two = await startTwoHosts({ tmpPrefix: 'vmop-transfer-', firstAddress: 12 });
+    ({ h1, h2, c1, c2, hv1, hv2 } = two);
     srcDir = vmDirectory(h1, ENV, vm.name);
     dstDir = vmDirectory(h2, ENV, vm.name);
     await mkdir(srcDir, { recursive: true });
@@ -58,10 +52,7 @@ describe('relay between two real hosts', () => {
   afterAll(async () => {
     await hv1?.stopVm(ENV, vm, { powerdownTimeoutMs: 0 }).catch(() => undefined);
     await hv2?.stopVm(ENV, vm, { powerdownTimeoutMs: 0 }).catch(() => undefined);
-    c1?.close();
-    c2?.close();
-    await world?.stop();
-    await rm(baseDir, { recursive: true, force: true });
+    await two?.stop();
   });
 
   it('relays a qcow2 from host01 to host02 byte-identically, atomically', async () => {

@@ -7,11 +7,14 @@
  * what the operator sees of a host. sshd itself runs as root (it must switch users).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { chmod, chown, mkdir, readFile, stat, writeFile, rm } from 'node:fs/promises';
+import { chmod, chown, mkdir, mkdtemp, readFile, stat, writeFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
 import type { HostSpec } from '../../src/api/inventory.js';
+import { Hypervisor } from '../../src/hosts/hypervisor.js';
+import { HostConnection } from '../../src/hosts/ssh.js';
 
 const execFileP = promisify(execFile);
 
@@ -237,4 +240,33 @@ export async function startHosts(opts: { count: number; baseDir: string; firstAd
   }
 
   return { hosts, identity, hostDirs, stop };
+}
+
+/** Two started test hosts with one open connection and Hypervisor each: the common integration-test setup. */
+export interface TwoHosts {
+  world: TestHosts;
+  baseDir: string;
+  h1: HostSpec;
+  h2: HostSpec;
+  c1: HostConnection;
+  c2: HostConnection;
+  hv1: Hypervisor;
+  hv2: Hypervisor;
+  stop(): Promise<void>;
+}
+
+export async function startTwoHosts(opts: { tmpPrefix: string; firstAddress: number }): Promise<TwoHosts> {
+  const baseDir = await mkdtemp(path.join(tmpdir(), opts.tmpPrefix));
+  const world = await startHosts({ count: 2, baseDir, firstAddress: opts.firstAddress });
+  const [h1, h2] = world.hosts as [HostSpec, HostSpec];
+  const [c1, c2] = await Promise.all([HostConnection.connect(h1, world.identity), HostConnection.connect(h2, world.identity)]);
+  return {
+    world, baseDir, h1, h2, c1, c2, hv1: new Hypervisor(h1, c1), hv2: new Hypervisor(h2, c2),
+    stop: async () => {
+      c1.close();
+      c2.close();
+      await world.stop();
+      await rm(baseDir, { recursive: true, force: true });
+    },
+  };
 }
