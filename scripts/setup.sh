@@ -12,7 +12,9 @@ command -v qemu-img >/dev/null || need_pkgs+=(qemu-utils)
 command -v ssh-keygen >/dev/null || need_pkgs+=(openssh-client)
 command -v zstd >/dev/null || need_pkgs+=(zstd)
 command -v ip >/dev/null || need_pkgs+=(iproute2)
-command -v pkill >/dev/null || need_pkgs+=(procps)
+command -v openssl >/dev/null || need_pkgs+=(openssl)   # the relay hashes segments on the target with it
+command -v perl >/dev/null || need_pkgs+=(perl-base)    # the relay's extent reader/writer on the hosts
+command -v useradd >/dev/null || need_pkgs+=(passwd)    # the test hosts' unprivileged login user
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
