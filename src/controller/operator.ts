@@ -76,6 +76,7 @@ export class MigrationController {
     const le = this.opts.leaderElection;
     if (!le) {
       this.leading = new AbortController().signal;
+      metrics.leaderIsLeader.set(1);
       this.queueRunning = this.queue.run((key, signal) => this.reconcile(key, signal));
       return;
     }
@@ -84,13 +85,17 @@ export class MigrationController {
       onStartedLeading: (signal) => {
         this.opts.log.info({ identity: le.identity }, 'leading: reconciling VMMigrations');
         this.leading = signal;
+        metrics.leaderIsLeader.set(1);
         for (const o of this.informer.list()) this.queue.add(objectKey(o));
         signal.addEventListener('abort', () => {
           // Lost the Lease: another replica takes over; stop touching VMs now. Steps resume from the journal there.
           for (const run of this.runs.values()) run.controller.abort(new Handover('lost leadership'));
         });
       },
-      onStoppedLeading: (reason) => this.opts.log.warn({ reason }, 'stopped leading'),
+      onStoppedLeading: (reason) => {
+        metrics.leaderIsLeader.set(0);
+        this.opts.log.warn({ reason }, 'stopped leading');
+      },
     });
     this.queueRunning = this.queue.run((key, signal) => this.reconcile(key, signal));
     this.elector.start();

@@ -150,14 +150,6 @@ export class Store {
     await this.db.updateTable('vm_moves').set(set as never)
       .where('migration_uid', '=', migrationUid).where('environment', '=', environment).where('vm', '=', vm).execute();
   }
-
-  /** Moves of other migrations still in flight for an environment: two migrations must never move one environment at once. */
-  async activeMovesOfEnvironment(environment: string, exceptMigrationUid: string): Promise<MoveRecord[]> {
-    const rows = await this.db.selectFrom('vm_moves').selectAll()
-      .where('environment', '=', environment).where('migration_uid', '!=', exceptMigrationUid)
-      .where('phase', 'in', ['Running']).execute();
-    return rows.map(toMove);
-  }
 }
 
 function toVmSpec(v: Database['vms']): VMSpec {

@@ -185,6 +185,7 @@ describe('rolling migration of a 7-VM environment', () => {
     expect(text).toMatch(/^vmops_migrations_succeeded_total\{[^}]*\} 1$/m);
     expect(text).toMatch(/^vmops_vm_downtime_seconds_count 7$/m);
     expect(text).toMatch(/^vmops_vm_moves_total\{result="success"\} 7$/m);
+    expect(text).toMatch(/^vmops_leader_is_leader 1$/m);
 
     console.log(`[e2e] wall ${wallSeconds.toFixed(1)} s; downtime per VM: ${o.status!.vms!.map((v) => `${v.name}=${v.downtimeSeconds?.toFixed(2)}s`).join(' ')}`);
   }, 1_000_000);
