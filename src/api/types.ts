@@ -9,8 +9,8 @@ export const KIND = 'VMMigration';
 
 export type Strategy = 'Rolling' | 'LiveMigrate';
 export type LiveFallback = 'PreCopy' | 'Cold' | 'None';
-export type MigrationPhase = 'Pending' | 'Running' | 'Paused' | 'Succeeded' | 'Failed' | 'Aborted';
-export type VMPhase = 'Pending' | 'Running' | 'Succeeded' | 'Failed' | 'RolledBack' | 'Skipped';
+export type MigrationPhase = 'Pending' | 'Running' | 'Paused' | 'Succeeded' | 'Failed';
+export type VMPhase = 'Pending' | 'Running' | 'Succeeded' | 'Failed' | 'RolledBack';
 
 export interface VMMigrationSpec {
   environments?: string[];
@@ -23,6 +23,8 @@ export interface VMMigrationSpec {
   drain?: { timeout?: string; gracePeriodSeconds?: number; deleteEmptyDirData?: boolean };
   shutdown?: { powerdownTimeout?: string };
   nodeReadyTimeout?: string;
+  /** how long a not-yet-safe verdict (quorum, API readiness, environment busy, host unreachable) may hold the migration before it fails */
+  safetyWaitTimeout?: string;
   paused?: boolean;
   dryRun?: boolean;
 }
@@ -71,6 +73,8 @@ export interface VMMigrationStatus {
   message?: string;
   startedAt?: string;
   finishedAt?: string;
+  /** set while a not-yet-safe verdict holds the migration; the safetyWaitTimeout deadline counts from here */
+  waitingSince?: string;
   conditions?: Condition[];
   plan?: PlanEntry[];
   vms?: VMStatus[];
@@ -100,6 +104,9 @@ export interface MigrationSettings {
   deleteEmptyDirData: boolean;
   powerdownTimeoutMs: number;
   nodeReadyTimeoutMs: number;
+  safetyWaitTimeoutMs: number;
+  /** disk mirrors (pre-copy and live) must be in sync within this */
+  mirrorReadyTimeoutMs: number;
   paused: boolean;
   dryRun: boolean;
 }
@@ -119,28 +126,60 @@ export function parseDuration(value: string): number {
   return total;
 }
 
-/** Defaults mirror the CRD's so a resource written before a default existed behaves the same. */
+/**
+ * Every spec default, defined once. The CRD schema repeats them (the API server applies them on
+ * create) and test/unit/flowDefaults.test.ts keeps the two equal; settingsFrom applies them to
+ * resources written before a default existed.
+ */
+export const SPEC_DEFAULTS = {
+  strategy: 'Rolling',
+  precopy: false,
+  compression: 'None',
+  stallTimeoutSeconds: 60,
+  live: { downtimeLimit: '300ms', convergenceTimeout: '10m', fallback: 'PreCopy' },
+  drain: { timeout: '10m', gracePeriodSeconds: 30, deleteEmptyDirData: true },
+  powerdownTimeout: '60s',
+  nodeReadyTimeout: '5m',
+  safetyWaitTimeout: '30m',
+} as const;
+
+/** Timeouts the spec does not expose, named here so no function carries its own fallback. */
+export const TIMEOUTS = {
+  /** a disk mirror (pre-copy or live) must reach READY within this */
+  mirrorReadyMs: 3_600_000,
+  /** QEMU start until QMP reports running */
+  vmStartMs: 30_000,
+  /** QMP quit until the process is gone, before SIGKILL */
+  vmQuitMs: 10_000,
+  /** soft cancel of READY mirror jobs (the last dirty blocks) */
+  mirrorConvergeMs: 120_000,
+} as const;
+
+/** Effective settings: the spec with SPEC_DEFAULTS applied. */
 export function settingsFrom(spec: VMMigrationSpec): MigrationSettings {
+  const d = SPEC_DEFAULTS;
   return {
     environments: spec.environments,
     sourceHost: spec.sourceHost,
     targetHost: spec.targetHost,
-    strategy: spec.strategy ?? 'Rolling',
-    precopy: spec.transfer?.precopy ?? false,
+    strategy: spec.strategy ?? d.strategy,
+    precopy: spec.transfer?.precopy ?? d.precopy,
     live: {
-      downtimeLimitMs: parseDuration(spec.live?.downtimeLimit ?? '300ms'),
+      downtimeLimitMs: parseDuration(spec.live?.downtimeLimit ?? d.live.downtimeLimit),
       maxBandwidthBytesPerSec: spec.live?.maxBandwidthMiBps ? spec.live.maxBandwidthMiBps * 1048576 : undefined,
-      convergenceTimeoutMs: parseDuration(spec.live?.convergenceTimeout ?? '10m'),
-      fallback: spec.live?.fallback ?? 'PreCopy',
+      convergenceTimeoutMs: parseDuration(spec.live?.convergenceTimeout ?? d.live.convergenceTimeout),
+      fallback: spec.live?.fallback ?? d.live.fallback,
     },
-    stallTimeoutMs: (spec.transfer?.stallTimeoutSeconds ?? 60) * 1000,
-    compression: ({ None: 'none', Zstd: 'zstd', Auto: 'auto' } as const)[spec.transfer?.compression ?? 'None'],
+    stallTimeoutMs: (spec.transfer?.stallTimeoutSeconds ?? d.stallTimeoutSeconds) * 1000,
+    compression: ({ None: 'none', Zstd: 'zstd', Auto: 'auto' } as const)[spec.transfer?.compression ?? d.compression],
     bandwidthLimitBytesPerSec: spec.transfer?.bandwidthLimitMiBps ? spec.transfer.bandwidthLimitMiBps * 1048576 : undefined,
-    drainTimeoutMs: parseDuration(spec.drain?.timeout ?? '10m'),
-    drainGracePeriodSeconds: spec.drain?.gracePeriodSeconds ?? 30,
-    deleteEmptyDirData: spec.drain?.deleteEmptyDirData ?? true,
-    powerdownTimeoutMs: parseDuration(spec.shutdown?.powerdownTimeout ?? '60s'),
-    nodeReadyTimeoutMs: parseDuration(spec.nodeReadyTimeout ?? '5m'),
+    drainTimeoutMs: parseDuration(spec.drain?.timeout ?? d.drain.timeout),
+    drainGracePeriodSeconds: spec.drain?.gracePeriodSeconds ?? d.drain.gracePeriodSeconds,
+    deleteEmptyDirData: spec.drain?.deleteEmptyDirData ?? d.drain.deleteEmptyDirData,
+    powerdownTimeoutMs: parseDuration(spec.shutdown?.powerdownTimeout ?? d.powerdownTimeout),
+    nodeReadyTimeoutMs: parseDuration(spec.nodeReadyTimeout ?? d.nodeReadyTimeout),
+    safetyWaitTimeoutMs: parseDuration(spec.safetyWaitTimeout ?? d.safetyWaitTimeout),
+    mirrorReadyTimeoutMs: TIMEOUTS.mirrorReadyMs,
     paused: spec.paused ?? false,
     dryRun: spec.dryRun ?? false,
   };

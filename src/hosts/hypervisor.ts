@@ -4,12 +4,12 @@
  * re-checked through /proc/<pid>/cmdline so a recycled pid is never mistaken for (or killed as) our VM.
  */
 import { assertSafePath, qemuName, vmDirectory, type HostSpec, type VMSpec } from '../api/inventory.js';
-import { log } from '../util/log.js';
+import { TIMEOUTS } from '../api/types.js';
+import { log as rootLog, type Logger } from '../util/log.js';
+import { sleep } from '../util/sleep.js';
 import { buildQemuArgv } from './qemuArgv.js';
 import { QmpClient } from './qmp.js';
 import type { HostConnection } from './ssh.js';
-
-const logger = log.child({ component: 'hypervisor' });
 
 export type VmState = 'absent' | 'stopped' | 'running' | 'paused' | 'other';
 
@@ -25,31 +25,45 @@ export interface VmFileInfo {
   size: number;
 }
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+/**
+ * The one /proc liveness rule, as a shell function for the host scripts: `alive PID` succeeds while
+ * the process exists and is not a zombie (a zombie cannot touch the disks any more); sets $st.
+ */
+export const PROC_ALIVE_FN = "alive() { st=$(sed 's/.*) //' \"/proc/$1/stat\" 2>/dev/null | cut -d' ' -f1); [ -n \"$st\" ] && [ \"$st\" != Z ] && [ \"$st\" != X ]; }";
 
 /**
  * Fixed script, data only via positional parameters: prints "absent", "stopped", or
- * "pid <n> <state>" followed by the NUL-separated cmdline. A zombie counts as gone: it cannot touch the disks.
+ * "pid <n> <state>" followed by the NUL-separated cmdline.
  */
 const PROBE_SCRIPT = [
+  PROC_ALIVE_FN,
   '[ -d "$1" ] || { echo absent; exit 0; }',
   'pid=$(tr -dc 0-9 < "$1/qemu.pid" 2>/dev/null)',
-  '[ -n "$pid" ] && [ -r "/proc/$pid/stat" ] || { echo stopped; exit 0; }',
-  "st=$(sed 's/.*) //' \"/proc/$pid/stat\" 2>/dev/null | cut -d' ' -f1)",
-  '[ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ] || { echo stopped; exit 0; }',
+  '[ -n "$pid" ] && alive "$pid" || { echo stopped; exit 0; }',
   'printf "pid %s %s\\n" "$pid" "$st"',
   'cat "/proc/$pid/cmdline" 2>/dev/null',
   'exit 0',
 ].join('\n');
 
-/** Same liveness rule as PROBE_SCRIPT, for a known pid: exit 0 = still alive (and not a zombie). */
-const ALIVE_SCRIPT = ["st=$(sed 's/.*) //' \"/proc/$1/stat\" 2>/dev/null | cut -d' ' -f1)", '[ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]'].join('\n');
+/** PROC_ALIVE_FN for a known pid: exit 0 = still alive. */
+const ALIVE_SCRIPT = `${PROC_ALIVE_FN}\nalive "$1"`;
 
 export class Hypervisor {
+  private readonly log: Logger;
+
   constructor(
     readonly host: HostSpec,
     readonly conn: HostConnection,
-  ) {}
+    /** the caller's logger: a move passes one carrying migration, environment and VM */
+    log: Logger = rootLog,
+  ) {
+    this.log = log.child({ component: 'hypervisor', host: host.name });
+  }
+
+  /** The same host and connection, logging with the given (e.g. per-move) logger. */
+  withLogger(log: Logger): Hypervisor {
+    return new Hypervisor(this.host, this.conn, log);
+  }
 
   vmDir(environment: string, vm: VMSpec): string {
     return vmDirectory(this.host, environment, vm.name);
@@ -107,7 +121,7 @@ export class Hypervisor {
       return { state: Hypervisor.mapRunState(st.status), qmpStatus: st.status, pid: p.pid };
     } catch (err) {
       // QEMU's monitor serves one client at a time; a busy or wedged monitor must not be reported as "stopped".
-      logger.warn({ host: this.host.name, environment, vm: vm.name, err: (err as Error).message }, 'QEMU alive but QMP unreachable');
+      this.log.warn({ environment, vm: vm.name, err: (err as Error).message }, 'QEMU alive but QMP unreachable');
       return { state: 'other', pid: p.pid };
     } finally {
       qmp?.close();
@@ -125,12 +139,12 @@ export class Hypervisor {
     // -daemonize returns once QEMU has initialised (or failed), so a bad disk is reported here with QEMU's message.
     await this.conn.execOk(argv, { timeoutMs: 60_000 });
 
-    const deadline = t0 + (opts.startTimeoutMs ?? 30_000);
+    const deadline = t0 + (opts.startTimeoutMs ?? TIMEOUTS.vmStartMs);
     let lastErr = '';
     while (Date.now() < deadline) {
       const st = await this.vmStatus(environment, vm);
       if (st.state === 'running') {
-        logger.info({ host: this.host.name, environment, vm: vm.name, pid: st.pid, ms: Date.now() - t0 }, 'VM started');
+        this.log.info({ environment, vm: vm.name, pid: st.pid, ms: Date.now() - t0 }, 'VM started');
         return st;
       }
       if (st.state === 'stopped') throw new Error(`QEMU for ${name} on ${this.host.name} exited right after start; see ${dir}/serial.log`);
@@ -158,14 +172,14 @@ export class Hypervisor {
     const p = await this.probe(environment, vm);
     if (p.state !== 'alive') return 'already-stopped';
     const pid = p.pid;
-    const ctx = { host: this.host.name, environment, vm: vm.name, pid };
+    const ctx = { environment, vm: vm.name, pid };
 
     let qmp: QmpClient | undefined;
     try {
       qmp = await this.openQmp(environment, vm);
       await qmp.execute('system_powerdown');
     } catch (err) {
-      logger.warn({ ...ctx, err: (err as Error).message }, 'system_powerdown failed; will quit');
+      this.log.warn({ ...ctx, err: (err as Error).message }, 'system_powerdown failed; will quit');
     }
     try {
       if (await this.waitGone(pid, opts.powerdownTimeoutMs)) return 'powerdown';
@@ -178,14 +192,14 @@ export class Hypervisor {
         // QEMU may exit before the reply arrives; the process check below is the truth.
         await qmp.execute('quit', undefined, { timeoutMs: 5000 }).catch(() => undefined);
       } catch (err) {
-        logger.warn({ ...ctx, err: (err as Error).message }, 'QMP quit failed; will kill');
+        this.log.warn({ ...ctx, err: (err as Error).message }, 'QMP quit failed; will kill');
       }
-      if (await this.waitGone(pid, opts.quitTimeoutMs ?? 10_000)) return 'quit';
+      if (await this.waitGone(pid, opts.quitTimeoutMs ?? TIMEOUTS.vmQuitMs)) return 'quit';
 
       // Last resort; re-check identity first so a recycled pid is never killed.
       const again = await this.probe(environment, vm);
       if (again.state === 'alive' && again.pid === pid) {
-        logger.warn(ctx, 'QEMU ignored quit; sending SIGKILL');
+        this.log.warn(ctx, 'QEMU ignored quit; sending SIGKILL');
         await this.conn.exec(['kill', '-9', String(pid)]);
       }
       if (await this.waitGone(pid, 10_000)) return 'quit';

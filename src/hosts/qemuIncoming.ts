@@ -8,13 +8,10 @@
  * compares the two.
  */
 import { assertSafeName, assertSafePath, type VMSpec } from '../api/inventory.js';
-import { log } from '../util/log.js';
+import { TIMEOUTS } from '../api/types.js';
+import { sleep } from '../util/sleep.js';
 import type { Hypervisor } from './hypervisor.js';
 import { QmpClient } from './qmp.js';
-
-const logger = log.child({ component: 'qemu-incoming' });
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
 import { buildQemuArgv } from './qemuArgv.js';
 
 export { buildQemuArgv, type QemuArgvOptions } from './qemuArgv.js';
@@ -109,9 +106,56 @@ export async function quitQemu(hv: Hypervisor, environment: string, vm: VMSpec, 
     await qmp.execute('quit', undefined, { timeoutMs: 5000 }).catch(() => undefined);
     qmp.close();
   }
-  const how = await hv.stopVm(environment, vm, { powerdownTimeoutMs: 0, quitTimeoutMs: 5000 });
   // stopVm only returns once the process is proven gone (it throws otherwise)
-  logger.debug({ host: hv.host.name, vm: vm.name, how }, 'QEMU ended');
+  await hv.stopVm(environment, vm, { powerdownTimeoutMs: 0, quitTimeoutMs: TIMEOUTS.vmQuitMs });
+}
+
+/**
+ * Halts the guest for a pre-copy cutover without letting QEMU exit (an exiting QEMU would kill the
+ * mirror before it converged): shutdown action "pause", ACPI power-down, wait for status shutdown; a
+ * guest that does not react within powerdownTimeoutMs is paused with QMP stop (disk state as after a crash).
+ */
+export async function pauseSourceForCutover(qmp: QmpClient, opts: { powerdownTimeoutMs: number }): Promise<'powerdown' | 'stop'> {
+  if (opts.powerdownTimeoutMs > 0) {
+    await qmp.execute('set-action', { shutdown: 'pause' });
+    await qmp.execute('system_powerdown');
+    const deadline = Date.now() + opts.powerdownTimeoutMs;
+    while (Date.now() < deadline) {
+      const s = await qmp.execute<{ status: string }>('query-status');
+      if (s.status === 'shutdown') return 'powerdown';
+      await sleep(100);
+    }
+  }
+  await qmp.execute('stop');
+  return 'stop';
+}
+
+/**
+ * Undoes pauseSourceForCutover: shutdown action back to QEMU's default (poweroff) and the guest
+ * running again — after a guest power-down that means a reset (a reboot of the guest).
+ */
+export async function resumeSource(qmp: QmpClient): Promise<void> {
+  await qmp.execute('set-action', { shutdown: 'poweroff' });
+  const s = (await qmp.execute<{ status: string }>('query-status')).status;
+  if (s === 'running') return;
+  if (s === 'shutdown' || s === 'guest-panicked') await qmp.execute('system_reset');
+  await qmp.execute('cont');
+}
+
+/**
+ * Runs a migrated guest on the target: its QEMU holds the whole state, paused (`-S`). The NBD server
+ * that received the disks is stopped first (a no-op if it already was). Resolves once QMP reports
+ * running; returns the wall-clock time it did.
+ */
+export async function resumeIncoming(qmp: QmpClient): Promise<number> {
+  await qmp.execute('nbd-server-stop').catch(() => undefined);
+  const resumed = qmp.waitForEvent('RESUME', 10_000).catch(() => undefined);
+  await qmp.execute('cont');
+  const runningAt = Date.now();
+  await resumed;
+  const s = (await qmp.execute<{ status: string }>('query-status')).status;
+  if (s !== 'running') throw new Error(`target QEMU is ${s} after cont, expected running`);
+  return runningAt;
 }
 
 /**

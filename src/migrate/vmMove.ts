@@ -1,77 +1,145 @@
 /**
- * One VM move as a journaled state machine. Read top to bottom:
+ * One VM move: `precheck` locates the VM (QEMU status on both hosts) and reads the journal, the pure
+ * `flowSteps` (src/migrate/steps.ts) turns that into the ordered steps still to run, and this loop
+ * runs them through one journaled step runner. Every step writes `begin` to the journal before its
+ * side effect and `end`/`fail` after it, and every step is idempotent, so a re-run after a crash
+ * neither loses nor doubles a VM; a resumed move says what it resumes and why.
  *
- *   locate → precheck → cordon → drain → stop (fenced) → transfer + verify
- *          → start on target → node Ready → uncordon → commit placement → clean source
- *
- * Strategies replace the middle: pre-copy mirrors the disks while the VM runs
- * (`mirror`, overlapping the drain) and `cutover` does stop → converge →
- * fenced quit → verify → start; live migration (`live`) hands the running VM
- * over without cordon or drain, and on a clean abort falls back to pre-copy
- * or cold as the spec says.
- *
- * Every step writes `begin` to the journal before its side effect and `end`
- * after it, and every step is idempotent: `locate` looks at where the VM
- * really is (QEMU status on both hosts) and resumes at the first step whose
- * effect is missing, so a re-run after an operator crash neither loses nor
- * doubles a VM. A failure before the VM runs on the target rolls back to the
- * source; the source image is only removed once the VM runs on the target,
- * its copy's checksum matched and its node is Ready.
+ * A failure before the VM runs on the target rolls back to the source; the source image is only
+ * removed once the VM runs on the target, its copy was verified and its node is Ready. A not-yet-safe
+ * verdict before any side effect ends the attempt as `waiting` (the runner re-queues it); a later
+ * safety gate waits in place until the verdict turns safe or safetyWaitTimeout passes.
  */
-import type { EnvironmentSpec, HostSpec, VMSpec } from '../api/inventory.js';
+import type { EnvironmentSpec, VMSpec } from '../api/inventory.js';
 import type { MigrationSettings, VMStatus } from '../api/types.js';
-import type { GuestCluster } from '../guest/guestCluster.js';
-import type { Hypervisor } from '../hosts/hypervisor.js';
-import type { HostConnection } from '../hosts/ssh.js';
-import type { Store } from '../store/store.js';
-import { liveMigrate, LiveMigrationAbortedError } from '../transfer/live.js';
-import { precopyCutover, startPrecopy, type PrecopyHandle } from '../transfer/mirror.js';
-import { relayVmFiles } from '../transfer/relay.js';
-import { RateMeter } from '../transfer/throttle.js';
+import type { DrainOptions, DrainResult, NodeState } from '../guest/guestCluster.js';
+import type { VmStatus } from '../hosts/hypervisor.js';
+import type { JournalEvent } from '../store/store.js';
 import type { Logger } from '../util/log.js';
+import { backoffMs, sleep } from '../util/sleep.js';
+import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from './guestSafety.js';
+import { flowSteps, type FlowPlan, type Location, type MoveMode, type StepName } from './steps.js';
 
-export type MoveStep = 'precheck' | 'live' | 'mirror' | 'cordon' | 'drain' | 'cutover' | 'stop' | 'transfer' | 'start' | 'nodeReady' | 'uncordon' | 'commit' | 'cleanup' | 'rollback';
+export type MoveStep = StepName;
+
+/** The hypervisor lifecycle a move uses (src/hosts/hypervisor.ts implements it). */
+export interface MoveHost {
+  readonly host: { name: string };
+  vmStatus(environment: string, vm: VMSpec): Promise<VmStatus>;
+  startVm(environment: string, vm: VMSpec): Promise<unknown>;
+  stopVm(environment: string, vm: VMSpec, opts: { powerdownTimeoutMs: number }): Promise<unknown>;
+  removeVmDir(environment: string, vm: VMSpec): Promise<void>;
+}
+
+/** The guest cluster operations a move uses (src/guest/guestCluster.ts implements them). */
+export interface MoveGuest {
+  apiHealthy(): Promise<boolean>;
+  nodeState(node: string): Promise<NodeState>;
+  cordon(node: string): Promise<void>;
+  uncordon(node: string): Promise<void>;
+  drain(node: string, opts: DrainOptions): Promise<DrainResult>;
+  waitNodeReady(node: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<void>;
+}
+
+/** The store operations a move uses (src/store/store.ts implements them). */
+export interface MoveStore {
+  journal(migrationUid: string, environment: string, vm: string, step: string, event: JournalEvent, detail?: unknown): Promise<void>;
+  journalEntries(migrationUid: string, environment?: string, vm?: string): Promise<{ step: string; event: string }[]>;
+  updateMove(migrationUid: string, environment: string, vm: string, patch: { step?: string }): Promise<void>;
+  setPlacement(environment: string, vm: string, host: string): Promise<void>;
+}
+
+export interface CopyProgress {
+  bytesTransferred: number;
+  bytesTotal: number;
+}
+
+/** A running pre-copy mirror of the VM's disks, with the source QEMU it holds. */
+export interface MirrorSession {
+  readonly ready: Promise<unknown>;
+  /** stop: halt the guest, keeping QEMU alive so the mirror can converge */
+  haltSource(powerdownTimeoutMs: number): Promise<string>;
+  /** converge: the mirrors catch up, exports flushed, target disks renamed into place; tunnel bytes */
+  converge(): Promise<number>;
+  /** fence: quit the source QEMU through the mirror's QMP client, proven gone */
+  quitSource(): Promise<void>;
+  /** rollback before the fence: drop the mirror and run the guest on the source again */
+  abortAndResume(): Promise<void>;
+}
+
+/** A live migration that reached its handover: source postmigrate, target paused with the state. */
+export interface LiveSession {
+  bytes: number;
+  /** when QEMU stopped the guest on the source */
+  stoppedAt: number;
+  quitSource(): Promise<void>;
+  /** start: the target runs the migrated guest; returns when it did */
+  resumeTarget(): Promise<number>;
+  /** rollback before the target ran: target QEMU gone, source resumed */
+  abort(reason: Error): Promise<void>;
+}
+
+export class LiveFellBack extends Error {}
+
+/** Byte moving for one VM between its two hosts (src/migrate/engines.ts wires src/transfer). */
+export interface MoveEngines {
+  copyAll(opts: { signal: AbortSignal; onProgress: (p: CopyProgress & { bytesPerSecond?: number; etaSeconds?: number }) => void }): Promise<number>;
+  copyNonDisk(signal: AbortSignal): Promise<number>;
+  startMirror(opts: { signal: AbortSignal; onProgress: (p: CopyProgress) => void }): Promise<MirrorSession>;
+  /** rejects with LiveFellBack when the migration aborted cleanly and the VM still runs on the source */
+  live(opts: { signal: AbortSignal; onProgress: (message: string, bytes: number) => void }): Promise<LiveSession>;
+  verify(): Promise<void>;
+  /** start after an interrupted live handover: resume the paused target QEMU */
+  resumeTarget(): Promise<number>;
+}
 
 export interface MoveObserver {
   /** a step began, ended or failed: for events, logs and step-duration metrics */
   step(step: MoveStep, event: 'begin' | 'end' | 'fail', info: { durationMs?: number; message?: string }): void;
   /** progress for the VM's status entry (merged into what was reported before) */
   progress(update: Partial<VMStatus>): void;
+  /** a safety gate holds the move (verdict) or released it (undefined) */
+  waiting?(verdict: SafetyVerdict | undefined): void;
+  /** the move resumes an interrupted one: what and why */
+  resumed?(info: { from: MoveStep; why: string }): void;
+  /** the controller VM moves without load-balancer steps (no LoadBalancerControl) */
+  noLoadBalancer?(): void;
 }
 
 export interface MoveContext {
   migrationUid: string;
+  /** namespace/name, journaled with the first step so `history` finds the move by name */
+  migrationName?: string;
   environment: EnvironmentSpec;
   vm: VMSpec;
-  source: Hypervisor;
-  target: Hypervisor;
-  guest: GuestCluster;
-  store: Store;
+  source: MoveHost;
+  target: MoveHost;
+  guest: MoveGuest;
+  safety: { guard: ControlPlaneGuard; loadBalancer?: LoadBalancerControl };
+  store: MoveStore;
+  engines: MoveEngines;
   settings: MigrationSettings;
   observer: MoveObserver;
   log: Logger;
   signal: AbortSignal;
-  /** the copy engine; relayVmFiles unless a strategy brings its own */
-  transfer?: typeof relayVmFiles;
-  /** a fresh SSH connection for a relay retry after a dropped connection */
-  reconnect?: (host: HostSpec) => Promise<HostConnection>;
-  /** replaceable for unit tests of the state machine */
-  strategies?: { liveMigrate?: typeof liveMigrate; startPrecopy?: typeof startPrecopy; precopyCutover?: typeof precopyCutover };
 }
 
 export interface MoveResult {
   downtimeMs: number;
   nodeReadyMs: number;
   bytes: number;
+  /** the first step that changes something (a fresh move: cordon, or mirror/live) */
   resumedFrom: MoveStep;
+  mode: MoveMode;
 }
 
 /**
- * untouched: failed before any side effect; rolled-back: back on the source; stuck: rollback failed,
- * needs a human; interrupted: stopped on purpose mid-way (leadership lost, shutdown) and left for
- * the next run to resume from the journal — rolling back then would race the new leader.
+ * untouched: failed before any side effect; waiting: not safe yet, nothing touched, try again later;
+ * rolled-back: back on the source; stuck: rollback failed, needs a human; interrupted: stopped on
+ * purpose mid-way (leadership lost, shutdown) and left for the next run to resume from the journal —
+ * rolling back then would race the new leader.
  */
-export type MoveOutcome = 'untouched' | 'rolled-back' | 'stuck' | 'interrupted';
+export type MoveOutcome = 'untouched' | 'waiting' | 'rolled-back' | 'stuck' | 'interrupted';
 
 /** Abort reason that means "stop, someone will resume" rather than "cancel and roll back". */
 export class Handover extends Error {
@@ -79,166 +147,76 @@ export class Handover extends Error {
 }
 
 export class MoveError extends Error {
-  constructor(readonly step: MoveStep, message: string, readonly outcome: MoveOutcome) {
+  constructor(readonly step: MoveStep, message: string, readonly outcome: MoveOutcome, readonly verdict?: SafetyVerdict) {
     super(message);
     this.name = 'MoveError';
   }
 }
 
-/** Where a previous (possibly interrupted) attempt left the VM; decides the resume point. */
-type Location = 'source-running' | 'source-stopped' | 'target-running' | 'target-stopped';
+/** Steps that only look: a failure in them before anything was changed leaves the VM untouched. */
+const CHECKS: ReadonlySet<MoveStep> = new Set(['precheck', 'quorum']);
+
+/** What the steps of one move share while it runs. */
+interface MoveState {
+  mode: MoveMode;
+  touched: boolean;
+  stoppedAt?: number;
+  runningAt?: number;
+  nodeReadyMs: number;
+  bytes: number;
+  downtimeMs?: number;
+  mirror?: MirrorSession;
+  live?: LiveSession;
+  sourceFenced: boolean;
+  targetStarted: boolean;
+  lbOut: boolean;
+}
 
 export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
-  const { vm, environment, source, target, guest, settings, signal } = ctx;
-  const env = environment.name;
   const run = stepRunner(ctx);
-  let stoppedAt: number | undefined;
-  let targetStarted = false;
-  let bytes = 0;
-  /** strategies that stop and start the VM themselves report their own stop → running figure */
-  let downtimeOverrideMs: number | undefined;
-
-  const location = await run('precheck', async () => {
-    if (!(await guest.apiHealthy())) throw new Error(`the API server of ${env}'s guest cluster is not healthy`);
-    const where = await locate(ctx);
-    // Stopping a controller is only safe while etcd keeps quorum without it.
-    if (vm.role === 'controller' && where === 'source-running') {
-      const quorum = await guest.controlPlaneQuorum(vm.nodeName);
-      if (!quorum.ok) throw new Error(`control plane would lose quorum without ${vm.nodeName}: ${quorum.reason}`);
-    }
-    const node = await guest.nodeState(vm.nodeName);
-    if (!node.exists) throw new Error(`node ${vm.nodeName} of VM ${vm.name} does not exist in the guest cluster of ${env}`);
-    return where;
-  }).catch((err: Error) => {
-    throw new MoveError('precheck', err.message, 'untouched');
+  const location = await run('precheck', () => precheck(ctx)).catch((err: Error) => {
+    throw err instanceof MoveError ? err : new MoveError('precheck', err.message, 'untouched');
   });
-  const resumedFrom: MoveStep = location === 'source-running' ? 'cordon' : location === 'source-stopped' ? 'transfer' : location === 'target-stopped' ? 'start' : 'nodeReady';
+  const converged = await journalSaysConverged(ctx);
+  const planFor = (loc: Location, liveFellBack = false): FlowPlan => flowSteps({
+    location: loc, journal: { converged }, settings: ctx.settings, role: ctx.vm.role,
+    capabilities: { loadBalancer: ctx.safety.loadBalancer !== undefined }, liveFellBack,
+  });
+  let plan = planFor(location);
+  if (plan.resume) {
+    ctx.log.info({ resumeFrom: plan.resume.from, why: plan.resume.why }, 'resuming an interrupted move');
+    ctx.observer.resumed?.(plan.resume);
+  }
+  if (ctx.vm.role === 'controller' && !ctx.safety.loadBalancer) ctx.observer.noLoadBalancer?.();
+  const resumedFrom = plan.steps.find((s) => !CHECKS.has(s.name) && s.name !== 'leaderMove' && s.name !== 'lbOut')?.name ?? 'nodeReady';
 
-  let precopy: PrecopyHandle | undefined;
-  let moved = false;
+  const st: MoveState = { mode: plan.mode, touched: false, nodeReadyMs: 0, bytes: 0, sourceFenced: false, targetStarted: location === 'target-running', lbOut: false };
+  const queue = [...plan.steps];
   try {
-    if (location === 'source-running' && settings.strategy === 'LiveMigrate') {
-      // Live: the VM keeps running and its node stays Ready, so nothing is cordoned or drained.
-      const live = await run('live', async () => {
-        try {
-          return await (ctx.strategies?.liveMigrate ?? liveMigrate)({
-            source, target, environment: env, vm, signal,
-            downtimeLimitMs: settings.live.downtimeLimitMs, maxBandwidthBytesPerSec: settings.live.maxBandwidthBytesPerSec,
-            convergenceTimeoutMs: settings.live.convergenceTimeoutMs,
-            onProgress: (p) => ctx.observer.progress({ bytesTransferred: p.tunnelBytes, message: `live: ${p.phase}` }),
-          });
-        } catch (err) {
-          if (err instanceof LiveMigrationAbortedError && settings.live.fallback !== 'None') {
-            ctx.observer.progress({ message: `live migration aborted (${err.message}); falling back to ${settings.live.fallback}` });
-            return undefined;
-          }
-          throw err;
-        }
-      });
-      if (live) {
-        moved = true;
-        targetStarted = true;
-        bytes = live.bytes.total;
-        downtimeOverrideMs = live.measuredDowntimeMs;
+    while (queue.length > 0) {
+      const step = queue.shift()!;
+      if (!CHECKS.has(step.name)) st.touched = true;
+      try {
+        await run(step.name, () => ACTIONS[step.name](ctx, st));
+      } catch (err) {
+        if (!(err instanceof LiveFellBack)) throw err;
+        // The live migration aborted cleanly (the VM never left the source): continue with the fallback.
+        ctx.observer.progress({ message: `live migration aborted (${err.message}); falling back to ${ctx.settings.live.fallback}` });
+        plan = planFor('source-running', true);
+        st.mode = plan.mode;
+        queue.splice(0, queue.length, ...plan.steps);
       }
     }
-    const mode = settings.strategy === 'LiveMigrate' ? settings.live.fallback : settings.precopy ? 'PreCopy' : 'Cold';
-    if (location === 'source-running' && !moved && mode === 'PreCopy') {
-      // Mirror while the node drains: by the time the VM stops, its disks are already on the target.
-      precopy = await run('mirror', () => (ctx.strategies?.startPrecopy ?? startPrecopy)({
-        source, target, environment: env, vm, signal,
-        onProgress: (p) => ctx.observer.progress({ bytesTransferred: p.offset, bytesTotal: p.len }),
-      }));
-    }
-    if (location === 'source-running' && !moved) {
-      await run('cordon', () => guest.cordon(vm.nodeName));
-      await run('drain', () => guest.drain(vm.nodeName, {
-        timeoutMs: settings.drainTimeoutMs, gracePeriodSeconds: settings.drainGracePeriodSeconds,
-        deleteEmptyDirData: settings.deleteEmptyDirData, signal,
-        onProgress: (remaining: number) => ctx.observer.progress({ message: `draining: ${remaining} pod(s) left` }),
-      }));
-    }
-    if (precopy) {
-      const handle = precopy;
-      await handle.ready;
-      // stop → mirror converges → source quit (fenced) → other files → start on target; the copy is verified before start.
-      const cut = await run('cutover', () => (ctx.strategies?.precopyCutover ?? precopyCutover)(handle, {
-        source, target, environment: env, vm, powerdownTimeoutMs: settings.powerdownTimeoutMs, verify: true,
-      }));
-      precopy = undefined;
-      moved = true;
-      targetStarted = true;
-      bytes = cut.bytes;
-      downtimeOverrideMs = cut.downtimeMs;
-    }
-    if (location === 'source-running' && !moved) {
-      stoppedAt = Date.now();
-      await run('stop', async () => {
-        const how = await source.stopVm(env, vm, { powerdownTimeoutMs: settings.powerdownTimeoutMs });
-        await assertStopped(source, env, vm);
-        return how;
-      });
-    }
-    if ((location === 'source-running' || location === 'source-stopped') && !moved) {
-      stoppedAt ??= Date.now();
-      bytes = await run('transfer', async () => {
-        const done = new Map<string, number>();
-        const totals = new Map<string, number>();
-        const sum = (m: Map<string, number>) => [...m.values()].reduce((a, b) => a + b, 0);
-        const meter = new RateMeter();
-        const results = await (ctx.transfer ?? relayVmFiles)({
-          source, target, environment: env, vm, stallTimeoutMs: settings.stallTimeoutMs, signal,
-          compression: settings.compression, bandwidthLimit: settings.bandwidthLimitBytesPerSec, reconnect: ctx.reconnect,
-          onProgress: (file, d, t) => {
-            done.set(file, d);
-            totals.set(file, t);
-            const bytesTransferred = sum(done);
-            const bytesTotal = sum(totals);
-            meter.update(bytesTransferred);
-            const eta = meter.etaSeconds(bytesTotal);
-            ctx.observer.progress({ bytesTransferred, bytesTotal, bytesPerSecond: Math.round(meter.bytesPerSecond), etaSeconds: eta === undefined ? undefined : Math.ceil(eta) });
-          },
-        });
-        const total = results.reduce((n, r) => n + r.bytes, 0);
-        ctx.observer.progress({ bytesTransferred: total, bytesTotal: total, bytesPerSecond: 0, etaSeconds: 0 });
-        return total;
-      });
-    }
-    if (location !== 'target-running' && !moved) {
-      stoppedAt ??= Date.now();
-      // Fencing: the source must be proven stopped right before the target starts.
-      await run('start', async () => {
-        await assertStopped(source, env, vm);
-        await target.startVm(env, vm);
-        targetStarted = true;
-      });
-    }
-    const runningAt = Date.now();
-    const downtimeMs = downtimeOverrideMs ?? (stoppedAt === undefined ? 0 : runningAt - stoppedAt);
-    ctx.observer.progress({ downtimeSeconds: round(downtimeMs / 1000) });
-
-    await run('nodeReady', () => guest.waitNodeReady(vm.nodeName, { timeoutMs: settings.nodeReadyTimeoutMs, signal }));
-    const nodeReadyMs = Date.now() - runningAt;
-    await run('uncordon', () => guest.uncordon(vm.nodeName));
-    await run('commit', () => ctx.store.setPlacement(env, vm.name, target.host.name));
-    await run('cleanup', async () => {
-      // The copy was verified in `transfer` and the VM is healthy on the target: only now may the source go.
-      const onSource = await source.vmStatus(env, vm);
-      if (onSource.state === 'running' || onSource.state === 'paused' || onSource.state === 'other') {
-        throw new Error(`refusing to clean up: VM ${vm.name} still has a live QEMU on ${source.host.name}`);
-      }
-      if (onSource.state !== 'absent') await source.removeVmDir(env, vm);
-    });
-    return { downtimeMs, nodeReadyMs, bytes, resumedFrom };
+    return { downtimeMs: st.downtimeMs ?? 0, nodeReadyMs: st.nodeReadyMs, bytes: st.bytes, resumedFrom, mode: st.mode };
   } catch (err) {
-    // A running mirror holds the source's QMP socket: release it before rollback looks at the VM.
-    if (precopy) await precopy.abort().catch((e: Error) => ctx.log.warn({ err: e.message }, 'aborting the mirror failed'));
     const failedStep = (err as { step?: MoveStep }).step ?? 'precheck';
-    if (signal.aborted && signal.reason instanceof Handover) {
-      throw new MoveError(failedStep, `interrupted: ${signal.reason.message}`, 'interrupted');
+    if (err instanceof MoveError && err.outcome === 'waiting') throw err;
+    if (ctx.signal.aborted && ctx.signal.reason instanceof Handover) {
+      throw new MoveError(failedStep, `interrupted: ${ctx.signal.reason.message}`, 'interrupted');
     }
     const reason = (err as Error).message;
-    const outcome = await rollback(ctx, { targetStarted }).then((): MoveOutcome => 'rolled-back', (rbErr: Error): MoveOutcome => {
+    if (!st.touched) throw new MoveError(failedStep, reason, 'untouched');
+    const outcome = await rollback(ctx, st).then((): MoveOutcome => 'rolled-back', (rbErr: Error): MoveOutcome => {
       ctx.log.error({ err: rbErr.message }, 'rollback failed');
       ctx.observer.progress({ message: `rollback failed: ${rbErr.message}` });
       return 'stuck';
@@ -247,32 +225,58 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
   }
 }
 
+async function precheck(ctx: MoveContext): Promise<Location> {
+  const { vm, guest, environment } = ctx;
+  if (!(await guest.apiHealthy())) {
+    const verdict = { safe: false, reason: 'WaitingForAPIServer', message: `the API server of ${environment.name}'s guest cluster is not healthy (/readyz)` };
+    throw new MoveError('precheck', verdict.message, 'waiting', verdict);
+  }
+  const where = await locate(ctx);
+  const node = await guest.nodeState(vm.nodeName);
+  if (!node.exists) throw new Error(`node ${vm.nodeName} of VM ${vm.name} does not exist in the guest cluster of ${environment.name}`);
+  return where;
+}
+
+/** True when this VM's journal shows a converged pre-copy mirror since its last mirror start and rollback. */
+async function journalSaysConverged(ctx: MoveContext): Promise<boolean> {
+  const entries = await ctx.store.journalEntries(ctx.migrationUid, ctx.environment.name, ctx.vm.name);
+  let converged = false;
+  for (const e of entries) {
+    if ((e.step === 'mirror' && e.event === 'begin') || e.step === 'rollback') converged = false;
+    if (e.step === 'converge' && e.event === 'end') converged = true;
+  }
+  return converged;
+}
+
+const live = (s: string) => s === 'running' || s === 'paused' || s === 'other';
+
 /**
- * Finds the VM. Exactly one host may hold a live QEMU for it; two is the
- * split-brain the fencing exists to prevent, and we stop rather than guess.
+ * Finds the VM. Exactly one host may hold a QEMU that ran the guest; two is the split-brain the
+ * fencing exists to prevent, and we stop rather than guess.
  */
 async function locate(ctx: MoveContext): Promise<Location> {
   const { source, target, vm, environment } = ctx;
-  const [src, dst] = await Promise.all([source.vmStatus(environment.name, vm), target.vmStatus(environment.name, vm)]);
-  const live = (s: string) => s === 'running' || s === 'paused' || s === 'other';
+  const env = environment.name;
+  const [src, dst] = await Promise.all([source.vmStatus(env, vm), target.vmStatus(env, vm)]);
   if (live(src.state) && live(dst.state)) {
     // An interrupted live migration leaves two QEMUs, but only one of them ever ran the guest:
     // a target still waiting for the incoming stream never ran it, a source that finished handing over never will again.
     if (src.qmpStatus === 'running' && (dst.qmpStatus === 'inmigrate' || dst.qmpStatus === 'prelaunch')) {
-      await target.stopVm(environment.name, vm, { powerdownTimeoutMs: 0 });
-      await assertStopped(target, environment.name, vm);
-      await target.removeVmDir(environment.name, vm);
+      await target.stopVm(env, vm, { powerdownTimeoutMs: 0 });
+      await assertStopped(target, env, vm);
+      await target.removeVmDir(env, vm);
       return 'source-running';
     }
     if (src.qmpStatus === 'postmigrate' && dst.qmpStatus === 'running') {
-      await source.stopVm(environment.name, vm, { powerdownTimeoutMs: 0 });
-      await assertStopped(source, environment.name, vm);
+      await source.stopVm(env, vm, { powerdownTimeoutMs: 0 });
+      await assertStopped(source, env, vm);
       return 'target-running';
     }
+    if (src.qmpStatus === 'postmigrate' && dst.qmpStatus === 'paused') return 'handover-pending';
     throw new Error(`VM ${vm.name} has a live QEMU on both ${source.host.name} (${src.qmpStatus ?? src.state}) and ${target.host.name} (${dst.qmpStatus ?? dst.state}); refusing to touch it`);
   }
   if (live(dst.state)) return 'target-running';
-  if (live(src.state)) return 'source-running';
+  if (live(src.state)) return src.qmpStatus === 'running' || src.qmpStatus === undefined || !(await haltedForCutover(ctx)) ? 'source-running' : 'source-halted';
   if (src.state === 'absent' && dst.state === 'stopped') {
     // Source already cleaned: only possible after a verified copy.
     return 'target-stopped';
@@ -281,24 +285,164 @@ async function locate(ctx: MoveContext): Promise<Location> {
   return 'source-stopped';
 }
 
-async function assertStopped(h: Hypervisor, env: string, vm: VMSpec): Promise<void> {
-  const s = await h.vmStatus(env, vm);
-  if (s.state !== 'stopped' && s.state !== 'absent') throw new Error(`VM ${vm.name} is still ${s.state} on ${h.host.name}`);
+/** A halted (not running) source is a cutover in progress only if the journal shows our `stop` ended (and no rollback since). */
+async function haltedForCutover(ctx: MoveContext): Promise<boolean> {
+  let stopped = false;
+  for (const e of await ctx.store.journalEntries(ctx.migrationUid, ctx.environment.name, ctx.vm.name)) {
+    if (e.step === 'rollback') stopped = false;
+    if (e.step === 'stop' && e.event === 'end') stopped = true;
+  }
+  return stopped;
 }
 
-/** Back to where we started: VM running on the source, node schedulable. */
-async function rollback(ctx: MoveContext, state: { targetStarted: boolean }): Promise<void> {
+async function assertStopped(h: MoveHost, env: string, vm: VMSpec): Promise<void> {
+  const s = await h.vmStatus(env, vm);
+  if (s.state !== 'stopped' && s.state !== 'absent') throw new Error(`VM ${vm.name} is still ${s.qmpStatus ?? s.state} on ${h.host.name}`);
+}
+
+type Action = (ctx: MoveContext, st: MoveState) => Promise<unknown>;
+
+/** A safety gate: waits (status condition, backoff) while not safe; before any side effect it hands the wait to the runner. */
+async function gate(ctx: MoveContext, st: MoveState): Promise<void> {
+  let deadline: number | undefined;
+  for (let attempt = 0; ; attempt++) {
+    const verdict = await ctx.safety.guard.checkSafeToStop(ctx.vm);
+    if (verdict.safe) {
+      if (attempt > 0) ctx.observer.waiting?.(undefined);
+      return;
+    }
+    if (!st.touched) throw new MoveError('quorum', verdict.message, 'waiting', verdict);
+    deadline ??= Date.now() + ctx.settings.safetyWaitTimeoutMs;
+    if (Date.now() >= deadline) throw new Error(`still not safe after waiting ${Math.round(ctx.settings.safetyWaitTimeoutMs / 1000)} s: ${verdict.message}`);
+    ctx.observer.waiting?.(verdict);
+    await sleep(backoffMs(attempt, 1000, 15_000), ctx.signal);
+  }
+}
+
+const ACTIONS: Record<MoveStep, Action> = {
+  precheck: async () => undefined,
+  quorum: gate,
+  mirror: async (ctx, st) => {
+    st.mirror = await ctx.engines.startMirror({ signal: ctx.signal, onProgress: (p) => ctx.observer.progress(p) });
+  },
+  cordon: (ctx) => ctx.guest.cordon(ctx.vm.nodeName),
+  drain: (ctx) => ctx.guest.drain(ctx.vm.nodeName, {
+    timeoutMs: ctx.settings.drainTimeoutMs, gracePeriodSeconds: ctx.settings.drainGracePeriodSeconds,
+    deleteEmptyDirData: ctx.settings.deleteEmptyDirData, signal: ctx.signal,
+    onProgress: (remaining: number) => ctx.observer.progress({ message: `draining: ${remaining} pod(s) left` }),
+  }),
+  mirrorSync: async (_ctx, st) => {
+    await need(st.mirror, 'mirror').ready;
+  },
+  leaderMove: async (ctx) => {
+    const r = await ctx.safety.guard.moveLeadershipAway(ctx.vm, ctx.signal);
+    if (r.movedTo) ctx.observer.progress({ message: `etcd leadership moved to ${r.movedTo}` });
+  },
+  lbOut: async (ctx, st) => {
+    st.lbOut = true;
+    await ctx.safety.loadBalancer?.removeBackend(ctx.vm, ctx.signal);
+  },
+  live: async (ctx, st) => {
+    st.live = await ctx.engines.live({ signal: ctx.signal, onProgress: (message, bytes) => ctx.observer.progress({ bytesTransferred: bytes, message: `live: ${message}` }) });
+    st.bytes = st.live.bytes;
+  },
+  stop: async (ctx, st) => {
+    const { source, environment, vm, settings } = ctx;
+    if (st.mode === 'live' && st.live) {
+      // QEMU stopped the guest itself (stop-and-copy); the source must be postmigrate now.
+      st.stoppedAt = st.live.stoppedAt;
+      const s = await source.vmStatus(environment.name, vm);
+      if (s.qmpStatus !== 'postmigrate') throw new Error(`source is ${s.qmpStatus ?? s.state} after the live migration, expected postmigrate`);
+      return 'postmigrate';
+    }
+    st.stoppedAt = Date.now();
+    if (st.mirror) return st.mirror.haltSource(settings.powerdownTimeoutMs);
+    const how = await source.stopVm(environment.name, vm, { powerdownTimeoutMs: settings.powerdownTimeoutMs });
+    await assertStopped(source, environment.name, vm);
+    return how;
+  },
+  converge: async (_ctx, st) => {
+    st.bytes = await need(st.mirror, 'mirror').converge();
+  },
+  fence: async (ctx, st) => {
+    const { source, environment, vm } = ctx;
+    if (st.mirror) await st.mirror.quitSource();
+    else if (st.live) await st.live.quitSource();
+    else {
+      const s = await source.vmStatus(environment.name, vm);
+      // Fail closed: fencing never kills a guest that is still executing; that is `stop`'s job.
+      if (s.qmpStatus === 'running') throw new Error(`refusing to fence: VM ${vm.name} is running on ${source.host.name}`);
+      if (live(s.state)) await source.stopVm(environment.name, vm, { powerdownTimeoutMs: 0 });
+    }
+    st.sourceFenced = true;
+    await assertStopped(source, environment.name, vm);
+  },
+  transfer: async (ctx, st) => {
+    if (st.mode === 'precopy') {
+      st.bytes += await ctx.engines.copyNonDisk(ctx.signal);
+      return;
+    }
+    st.stoppedAt ??= Date.now();
+    st.bytes = await ctx.engines.copyAll({ signal: ctx.signal, onProgress: (p) => ctx.observer.progress(p) });
+    ctx.observer.progress({ bytesTransferred: st.bytes, bytesTotal: st.bytes, bytesPerSecond: 0, etaSeconds: 0 });
+  },
+  verify: (ctx) => ctx.engines.verify(),
+  start: async (ctx, st) => {
+    const { source, target, environment, vm } = ctx;
+    // Fencing: the source must be proven stopped right before the target runs.
+    await assertStopped(source, environment.name, vm);
+    st.stoppedAt ??= Date.now();
+    st.targetStarted = true;
+    if (st.mode === 'live') st.runningAt = st.live ? await st.live.resumeTarget() : await ctx.engines.resumeTarget();
+    else {
+      await target.startVm(environment.name, vm);
+      st.runningAt = Date.now();
+    }
+    st.downtimeMs = st.runningAt - st.stoppedAt;
+    ctx.observer.progress({ downtimeSeconds: Math.round(st.downtimeMs) / 1000 });
+  },
+  nodeReady: async (ctx, st) => {
+    const t0 = Date.now();
+    await ctx.guest.waitNodeReady(ctx.vm.nodeName, { timeoutMs: ctx.settings.nodeReadyTimeoutMs, signal: ctx.signal });
+    st.nodeReadyMs = Date.now() - (st.runningAt ?? t0);
+  },
+  memberHealthy: (ctx) => ctx.safety.guard.waitMemberHealthy(ctx.vm, { timeoutMs: ctx.settings.nodeReadyTimeoutMs, signal: ctx.signal }),
+  lbIn: async (ctx, st) => {
+    await ctx.safety.loadBalancer?.addBackend(ctx.vm, ctx.signal);
+    st.lbOut = false;
+  },
+  uncordon: (ctx) => ctx.guest.uncordon(ctx.vm.nodeName),
+  commit: (ctx) => ctx.store.setPlacement(ctx.environment.name, ctx.vm.name, ctx.target.host.name),
+  cleanup: async (ctx) => {
+    const { source, environment, vm } = ctx;
+    // The copy was verified and the VM is healthy on the target: only now may the source go.
+    const onSource = await source.vmStatus(environment.name, vm);
+    if (live(onSource.state)) throw new Error(`refusing to clean up: VM ${vm.name} still has a live QEMU on ${source.host.name}`);
+    if (onSource.state !== 'absent') await source.removeVmDir(environment.name, vm);
+  },
+  rollback: async () => undefined,
+};
+
+function need<T>(v: T | undefined, what: string): T {
+  if (v === undefined) throw new Error(`no ${what} in this run (the step list is inconsistent)`);
+  return v;
+}
+
+/** Back to where we started: VM running on the source, back in the load balancer, node schedulable. */
+async function rollback(ctx: MoveContext, st: MoveState): Promise<void> {
   const { source, target, vm, environment, guest } = ctx;
   const env = environment.name;
-  const run = stepRunner(ctx);
-  await run('rollback', async () => {
+  await stepRunner(ctx)('rollback', async () => {
+    // A live strategy session still holds the source QEMU: let it undo its own work first.
+    if (st.mirror && !st.sourceFenced) await st.mirror.abortAndResume();
+    if (st.live && !st.sourceFenced && !st.targetStarted) await st.live.abort(new Error('rolling back'));
     const onSource = await source.vmStatus(env, vm);
     const onTarget = await target.vmStatus(env, vm);
     if (onSource.state === 'absent') {
       // The source files are gone only after a complete, verified move: nothing to roll back to.
       throw new Error(`source files of ${vm.name} are gone; leaving the VM on ${target.host.name}`);
     }
-    if (onTarget.state === 'running' || onTarget.state === 'paused' || onTarget.state === 'other' || state.targetStarted) {
+    if (live(onTarget.state) || st.targetStarted) {
       await target.stopVm(env, vm, { powerdownTimeoutMs: ctx.settings.powerdownTimeoutMs });
       await assertStopped(target, env, vm);
     }
@@ -307,6 +451,7 @@ async function rollback(ctx: MoveContext, state: { targetStarted: boolean }): Pr
       await source.startVm(env, vm);
     }
     if (onTarget.state !== 'absent') await target.removeVmDir(env, vm);
+    if (st.lbOut) await ctx.safety.loadBalancer?.addBackend(vm, ctx.signal);
     await guest.uncordon(vm.nodeName);
   });
 }
@@ -315,7 +460,7 @@ function stepRunner(ctx: MoveContext) {
   const { store, migrationUid, environment, vm, observer } = ctx;
   return async function run<T>(step: MoveStep, fn: () => Promise<T>): Promise<T> {
     if (ctx.signal.aborted && step !== 'rollback') throw Object.assign(new Error('migration aborted'), { step });
-    await store.journal(migrationUid, environment.name, vm.name, step, 'begin');
+    await store.journal(migrationUid, environment.name, vm.name, step, 'begin', step === 'precheck' && ctx.migrationName ? { migration: ctx.migrationName } : undefined);
     await store.updateMove(migrationUid, environment.name, vm.name, { step });
     observer.progress({ step });
     observer.step(step, 'begin', {});
@@ -327,14 +472,16 @@ function stepRunner(ctx: MoveContext) {
       observer.step(step, 'end', { durationMs });
       return result;
     } catch (err) {
+      if (err instanceof LiveFellBack) {
+        // A clean live abort is an outcome of the step, not a failure of the move.
+        await store.journal(migrationUid, environment.name, vm.name, step, 'end', { durationMs: Date.now() - started, message: `fell back: ${err.message}` });
+        observer.step(step, 'end', { durationMs: Date.now() - started, message: err.message });
+        throw err;
+      }
       const message = (err as Error).message;
       await store.journal(migrationUid, environment.name, vm.name, step, 'fail', { message });
       observer.step(step, 'fail', { durationMs: Date.now() - started, message });
       throw Object.assign(err as Error, { step: (err as { step?: MoveStep }).step ?? step });
     }
   };
-}
-
-function round(n: number): number {
-  return Math.round(n * 1000) / 1000;
 }

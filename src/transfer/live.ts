@@ -9,27 +9,27 @@
  *           source migrate unix:<tunnel>; query-migrate until completed
  *   then:   source is postmigrate (the guest's last state is on the target); source mirrors are soft-
  *           cancelled (nothing is dirty: write-blocking mirrored every write synchronously), target
- *           nbd-server-stop, target cont → running; source QEMU quit.
+ *           nbd-server-stop. liveMigrate returns here, with the target paused: quitting the source
+ *           (fence) and resuming the target (start) are VM lifecycle, done by the caller through
+ *           src/hosts (the per-VM flow's `fence` and `start` steps).
  *
- * Safety: the guest never runs on two hosts. The target runs only after the source reached
- * postmigrate (checked) and the handover is done; before that every failure (mirror, convergence
- * timeout, target crash) cancels the migration and the mirrors, kills the target QEMU and removes the
- * target's files, and leaves the source running. If the source completed but the target cannot be
- * started, the target QEMU is killed (proven gone) before the source is resumed.
+ * Safety: the guest never runs on two hosts. The target is never resumed here; every failure before
+ * the return (mirror, convergence timeout, target crash) cancels the migration and the mirrors, quits
+ * the incoming target QEMU (proven gone) and removes the target's files, and leaves the source
+ * running. After the return, `abort()` does the same for a caller that cannot finish the handover.
  */
 import type { VMSpec } from '../api/inventory.js';
+import { TIMEOUTS } from '../api/types.js';
 import type { Hypervisor } from '../hosts/hypervisor.js';
 import { createDisks, openQmpAt, queryDisks, quitQemu, startIncomingQemu, verifyGuestData, type DiskVerification, type IncomingQemu, type QemuDisk } from '../hosts/qemuIncoming.js';
 import type { QmpClient } from '../hosts/qmp.js';
-import { log } from '../util/log.js';
-import { MirrorJobs, type MirrorProgress } from './mirror.js';
+import { log as rootLog, type Logger } from '../util/log.js';
+import { sleep } from '../util/sleep.js';
 import { openTunnel, tunnelSocketPath, type Tunnel } from './tunnel.js';
-import { relayFile } from './relay.js';
+import { copyNonDiskFiles, MirrorJobs, type MirrorProgress } from './mirror.js';
 
-const logger = log.child({ component: 'live' });
 /** QEMU's default max-bandwidth (MAX_THROTTLE, 128 MiB/s) */
 export const QEMU_DEFAULT_MAX_BANDWIDTH = 128 * 1024 * 1024;
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
 export class LiveMigrationAbortedError extends Error {
   constructor(
@@ -59,7 +59,7 @@ export interface LiveMigrateOptions {
   downtimeLimitMs?: number;
   /** QEMU's max-bandwidth for the RAM migration, bytes/s (default: QEMU's default, 128 MiB/s; set on every attempt) */
   maxBandwidthBytesPerSec?: number;
-  /** disk mirror: give up if not READY in time (default 1 h) */
+  /** disk mirror: give up if not READY in time (default TIMEOUTS.mirrorReadyMs) */
   mirrorReadyTimeoutMs?: number;
   /** RAM migration: give up (migrate_cancel, clean abort) if not completed in time (default 10 min) */
   convergenceTimeoutMs?: number;
@@ -68,14 +68,16 @@ export interface LiveMigrateOptions {
   onProgress?: (p: LiveProgress) => void;
   signal?: AbortSignal;
   pollMs?: number;
-  /** QMP client of the source QEMU to use (QEMU serves one client at a time); it is closed when liveMigrate returns */
+  /** QMP client of the source QEMU to use (QEMU serves one client at a time); owned by the result from then on */
   sourceQmp?: QmpClient;
+  /** the move's logger (carries migration, environment and VM) */
+  log?: Logger;
 }
 
 export interface LiveMigrateResult {
   /** QEMU's own figure from query-migrate (source stop → last byte sent) */
   qemuDowntimeMs: number;
-  /** our figure: STOP event seen from the source → target's cont answered (status running) */
+  /** our figure: STOP event seen from the source → target's cont answered (status running); set by whoever resumes the target */
   measuredDowntimeMs: number;
   totalMs: number;
   /** mirror (NBD) and migration stream bytes through the operator, both directions */
@@ -84,6 +86,21 @@ export interface LiveMigrateResult {
   ramTransferred: number;
   phases: { prepareMs: number; mirrorMs: number; migrateMs: number; handoverMs: number };
   verification?: DiskVerification[];
+}
+
+/**
+ * The migrated guest, waiting for its handover: the source QEMU is postmigrate (it will not run the
+ * guest again unless told to), the target QEMU paused with the whole state. The caller fences the
+ * source (quit, proven gone) and resumes the target through src/hosts, or calls abort().
+ */
+export interface LiveHandover {
+  result: LiveMigrateResult;
+  /** wall-clock time QEMU stopped the guest on the source (its STOP event) */
+  stoppedAt: number;
+  sourceQmp: QmpClient;
+  targetQmp: QmpClient;
+  /** Before the target ran: quit the target QEMU (proven gone), remove its files, resume the source. */
+  abort(reason: Error): Promise<never>;
 }
 
 interface MigrateInfo {
@@ -98,12 +115,12 @@ async function status(qmp: QmpClient): Promise<string> {
   return (await qmp.execute<{ status: string }>('query-status')).status;
 }
 
-export async function liveMigrate(opts: LiveMigrateOptions): Promise<LiveMigrateResult> {
+export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promise<LiveHandover> {
   const { source, target, environment, vm } = opts;
   const pollMs = opts.pollMs ?? 100;
   const srcDir = source.vmDir(environment, vm);
   const dstDir = target.vmDir(environment, vm);
-  const ctx = { vm: vm.name, from: source.host.name, to: target.host.name };
+  const logger = (opts.log ?? rootLog).child({ component: 'live', from: source.host.name, to: target.host.name });
   const t0 = Date.now();
 
   const src = opts.sourceQmp ?? (await openQmpAt(source, srcDir));
@@ -118,7 +135,7 @@ export async function liveMigrate(opts: LiveMigrateOptions): Promise<LiveMigrate
 
   /** Every failure before the handover ends here: source running, target gone. */
   const abort = async (reason: Error): Promise<never> => {
-    logger.warn({ ...ctx, phase, err: reason.message }, 'live migration failed; aborting');
+    logger.warn({ phase, err: reason.message }, 'live migration failed; aborting');
     const problems: string[] = [];
     if (migrateStarted) {
       await src.execute('migrate_cancel').catch((e: Error) => problems.push(`migrate_cancel: ${e.message}`));
@@ -184,11 +201,8 @@ export async function liveMigrate(opts: LiveMigrateOptions): Promise<LiveMigrate
     }
     await target.ensureDir(dstDir);
     await createDisks(target, dstDir, disks);
-    for (const f of vm.files) {
-      // non-disk files are not opened by QEMU (see Hypervisor.startVm): copy them now
-      if (f.kind === 'disk') continue;
-      await relayFile({ source: source.conn, sourcePath: `${srcDir}/${f.name}`, target: target.conn, targetPath: `${dstDir}/${f.name}`, signal: opts.signal });
-    }
+    // non-disk files are not opened by QEMU (see Hypervisor.startVm): copy them now
+    await copyNonDiskFiles({ source, target, environment, vm, signal: opts.signal });
     incoming = await startIncomingQemu(target, environment, vm, { paused: true });
     const dst = incoming.qmp;
     const targetDisks = await queryDisks(dst, dstDir, vm);
@@ -207,7 +221,7 @@ export async function liveMigrate(opts: LiveMigrateOptions): Promise<LiveMigrate
       { prefix: 'live', copyMode: 'write-blocking' },
     );
     await jobs.waitReady({
-      timeoutMs: opts.mirrorReadyTimeoutMs ?? 3600_000,
+      timeoutMs: opts.mirrorReadyTimeoutMs ?? TIMEOUTS.mirrorReadyMs,
       signal: opts.signal,
       onProgress: (p) => opts.onProgress?.({ phase: 'mirror', mirror: p, tunnelBytes: tunnelBytes() }),
     });
@@ -279,41 +293,22 @@ export async function liveMigrate(opts: LiveMigrateOptions): Promise<LiveMigrate
     src.removeListener('STOP', onStop);
     return abort(err as Error);
   }
-  const resumedEv = dst.waitForEvent('RESUME', 10_000).catch(() => undefined);
-  try {
-    await dst.execute('cont');
-  } catch (err) {
-    // Unknown whether the target runs: the source stays postmigrate (never resumed here), so the VM
-    // runs on at most one host. The caller must locate it (Hypervisor.vmStatus on the target).
-    src.removeListener('STOP', onStop);
-    src.close();
-    dst.close();
-    for (const t of tunnels) await t.close();
-    throw new Error(`live migration of ${vm.name}: cont on the target failed (${(err as Error).message}); the source is left postmigrate (paused, not resumable without checking the target)`);
-  }
-  const runningAt = Date.now();
-  await resumedEv;
   src.removeListener('STOP', onStop);
   const tHandover = Date.now();
-
   for (const t of tunnels) await t.close();
   const bytesDisks = tunnels[0] ? tunnels[0].stats.bytesAtoB + tunnels[0].stats.bytesBtoA : 0;
   const bytesMig = tunnels[1] ? tunnels[1].stats.bytesAtoB + tunnels[1].stats.bytesBtoA : 0;
-  dst.close();
-  // The source is postmigrate: its QEMU holds no live guest; end it and prove it gone.
-  await quitQemu(source, environment, vm, src).catch((err: Error) => logger.error({ ...ctx, err: err.message }, 'source QEMU did not quit after migration; host needs attention'));
-  await target.conn.exec(['rm', '-f', '--', `${dstDir}/nbd.sock`, `${dstDir}/migrate.sock`]).catch(() => undefined);
-
+  await target.removeFile(`${dstDir}/nbd.sock`).catch(() => undefined);
+  await target.removeFile(`${dstDir}/migrate.sock`).catch(() => undefined);
   const result: LiveMigrateResult = {
     qemuDowntimeMs: mig.downtime ?? -1,
-    measuredDowntimeMs: stopSeenAt !== undefined ? runningAt - stopSeenAt : -1,
+    measuredDowntimeMs: -1,
     totalMs: Date.now() - t0,
     bytes: { disks: bytesDisks, migration: bytesMig, total: bytesDisks + bytesMig },
     ramTransferred: mig.ram?.transferred ?? 0,
     phases: { prepareMs: tPrepared - t0, mirrorMs: tMirrored - tPrepared, migrateMs: tMigrated - tMirrored, handoverMs: tHandover - tMigrated },
     verification,
   };
-  logger.info({ ...ctx, ...result }, 'live migration done');
-  return result;
+  logger.info({ qemuDowntimeMs: result.qemuDowntimeMs, bytes: result.bytes.total, phases: result.phases }, 'live migration done; target paused, waiting for the handover');
+  return { result, stoppedAt: stopSeenAt ?? tMigrated, sourceQmp: src, targetQmp: dst, abort };
 }
-

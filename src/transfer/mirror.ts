@@ -11,18 +11,20 @@
  *           READY mirrors (QEMU copies what is still dirty, then ends the job; the source keeps its own
  *           disk, so a rollback simply resumes it), stop qemu-nbd (flushes), rename .partial → final.
  *
+ * Pausing the guest and quitting the source QEMU are VM lifecycle (src/hosts/qemuIncoming.ts); the
+ * per-VM flow runs them as its `stop` and `fence` steps around `converge` (PrecopyHandle.complete).
+ *
  * Also the generic mirror-job driver used by live migration (src/transfer/live.ts).
  */
 import type { VMSpec } from '../api/inventory.js';
-import type { Hypervisor } from '../hosts/hypervisor.js';
-import { createDisks, openQmpAt, queryDisks, quitQemu, verifyGuestData, type DiskVerification, type QemuDisk } from '../hosts/qemuIncoming.js';
+import { TIMEOUTS } from '../api/types.js';
+import { PROC_ALIVE_FN, type Hypervisor } from '../hosts/hypervisor.js';
+import { createDisks, openQmpAt, queryDisks, type QemuDisk } from '../hosts/qemuIncoming.js';
 import type { QmpClient, QmpEvent } from '../hosts/qmp.js';
 import { relayFile } from './relay.js';
 import { openTunnel, tunnelSocketPath, type Tunnel } from './tunnel.js';
-import { log } from '../util/log.js';
-
-const logger = log.child({ component: 'mirror' });
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+import { log as rootLog, type Logger } from '../util/log.js';
+import { sleep } from '../util/sleep.js';
 
 // ───────────────────────────── generic mirror jobs ─────────────────────────────
 
@@ -178,7 +180,7 @@ export class MirrorJobs {
         if (!/not found|No active block job|cannot be cancelled|in state/i.test(err.message)) throw err;
       });
     }
-    const deadline = Date.now() + (opts.timeoutMs ?? 120_000);
+    const deadline = Date.now() + (opts.timeoutMs ?? TIMEOUTS.mirrorConvergeMs);
     while (true) {
       const all = await this.qmp.execute<BlockJobInfo[]>('query-block-jobs');
       const mine = all.filter((j) => ids.includes(j.device));
@@ -187,7 +189,7 @@ export class MirrorJobs {
         for (const j of mine) await this.qmp.execute('job-dismiss', { id: j.device }).catch(() => undefined);
         break;
       }
-      if (Date.now() > deadline) throw new Error(`mirror jobs ${pending.map((j) => `${j.device}:${j.status}`).join(', ')} did not end within ${opts.timeoutMs ?? 120_000} ms`);
+      if (Date.now() > deadline) throw new Error(`mirror jobs ${pending.map((j) => `${j.device}:${j.status}`).join(', ')} did not end within ${opts.timeoutMs ?? TIMEOUTS.mirrorConvergeMs} ms`);
       await sleep(50);
     }
     if (!opts.force) {
@@ -216,6 +218,8 @@ export interface PrecopyOptions {
   readyTimeoutMs?: number;
   onProgress?: (p: MirrorProgress) => void;
   signal?: AbortSignal;
+  /** the move's logger (carries migration, environment and VM) */
+  log?: Logger;
 }
 
 export interface PrecopyCompleteResult {
@@ -258,13 +262,14 @@ const PARTIAL = '.partial';
  * (must be qemu-nbd serving that socket), SIGTERM (qemu-nbd flushes and exits), SIGKILL after 10 s.
  */
 const NBD_STOP_FN = [
+  PROC_ALIVE_FN,
   'nbd_stop() {',
   '  pid=$(tr -dc 0-9 < "$1" 2>/dev/null || true)',
   '  [ -n "$pid" ] || return 0',
   '  tr "\\0" "\\n" < "/proc/$pid/cmdline" 2>/dev/null | grep -qxF -- "$2" || return 0',
   '  kill -TERM "$pid" 2>/dev/null || return 0',
   '  i=0',
-  '  while [ -d "/proc/$pid" ] && [ "$(sed "s/.*) //" "/proc/$pid/stat" 2>/dev/null | cut -d" " -f1)" != Z ]; do',
+  '  while alive "$pid"; do',
   '    i=$((i+1)); if [ $i -gt 200 ]; then kill -KILL "$pid"; return 3; fi',
   '    sleep 0.05',
   '  done',
@@ -277,11 +282,12 @@ async function stopNbd(target: Hypervisor, e: NbdExport): Promise<void> {
   const r = await target.conn.exec(['sh', '-c', NBD_STOP_SCRIPT, 'nbd-stop', e.pidFile, `--socket=${e.socket}`]);
   if (r.code === 3) throw new Error(`qemu-nbd for ${e.partial} on ${target.host.name} ignored SIGTERM and was killed; its data may not be flushed`);
   if (r.code !== 0) throw new Error(`stopping qemu-nbd on ${target.host.name} failed (${r.code}): ${r.stderr}`);
-  await target.conn.exec(['rm', '-f', '--', e.socket]).catch(() => undefined);
+  await target.removeFile(e.socket).catch(() => undefined);
 }
 
 export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle> {
   const { source, target, environment, vm } = opts;
+  const logger = (opts.log ?? rootLog).child({ component: 'mirror', from: source.host.name, to: target.host.name });
   const srcDir = source.vmDir(environment, vm);
   const dstDir = target.vmDir(environment, vm);
   const ownQmp = !opts.sourceQmp;
@@ -299,7 +305,7 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
     for (const t of tunnels) await t.close();
     for (const e of exports) {
       await stopNbd(target, e).catch((err: Error) => logger.warn({ err: err.message }, 'qemu-nbd stop failed'));
-      if (removePartials) await target.conn.exec(['rm', '-f', '--', e.partial, e.socket, e.pidFile]).catch(() => undefined);
+      if (removePartials) for (const f of [e.partial, e.socket, e.pidFile]) await target.removeFile(f).catch(() => undefined);
     }
   };
 
@@ -350,9 +356,9 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
     throw err;
   }
   const mj = jobs;
-  logger.info({ vm: vm.name, from: source.host.name, to: target.host.name, disks: disks.map((d) => d.file) }, 'pre-copy mirrors started');
+  logger.info({ disks: disks.map((d) => d.file) }, 'pre-copy mirrors started');
 
-  const ready = mj.waitReady({ timeoutMs: opts.readyTimeoutMs ?? 6 * 3600_000, signal: opts.signal, onProgress: opts.onProgress });
+  const ready = mj.waitReady({ timeoutMs: opts.readyTimeoutMs ?? TIMEOUTS.mirrorReadyMs, signal: opts.signal, onProgress: opts.onProgress });
   // the caller may only look at progress; an unobserved rejection must not crash the process
   ready.catch(() => undefined);
 
@@ -370,7 +376,7 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
       const st = await qmp.execute<{ status: string }>('query-status');
       if (st.status === 'running') throw new Error('pre-copy complete() needs the source VM stopped (it is running): data would keep changing');
       await ready;
-      await mj.cancel({ force: false, timeoutMs: copts.timeoutMs ?? 120_000 });
+      await mj.cancel({ force: false, timeoutMs: copts.timeoutMs ?? TIMEOUTS.mirrorConvergeMs });
       mj.dispose();
       jobs = undefined;
       // one round trip on the target: stop every qemu-nbd (it flushes on SIGTERM), rename into place, make the renames durable
@@ -409,92 +415,16 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
   };
 }
 
-/**
- * Pauses the guest for the cutover without letting QEMU exit (an exiting QEMU would kill the mirror
- * before it converged): shutdown action "pause", ACPI power-down, wait for status shutdown; a guest
- * that does not react within powerdownTimeoutMs is paused with QMP stop (disk state as after a crash).
- */
-export async function pauseSourceForCutover(qmp: QmpClient, opts: { powerdownTimeoutMs: number }): Promise<'powerdown' | 'stop'> {
-  if (opts.powerdownTimeoutMs > 0) {
-    await qmp.execute('set-action', { shutdown: 'pause' });
-    await qmp.execute('system_powerdown');
-    const deadline = Date.now() + opts.powerdownTimeoutMs;
-    while (Date.now() < deadline) {
-      const s = await qmp.execute<{ status: string }>('query-status');
-      if (s.status === 'shutdown') return 'powerdown';
-      await sleep(100);
-    }
-  }
-  await qmp.execute('stop');
-  return 'stop';
-}
-
-/**
- * Undoes pauseSourceForCutover: shutdown action back to QEMU's default (poweroff) and the guest
- * running again — after a guest power-down that means a reset (a reboot of the guest).
- */
-export async function resumeSource(qmp: QmpClient): Promise<void> {
-  await qmp.execute('set-action', { shutdown: 'poweroff' });
-  const s = (await qmp.execute<{ status: string }>('query-status')).status;
-  if (s === 'running') return;
-  if (s === 'shutdown' || s === 'guest-panicked') await qmp.execute('system_reset');
-  await qmp.execute('cont');
-}
-
-export interface PrecopyCutoverResult extends PrecopyCompleteResult {
-  /** stop issued on the source → QMP status running on the target */
-  downtimeMs: number;
-  how: 'powerdown' | 'stop';
-  phases: { pauseMs: number; convergeMs: number; quitSourceMs: number; filesMs: number; startMs: number };
-  verification?: DiskVerification[];
-}
-
-/**
- * The whole cold cutover after startPrecopy's `ready`: pause the source, converge the mirrors, quit
- * the source QEMU (proven gone), relay the VM's non-disk files, start the VM on the target.
- * verify=true hashes the guest data on both hosts BEFORE the target starts (adds time ∝ disk size
- * to the downtime). On failure before the target start, the target's files are left for the caller's
- * rollback and the source QEMU is resumed if it is still alive.
- */
-export async function precopyCutover(
-  handle: PrecopyHandle,
-  opts: { source: Hypervisor; target: Hypervisor; environment: string; vm: VMSpec; powerdownTimeoutMs: number; verify?: boolean },
-): Promise<PrecopyCutoverResult> {
+/** Relays the VM's files that are not disks (QEMU does not hold them open, so no mirror is needed); returns the bytes. */
+export async function copyNonDiskFiles(opts: { source: Hypervisor; target: Hypervisor; environment: string; vm: VMSpec; signal?: AbortSignal }): Promise<number> {
   const { source, target, environment, vm } = opts;
-  await handle.ready;
-  const t0 = Date.now();
-  let sourceQuit = false;
-  try {
-    const how = await pauseSourceForCutover(handle.sourceQmp, { powerdownTimeoutMs: opts.powerdownTimeoutMs });
-    const t1 = Date.now();
-    const res = await handle.complete();
-    const t2 = Date.now();
-    sourceQuit = true;
-    await quitQemu(source, environment, vm, handle.sourceQmp);
-    const t3 = Date.now();
-    const srcDir = source.vmDir(environment, vm);
-    const dstDir = target.vmDir(environment, vm);
-    for (const f of vm.files) {
-      if (f.kind === 'disk') continue;
-      await relayFile({ source: source.conn, sourcePath: `${srcDir}/${f.name}`, target: target.conn, targetPath: `${dstDir}/${f.name}` });
-    }
-    const verification = opts.verify ? await verifyGuestData(source, target, environment, vm) : undefined;
-    const t4 = Date.now();
-    await target.startVm(environment, vm);
-    const t5 = Date.now();
-    return {
-      ...res,
-      downtimeMs: t5 - t0,
-      how,
-      phases: { pauseMs: t1 - t0, convergeMs: t2 - t1, quitSourceMs: t3 - t2, filesMs: t4 - t3, startMs: t5 - t4 },
-      verification,
-    };
-  } catch (err) {
-    if (!sourceQuit) {
-      await handle.abort().catch(() => undefined);
-      // the guest was only paused (or shut down with QEMU kept alive): give it back
-      await resumeSource(handle.sourceQmp).catch((e: Error) => logger.error({ vm: vm.name, err: e.message }, 'could not resume the source after a failed cutover'));
-    }
-    throw err;
+  const srcDir = source.vmDir(environment, vm);
+  const dstDir = target.vmDir(environment, vm);
+  let bytes = 0;
+  for (const f of vm.files) {
+    if (f.kind === 'disk') continue;
+    const r = await relayFile({ source: source.conn, sourcePath: `${srcDir}/${f.name}`, target: target.conn, targetPath: `${dstDir}/${f.name}`, signal: opts.signal });
+    bytes += r.bytes;
   }
+  return bytes;
 }

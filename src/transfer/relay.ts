@@ -29,18 +29,6 @@ import { TokenBucket } from './throttle.js';
 
 const logger = log.child({ component: 'relay' });
 
-export class ChecksumMismatchError extends Error {
-  constructor(
-    readonly path: string,
-    readonly streamSha256: string,
-    readonly sourceSha256: string,
-    readonly targetSha256: string,
-  ) {
-    super(`checksum mismatch copying ${path}: stream ${streamSha256}, source file ${sourceSha256}, target file ${targetSha256}`);
-    this.name = 'ChecksumMismatchError';
-  }
-}
-
 /** Some segments' target bytes did not hash to what was streamed; they are resent on the next attempt. */
 export class SegmentVerifyError extends Error {
   constructor(
@@ -135,11 +123,6 @@ export interface RelayOptions {
 }
 
 const DEFAULT_SEGMENT = 32 * 1024 * 1024;
-
-/** Kept for callers comparing whole-file digests themselves. */
-export function verifyChecksums(path: string, stream: string, source: string, target: string): void {
-  if (stream !== source || stream !== target) throw new ChecksumMismatchError(path, stream, source, target);
-}
 
 /** The stall timer and caller's signal must also bound waits that are not stream operations. */
 function abortable<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
@@ -488,24 +471,18 @@ export interface RelayVmOptions extends RelayTuning {
   environment: string;
   vm: VMSpec;
   onProgress?: (file: string, bytesDone: number, bytesTotal: number) => void;
-  /**
-   * Copying a disk under a running QEMU yields an inconsistent image; only callers doing
-   * their own consistency handling (e.g. a pre-copy that is re-verified later) may turn this off.
-   */
-  requireSourceStopped?: boolean;
 }
 
 /** Copies every file of the VM (VMSpec.files) into the same VM directory layout on the target host. */
 export async function relayVmFiles(opts: RelayVmOptions): Promise<VmFileRelayResult[]> {
-  const { source, target, environment, vm, onProgress: _onProgress, requireSourceStopped: _requireSourceStopped, ...tuning } = opts;
+  const { source, target, environment, vm, onProgress: _onProgress, ...tuning } = opts;
   const srcDir = vmDirectory(source.host, environment, vm.name);
   const dstDir = vmDirectory(target.host, environment, vm.name);
   for (const f of vm.files) assertSafeName('VM file', f.name);
 
-  if (opts.requireSourceStopped ?? true) {
-    const st = await source.vmStatus(environment, vm);
-    if (st.state !== 'stopped') throw new Error(`refusing to copy ${environment}/${vm.name} from ${source.host.name}: source VM is ${st.state}`);
-  }
+  // Copying a disk under a running QEMU would yield an inconsistent image.
+  const st = await source.vmStatus(environment, vm);
+  if (st.state !== 'stopped') throw new Error(`refusing to copy ${environment}/${vm.name} from ${source.host.name}: source VM is ${st.state}`);
   const tst = await target.vmStatus(environment, vm);
   if (tst.state !== 'absent' && tst.state !== 'stopped') {
     throw new Error(`refusing to copy ${environment}/${vm.name} to ${target.host.name}: a QEMU for it is ${tst.state} there`);

@@ -61,7 +61,3 @@ export class RateMeter {
     return Math.max(0, (total - last.done) / rate);
   }
 }
-
-export function formatRate(bytesPerSecond: number): string {
-  return `${(bytesPerSecond / 1048576).toFixed(1)} MiB/s`;
-}

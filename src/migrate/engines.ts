@@ -1,0 +1,100 @@
+/**
+ * Wires the byte movers of src/transfer and the QEMU lifecycle of src/hosts into the MoveEngines
+ * the per-VM flow drives: which function moves the bytes is decided here, when is decided by the
+ * step list.
+ */
+import type { HostSpec, VMSpec } from '../api/inventory.js';
+import type { MigrationSettings } from '../api/types.js';
+import type { Hypervisor } from '../hosts/hypervisor.js';
+import { openQmpAt, pauseSourceForCutover, quitQemu, resumeIncoming, resumeSource, verifyGuestData } from '../hosts/qemuIncoming.js';
+import type { HostConnection } from '../hosts/ssh.js';
+import { LiveMigrationAbortedError, liveMigrateUntilHandover } from '../transfer/live.js';
+import { copyNonDiskFiles, startPrecopy } from '../transfer/mirror.js';
+import { relayVmFiles } from '../transfer/relay.js';
+import { RateMeter } from '../transfer/throttle.js';
+import type { Logger } from '../util/log.js';
+import { LiveFellBack, type MoveEngines } from './vmMove.js';
+
+export interface EngineOptions {
+  source: Hypervisor;
+  target: Hypervisor;
+  environment: string;
+  vm: VMSpec;
+  settings: MigrationSettings;
+  log: Logger;
+  /** a fresh SSH connection for a relay retry after a dropped connection */
+  reconnect?: (host: HostSpec) => Promise<HostConnection>;
+}
+
+export function hypervisorEngines(o: EngineOptions): MoveEngines {
+  const { source, target, environment, vm, settings, log } = o;
+  const hosts = { source, target, environment, vm };
+  return {
+    async copyAll({ signal, onProgress }) {
+      const done = new Map<string, number>();
+      const totals = new Map<string, number>();
+      const sum = (m: Map<string, number>) => [...m.values()].reduce((a, b) => a + b, 0);
+      const meter = new RateMeter();
+      const results = await relayVmFiles({
+        ...hosts, stallTimeoutMs: settings.stallTimeoutMs, signal, compression: settings.compression,
+        bandwidthLimit: settings.bandwidthLimitBytesPerSec, reconnect: o.reconnect,
+        onProgress: (file, d, t) => {
+          done.set(file, d);
+          totals.set(file, t);
+          const bytesTransferred = sum(done);
+          const bytesTotal = sum(totals);
+          meter.update(bytesTransferred);
+          const eta = meter.etaSeconds(bytesTotal);
+          onProgress({ bytesTransferred, bytesTotal, bytesPerSecond: Math.round(meter.bytesPerSecond), etaSeconds: eta === undefined ? undefined : Math.ceil(eta) });
+        },
+      });
+      return results.reduce((n, r) => n + r.bytes, 0);
+    },
+    copyNonDisk: (signal) => copyNonDiskFiles({ ...hosts, signal }),
+    async startMirror({ signal, onProgress }) {
+      const handle = await startPrecopy({
+        ...hosts, signal, log, readyTimeoutMs: settings.mirrorReadyTimeoutMs,
+        onProgress: (p) => onProgress({ bytesTransferred: p.offset, bytesTotal: p.len }),
+      });
+      return {
+        ready: handle.ready,
+        haltSource: (powerdownTimeoutMs) => pauseSourceForCutover(handle.sourceQmp, { powerdownTimeoutMs }),
+        converge: async () => (await handle.complete()).bytes,
+        quitSource: () => quitQemu(source, environment, vm, handle.sourceQmp),
+        async abortAndResume() {
+          await handle.abort().catch((e: Error) => log.warn({ err: e.message }, 'aborting the mirror failed'));
+          if (!handle.sourceQmp.isClosed) await resumeSource(handle.sourceQmp);
+        },
+      };
+    },
+    async live({ signal, onProgress }) {
+      const h = await liveMigrateUntilHandover({
+        ...hosts, signal, log, mirrorReadyTimeoutMs: settings.mirrorReadyTimeoutMs,
+        downtimeLimitMs: settings.live.downtimeLimitMs, maxBandwidthBytesPerSec: settings.live.maxBandwidthBytesPerSec,
+        convergenceTimeoutMs: settings.live.convergenceTimeoutMs,
+        onProgress: (p) => onProgress(p.phase, p.tunnelBytes),
+      }).catch((err: unknown) => {
+        if (err instanceof LiveMigrationAbortedError && settings.live.fallback !== 'None') throw new LiveFellBack(err.message);
+        throw err;
+      });
+      return {
+        bytes: h.result.bytes.total,
+        stoppedAt: h.stoppedAt,
+        quitSource: () => quitQemu(source, environment, vm, h.sourceQmp),
+        resumeTarget: () => resumeIncoming(h.targetQmp).finally(() => h.targetQmp.close()),
+        abort: (reason) => h.abort(reason).catch(() => undefined),
+      };
+    },
+    verify: async () => {
+      await verifyGuestData(source, target, environment, vm);
+    },
+    async resumeTarget() {
+      const qmp = await openQmpAt(target, target.vmDir(environment, vm));
+      try {
+        return await resumeIncoming(qmp);
+      } finally {
+        qmp.close();
+      }
+    },
+  };
+}

@@ -1,0 +1,68 @@
+/**
+ * The pre-copy cutover and a whole live migration as one call each, composed from the same pieces
+ * the per-VM flow runs as separate journaled steps (stop → converge → fence → transfer → verify →
+ * start; live → fence → start). Used by the strategy integration tests and the downtime benchmark,
+ * which measure the pieces without a guest cluster around them.
+ */
+import type { VMSpec } from '../api/inventory.js';
+import type { Hypervisor } from '../hosts/hypervisor.js';
+import { pauseSourceForCutover, quitQemu, resumeIncoming, resumeSource, verifyGuestData, type DiskVerification } from '../hosts/qemuIncoming.js';
+import { liveMigrateUntilHandover, type LiveMigrateOptions, type LiveMigrateResult } from '../transfer/live.js';
+import { copyNonDiskFiles, type PrecopyCompleteResult, type PrecopyHandle } from '../transfer/mirror.js';
+
+export interface PrecopyCutoverResult extends PrecopyCompleteResult {
+  /** stop issued on the source → QMP status running on the target */
+  downtimeMs: number;
+  how: 'powerdown' | 'stop';
+  phases: { pauseMs: number; convergeMs: number; quitSourceMs: number; filesMs: number; startMs: number };
+  verification?: DiskVerification[];
+}
+
+/**
+ * The cold cutover after startPrecopy's `ready`: pause the source, converge the mirrors, quit the
+ * source QEMU (proven gone), relay the other files, optionally verify the guest data on both hosts,
+ * start on the target. A failure before the source quit aborts the mirror and resumes the source.
+ */
+export async function precopyCutover(
+  handle: PrecopyHandle,
+  opts: { source: Hypervisor; target: Hypervisor; environment: string; vm: VMSpec; powerdownTimeoutMs: number; verify?: boolean },
+): Promise<PrecopyCutoverResult> {
+  const { source, target, environment, vm } = opts;
+  await handle.ready;
+  const t0 = Date.now();
+  let sourceQuit = false;
+  try {
+    const how = await pauseSourceForCutover(handle.sourceQmp, { powerdownTimeoutMs: opts.powerdownTimeoutMs });
+    const t1 = Date.now();
+    const res = await handle.complete();
+    const t2 = Date.now();
+    sourceQuit = true;
+    await quitQemu(source, environment, vm, handle.sourceQmp);
+    const t3 = Date.now();
+    await copyNonDiskFiles({ source, target, environment, vm });
+    const verification = opts.verify ? await verifyGuestData(source, target, environment, vm) : undefined;
+    const t4 = Date.now();
+    await target.startVm(environment, vm);
+    const t5 = Date.now();
+    return { ...res, downtimeMs: t5 - t0, how, phases: { pauseMs: t1 - t0, convergeMs: t2 - t1, quitSourceMs: t3 - t2, filesMs: t4 - t3, startMs: t5 - t4 }, verification };
+  } catch (err) {
+    if (!sourceQuit) {
+      await handle.abort().catch(() => undefined);
+      // the guest was only halted (QEMU kept alive): give it back
+      await resumeSource(handle.sourceQmp).catch(() => undefined);
+    }
+    throw err;
+  }
+}
+
+/** Live migration through to the handover: fence the postmigrate source (quit, proven gone), then resume the target. */
+export async function liveMigrate(opts: LiveMigrateOptions): Promise<LiveMigrateResult> {
+  const h = await liveMigrateUntilHandover(opts);
+  try {
+    await quitQemu(opts.source, opts.environment, opts.vm, h.sourceQmp);
+  } catch (err) {
+    return h.abort(err as Error);
+  }
+  const runningAt = await resumeIncoming(h.targetQmp).finally(() => h.targetQmp.close());
+  return { ...h.result, measuredDowntimeMs: runningAt - h.stoppedAt };
+}
