@@ -1,26 +1,34 @@
 /**
- * Executes one VMMigration outside the reconcile call: plan, then each VM
- * move in order, reporting to status, events and metrics as it goes.
+ * Executes one VMMigration outside the reconcile call: plan, then each VM move in order, reporting
+ * to status, events and metrics as it goes. Kubernetes plumbing only: what a step does and when is
+ * decided in src/migrate; this file maps outcomes to phase, conditions, Events and metrics.
  */
 import { CoreV1Api, type KubeConfig } from '@kubernetes/client-node';
 import pRetry from 'p-retry';
 import type { EnvironmentSpec } from '../api/inventory.js';
-import { settingsFrom, strategyName, type PlanEntry, type VMMigration, type VMMigrationStatus, type VMStatus } from '../api/types.js';
+import { settingsFrom, strategyName, type PlanEntry, type VMMigration, type VMStatus } from '../api/types.js';
 import { GuestCluster } from '../guest/guestCluster.js';
 import type { HostPool } from '../hosts/pool.js';
 import * as metrics from '../metrics/metrics.js';
-import { moveVm, MoveError, type MoveStep } from '../migrate/vmMove.js';
+import { hypervisorEngines } from '../migrate/engines.js';
+import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from '../migrate/guestSafety.js';
+import { readinessGuard } from '../migrate/readinessGuard.js';
+import { moveVm, MoveError, type MoveContext, type MoveResult, type MoveStep } from '../migrate/vmMove.js';
 import { planMigration } from '../planner/plan.js';
 import type { Store } from '../store/store.js';
 import type { Logger } from '../util/log.js';
-import { setCondition } from './conditions.js';
-import { EventRecorder, StatusWriter } from './statusWriter.js';
+import { sleep } from '../util/sleep.js';
+import { setState, type MigrationState } from './conditions.js';
+import { StatusWriter, type EventRecorder } from './statusWriter.js';
+
+/** What the runner writes status through (StatusWriter; a unit test may pass its own). */
+export type StatusSink = Pick<StatusWriter, 'update' | 'flush' | 'close' | 'current'>;
 
 export interface RunnerDeps {
   kc: KubeConfig;
   store: Store;
-  pool: HostPool;
-  events: EventRecorder;
+  pool: Pick<HostPool, 'hypervisor' | 'connectFresh'>;
+  events: Pick<EventRecorder, 'emit'>;
   log: Logger;
   /** the newest copy of the object from the informer cache (spec.paused may change while we run) */
   latest: () => VMMigration | undefined;
@@ -28,187 +36,22 @@ export interface RunnerDeps {
   claimEnvironments: (uid: string, envs: string[]) => string[];
   releaseEnvironments: (uid: string) => void;
   statusIntervalMs?: number;
+  /**
+   * The guest-safety parts for one environment: the control-plane guard and, if the environment
+   * describes one, its load balancer. Default: readinessGuard (node readiness + /readyz), no LB.
+   */
+  guestSafety?: (env: EnvironmentSpec, guest: GuestCluster) => { guard: ControlPlaneGuard; loadBalancer?: LoadBalancerControl };
+  /** replaceable for unit tests of the bookkeeping */
+  statusSink?: (vmm: VMMigration) => StatusSink;
+  openGuest?: (env: EnvironmentSpec) => Promise<GuestCluster>;
+  move?: (ctx: MoveContext) => Promise<MoveResult>;
 }
 
 const STEP_EVENT_REASON: Partial<Record<MoveStep, string>> = {
-  cordon: 'Cordoned', drain: 'Drained', stop: 'VMStopped', transfer: 'DisksCopied', start: 'VMStarted',
-  nodeReady: 'NodeReady', uncordon: 'Uncordoned', cleanup: 'SourceCleaned', rollback: 'RolledBack',
+  cordon: 'Cordoned', drain: 'Drained', mirror: 'MirrorStarted', live: 'LiveMigrated', stop: 'VMStopped', fence: 'SourceFenced',
+  transfer: 'FilesCopied', verify: 'CopyVerified', start: 'VMStarted', nodeReady: 'NodeReady', leaderMove: 'LeaderMoved',
+  lbOut: 'RemovedFromLoadBalancer', lbIn: 'AddedToLoadBalancer', uncordon: 'Uncordoned', cleanup: 'SourceCleaned', rollback: 'RolledBack',
 };
-
-export async function runMigration(vmm: VMMigration, deps: RunnerDeps, signal: AbortSignal): Promise<void> {
-  const { store, log } = deps;
-  const generation = vmm.metadata.generation ?? 1;
-  const settings = settingsFrom(vmm.spec);
-  const writer = new StatusWriter(deps.kc, vmm, vmm.status ?? {}, log, deps.statusIntervalMs);
-  const now = () => new Date().toISOString();
-  const strategy = strategyName(settings);
-  try {
-    let plan: PlanEntry[] | undefined = vmm.status?.plan;
-    const resuming = plan !== undefined && vmm.status?.phase === 'Running';
-    if (!resuming) {
-      const hosts = await store.hosts();
-      const envs = await store.environments();
-      const result = planMigration(hosts, envs, settings);
-      if (result.problems.length > 0) {
-        const message = result.problems.join('; ');
-        writer.update((s) => fail(s, generation, 'InvalidReference', message, now()));
-        await writer.flush();
-        deps.events.emit(vmm, 'Warning', 'InvalidReference', message);
-        metrics.recordMigrationFinished(strategy, false);
-        return;
-      }
-      plan = result.entries;
-      writer.update((s) => {
-        s.observedGeneration = generation;
-        s.plan = plan;
-        s.vms = plan!.map((e): VMStatus => ({ environment: e.environment, name: e.vm, phase: 'Pending', attempts: 0 }));
-        s.progress = `0/${plan!.length}`;
-      });
-      if (settings.dryRun) {
-        writer.update((s) => {
-          s.phase = 'Succeeded';
-          s.message = `dry run: ${plan!.length} VM(s) would move to ${settings.targetHost}`;
-          s.finishedAt = now();
-          s.conditions = setCondition(s.conditions, { type: 'Ready', status: 'True', reason: 'DryRun', message: s.message, observedGeneration: generation });
-          s.conditions = setCondition(s.conditions, { type: 'Progressing', status: 'False', reason: 'DryRun', message: 'nothing was moved', observedGeneration: generation });
-          s.conditions = setCondition(s.conditions, { type: 'Degraded', status: 'False', reason: 'DryRun', message: 'nothing was moved', observedGeneration: generation });
-        });
-        await writer.flush();
-        return;
-      }
-    }
-    const entries = plan!;
-    const envNames = [...new Set(entries.map((e) => e.environment))];
-    const busy = deps.claimEnvironments(vmm.metadata.uid, envNames);
-    if (busy.length > 0) {
-      writer.update((s) => {
-        s.phase = 'Pending';
-        s.conditions = setCondition(s.conditions, { type: 'Progressing', status: 'False', reason: 'WaitingForEnvironment', message: `environment(s) ${busy.join(', ')} are being moved by another VMMigration`, observedGeneration: generation });
-      });
-      await writer.flush();
-      throw new RetryLater(10_000);
-    }
-
-    writer.update((s) => {
-      s.phase = 'Running';
-      s.startedAt ??= now();
-      s.message = `moving ${entries.length} VM(s) to ${settings.targetHost}`;
-      s.conditions = setCondition(s.conditions, { type: 'Ready', status: 'False', reason: 'InProgress', message: s.message, observedGeneration: generation });
-      s.conditions = setCondition(s.conditions, { type: 'Progressing', status: 'True', reason: 'Migrating', message: s.message, observedGeneration: generation });
-      s.conditions = setCondition(s.conditions, { type: 'Degraded', status: 'False', reason: 'AsExpected', message: 'no failures', observedGeneration: generation });
-    });
-    await writer.flush();
-    if (!resuming) {
-      deps.events.emit(vmm, 'Normal', 'Started', `moving ${entries.length} VM(s) to ${settings.targetHost}`);
-      metrics.recordMigrationStarted(strategy);
-    }
-    metrics.migrationsActive.inc();
-    try {
-      let done = 0;
-      for (const entry of entries) {
-        const moveKey = { migrationUid: vmm.metadata.uid, environment: entry.environment, vm: entry.vm, fromHost: entry.from, toHost: entry.to };
-        const record = await store.ensureMove(moveKey);
-        if (record.phase === 'Succeeded') {
-          done++;
-          continue;
-        }
-        await waitWhilePaused(deps, writer, generation, signal);
-        const vmStatus = (patch: Partial<VMStatus>) => writer.update((s) => {
-          const v = s.vms?.find((x) => x.environment === entry.environment && x.name === entry.vm);
-          if (v) Object.assign(v, patch);
-        });
-        writer.update((s) => {
-          s.currentVM = `${entry.environment}/${entry.vm}`;
-          s.progress = `${done}/${entries.length}`;
-        });
-        vmStatus({ phase: 'Running', attempts: record.attempts + 1, startedAt: now(), message: undefined });
-        await store.updateMove(vmm.metadata.uid, entry.environment, entry.vm, { phase: 'Running', attempts: record.attempts + 1, startedAt: now() });
-        const vmLog = log.child({ environment: entry.environment, vm: entry.vm });
-        const stepTimers = new Map<MoveStep, () => number>();
-        let reportedBytes = 0;
-        try {
-          const env = await mustEnvironment(store, entry.environment);
-          const vmSpec = env.vms.find((v) => v.name === entry.vm);
-          if (!vmSpec) throw new MoveError('precheck', `VM ${entry.vm} is no longer in environment ${entry.environment}`, 'untouched');
-          const [sourceHost, targetHost] = await Promise.all([store.host(entry.from), store.host(entry.to)]);
-          if (!sourceHost || !targetHost) throw new MoveError('precheck', `host ${!sourceHost ? entry.from : entry.to} is no longer in the inventory`, 'untouched');
-          const [source, target] = await Promise.all([deps.pool.hypervisor(sourceHost), deps.pool.hypervisor(targetHost)]);
-          const guest = GuestCluster.fromKubeconfigYaml(await guestKubeconfig(deps.kc, env));
-          const result = await moveVm({
-            migrationUid: vmm.metadata.uid, environment: env, vm: vmSpec, source, target, guest, store, settings, signal, log: vmLog,
-            reconnect: (h) => deps.pool.connectFresh(h),
-            observer: {
-              step(step, event, info) {
-                if (event === 'begin') stepTimers.set(step, metrics.startStepTimer(step));
-                else stepTimers.get(step)?.();
-                if (event === 'begin') vmLog.info({ step }, 'step started');
-                else if (event === 'end') vmLog.info({ step, durationMs: info.durationMs }, 'step done');
-                else vmLog.warn({ step, message: info.message }, 'step failed');
-                const reason = STEP_EVENT_REASON[step];
-                if (event === 'end' && reason) deps.events.emit(vmm, 'Normal', reason, `${entry.environment}/${entry.vm}: ${step} done in ${((info.durationMs ?? 0) / 1000).toFixed(1)} s`);
-                if (event === 'fail') deps.events.emit(vmm, 'Warning', 'StepFailed', `${entry.environment}/${entry.vm}: ${step} failed: ${info.message ?? ''}`);
-              },
-              progress: (update) => {
-                vmStatus(update);
-                // Bytes count in metrics as they move, not only when a VM is done.
-                if (update.bytesTransferred !== undefined && update.bytesTransferred > reportedBytes) {
-                  metrics.recordTransferBytes(update.bytesTransferred - reportedBytes);
-                  reportedBytes = update.bytesTransferred;
-                }
-                if (update.bytesPerSecond !== undefined) metrics.transferRate.set(update.bytesPerSecond);
-              },
-            },
-          });
-          done++;
-          metrics.recordVmMove('success', result.downtimeMs / 1000);
-          if (result.bytes > reportedBytes) metrics.recordTransferBytes(result.bytes - reportedBytes);
-          metrics.transferRate.set(0);
-          await store.updateMove(vmm.metadata.uid, entry.environment, entry.vm, { phase: 'Succeeded', finishedAt: now(), downtimeMs: result.downtimeMs, bytes: result.bytes });
-          vmStatus({ phase: 'Succeeded', finishedAt: now(), downtimeSeconds: result.downtimeMs / 1000, bytesTransferred: result.bytes, step: undefined, message: `downtime ${(result.downtimeMs / 1000).toFixed(1)} s, node Ready ${(result.nodeReadyMs / 1000).toFixed(1)} s after start` });
-          writer.update((s) => { s.progress = `${done}/${entries.length}`; });
-          await writer.flush();
-        } catch (err) {
-          // Errors before moveVm (connecting, reading the Secret) happen before any side effect.
-          const moveErr = err instanceof MoveError ? err : new MoveError('precheck', (err as Error).message, 'untouched');
-          if (moveErr.outcome === 'interrupted') {
-            // Leave the move 'Running' in the store: the next leader resumes it from the journal.
-            await writer.flush().catch(() => undefined);
-            throw new Aborted(moveErr.message);
-          }
-          const where = { untouched: 'nothing was changed', 'rolled-back': `rolled back: VM runs on ${entry.from} again`, stuck: 'rollback FAILED, manual attention needed', interrupted: 'interrupted' }[moveErr.outcome];
-          const message = `${entry.environment}/${entry.vm} failed at step ${moveErr.step}: ${moveErr.message} (${where})`;
-          const phase = moveErr.outcome === 'rolled-back' ? 'RolledBack' : 'Failed';
-          metrics.recordVmMove(moveErr.outcome === 'rolled-back' ? 'rolled_back' : 'failure');
-          await store.updateMove(vmm.metadata.uid, entry.environment, entry.vm, { phase, finishedAt: now(), message });
-          vmStatus({ phase, finishedAt: now(), message });
-          if (signal.aborted) throw new Aborted(message);
-          writer.update((s) => fail(s, generation, 'MoveFailed', message, now()));
-          await writer.flush();
-          deps.events.emit(vmm, 'Warning', 'MigrationFailed', message);
-          metrics.recordMigrationFinished(strategy, false);
-          return;
-        }
-      }
-      writer.update((s) => {
-        s.phase = 'Succeeded';
-        s.currentVM = '';
-        s.progress = `${done}/${entries.length}`;
-        s.finishedAt = now();
-        s.message = `${entries.length} VM(s) now run on ${settings.targetHost}`;
-        s.conditions = setCondition(s.conditions, { type: 'Ready', status: 'True', reason: 'Succeeded', message: s.message, observedGeneration: generation });
-        s.conditions = setCondition(s.conditions, { type: 'Progressing', status: 'False', reason: 'Completed', message: s.message, observedGeneration: generation });
-      });
-      await writer.flush();
-      deps.events.emit(vmm, 'Normal', 'Succeeded', `${entries.length} VM(s) now run on ${settings.targetHost}`);
-      metrics.recordMigrationFinished(strategy, true);
-    } finally {
-      metrics.migrationsActive.dec();
-      deps.releaseEnvironments(vmm.metadata.uid);
-    }
-  } finally {
-    writer.close();
-  }
-}
 
 export class RetryLater extends Error {
   constructor(readonly afterMs: number) {
@@ -216,39 +59,225 @@ export class RetryLater extends Error {
   }
 }
 
+/** The run stopped on purpose (handover, deletion); nothing to retry here. */
 export class Aborted extends Error {}
 
-function fail(s: VMMigrationStatus, generation: number, reason: string, message: string, at: string): void {
-  s.phase = 'Failed';
-  s.observedGeneration = generation;
-  s.message = message;
-  s.finishedAt = at;
-  s.currentVM = '';
-  s.conditions = setCondition(s.conditions, { type: 'Ready', status: 'False', reason, message, observedGeneration: generation });
-  s.conditions = setCondition(s.conditions, { type: 'Progressing', status: 'False', reason, message, observedGeneration: generation });
-  s.conditions = setCondition(s.conditions, { type: 'Degraded', status: 'True', reason, message, observedGeneration: generation });
+export async function runMigration(vmm: VMMigration, deps: RunnerDeps, signal: AbortSignal): Promise<void> {
+  const endRun = metrics.migrationRunStarted();
+  const writer = deps.statusSink?.(vmm) ?? new StatusWriter(deps.kc, vmm, vmm.status ?? {}, deps.log, deps.statusIntervalMs);
+  try {
+    await execute(vmm, deps, writer, signal);
+  } finally {
+    endRun();
+    writer.close();
+  }
 }
 
-async function waitWhilePaused(deps: RunnerDeps, writer: StatusWriter, generation: number, signal: AbortSignal): Promise<void> {
+async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, signal: AbortSignal): Promise<void> {
+  const { store, log } = deps;
+  const generation = vmm.metadata.generation ?? 1;
+  const settings = settingsFrom(vmm.spec);
+  const uid = vmm.metadata.uid;
+  const strategy = strategyName(settings);
+  const state = async (st: MigrationState, reason: string, message: string) => {
+    writer.update((s) => setState(s, generation, st, reason, message));
+    await writer.flush();
+  };
+  const finishFailed = async (reason: string, message: string) => {
+    await state('failed', reason, message);
+    deps.events.emit(vmm, 'Warning', reason === 'MoveFailed' ? 'MigrationFailed' : reason, message);
+    metrics.recordMigrationFinished(strategy, false);
+  };
+  /** Not safe yet: Progressing=False with the verdict's reason, re-queued with backoff until safetyWaitTimeout. */
+  const waitOrFail = async (verdict: Pick<SafetyVerdict, 'reason' | 'message'>): Promise<never> => {
+    const now = Date.now();
+    const since = Date.parse(writer.current.waitingSince ?? new Date(now).toISOString());
+    const waitedMs = now - since;
+    if (waitedMs >= settings.safetyWaitTimeoutMs) {
+      await finishFailed('SafetyWaitTimeout', `${verdict.message} (still not safe after ${Math.round(waitedMs / 1000)} s; spec.safetyWaitTimeout)`);
+      throw new Aborted(verdict.message);
+    }
+    const announce = writer.current.conditions?.find((c) => c.type === 'Progressing')?.reason !== verdict.reason;
+    writer.update((s) => {
+      setState(s, generation, 'waiting', verdict.reason, verdict.message);
+      s.waitingSince ??= new Date(since).toISOString();
+    });
+    await writer.flush();
+    if (announce) deps.events.emit(vmm, 'Normal', verdict.reason, verdict.message);
+    throw new RetryLater(Math.min(30_000, Math.max(2000, waitedMs / 4)));
+  };
+
+  let plan: PlanEntry[] | undefined = vmm.status?.plan;
+  const resuming = plan !== undefined && vmm.status?.phase === 'Running';
+  if (!resuming) {
+    const result = planMigration(await store.hosts(), await store.environments(), settings);
+    if (result.problems.length > 0) return finishFailed('InvalidReference', result.problems.join('; '));
+    plan = result.entries;
+    const entries = plan;
+    writer.update((s) => {
+      s.observedGeneration = generation;
+      s.plan = entries;
+      s.vms = entries.map((e): VMStatus => ({ environment: e.environment, name: e.vm, phase: 'Pending', attempts: 0 }));
+      s.progress = `0/${entries.length}`;
+    });
+    if (settings.dryRun) return state('dryRun', 'DryRun', `dry run: ${entries.length} VM(s) would move to ${settings.targetHost}`);
+  }
+  const entries = plan!;
+  const busy = deps.claimEnvironments(uid, [...new Set(entries.map((e) => e.environment))]);
+  if (busy.length > 0) return waitOrFail({ reason: 'WaitingForEnvironment', message: `environment(s) ${busy.join(', ')} are being moved by another VMMigration` });
+
+  try {
+    const startedMessage = `moving ${entries.length} VM(s) to ${settings.targetHost}`;
+    const waitingBefore = writer.current.waitingSince;
+    writer.update((s) => {
+      s.startedAt ??= new Date().toISOString();
+      setState(s, generation, 'running', 'InProgress', startedMessage);
+      s.waitingSince = waitingBefore;
+    });
+    await writer.flush();
+    if (!resuming) {
+      deps.events.emit(vmm, 'Normal', 'Started', startedMessage);
+      metrics.recordMigrationStarted(strategy);
+    }
+    let done = 0;
+    let warnedNoLb = false;
+    for (const entry of entries) {
+      const record = await store.ensureMove({ migrationUid: uid, environment: entry.environment, vm: entry.vm, fromHost: entry.from, toHost: entry.to });
+      if (record.phase === 'Succeeded') {
+        done++;
+        continue;
+      }
+      await waitWhilePaused(deps, writer, generation, signal);
+      const name = `${entry.environment}/${entry.vm}`;
+      const now = () => new Date().toISOString();
+      const vmStatus = (patch: Partial<VMStatus>) => writer.update((s) => {
+        const v = s.vms?.find((x) => x.environment === entry.environment && x.name === entry.vm);
+        if (v) Object.assign(v, patch);
+      });
+      writer.update((s) => {
+        s.currentVM = name;
+        s.progress = `${done}/${entries.length}`;
+      });
+      vmStatus({ phase: 'Running', attempts: record.attempts + 1, startedAt: now(), message: undefined });
+      await store.updateMove(uid, entry.environment, entry.vm, { phase: 'Running', attempts: record.attempts + 1, startedAt: now() });
+      const vmLog = log.child({ environment: entry.environment, vm: entry.vm });
+      const stepTimers = new Map<MoveStep, () => number>();
+      let reportedBytes = 0;
+      try {
+        const env = await mustEnvironment(store, entry.environment);
+        const vmSpec = env.vms.find((v) => v.name === entry.vm);
+        if (!vmSpec) throw new MoveError('precheck', `VM ${entry.vm} is no longer in environment ${entry.environment}`, 'untouched');
+        const [sourceHost, targetHost] = await Promise.all([store.host(entry.from), store.host(entry.to)]);
+        if (!sourceHost || !targetHost) throw new MoveError('precheck', `host ${!sourceHost ? entry.from : entry.to} is no longer in the inventory`, 'untouched');
+        const connect = async (h: typeof sourceHost) => (await deps.pool.hypervisor(h).catch((err: Error) => {
+          throw new MoveError('precheck', `hypervisor ${h.name} is unreachable: ${err.message}`, 'waiting', { safe: false, reason: 'WaitingForHost', message: `hypervisor ${h.name} is unreachable: ${err.message}` });
+        })).withLogger(vmLog);
+        const [source, target] = await Promise.all([connect(sourceHost), connect(targetHost)]);
+        const guest = await (deps.openGuest ?? ((e) => openGuestCluster(deps.kc, e)))(env);
+        const safety = (deps.guestSafety ?? ((_e, g) => ({ guard: readinessGuard(g) })))(env, guest);
+        const result = await (deps.move ?? moveVm)({
+          migrationUid: uid, migrationName: `${vmm.metadata.namespace}/${vmm.metadata.name}`, environment: env, vm: vmSpec,
+          source, target, guest, safety, store, settings, signal, log: vmLog,
+          engines: hypervisorEngines({ source, target, environment: env.name, vm: vmSpec, settings, log: vmLog, reconnect: (h) => deps.pool.connectFresh(h) }),
+          observer: {
+            step(step, event, info) {
+              if (event === 'begin') stepTimers.set(step, metrics.startStepTimer(step));
+              else stepTimers.get(step)?.();
+              if (event === 'begin') vmLog.info({ step }, 'step started');
+              else if (event === 'end') vmLog.info({ step, durationMs: info.durationMs }, 'step done');
+              else vmLog.warn({ step, message: info.message }, 'step failed');
+              if (event === 'begin' && step !== 'precheck' && step !== 'quorum' && writer.current.waitingSince) {
+                // the wait is over: the move changes something again
+                writer.update((s) => setState(s, generation, 'running', 'InProgress', startedMessage));
+              }
+              const reason = STEP_EVENT_REASON[step];
+              if (event === 'end' && reason) deps.events.emit(vmm, 'Normal', reason, `${name}: ${step} done in ${((info.durationMs ?? 0) / 1000).toFixed(1)} s`);
+              if (event === 'fail') deps.events.emit(vmm, 'Warning', 'StepFailed', `${name}: ${step} failed: ${info.message ?? ''}`);
+            },
+            progress: (update) => {
+              vmStatus(update);
+              // Bytes count in metrics as they move, not only when a VM is done.
+              if (update.bytesTransferred !== undefined && update.bytesTransferred > reportedBytes) {
+                metrics.recordTransferBytes(update.bytesTransferred - reportedBytes);
+                reportedBytes = update.bytesTransferred;
+              }
+              if (update.bytesPerSecond !== undefined) metrics.transferRate.set(update.bytesPerSecond);
+            },
+            waiting: (verdict) => {
+              if (verdict) {
+                const announce = writer.current.conditions?.find((c) => c.type === 'Progressing')?.reason !== verdict.reason;
+                writer.update((s) => {
+                  setState(s, generation, 'waiting', verdict.reason, `${name}: ${verdict.message}`);
+                  s.waitingSince ??= new Date().toISOString();
+                });
+                if (announce) deps.events.emit(vmm, 'Normal', verdict.reason, `${name}: ${verdict.message}`);
+              } else {
+                writer.update((s) => setState(s, generation, 'running', 'InProgress', startedMessage));
+              }
+            },
+            resumed: (info) => {
+              vmStatus({ message: `resumed at ${info.from}: ${info.why}` });
+              deps.events.emit(vmm, 'Normal', 'Resumed', `${name}: resuming at ${info.from}: ${info.why}`);
+            },
+            noLoadBalancer: () => {
+              if (warnedNoLb) return;
+              warnedNoLb = true;
+              deps.events.emit(vmm, 'Warning', 'NoLoadBalancerControl', `environment ${entry.environment} describes no load balancer: controller VMs move without taking their API server out of it first`);
+            },
+          },
+        });
+        done++;
+        metrics.recordVmMove('success', result.downtimeMs / 1000);
+        if (result.bytes > reportedBytes) metrics.recordTransferBytes(result.bytes - reportedBytes);
+        metrics.transferRate.set(0);
+        await store.updateMove(uid, entry.environment, entry.vm, { phase: 'Succeeded', finishedAt: now(), downtimeMs: result.downtimeMs, bytes: result.bytes });
+        vmStatus({ phase: 'Succeeded', finishedAt: now(), downtimeSeconds: result.downtimeMs / 1000, bytesTransferred: result.bytes, step: undefined, message: `downtime ${(result.downtimeMs / 1000).toFixed(1)} s, node Ready ${(result.nodeReadyMs / 1000).toFixed(1)} s after start` });
+        writer.update((s) => { s.progress = `${done}/${entries.length}`; });
+        await writer.flush();
+      } catch (err) {
+        // Errors before moveVm (reading the Secret, a vanished inventory entry) happen before any side effect.
+        const moveErr = err instanceof MoveError ? err : new MoveError('precheck', (err as Error).message, 'untouched');
+        if (moveErr.outcome === 'interrupted') {
+          // Leave the move 'Running' in the store: the next leader resumes it from the journal.
+          await writer.flush().catch(() => undefined);
+          throw new Aborted(moveErr.message);
+        }
+        if (moveErr.outcome === 'waiting') {
+          vmStatus({ phase: 'Pending', message: moveErr.message });
+          await store.updateMove(uid, entry.environment, entry.vm, { phase: 'Pending', message: moveErr.message });
+          return await waitOrFail(moveErr.verdict ?? { reason: 'Waiting', message: moveErr.message });
+        }
+        const where = { untouched: 'nothing was changed', 'rolled-back': `rolled back: VM runs on ${entry.from} again`, stuck: 'rollback FAILED, manual attention needed' }[moveErr.outcome];
+        const message = `${name} failed at step ${moveErr.step}: ${moveErr.message} (${where})`;
+        const phase = moveErr.outcome === 'rolled-back' ? 'RolledBack' : 'Failed';
+        metrics.recordVmMove(moveErr.outcome === 'rolled-back' ? 'rolled_back' : 'failure');
+        await store.updateMove(uid, entry.environment, entry.vm, { phase, finishedAt: now(), message });
+        vmStatus({ phase, finishedAt: now(), message });
+        if (signal.aborted) throw new Aborted(message);
+        return await finishFailed('MoveFailed', message);
+      }
+    }
+    writer.update((s) => { s.progress = `${done}/${entries.length}`; });
+    const message = `${entries.length} VM(s) now run on ${settings.targetHost}`;
+    await state('succeeded', 'Succeeded', message);
+    deps.events.emit(vmm, 'Normal', 'Succeeded', message);
+    metrics.recordMigrationFinished(strategy, true);
+  } finally {
+    deps.releaseEnvironments(uid);
+  }
+}
+
+async function waitWhilePaused(deps: RunnerDeps, writer: StatusSink, generation: number, signal: AbortSignal): Promise<void> {
   let announced = false;
   while (deps.latest()?.spec.paused) {
     if (!announced) {
-      writer.update((s) => {
-        s.phase = 'Paused';
-        s.conditions = setCondition(s.conditions, { type: 'Progressing', status: 'False', reason: 'Paused', message: 'spec.paused is true; the next VM starts when it is false', observedGeneration: generation });
-      });
+      writer.update((s) => setState(s, generation, 'paused', 'Paused', 'spec.paused is true; the next VM starts when it is false'));
       await writer.flush();
       announced = true;
     }
-    signal.throwIfAborted();
-    await new Promise((r) => setTimeout(r, 1000));
+    await sleep(1000, signal);
   }
-  if (announced) {
-    writer.update((s) => {
-      s.phase = 'Running';
-      s.conditions = setCondition(s.conditions, { type: 'Progressing', status: 'True', reason: 'Migrating', message: 'resumed', observedGeneration: generation });
-    });
-  }
+  if (announced) writer.update((s) => setState(s, generation, 'running', 'InProgress', 'resumed'));
 }
 
 async function mustEnvironment(store: Store, name: string): Promise<EnvironmentSpec> {
@@ -258,7 +287,7 @@ async function mustEnvironment(store: Store, name: string): Promise<EnvironmentS
 }
 
 /** The guest cluster is reached only through the kubeconfig in the environment's Secret. */
-async function guestKubeconfig(kc: KubeConfig, env: EnvironmentSpec): Promise<string> {
+async function openGuestCluster(kc: KubeConfig, env: EnvironmentSpec): Promise<GuestCluster> {
   const core = kc.makeApiClient(CoreV1Api);
   const { namespace, name, key } = env.kubeconfigSecret;
   const secret = await pRetry(() => core.readNamespacedSecret({ name, namespace }), {
@@ -268,5 +297,6 @@ async function guestKubeconfig(kc: KubeConfig, env: EnvironmentSpec): Promise<st
   });
   const data = secret.data?.[key];
   if (!data) throw new MoveError('precheck', `Secret ${namespace}/${name} has no key "${key}" (kubeconfig of environment ${env.name})`, 'untouched');
-  return Buffer.from(data, 'base64').toString('utf8');
+  return GuestCluster.fromKubeconfigYaml(Buffer.from(data, 'base64').toString('utf8'));
 }
+

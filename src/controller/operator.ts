@@ -167,7 +167,7 @@ export class MigrationController {
 /** Terminal phases stay terminal unless the spec changed after a failure. */
 function needsWork(obj: VMMigration): boolean {
   const phase = obj.status?.phase;
-  if (phase === 'Succeeded' || phase === 'Aborted') return false;
+  if (phase === 'Succeeded') return false;
   if (phase === 'Failed') return (obj.status?.observedGeneration ?? 0) < (obj.metadata.generation ?? 1);
   return true;
 }

@@ -1,5 +1,6 @@
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 import type { WorkQueueMetricsHooks } from '../controller/runtime/workQueue.js';
+import { STEP_NAMES, type StepName } from '../migrate/steps.js';
 
 /**
  * The operator's own Prometheus registry (not prom-client's global one, so tests and embedders
@@ -17,28 +18,12 @@ collectDefaultMetrics({ register: registry });
 export const STRATEGIES = ['cold', 'precopy', 'live', 'other'] as const;
 export type StrategyLabel = (typeof STRATEGIES)[number];
 
-export const MOVE_RESULTS = ['success', 'failure', 'rolled_back', 'skipped'] as const;
+export const MOVE_RESULTS = ['success', 'failure', 'rolled_back'] as const;
 export type MoveResult = (typeof MOVE_RESULTS)[number];
 
-/** Step names of a VM move; anything else is reported as "other". */
-export const STEPS = [
-  'precheck',
-  'cordon',
-  'drain',
-  'mirror',
-  'stop',
-  'transfer',
-  'cutover',
-  'live',
-  'start',
-  'nodeReady',
-  'uncordon',
-  'commit',
-  'cleanup',
-  'rollback',
-  'other',
-] as const;
-export type StepLabel = (typeof STEPS)[number];
+/** Step names of a VM move (the flow's vocabulary, src/migrate/steps.ts); anything else is reported as "other". */
+export const STEPS = [...STEP_NAMES, 'other'] as const;
+export type StepLabel = StepName | 'other';
 
 function oneOf<T extends string>(allowed: readonly T[], value: string, fallback: T): T {
   return (allowed as readonly string[]).includes(value) ? (value as T) : fallback;
@@ -152,12 +137,24 @@ export const leaderIsLeader = new Gauge({
 
 export function recordMigrationStarted(strategy: string): void {
   migrationsStarted.inc({ strategy: strategyLabel(strategy) });
-  migrationsActive.inc();
 }
 
 export function recordMigrationFinished(strategy: string, ok: boolean): void {
   (ok ? migrationsSucceeded : migrationsFailed).inc({ strategy: strategyLabel(strategy) });
-  migrationsActive.dec();
+}
+
+/**
+ * The only writer of vmops_migrations_active: call when a migration run starts, call the returned
+ * function (idempotent) when it ends, however it ends.
+ */
+export function migrationRunStarted(): () => void {
+  migrationsActive.inc();
+  let ended = false;
+  return () => {
+    if (ended) return;
+    ended = true;
+    migrationsActive.dec();
+  };
 }
 
 export function recordVmMove(result: string, downtimeSeconds?: number): void {
