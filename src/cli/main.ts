@@ -3,6 +3,7 @@
  * vm-migration-operator run        – the controller (out of cluster with --kubeconfig, in cluster otherwise)
  * vm-migration-operator plan -f X  – dry run: the ordered plan for a VMMigration manifest
  * vm-migration-operator inventory  – hosts, environments and where each VM runs now
+ * vm-migration-operator history X  – each VM's journaled steps with timings for migration X (uid or name)
  */
 import { readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
@@ -16,12 +17,14 @@ import { HostPool } from '../hosts/pool.js';
 import { startMetricsServer } from '../metrics/server.js';
 import { planMigration } from '../planner/plan.js';
 import { Store } from '../store/store.js';
+import { history } from './history.js';
 import { log } from '../util/log.js';
 
 const USAGE = `usage:
   vm-migration-operator run [--kubeconfig F] --inventory F --db F --ssh-key F [--namespace NS] [--metrics-port 8080] [--leader-elect] [--lease-namespace NS]
   vm-migration-operator plan -f migration.yaml --inventory F [--db F]
   vm-migration-operator inventory --db F
+  vm-migration-operator history <migration-uid-or-name> --db F
 Every flag can also be given as an environment variable: VMOPS_KUBECONFIG, VMOPS_INVENTORY, VMOPS_DB, VMOPS_SSH_KEY, VMOPS_NAMESPACE, VMOPS_METRICS_PORT, VMOPS_LEADER_ELECT, VMOPS_LEASE_NAMESPACE.`;
 
 const { positionals, values } = parseArgs({
@@ -107,7 +110,22 @@ async function inventory(): Promise<void> {
   await store.close();
 }
 
-const commands: Record<string, () => Promise<void>> = { run, plan, inventory };
+async function showHistory(): Promise<void> {
+  const ref = positionals[1];
+  if (!ref) {
+    console.error(`missing migration uid or name\n\n${USAGE}`);
+    process.exit(2);
+  }
+  const store = await Store.open(need('db'));
+  const found = await history(store, ref);
+  await store.close();
+  if (!found) {
+    console.error(`no journal entries for migration ${ref}`);
+    process.exit(1);
+  }
+}
+
+const commands: Record<string, () => Promise<void>> = { run, plan, inventory, history: showHistory };
 const cmd = positionals[0];
 if (values.help || !cmd || !commands[cmd]) {
   console.log(USAGE);

@@ -114,6 +114,16 @@ export class Store {
     return q.orderBy('id').execute();
   }
 
+  /** Uids of the migrations whose journal names them `name` (namespace/name or name), newest first. */
+  async migrationUidsNamed(name: string): Promise<string[]> {
+    const rows = await this.db.selectFrom('journal').select(['migration_uid', 'detail_json']).where('step', '=', 'precheck').where('event', '=', 'begin').orderBy('id', 'desc').execute();
+    const uids = rows.filter((r) => {
+      const m = r.detail_json ? (JSON.parse(r.detail_json) as { migration?: string }).migration : undefined;
+      return m === name || m?.split('/')[1] === name;
+    }).map((r) => r.migration_uid);
+    return [...new Set(uids)];
+  }
+
   /** Creates the move row if missing; returns the current record either way (idempotent). */
   async ensureMove(m: { migrationUid: string; environment: string; vm: string; fromHost: string; toHost: string }): Promise<MoveRecord> {
     await this.db.insertInto('vm_moves').values({

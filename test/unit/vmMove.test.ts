@@ -1,62 +1,104 @@
 /**
- * The per-VM state machine's decisions (resume point, rollback, fencing,
- * quorum gate) with in-memory hosts and guest. The same code runs against
- * real sshd/QEMU/Kubernetes in test/e2e.
+ * The per-VM flow's decisions (resume point, rollback, fencing, quorum gate) with in-memory hosts,
+ * guest and byte movers. The same code runs against real sshd/QEMU/Kubernetes in test/e2e.
  */
 import { describe, expect, it } from 'vitest';
-import type { EnvironmentSpec, HostSpec, VMSpec } from '../../src/api/inventory.js';
+import type { EnvironmentSpec, VMSpec } from '../../src/api/inventory.js';
 import { settingsFrom } from '../../src/api/types.js';
-import type { GuestCluster } from '../../src/guest/guestCluster.js';
-import type { Hypervisor } from '../../src/hosts/hypervisor.js';
-import { Handover, moveVm, MoveError, type MoveContext } from '../../src/migrate/vmMove.js';
-import { LiveMigrationAbortedError } from '../../src/transfer/live.js';
+import type { VmStatus } from '../../src/hosts/hypervisor.js';
+import { readinessGuard } from '../../src/migrate/readinessGuard.js';
+import { Handover, LiveFellBack, moveVm, MoveError, type MoveContext, type MoveEngines, type MoveGuest, type MoveHost } from '../../src/migrate/vmMove.js';
 import { Store } from '../../src/store/store.js';
-import { log } from '../../src/util/log.js';
+import { pino } from 'pino';
 
-type State = 'absent' | 'stopped' | 'running';
+const log = pino({ level: 'warn' });
 
-function fakeHost(name: string, initial: State, calls: string[]): Hypervisor & { state: State; qmpStatus?: string } {
-  const host: HostSpec = { name, address: '127.0.0.2', port: 22, user: 'root', hostKey: 'ssh-ed25519 AAAA', vmDir: `/${name}` };
-  const h = {
-    host, state: initial, qmpStatus: undefined as string | undefined, conn: {} as never,
-    vmDir: (env: string, vm: VMSpec) => `/${name}/${env}/${vm.name}`,
-    vmStatus: async () => ({ state: h.state, qmpStatus: h.qmpStatus ?? (h.state === 'running' ? 'running' : undefined) }),
-    startVm: async () => { calls.push(`${name}:start`); h.state = 'running'; return { state: 'running' }; },
-    stopVm: async () => { calls.push(`${name}:stop`); const was = h.state; h.state = 'stopped'; return was === 'running' ? 'quit' : 'already-stopped'; },
-    ensureDir: async () => { if (h.state === 'absent') h.state = 'stopped'; },
-    removeVmDir: async () => { calls.push(`${name}:remove`); h.state = 'absent'; },
-  };
-  return h as unknown as Hypervisor & { state: State; qmpStatus?: string };
+type State = 'absent' | 'stopped' | 'running' | 'paused';
+
+interface FakeHost extends MoveHost {
+  state: State;
+  qmpStatus?: string;
 }
 
-function fakeGuest(calls: string[], opts: { quorumOk?: boolean } = {}): GuestCluster {
-  return {
+function fakeHost(name: string, initial: State, calls: string[]): FakeHost {
+  const h: FakeHost = {
+    host: { name },
+    state: initial,
+    vmStatus: async (): Promise<VmStatus> => ({ state: h.state, qmpStatus: h.qmpStatus ?? (h.state === 'running' ? 'running' : h.state === 'paused' ? 'paused' : undefined) }),
+    startVm: async () => { calls.push(`${name}:start`); h.state = 'running'; h.qmpStatus = undefined; },
+    stopVm: async () => { calls.push(`${name}:stop`); const was = h.state; h.state = 'stopped'; h.qmpStatus = undefined; return was === 'running' ? 'quit' : 'already-stopped'; },
+    removeVmDir: async () => { calls.push(`${name}:remove`); h.state = 'absent'; },
+  };
+  return h;
+}
+
+function fakeGuest(calls: string[], opts: { quorumOk?: boolean } = {}) {
+  const guest = {
+    quorumOk: opts.quorumOk ?? true,
     apiHealthy: async () => true,
     nodeState: async () => ({ exists: true, ready: true, unschedulable: false }),
-    controlPlaneQuorum: async () => ({ ok: opts.quorumOk ?? true, controllers: 3, healthy: opts.quorumOk === false ? 1 : 2, reason: opts.quorumOk === false ? 'controller-3 is NotReady' : 'ok' }),
+    controlPlaneQuorum: async () => ({ ok: guest.quorumOk, controllers: 3, healthy: guest.quorumOk ? 2 : 1, reason: guest.quorumOk ? 'ok' : 'controller-3 is NotReady' }),
     cordon: async (n: string) => { calls.push(`cordon:${n}`); },
     uncordon: async (n: string) => { calls.push(`uncordon:${n}`); },
-    drain: async (n: string) => { calls.push(`drain:${n}`); return { evicted: 2 }; },
+    drain: async (n: string) => { calls.push(`drain:${n}`); return { evicted: 2, pdbRetries: 0 }; },
     waitNodeReady: async (n: string) => { calls.push(`ready:${n}`); },
-  } as unknown as GuestCluster;
+  } satisfies MoveGuest & Record<string, unknown>;
+  return guest;
 }
 
 const vm: VMSpec = { name: 'controller-1', role: 'controller', nodeName: 'e-controller-1', host: 'host01', memoryMiB: 32, cpus: 1, files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }] };
 const env: EnvironmentSpec = { name: 'e', kubeconfigSecret: { namespace: 'ns', name: 's', key: 'k' }, vms: [vm] };
+
+/** Byte movers that act on the fake hosts the way the real ones act on QEMU. */
+function fakeEngines(source: FakeHost, target: FakeHost, calls: string[]): MoveEngines & { liveFails?: 'fallback' | 'hard' } {
+  const e: MoveEngines & { liveFails?: 'fallback' | 'hard' } = {
+    copyAll: async () => { calls.push('transfer'); target.state = 'stopped'; return 100; },
+    copyNonDisk: async () => { calls.push('copy-files'); return 1; },
+    startMirror: async () => {
+      calls.push('mirror');
+      if (target.state === 'absent') target.state = 'stopped';
+      return {
+        ready: Promise.resolve(),
+        haltSource: async () => { calls.push('halt'); source.state = 'paused'; return 'stop'; },
+        converge: async () => { calls.push('converge'); return 64; },
+        quitSource: async () => { calls.push('quit-source'); source.state = 'stopped'; },
+        abortAndResume: async () => { calls.push('mirror-abort'); target.state = 'absent'; source.state = 'running'; },
+      };
+    },
+    live: async () => {
+      calls.push('live');
+      if (e.liveFails === 'fallback') throw new LiveFellBack('did not converge in 2 s');
+      if (e.liveFails === 'hard') throw new Error('live migration aborted: did not converge in 2 s');
+      source.qmpStatus = 'postmigrate';
+      target.state = 'paused';
+      return {
+        bytes: 30,
+        stoppedAt: Date.now() - 180,
+        quitSource: async () => { calls.push('quit-source'); source.state = 'stopped'; source.qmpStatus = undefined; },
+        resumeTarget: async () => { calls.push('resume-target'); target.state = 'running'; return Date.now(); },
+        abort: async () => { calls.push('live-abort'); },
+      };
+    },
+    verify: async () => { calls.push('verify'); },
+    resumeTarget: async () => { calls.push('resume-target'); target.state = 'running'; target.qmpStatus = undefined; return Date.now(); },
+  };
+  return e;
+}
 
 async function context(src: State, dst: State, over: Partial<MoveContext> = {}) {
   const calls: string[] = [];
   const store = await Store.open(':memory:');
   const source = fakeHost('host01', src, calls);
   const target = fakeHost('host02', dst, calls);
+  const guest = fakeGuest(calls);
+  const engines = fakeEngines(source, target, calls);
   const ctx: MoveContext = {
-    migrationUid: 'uid', environment: env, vm, source, target, guest: fakeGuest(calls), store,
+    migrationUid: 'uid', environment: env, vm, source, target, guest, safety: { guard: readinessGuard(guest) }, store, engines,
     settings: settingsFrom({ targetHost: 'host02', environments: ['e'] }), log, signal: new AbortController().signal,
     observer: { step: () => undefined, progress: () => undefined },
-    transfer: async () => { calls.push('transfer'); target.state = 'stopped'; return [{ file: 'disk0.qcow2', bytes: 100, sha256: 'x', seconds: 0 }]; },
     ...over,
   };
-  return { ctx, calls, source, target, store };
+  return { ctx, calls, source, target, store, guest, engines };
 }
 
 describe('moveVm', () => {
@@ -64,19 +106,19 @@ describe('moveVm', () => {
     const { ctx, calls, source, target, store } = await context('running', 'absent');
     const r = await moveVm(ctx);
     expect(calls).toEqual(['cordon:e-controller-1', 'drain:e-controller-1', 'host01:stop', 'transfer', 'host02:start', 'ready:e-controller-1', 'uncordon:e-controller-1', 'host01:remove']);
-    expect(r).toMatchObject({ bytes: 100, resumedFrom: 'cordon' });
+    expect(r).toMatchObject({ bytes: 100, resumedFrom: 'cordon', mode: 'cold' });
     expect(source.state).toBe('absent');
     expect(target.state).toBe('running');
     const journal = (await store.journalEntries('uid')).map((j) => `${j.step}:${j.event}`);
-    expect(journal.filter((j) => j.endsWith(':begin'))).toHaveLength(10);
+    // precheck, quorum, cordon, drain, quorum, leaderMove, stop, fence, transfer, start, nodeReady, memberHealthy, uncordon, commit, cleanup
+    expect(journal.filter((j) => j.endsWith(':begin'))).toHaveLength(15);
     expect(journal.every((j, i) => !j.endsWith(':end') || journal[i - 1] === j.replace(':end', ':begin'))).toBe(true);
     expect((await store.environment('e'))).toBeUndefined(); // placement lives in the inventory rows, not created here
   });
 
   it('rolls back to the source when the copy fails: VM restarted there, node uncordoned, target cleared', async () => {
-    const { ctx, calls, source, target } = await context('running', 'absent', {
-      transfer: async () => { throw new Error('checksum mismatch for disk0.qcow2'); },
-    });
+    const { ctx, calls, source, target, engines } = await context('running', 'absent');
+    engines.copyAll = async () => { throw new Error('checksum mismatch for disk0.qcow2'); };
     const err = await moveVm(ctx).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(MoveError);
     expect(err).toMatchObject({ step: 'transfer', outcome: 'rolled-back' });
@@ -86,8 +128,8 @@ describe('moveVm', () => {
   });
 
   it('never removes the source when the node does not come Ready on the target; rolls back instead', async () => {
-    const { ctx, source, target } = await context('running', 'absent');
-    (ctx.guest as unknown as { waitNodeReady: () => Promise<void> }).waitNodeReady = async () => { throw new Error('node not Ready within 300 s'); };
+    const { ctx, source, target, guest } = await context('running', 'absent');
+    guest.waitNodeReady = async () => { throw new Error('node not Ready within 300 s'); };
     const err = await moveVm(ctx).catch((e: unknown) => e);
     expect(err).toMatchObject({ step: 'nodeReady', outcome: 'rolled-back' });
     expect(source.state).toBe('running');
@@ -96,10 +138,13 @@ describe('moveVm', () => {
 
   it('resumes after a crash that happened once the VM already ran on the target', async () => {
     const { ctx, calls, source } = await context('stopped', 'running');
+    const resumed: string[] = [];
+    ctx.observer.resumed = (i) => resumed.push(`${i.from}: ${i.why}`);
     const r = await moveVm(ctx);
     expect(r.resumedFrom).toBe('nodeReady');
     expect(calls).toEqual(['ready:e-controller-1', 'uncordon:e-controller-1', 'host01:remove']);
     expect(source.state).toBe('absent');
+    expect(resumed).toEqual([expect.stringMatching(/^nodeReady: the VM already runs on the target/)]);
   });
 
   it('resumes a copy interrupted by a crash without stopping anything again', async () => {
@@ -116,86 +161,101 @@ describe('moveVm', () => {
     expect(calls).toEqual([]);
   });
 
-  it('does not stop a controller when the control plane would lose quorum', async () => {
-    const { ctx, calls } = await context('running', 'absent', {});
-    ctx.guest = fakeGuest(calls, { quorumOk: false });
-    await expect(moveVm(ctx)).rejects.toThrow(/lose quorum.*controller-3 is NotReady/);
+  it('does not stop a controller when the control plane would lose quorum: it waits, touching nothing', async () => {
+    const { ctx, calls, guest } = await context('running', 'absent', {});
+    guest.quorumOk = false;
+    const err = await moveVm(ctx).catch((e: unknown) => e);
+    expect(err).toMatchObject({ step: 'quorum', outcome: 'waiting', verdict: { safe: false, reason: 'WaitingForQuorum' } });
+    expect((err as Error).message).toMatch(/lose quorum.*controller-3 is NotReady/);
     expect(calls).toEqual([]);
+  });
+
+  it('a quorum lost after the drain holds the move (Waiting condition) until it is back, then proceeds', async () => {
+    const { ctx, calls, guest, target } = await context('running', 'absent');
+    const waits: string[] = [];
+    let checks = 0;
+    guest.drain = async (n: string) => { calls.push(`drain:${n}`); guest.quorumOk = false; return { evicted: 0, pdbRetries: 0 }; };
+    ctx.observer.waiting = (v) => {
+      waits.push(v ? v.reason : 'released');
+      if (v && ++checks === 2) guest.quorumOk = true;
+    };
+    await moveVm(ctx);
+    expect(waits).toEqual(['WaitingForQuorum', 'WaitingForQuorum', 'released']);
+    expect(calls.indexOf('host01:stop')).toBeGreaterThan(calls.indexOf('drain:e-controller-1'));
+    expect(target.state).toBe('running');
+  }, 15_000);
+
+  it('the gate after the drain fails (and rolls back) once safetyWaitTimeout has passed', async () => {
+    const { ctx, guest, source } = await context('running', 'absent');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], safetyWaitTimeout: '0s' });
+    guest.drain = async () => { guest.quorumOk = false; return { evicted: 0, pdbRetries: 0 }; };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ step: 'quorum', outcome: 'rolled-back' });
+    expect(source.state).toBe('running');
   });
 });
 
 describe('moveVm strategies', () => {
-  const live = (target: { state: State }, calls: string[], fail = false, source?: { state: State }) => async () => {
-    calls.push('live');
-    if (fail) throw new LiveMigrationAbortedError('did not converge in 2 s', 'migrate');
-    target.state = 'running';
-    if (source) source.state = 'stopped';
-    return { qemuDowntimeMs: 20, measuredDowntimeMs: 180, totalMs: 1500, bytes: { disks: 10, migration: 20, total: 30 }, ramTransferred: 20, phases: { prepareMs: 0, mirrorMs: 0, migrateMs: 0, handoverMs: 0 } };
-  };
-  const precopyFakes = (source: { state: State }, target: { state: State }, calls: string[], opts: { failDrain?: boolean } = {}) => ({
-    startPrecopy: async () => {
-      calls.push('mirror');
-      return { ready: Promise.resolve({}), abort: async () => { calls.push('mirror-abort'); } } as never;
-    },
-    precopyCutover: async () => {
-      calls.push('cutover');
-      source.state = 'stopped';
-      target.state = 'running';
-      return { downtimeMs: 900, bytes: 64, disks: [], how: 'stop', phases: {} } as never;
-    },
-    failDrain: opts.failDrain,
-  });
-
-  it('live: hands the VM over without cordon, drain or stop and reports QEMU-side downtime', async () => {
-    const { ctx, calls, source, target } = await context('running', 'absent');
+  it('live: hands the VM over without cordon, drain or a cold stop and reports the downtime from QEMU\'s stop', async () => {
+    const { ctx, calls } = await context('running', 'absent');
     ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], strategy: 'LiveMigrate' });
-    ctx.strategies = { liveMigrate: live(target, calls, false, source) as never };
     const r = await moveVm(ctx);
-    expect(calls).toEqual(['live', 'ready:e-controller-1', 'uncordon:e-controller-1', 'host01:remove']);
-    expect(r.downtimeMs).toBe(180);
+    expect(calls).toEqual(['live', 'quit-source', 'resume-target', 'ready:e-controller-1', 'uncordon:e-controller-1', 'host01:remove']);
+    expect(r.downtimeMs).toBeGreaterThanOrEqual(180);
     expect(r.bytes).toBe(30);
+    expect(r.mode).toBe('live');
   });
 
   it('live that does not converge falls back to pre-copy with a drain', async () => {
-    const { ctx, calls, source, target } = await context('running', 'absent');
+    const { ctx, calls, engines } = await context('running', 'absent');
     ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], strategy: 'LiveMigrate' });
-    const f = precopyFakes(source, target, calls);
-    ctx.strategies = { liveMigrate: live(target, calls, true) as never, startPrecopy: f.startPrecopy as never, precopyCutover: f.precopyCutover as never };
+    engines.liveFails = 'fallback';
     const r = await moveVm(ctx);
-    expect(calls.slice(0, 5)).toEqual(['live', 'mirror', 'cordon:e-controller-1', 'drain:e-controller-1', 'cutover']);
+    expect(calls.slice(0, 5)).toEqual(['live', 'mirror', 'cordon:e-controller-1', 'drain:e-controller-1', 'halt']);
     expect(calls).not.toContain('host01:stop');
-    expect(r.downtimeMs).toBe(900);
+    expect(r.mode).toBe('precopy');
   });
 
   it('live with fallback None fails and leaves the VM running on the source, node untouched', async () => {
-    const { ctx, calls, source, target } = await context('running', 'absent');
+    const { ctx, calls, source, engines } = await context('running', 'absent');
     ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], strategy: 'LiveMigrate', live: { fallback: 'None' } });
-    ctx.strategies = { liveMigrate: live(target, calls, true) as never };
+    engines.liveFails = 'hard';
     await expect(moveVm(ctx)).rejects.toMatchObject({ step: 'live', outcome: 'rolled-back' });
     expect(source.state).toBe('running');
     expect(calls).not.toContain('cordon:e-controller-1');
   });
 
-  it('pre-copy: mirror overlaps the drain; cutover replaces stop, transfer and start', async () => {
-    const { ctx, calls, source, target } = await context('running', 'absent');
+  it('pre-copy: mirror overlaps the drain; the cutover runs as stop, converge, fence, transfer, verify, start', async () => {
+    const { ctx, calls, store } = await context('running', 'absent');
     ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], transfer: { precopy: true } });
-    const f = precopyFakes(source, target, calls);
-    ctx.strategies = { startPrecopy: f.startPrecopy as never, precopyCutover: f.precopyCutover as never };
     const r = await moveVm(ctx);
-    expect(calls).toEqual(['mirror', 'cordon:e-controller-1', 'drain:e-controller-1', 'cutover', 'ready:e-controller-1', 'uncordon:e-controller-1', 'host01:remove']);
-    expect(r.downtimeMs).toBe(900);
+    expect(calls).toEqual(['mirror', 'cordon:e-controller-1', 'drain:e-controller-1', 'halt', 'converge', 'quit-source', 'copy-files', 'verify', 'host02:start', 'ready:e-controller-1', 'uncordon:e-controller-1', 'host01:remove']);
+    expect(r.bytes).toBe(65);
+    const steps = (await store.journalEntries('uid')).filter((j) => j.event === 'end').map((j) => j.step);
+    expect(steps).toEqual(expect.arrayContaining(['stop', 'fence', 'start']));
   });
 
   it('pre-copy: a failed drain aborts the mirror before rolling back', async () => {
-    const { ctx, calls, source, target } = await context('running', 'absent');
+    const { ctx, calls, source, guest } = await context('running', 'absent');
     ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], transfer: { precopy: true } });
-    const f = precopyFakes(source, target, calls);
-    ctx.strategies = { startPrecopy: f.startPrecopy as never, precopyCutover: f.precopyCutover as never };
-    (ctx.guest as unknown as { drain: () => Promise<void> }).drain = async () => { throw new Error('drain timed out: PDB'); };
+    guest.drain = async () => { throw new Error('drain timed out: PDB'); };
     await expect(moveVm(ctx)).rejects.toMatchObject({ step: 'drain', outcome: 'rolled-back' });
     expect(calls).toContain('mirror-abort');
     expect(calls.indexOf('mirror-abort')).toBeLessThan(calls.indexOf('uncordon:e-controller-1'));
     expect(source.state).toBe('running');
+  });
+
+  it('after a crash mid pre-copy cutover (source stopped, mirror converged per journal) the cutover resumes, not a cold copy', async () => {
+    const { ctx, calls, store, target } = await context('stopped', 'stopped');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], transfer: { precopy: true } });
+    for (const [step, ev] of [['mirror', 'begin'], ['mirror', 'end'], ['stop', 'begin'], ['stop', 'end'], ['converge', 'begin'], ['converge', 'end'], ['fence', 'begin']] as const) await store.journal('uid', 'e', 'controller-1', step, ev);
+    const resumed: string[] = [];
+    ctx.observer.resumed = (i) => resumed.push(i.why);
+    const r = await moveVm(ctx);
+    expect(calls.slice(0, 3)).toEqual(['copy-files', 'verify', 'host02:start']);
+    expect(calls).not.toContain('transfer');
+    expect(r.mode).toBe('precopy');
+    expect(resumed[0]).toMatch(/resuming the pre-copy cutover/);
+    expect(target.state).toBe('running');
   });
 
   it('after a crash mid live migration, a target still in inmigrate is discarded and the move starts over', async () => {
@@ -204,6 +264,17 @@ describe('moveVm strategies', () => {
     const r = await moveVm(ctx);
     expect(calls.slice(0, 2)).toEqual(['host02:stop', 'host02:remove']);
     expect(r.resumedFrom).toBe('cordon');
+  });
+
+  it('after a crash between a completed live migration and the handover, the source is fenced and the paused target resumed', async () => {
+    const { ctx, calls, source, target } = await context('running', 'paused');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], strategy: 'LiveMigrate' });
+    source.qmpStatus = 'postmigrate';
+    const r = await moveVm(ctx);
+    expect(calls.slice(0, 2)).toEqual(['host01:stop', 'resume-target']);
+    expect(r.resumedFrom).toBe('fence');
+    expect(target.state).toBe('running');
+    expect(source.state).toBe('absent');
   });
 
   it('after a crash right after a live handover, the postmigrate source is quit and the move completes', async () => {
@@ -217,10 +288,10 @@ describe('moveVm strategies', () => {
 
 describe('moveVm interruption', () => {
   it('stops without rolling back when the run is handed over (leadership lost); the next run resumes', async () => {
-    const { ctx, calls, source } = await context('running', 'absent');
+    const { ctx, calls, source, guest } = await context('running', 'absent');
     const ac = new AbortController();
     ctx.signal = ac.signal;
-    (ctx.guest as unknown as { drain: () => Promise<void> }).drain = async () => {
+    guest.drain = async () => {
       calls.push('drain');
       ac.abort(new Handover('lost leadership'));
       throw new Error('drain aborted');
@@ -231,17 +302,17 @@ describe('moveVm interruption', () => {
 
     // the next leader picks it up: same VM state, a fresh signal
     ctx.signal = new AbortController().signal;
-    (ctx.guest as unknown as { drain: () => Promise<{ evicted: number }> }).drain = async () => ({ evicted: 0 });
+    guest.drain = async () => ({ evicted: 0, pdbRetries: 0 });
     const r = await moveVm(ctx);
     expect(r.resumedFrom).toBe('cordon');
     expect(source.state).toBe('absent');
   });
 
   it('a user cancel (plain abort) still rolls back', async () => {
-    const { ctx, calls } = await context('running', 'absent');
+    const { ctx, calls, guest } = await context('running', 'absent');
     const ac = new AbortController();
     ctx.signal = ac.signal;
-    (ctx.guest as unknown as { drain: () => Promise<void> }).drain = async () => {
+    guest.drain = async () => {
       ac.abort(new Error('VMMigration deleted'));
       throw new Error('drain aborted');
     };
