@@ -73,8 +73,8 @@ export interface VMMigrationStatus {
   message?: string;
   startedAt?: string;
   finishedAt?: string;
-  /** set while a not-yet-safe verdict holds the migration; the safetyWaitTimeout deadline counts from here */
-  waitingSince?: string;
+  /** set while a not-yet-safe verdict holds the migration; the safetyWaitTimeout deadline counts from here (null clears it in the merge patch) */
+  waitingSince?: string | null;
   conditions?: Condition[];
   plan?: PlanEntry[];
   vms?: VMStatus[];

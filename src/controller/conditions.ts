@@ -33,7 +33,8 @@ export function setState(s: VMMigrationStatus, generation: number, state: Migrat
   const row = table[state];
   s.phase = row.phase;
   s.observedGeneration = generation;
-  if (state !== 'waiting') s.waitingSince = undefined;
+  // null, not undefined: the status is written as a merge patch, where only null removes a field
+  if (state !== 'waiting') s.waitingSince = null;
   if (state === 'succeeded' || state === 'failed' || state === 'dryRun') {
     s.finishedAt = now.toISOString();
     s.currentVM = '';

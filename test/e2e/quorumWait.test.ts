@@ -1,0 +1,107 @@
+/**
+ * Waiting is a state (issue 6): a controller whose quorum check fails at first does not fail the
+ * migration. Another controller's VM is stopped by the test; the move of controller-1 waits with
+ * Progressing=False / WaitingForQuorum, then proceeds once that VM runs again, and completes.
+ * Real parts throughout: control plane + KWOK, sshd hosts, QEMU, the operator as a process.
+ */
+import { execFile } from 'node:child_process';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { CoreV1Api, CustomObjectsApi, type V1Node } from '@kubernetes/client-node';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
+import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
+
+let sb: Sandbox;
+let operator: OperatorProcess;
+
+beforeAll(async () => {
+  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e-quorum'), log: (l) => console.log(`[sandbox] ${l}`) });
+  operator = await sb.startOperator();
+}, 900_000);
+
+afterAll(async () => {
+  await operator?.stop();
+  await sb?.stop();
+});
+
+async function getVmm(name: string): Promise<VMMigration | undefined> {
+  const api = sb.kc.makeApiClient(CustomObjectsApi);
+  return (await api.getNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, name }).catch(() => undefined)) as VMMigration | undefined;
+}
+
+async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined>): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await probe();
+    if (v !== undefined) return v;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 300));
+  }
+}
+
+async function nodeReady(name: string): Promise<boolean> {
+  const n: V1Node = await sb.kc.makeApiClient(CoreV1Api).readNode({ name });
+  return n.status?.conditions?.find((c) => c.type === 'Ready')?.status === 'True';
+}
+
+describe('a controller move waits for quorum instead of failing', () => {
+  it('waits with WaitingForQuorum while another controller is down, proceeds once it is back, completes', async () => {
+    const env = sb.environment.name;
+    const other = sb.environment.vms.find((v) => v.name === 'controller-2')!;
+    const h01 = await sb.hypervisor('host01');
+    await h01.stopVm(env, other, { powerdownTimeoutMs: 0 });
+    await until(`${other.nodeName} NotReady`, 60_000, async () => ((await nodeReady(other.nodeName)) ? undefined : true));
+
+    const doc = { apiVersion: `${GROUP}/${VERSION}`, kind: 'VMMigration', metadata: { name: 'quorum-wait', namespace: SECRET_NAMESPACE }, spec: { environments: [env], targetHost: 'host02', strategy: 'LiveMigrate', live: { fallback: 'None' } } };
+    await sb.kc.makeApiClient(CustomObjectsApi).createNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, body: doc });
+
+    // beachhead and workers move; controller-1's quorum gate holds the migration
+    const waiting = await until('Progressing=False/WaitingForQuorum', 600_000, async () => {
+      const o = await getVmm('quorum-wait');
+      if (o?.status?.phase === 'Failed') throw new Error(`failed instead of waiting: ${o.status.message}`);
+      const c = o?.status?.conditions?.find((x) => x.type === 'Progressing');
+      return c?.status === 'False' && c.reason === 'WaitingForQuorum' ? o : undefined;
+    });
+    expect(waiting.status?.phase).toBe('Running');
+    expect(waiting.status?.waitingSince).toBeDefined();
+    expect(waiting.status?.conditions?.find((c) => c.type === 'Progressing')?.message).toMatch(/controller-2/);
+    expect(waiting.status?.conditions?.find((c) => c.type === 'Degraded')?.status).toBe('False');
+    const c1 = waiting.status?.vms?.find((v) => v.name === 'controller-1');
+    expect(c1?.phase).toBe('Pending');
+    expect((await h01.vmStatus(env, sb.environment.vms.find((v) => v.name === 'controller-1')!)).state).toBe('running');
+    // still waiting a few seconds later (re-checked with backoff, not failed)
+    await new Promise((r) => setTimeout(r, 5000));
+    const still = await getVmm('quorum-wait');
+    expect(still?.status?.phase).toBe('Running');
+    expect(still?.status?.conditions?.find((c) => c.type === 'Progressing')?.reason).toBe('WaitingForQuorum');
+
+    // the other controller comes back: the move proceeds and completes
+    await h01.startVm(env, other);
+    await until(`${other.nodeName} Ready`, 60_000, async () => ((await nodeReady(other.nodeName)) ? true : undefined));
+    const done = await until('Succeeded', 600_000, async () => {
+      const o = await getVmm('quorum-wait');
+      if (o?.status?.phase === 'Failed') throw new Error(`failed: ${o.status.message}`);
+      return o?.status?.phase === 'Succeeded' ? o : undefined;
+    });
+    expect(done.status?.progress).toBe('7/7');
+    expect(done.status?.waitingSince).toBeUndefined();
+    const h02 = await sb.hypervisor('host02');
+    for (const vm of sb.environment.vms) expect((await h02.vmStatus(env, vm)).state, vm.name).toBe('running');
+
+    // the wait was announced as an Event, and the gauge of running migrations is back to 0
+    const events = await sb.kc.makeApiClient(CoreV1Api).listNamespacedEvent({ namespace: SECRET_NAMESPACE, fieldSelector: 'involvedObject.name=quorum-wait' });
+    expect(events.items.map((e) => e.reason)).toEqual(expect.arrayContaining(['WaitingForQuorum', 'Succeeded']));
+    const metrics = await (await fetch(`${operator.metricsUrl}/metrics`)).text();
+    expect(metrics).toMatch(/^vmops_migrations_active 0$/m);
+
+    // `history` reads the journal back: controller-1's quorum gate and its steps with timings
+    const { stdout } = await promisify(execFile)(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'history', 'quorum-wait', '--db', sb.dbPath], { cwd: REPO_ROOT });
+    const from = stdout.indexOf(`${env}/controller-1`);
+    const section = stdout.slice(from, stdout.indexOf(`${env}/controller-2`, from));
+    expect(section).toMatch(/quorum +failed .*controller-2/);
+    expect(section).toMatch(/quorum +done/);
+    expect(section).toMatch(/live +done +\d+\.\d\d s/);
+    expect(section).toMatch(/start +done/);
+  }, 1_200_000);
+});
