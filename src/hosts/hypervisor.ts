@@ -224,20 +224,6 @@ export class Hypervisor {
       .sort((a, b) => a.name.localeCompare(b.name));
   }
 
-  async fileSize(path: string): Promise<number> {
-    assertSafePath('file', path);
-    const out = await this.conn.execOk(['stat', '-L', '-c', '%s', '--', path]);
-    return Number(out.toString('utf8').trim());
-  }
-
-  async sha256(path: string): Promise<string> {
-    assertSafePath('file', path);
-    const out = await this.conn.execOk(['sha256sum', '-b', '--', path], { timeoutMs: 30 * 60_000 });
-    const hex = out.toString('utf8').split(/\s/)[0] ?? '';
-    if (!/^[0-9a-f]{64}$/.test(hex)) throw new Error(`on ${this.host.name}: unexpected sha256sum output for ${path}`);
-    return hex;
-  }
-
   async ensureDir(path: string): Promise<void> {
     assertSafePath('directory', path);
     await this.conn.execOk(['mkdir', '-p', '--', path]);
@@ -254,13 +240,6 @@ export class Hypervisor {
     if (p.state === 'absent') return;
     if (p.state === 'alive') throw new Error(`refusing to remove ${dir} on ${this.host.name}: QEMU pid ${p.pid} is alive`);
     await this.conn.execOk(['rm', '-rf', '--', dir]);
-  }
-
-  /** Atomic within one filesystem (rename(2)); -T so an existing directory at b is never moved into. */
-  async rename(a: string, b: string): Promise<void> {
-    assertSafePath('file', a);
-    assertSafePath('file', b);
-    await this.conn.execOk(['mv', '-f', '-T', '--', a, b]);
   }
 
   async exists(path: string): Promise<boolean> {

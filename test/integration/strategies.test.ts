@@ -16,7 +16,7 @@ import { LiveMigrationAbortedError } from '../../src/transfer/live.js';
 import { startPrecopy } from '../../src/transfer/mirror.js';
 import { openTunnel, tunnelSocketPath } from '../../src/transfer/tunnel.js';
 import { adoptHostFile, startTwoHosts, type TwoHosts } from '../world/hosts.js';
-import { createDiskImage } from '../world/images.js';
+import { createDiskImage, sha256File } from '../world/images.js';
 
 const ENV = 'env-strat';
 
@@ -143,7 +143,7 @@ describe('downtime strategies between two real hosts', () => {
     await hv2.stopVm(ENV, vm, { powerdownTimeoutMs: 0 });
     const v = await verifyGuestData(hv1, hv2, ENV, vm);
     expect(v).toHaveLength(2);
-    expect(await hv1.sha256(`${vmDirectory(h1, ENV, vm.name)}/seed.img`)).toBe(await hv2.sha256(`${vmDirectory(h2, ENV, vm.name)}/seed.img`));
+    expect(await sha256File(`${vmDirectory(h1, ENV, vm.name)}/seed.img`)).toBe(await sha256File(`${vmDirectory(h2, ENV, vm.name)}/seed.img`));
   });
 
   /** Guest-like writes through the source QEMU's block layer (HMP qemu-io), until stopped. */
