@@ -13,6 +13,7 @@ import * as metrics from '../metrics/metrics.js';
 import { hypervisorEngines } from '../migrate/engines.js';
 import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from '../migrate/guestSafety.js';
 import { readinessGuard } from '../migrate/readinessGuard.js';
+import { afterMove, safetyWait } from '../migrate/rules.js';
 import { moveVm, MoveError, type MoveContext, type MoveResult, type MoveStep } from '../migrate/vmMove.js';
 import { planMigration } from '../planner/plan.js';
 import type { Store } from '../store/store.js';
@@ -92,9 +93,9 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
   const waitOrFail = async (verdict: Pick<SafetyVerdict, 'reason' | 'message'>): Promise<never> => {
     const now = Date.now();
     const since = Date.parse(writer.current.waitingSince ?? new Date(now).toISOString());
-    const waitedMs = now - since;
-    if (waitedMs >= settings.safetyWaitTimeoutMs) {
-      await finishFailed('SafetyWaitTimeout', `${verdict.message} (still not safe after ${Math.round(waitedMs / 1000)} s; spec.safetyWaitTimeout)`);
+    const next = safetyWait(since, now, settings.safetyWaitTimeoutMs);
+    if (next.fail) {
+      await finishFailed('SafetyWaitTimeout', `${verdict.message} (still not safe after ${Math.round(next.waitedMs / 1000)} s; spec.safetyWaitTimeout)`);
       throw new Aborted(verdict.message);
     }
     const announce = writer.current.conditions?.find((c) => c.type === 'Progressing')?.reason !== verdict.reason;
@@ -104,7 +105,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     });
     await writer.flush();
     if (announce) deps.events.emit(vmm, 'Normal', verdict.reason, verdict.message);
-    throw new RetryLater(Math.min(30_000, Math.max(2000, waitedMs / 4)));
+    throw new RetryLater(next.retryAfterMs);
   };
 
   let plan: PlanEntry[] | undefined = vmm.status?.plan;
@@ -237,17 +238,18 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
       } catch (err) {
         // Errors before moveVm (reading the Secret, a vanished inventory entry) happen before any side effect.
         const moveErr = err instanceof MoveError ? err : new MoveError('precheck', (err as Error).message, 'untouched');
-        if (moveErr.outcome === 'interrupted') {
+        const verdict = afterMove(moveErr.outcome);
+        if (verdict === 'handover') {
           // Leave the move 'Running' in the store: the next leader resumes it from the journal.
           await writer.flush().catch(() => undefined);
           throw new Aborted(moveErr.message);
         }
-        if (moveErr.outcome === 'waiting') {
+        if (verdict === 'wait') {
           vmStatus({ phase: 'Pending', message: moveErr.message });
           await store.updateMove(uid, entry.environment, entry.vm, { phase: 'Pending', message: moveErr.message });
           return await waitOrFail(moveErr.verdict ?? { reason: 'Waiting', message: moveErr.message });
         }
-        const where = { untouched: 'nothing was changed', 'rolled-back': `rolled back: VM runs on ${entry.from} again`, stuck: 'rollback FAILED, manual attention needed' }[moveErr.outcome];
+        const where = { untouched: 'nothing was changed', 'rolled-back': `rolled back: VM runs on ${entry.from} again`, stuck: 'rollback FAILED, manual attention needed', waiting: '', interrupted: '' }[moveErr.outcome];
         const message = `${name} failed at step ${moveErr.step}: ${moveErr.message} (${where})`;
         const phase = moveErr.outcome === 'rolled-back' ? 'RolledBack' : 'Failed';
         metrics.recordVmMove(moveErr.outcome === 'rolled-back' ? 'rolled_back' : 'failure');

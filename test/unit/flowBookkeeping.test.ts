@@ -155,3 +155,14 @@ describe('waiting is a state, not a failure', () => {
     expect(await active()).toBe(0);
   });
 });
+
+describe('migration rules (src/migrate/rules.ts)', () => {
+  it('waiting backs off with the time waited and fails at the deadline; outcomes map to continue/wait/fail/handover', async () => {
+    const { afterMove, safetyWait } = await import('../../src/migrate/rules.js');
+    expect(safetyWait(0, 1000, 60_000)).toEqual({ fail: false, retryAfterMs: 2000 });
+    expect(safetyWait(0, 40_000, 60_000)).toEqual({ fail: false, retryAfterMs: 10_000 });
+    expect(safetyWait(0, 59_999, 3_600_000 * 10)).toEqual({ fail: false, retryAfterMs: 14_999.75 });
+    expect(safetyWait(0, 60_000, 60_000)).toEqual({ fail: true, waitedMs: 60_000 });
+    expect(['moved', 'waiting', 'interrupted', 'untouched', 'rolled-back', 'stuck'].map((o) => afterMove(o as never))).toEqual(['continue', 'wait', 'handover', 'fail', 'fail', 'fail']);
+  });
+});
