@@ -63,7 +63,13 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
         quitSource: () => quitQemu(source, environment, vm, handle.sourceQmp),
         async abortAndResume() {
           await handle.abort().catch((e: Error) => log.warn({ err: e.message }, 'aborting the mirror failed'));
-          if (!handle.sourceQmp.isClosed) await resumeSource(handle.sourceQmp);
+          // the handle closes its QMP client when it ends; a halted guest is resumed through a fresh one
+          const qmp = handle.sourceQmp.isClosed ? await openQmpAt(source, source.vmDir(environment, vm)) : handle.sourceQmp;
+          try {
+            await resumeSource(qmp);
+          } finally {
+            qmp.close();
+          }
         },
       };
     },
@@ -80,6 +86,7 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
       return {
         bytes: h.result.bytes.total,
         stoppedAt: h.stoppedAt,
+        sourceRunState: async () => (await h.sourceQmp.execute<{ status: string }>('query-status')).status,
         quitSource: () => quitQemu(source, environment, vm, h.sourceQmp),
         resumeTarget: () => resumeIncoming(h.targetQmp).finally(() => h.targetQmp.close()),
         abort: (reason) => h.abort(reason).catch(() => undefined),

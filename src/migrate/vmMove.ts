@@ -72,6 +72,8 @@ export interface LiveSession {
   bytes: number;
   /** when QEMU stopped the guest on the source */
   stoppedAt: number;
+  /** the source QEMU's run state, asked over the session's own QMP client (QEMU serves one client at a time) */
+  sourceRunState(): Promise<string>;
   quitSource(): Promise<void>;
   /** start: the target runs the migrated guest; returns when it did */
   resumeTarget(): Promise<number>;
@@ -351,9 +353,9 @@ const ACTIONS: Record<MoveStep, Action> = {
     if (st.mode === 'live' && st.live) {
       // QEMU stopped the guest itself (stop-and-copy); the source must be postmigrate now.
       st.stoppedAt = st.live.stoppedAt;
-      const s = await source.vmStatus(environment.name, vm);
-      if (s.qmpStatus !== 'postmigrate') throw new Error(`source is ${s.qmpStatus ?? s.state} after the live migration, expected postmigrate`);
-      return 'postmigrate';
+      const runState = await st.live.sourceRunState();
+      if (runState !== 'postmigrate') throw new Error(`source is ${runState} after the live migration, expected postmigrate`);
+      return runState;
     }
     st.stoppedAt = Date.now();
     if (st.mirror) return st.mirror.haltSource(settings.powerdownTimeoutMs);

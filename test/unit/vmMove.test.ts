@@ -74,6 +74,7 @@ function fakeEngines(source: FakeHost, target: FakeHost, calls: string[]): MoveE
       return {
         bytes: 30,
         stoppedAt: Date.now() - 180,
+        sourceRunState: async () => source.qmpStatus ?? source.state,
         quitSource: async () => { calls.push('quit-source'); source.state = 'stopped'; source.qmpStatus = undefined; },
         resumeTarget: async () => { calls.push('resume-target'); target.state = 'running'; return Date.now(); },
         abort: async () => { calls.push('live-abort'); },
