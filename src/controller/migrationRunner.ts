@@ -245,8 +245,9 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
           throw new Aborted(moveErr.message);
         }
         if (verdict === 'wait') {
-          vmStatus({ phase: 'Pending', message: moveErr.message });
-          await store.updateMove(uid, entry.environment, entry.vm, { phase: 'Pending', message: moveErr.message });
+          // a wait touched nothing: it does not count as an attempt
+          vmStatus({ phase: 'Pending', attempts: record.attempts, message: moveErr.message });
+          await store.updateMove(uid, entry.environment, entry.vm, { phase: 'Pending', attempts: record.attempts, message: moveErr.message });
           return await waitOrFail(moveErr.verdict ?? { reason: 'Waiting', message: moveErr.message });
         }
         const where = { untouched: 'nothing was changed', 'rolled-back': `rolled back: VM runs on ${entry.from} again`, stuck: 'rollback FAILED, manual attention needed', waiting: '', interrupted: '' }[moveErr.outcome];
