@@ -103,7 +103,11 @@ export async function startIncomingQemu(hv: Hypervisor, environment: string, vm:
  */
 export async function quitQemu(hv: Hypervisor, environment: string, vm: VMSpec, qmp?: QmpClient): Promise<void> {
   if (qmp && !qmp.isClosed) {
+    // QEMU closes the monitor as it exits: waiting for that lets the process check below see it gone
+    // on its first look (one round trip) instead of polling — this sits inside a live handover's downtime.
+    const closed = new Promise<void>((r) => qmp.once('close', () => r()));
     await qmp.execute('quit', undefined, { timeoutMs: 5000 }).catch(() => undefined);
+    await Promise.race([closed, sleep(2000)]);
     qmp.close();
   }
   // stopVm only returns once the process is proven gone (it throws otherwise)
