@@ -16,7 +16,9 @@ let sb: Sandbox;
 let operator: OperatorProcess;
 
 beforeAll(async () => {
-  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e-quorum'), log: (l) => console.log(`[sandbox] ${l}`) });
+  // Its own environment name: the simulated kubelets match a VM's QEMU by -name, so a student-42 VM of
+  // any other sandbox on the machine would keep this sandbox's stopped controller "alive".
+  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e-quorum'), environment: 'student-q', log: (l) => console.log(`[sandbox] ${l}`) });
   operator = await sb.startOperator();
 }, 900_000);
 
