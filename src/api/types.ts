@@ -20,7 +20,7 @@ export interface VMMigrationSpec {
   transfer?: { mode?: 'Relay'; precopy?: boolean; compression?: 'None' | 'Zstd' | 'Auto'; bandwidthLimitMiBps?: number; stallTimeoutSeconds?: number };
   live?: { downtimeLimit?: string; maxBandwidthMiBps?: number; convergenceTimeout?: string; fallback?: LiveFallback };
   maxUnavailablePerEnvironment?: number;
-  drain?: { timeout?: string; gracePeriodSeconds?: number; deleteEmptyDirData?: boolean };
+  drain?: { timeout?: string; gracePeriodSeconds?: number; deleteEmptyDirData?: boolean; force?: boolean; ignoreDaemonSets?: boolean; skipWaitForDeleteTimeoutSeconds?: number };
   shutdown?: { powerdownTimeout?: string };
   nodeReadyTimeout?: string;
   /** how long a not-yet-safe verdict (quorum, API readiness, environment busy, host unreachable) may hold the migration before it fails */
@@ -100,8 +100,12 @@ export interface MigrationSettings {
   compression: 'none' | 'zstd' | 'auto';
   bandwidthLimitBytesPerSec: number | undefined;
   drainTimeoutMs: number;
+  /** -1: each pod's own terminationGracePeriodSeconds (kubectl's default) */
   drainGracePeriodSeconds: number;
   deleteEmptyDirData: boolean;
+  drainForce: boolean;
+  drainIgnoreDaemonSets: boolean;
+  drainSkipWaitForDeleteTimeoutSeconds: number;
   powerdownTimeoutMs: number;
   nodeReadyTimeoutMs: number;
   safetyWaitTimeoutMs: number;
@@ -137,7 +141,8 @@ export const SPEC_DEFAULTS = {
   compression: 'None',
   stallTimeoutSeconds: 60,
   live: { downtimeLimit: '300ms', convergenceTimeout: '10m', fallback: 'PreCopy' },
-  drain: { timeout: '10m', gracePeriodSeconds: 30, deleteEmptyDirData: true },
+  // kubectl drain's defaults, except ignoreDaemonSets (README, "Drain"): DaemonSet pods stay with the node, which comes back
+  drain: { timeout: '10m', gracePeriodSeconds: -1, deleteEmptyDirData: false, force: false, ignoreDaemonSets: true, skipWaitForDeleteTimeoutSeconds: 0 },
   powerdownTimeout: '60s',
   nodeReadyTimeout: '5m',
   safetyWaitTimeout: '30m',
@@ -176,6 +181,9 @@ export function settingsFrom(spec: VMMigrationSpec): MigrationSettings {
     drainTimeoutMs: parseDuration(spec.drain?.timeout ?? d.drain.timeout),
     drainGracePeriodSeconds: spec.drain?.gracePeriodSeconds ?? d.drain.gracePeriodSeconds,
     deleteEmptyDirData: spec.drain?.deleteEmptyDirData ?? d.drain.deleteEmptyDirData,
+    drainForce: spec.drain?.force ?? d.drain.force,
+    drainIgnoreDaemonSets: spec.drain?.ignoreDaemonSets ?? d.drain.ignoreDaemonSets,
+    drainSkipWaitForDeleteTimeoutSeconds: spec.drain?.skipWaitForDeleteTimeoutSeconds ?? d.drain.skipWaitForDeleteTimeoutSeconds,
     powerdownTimeoutMs: parseDuration(spec.shutdown?.powerdownTimeout ?? d.powerdownTimeout),
     nodeReadyTimeoutMs: parseDuration(spec.nodeReadyTimeout ?? d.nodeReadyTimeout),
     safetyWaitTimeoutMs: parseDuration(spec.safetyWaitTimeout ?? d.safetyWaitTimeout),

@@ -7,45 +7,25 @@ import { request, type RequestOptions } from 'node:https';
 import { request as httpRequest } from 'node:http';
 import {
   ApiException,
+  AppsV1Api,
   CoordinationV1Api,
   CoreV1Api,
   KubeConfig,
-  PatchStrategy,
   PolicyV1Api,
-  setHeaderOptions,
   type V1Node,
   type V1Pod,
 } from '@kubernetes/client-node';
 import pRetry, { AbortError } from 'p-retry';
+import { NodeDrainer, type DrainOptions, type DrainPolicy, type DrainResult, type PodDecision } from './drain.js';
+
+export { DrainError, type DrainFailure, type DrainOptions, type DrainPolicy, type DrainResult, type PodDecision } from './drain.js';
 
 export const CONTROL_PLANE_LABEL = 'node-role.kubernetes.io/control-plane';
-const MIRROR_POD_ANNOTATION = 'kubernetes.io/config.mirror';
 
 export interface NodeState {
   exists: boolean;
   ready: boolean;
   unschedulable: boolean;
-}
-
-export interface DrainOptions {
-  /** whole drain: evictions (incl. PDB back-off) and waiting for the pods to be gone */
-  timeoutMs: number;
-  /** grace period passed to every eviction's DeleteOptions */
-  gracePeriodSeconds: number;
-  /** evict pods using emptyDir volumes (their data is lost); refused otherwise */
-  deleteEmptyDirData: boolean;
-  /** evict pods that no controller will re-create (like kubectl drain --force); refused otherwise */
-  force?: boolean;
-  /** called with the number of pods still on the node whenever it changes */
-  onProgress?: (remaining: number) => void;
-  signal?: AbortSignal;
-}
-
-export interface DrainResult {
-  /** pods evicted (eviction accepted by the API server) */
-  evicted: number;
-  /** evictions refused with HTTP 429 because a PodDisruptionBudget did not allow them (each was retried later) */
-  pdbRetries: number;
 }
 
 export interface QuorumResult {
@@ -55,16 +35,6 @@ export interface QuorumResult {
   /** Ready controllers other than the excluded node: what remains while it is away */
   healthy: number;
   reason: string;
-}
-
-export class DrainError extends Error {
-  constructor(
-    message: string,
-    readonly pods: string[],
-  ) {
-    super(message);
-    this.name = 'DrainError';
-  }
 }
 
 const sleep = (ms: number, signal?: AbortSignal) =>
@@ -97,40 +67,21 @@ export function isTransient(err: unknown): boolean {
   return code === 429 || code === 408 || code >= 500;
 }
 
-function errorText(err: unknown): string {
-  if (err instanceof ApiException) {
-    const body: unknown = err.body;
-    let msg = '';
-    if (typeof body === 'string') {
-      try {
-        msg = (JSON.parse(body) as { message?: string }).message ?? body;
-      } catch {
-        msg = body;
-      }
-    } else if (body && typeof body === 'object') {
-      msg = (body as { message?: string }).message ?? '';
-    }
-    return `HTTP ${err.code}${msg ? `: ${msg}` : ''}`;
-  }
-  return err instanceof Error ? err.message : String(err);
-}
-
-function podKey(p: V1Pod): string {
-  return `${p.metadata?.namespace}/${p.metadata?.name}`;
-}
-
 function isReady(node: V1Node): boolean {
   return node.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') ?? false;
 }
 
 export class GuestCluster {
   private readonly core: CoreV1Api;
-  private readonly policy: PolicyV1Api;
+  private readonly drainer: NodeDrainer;
   private readonly coordination: CoordinationV1Api;
 
   constructor(private readonly kc: KubeConfig) {
     this.core = kc.makeApiClient(CoreV1Api);
-    this.policy = kc.makeApiClient(PolicyV1Api);
+    this.drainer = new NodeDrainer(
+      { core: this.core, apps: kc.makeApiClient(AppsV1Api), policy: kc.makeApiClient(PolicyV1Api) },
+      (fn) => this.call(fn),
+    );
     this.coordination = kc.makeApiClient(CoordinationV1Api);
   }
 
@@ -146,18 +97,14 @@ export class GuestCluster {
     return pRetry(fn, { retries: 5, minTimeout: 200, maxTimeout: 3000, signal, shouldRetry: ({ error }) => isTransient(error) });
   }
 
-  private setUnschedulable(node: string, unschedulable: boolean): Promise<unknown> {
-    return this.call(() =>
-      this.core.patchNode({ name: node, body: { spec: { unschedulable } } }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch)),
-    );
+  /** Marks the node unschedulable, remembering on the node whether the operator did it (see drain.ts). */
+  cordon(node: string): Promise<{ alreadyCordoned: boolean }> {
+    return this.drainer.cordon(node);
   }
 
-  async cordon(node: string): Promise<void> {
-    await this.setUnschedulable(node, true);
-  }
-
-  async uncordon(node: string): Promise<void> {
-    await this.setUnschedulable(node, false);
+  /** Returns the node to its schedulability before the operator's cordon: a node someone else cordoned stays cordoned. */
+  uncordon(node: string): Promise<{ uncordoned: boolean }> {
+    return this.drainer.restore(node);
   }
 
   async nodeState(node: string): Promise<NodeState> {
@@ -259,109 +206,13 @@ export class GuestCluster {
     return result(true, `${healthy} of ${total} controller(s) remain Ready without ${excludingNode}`);
   }
 
-  /**
-   * kubectl-drain semantics: cordons the node, evicts every pod on it through
-   * the Eviction API (policy/v1) — never deletes a pod directly, so a
-   * PodDisruptionBudget is always honoured — and waits until the pods are gone.
-   * DaemonSet pods and mirror (static) pods are left alone. Pods with emptyDir
-   * volumes are refused unless deleteEmptyDirData, pods without a controller
-   * unless force; the refusal happens before anything is evicted.
-   * HTTP 429 (the PDB does not allow a disruption now) is retried with
-   * back-off until the timeout: it clears when replacement pods elsewhere
-   * become available.
-   */
-  async drain(node: string, opts: DrainOptions): Promise<DrainResult> {
-    const deadline = Date.now() + opts.timeoutMs;
-    const { signal } = opts;
-    await this.cordon(node);
-    const pods = (await this.call(() => this.core.listPodForAllNamespaces({ fieldSelector: `spec.nodeName=${node}` }), signal)).items;
+  /** `kubectl drain` (see drain.ts); on failure the node is back to its prior schedulability. */
+  drain(node: string, opts: DrainOptions): Promise<DrainResult> {
+    return this.drainer.drain(node, opts);
+  }
 
-    const targets: V1Pod[] = [];
-    const emptyDir: string[] = [];
-    const unmanaged: string[] = [];
-    for (const p of pods) {
-      const owner = p.metadata?.ownerReferences?.find((o) => o.controller);
-      if (owner?.kind === 'DaemonSet') continue;
-      if (p.metadata?.annotations?.[MIRROR_POD_ANNOTATION] !== undefined) continue;
-      const terminal = p.status?.phase === 'Succeeded' || p.status?.phase === 'Failed';
-      if (!terminal && p.spec?.volumes?.some((v) => v.emptyDir)) emptyDir.push(podKey(p));
-      if (!terminal && !owner) unmanaged.push(podKey(p));
-      targets.push(p);
-    }
-    if (emptyDir.length > 0 && !opts.deleteEmptyDirData) {
-      throw new DrainError(`cannot drain ${node}: pods with emptyDir data would lose it (deleteEmptyDirData is off): ${emptyDir.join(', ')}`, emptyDir);
-    }
-    if (unmanaged.length > 0 && !opts.force) {
-      throw new DrainError(`cannot drain ${node}: pods not managed by a controller would not come back (force is off): ${unmanaged.join(', ')}`, unmanaged);
-    }
-
-    const uids = new Set(targets.map((p) => p.metadata?.uid ?? ''));
-    let remaining = targets.length;
-    let remainingNames = targets.map(podKey);
-    opts.onProgress?.(remaining);
-    let evicted = 0;
-    let pdbRetries = 0;
-    const timedOut = (what: string) =>
-      new DrainError(`drain of ${node} timed out after ${opts.timeoutMs} ms ${what}; ${remaining} pod(s) left: ${remainingNames.join(', ')}`, remainingNames);
-
-    const evict = async (p: V1Pod): Promise<void> => {
-      const name = p.metadata?.name ?? '';
-      const namespace = p.metadata?.namespace ?? '';
-      if (p.metadata?.deletionTimestamp) return; // already terminating: only wait for it
-      let backoff = 500;
-      let lastErr = '';
-      for (;;) {
-        if (signal?.aborted) throw abortError(signal);
-        try {
-          await this.core.createNamespacedPodEviction({
-            name,
-            namespace,
-            body: { apiVersion: 'policy/v1', kind: 'Eviction', metadata: { name, namespace }, deleteOptions: { gracePeriodSeconds: opts.gracePeriodSeconds } },
-          });
-          evicted++;
-          return;
-        } catch (err) {
-          const code = statusCode(err);
-          if (code === 404) return; // gone already
-          if (code === 429) pdbRetries++;
-          else if (!isTransient(err)) throw new DrainError(`eviction of ${namespace}/${name} refused: ${errorText(err)}`, [`${namespace}/${name}`]);
-          lastErr = errorText(err);
-        }
-        const left = deadline - Date.now();
-        if (left <= 0) throw timedOut(`evicting ${namespace}/${name} (last answer: ${lastErr})`);
-        // one last attempt right at the deadline rather than giving up early
-        await sleep(Math.min(backoff * (0.8 + Math.random() * 0.4), left), signal);
-        backoff = Math.min(backoff * 2, 5000);
-      }
-    };
-
-    // The watcher stops as soon as an eviction fails for good (or the caller aborts).
-    const stopWatching = new AbortController();
-    const watchSignal = signal ? AbortSignal.any([signal, stopWatching.signal]) : stopWatching.signal;
-    const watchGone = async (evictions: Promise<unknown>) => {
-      let evictionsDone = false;
-      void evictions.then(
-        () => (evictionsDone = true),
-        () => undefined,
-      );
-      for (;;) {
-        const now = (await this.call(() => this.core.listPodForAllNamespaces({ fieldSelector: `spec.nodeName=${node}` }), watchSignal)).items.filter((p) =>
-          uids.has(p.metadata?.uid ?? ''),
-        );
-        if (now.length !== remaining) {
-          remaining = now.length;
-          remainingNames = now.map(podKey);
-          opts.onProgress?.(remaining);
-        }
-        if (remaining === 0 && evictionsDone) return;
-        if (Date.now() >= deadline) throw timedOut('waiting for evicted pods to terminate');
-        await sleep(500, watchSignal);
-      }
-    };
-
-    const evictions = Promise.all(targets.map(evict));
-    evictions.catch(() => stopWatching.abort(new Error('eviction failed')));
-    await Promise.all([evictions, watchGone(evictions)]);
-    return { evicted, pdbRetries };
+  /** What a drain with this policy would do with each pod on the node now, nothing changed (kubectl drain --dry-run). */
+  drainPlan(node: string, policy: DrainPolicy): Promise<{ pod: V1Pod; decision: PodDecision }[]> {
+    return this.drainer.plan(node, policy);
   }
 }

@@ -330,7 +330,8 @@ const ACTIONS: Record<MoveStep, Action> = {
   cordon: (ctx) => ctx.guest.cordon(ctx.vm.nodeName),
   drain: (ctx) => ctx.guest.drain(ctx.vm.nodeName, {
     timeoutMs: ctx.settings.drainTimeoutMs, gracePeriodSeconds: ctx.settings.drainGracePeriodSeconds,
-    deleteEmptyDirData: ctx.settings.deleteEmptyDirData, signal: ctx.signal,
+    deleteEmptyDirData: ctx.settings.deleteEmptyDirData, force: ctx.settings.drainForce, ignoreDaemonSets: ctx.settings.drainIgnoreDaemonSets,
+    skipWaitForDeleteTimeoutSeconds: ctx.settings.drainSkipWaitForDeleteTimeoutSeconds, signal: ctx.signal,
     onProgress: (remaining: number) => ctx.observer.progress({ message: `draining: ${remaining} pod(s) left` }),
   }),
   mirrorSync: async (_ctx, st) => {

@@ -15,7 +15,10 @@ describe('spec defaults', () => {
     expect({
       strategy: at('strategy'), precopy: at('transfer', 'precopy'), compression: at('transfer', 'compression'), stallTimeoutSeconds: at('transfer', 'stallTimeoutSeconds'),
       live: { downtimeLimit: at('live', 'downtimeLimit'), convergenceTimeout: at('live', 'convergenceTimeout'), fallback: at('live', 'fallback') },
-      drain: { timeout: at('drain', 'timeout'), gracePeriodSeconds: at('drain', 'gracePeriodSeconds'), deleteEmptyDirData: at('drain', 'deleteEmptyDirData') },
+      drain: {
+        timeout: at('drain', 'timeout'), gracePeriodSeconds: at('drain', 'gracePeriodSeconds'), deleteEmptyDirData: at('drain', 'deleteEmptyDirData'),
+        force: at('drain', 'force'), ignoreDaemonSets: at('drain', 'ignoreDaemonSets'), skipWaitForDeleteTimeoutSeconds: at('drain', 'skipWaitForDeleteTimeoutSeconds'),
+      },
       powerdownTimeout: at('shutdown', 'powerdownTimeout'), nodeReadyTimeout: at('nodeReadyTimeout'), safetyWaitTimeout: at('safetyWaitTimeout'),
     }).toEqual(d);
   });
