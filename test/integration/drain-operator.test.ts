@@ -1,0 +1,114 @@
+/**
+ * A drain that cannot finish, through the operator on real parts (sandbox: control plane + KWOK,
+ * sshd hosts, QEMU VMs, the operator as its own process): a PodDisruptionBudget allowing 0
+ * disruptions on a worker's pod fails that VM's step after the drain timeout; the VM is never
+ * stopped, the node is back to its prior schedulability, status and an Event name the PDB and
+ * pod. A node cordoned by someone before the migration is still cordoned after its VM moved.
+ */
+import { join } from 'node:path';
+import { CoreV1Api, CustomObjectsApi, PolicyV1Api } from '@kubernetes/client-node';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
+import { CORDONED_BY_ANNOTATION } from '../../src/guest/drain.js';
+import { deployStudentWorkload } from '../world/guestCluster.js';
+import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
+
+const ENV = 'student-77';
+const STRICT_NS = `${ENV}-strict`;
+let sb: Sandbox;
+let operator: OperatorProcess;
+
+beforeAll(async () => {
+  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'drain-operator'), environment: ENV, diskMiB: 16 });
+  operator = await sb.startOperator();
+}, 900_000);
+
+afterAll(async () => {
+  await operator?.stop();
+  await sb?.stop();
+});
+
+async function until<T>(what: string, timeoutMs: number, fn: () => Promise<T | undefined | false>): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await fn();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms: ${what}`);
+    await new Promise((r) => setTimeout(r, 300));
+  }
+}
+
+describe('a drain blocked by a PodDisruptionBudget, through the operator', () => {
+  it('fails the worker step after the drain timeout naming the PDB; the VM is never stopped; prior cordon states are kept', async () => {
+    const core = sb.kc.makeApiClient(CoreV1Api);
+    const vms = Object.fromEntries(sb.environment.vms.map((v) => [v.name, v]));
+    const beachhead = vms['beachhead']!.nodeName;
+    const node1 = vms['node-1']!;
+    // someone cordoned the beachhead's node before the migration
+    await sb.kubectl(['cordon', beachhead]);
+    // a database the student protects completely: one replica, minAvailable 1, on node-1
+    await deployStudentWorkload(sb.kc, { namespace: STRICT_NS, name: 'db', replicas: 1, minAvailable: 1, nodeNames: [node1.nodeName] });
+    await until('db PDB allows 0 disruptions', 90_000, async () => {
+      const pdb = await sb.kc.makeApiClient(PolicyV1Api).readNamespacedPodDisruptionBudget({ name: 'db', namespace: STRICT_NS });
+      return pdb.status?.currentHealthy === 1 && pdb.status.disruptionsAllowed === 0;
+    });
+    const [db] = (await core.listNamespacedPod({ namespace: STRICT_NS })).items;
+    const h01 = await sb.hypervisor('host01');
+    const pidBefore = (await h01.vmStatus(ENV, node1)).pid;
+    expect(pidBefore).toBeGreaterThan(0);
+
+    const name = 'blocked-by-pdb';
+    const doc = JSON.stringify({
+      apiVersion: `${GROUP}/${VERSION}`, kind: 'VMMigration', metadata: { name, namespace: SECRET_NAMESPACE },
+      spec: { environments: [ENV], targetHost: 'host02', drain: { timeout: '5s' } },
+    });
+    const { spawn } = await import('node:child_process');
+    await new Promise<void>((res, rej) => {
+      const p = spawn('kubectl', ['--kubeconfig', sb.controlPlane.kubeconfigPath, 'apply', '-f', '-'], { cwd: REPO_ROOT });
+      let err = '';
+      p.stderr.on('data', (d) => (err += d));
+      p.on('close', (code) => (code === 0 ? res() : rej(new Error(err))));
+      p.stdin.end(doc);
+    });
+    const api = sb.kc.makeApiClient(CustomObjectsApi);
+    const get = async () => (await api.getNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, name })) as VMMigration;
+    const final = await until('migration Failed', 300_000, async () => {
+      const o = await get();
+      if (o.status?.phase === 'Succeeded') throw new Error('the migration succeeded although the PDB allows no disruption');
+      return o.status?.phase === 'Failed' ? o : undefined;
+    });
+    const vmStatus = (vm: string) => final.status?.vms?.find((v) => v.name === vm);
+    console.log(`migration: ${final.status?.message}`);
+
+    // the beachhead moved first, and its node is still cordoned, as it was before
+    expect(vmStatus('beachhead')?.phase).toBe('Succeeded');
+    const bNode = await core.readNode({ name: beachhead });
+    expect(bNode.spec?.unschedulable).toBe(true);
+    expect(bNode.metadata?.annotations?.[CORDONED_BY_ANNOTATION]).toBeUndefined();
+
+    // node-1's step failed at the drain, with the PDB and the pod named in status, condition and Event
+    const failed = vmStatus('node-1');
+    expect(failed?.phase).not.toBe('Succeeded');
+    expect(failed?.message).toContain('drain');
+    expect(failed?.message).toContain(`PodDisruptionBudget ${STRICT_NS}/db`);
+    expect(failed?.message).toContain(db!.metadata!.name);
+    expect(final.status?.conditions?.find((c) => c.type === 'Degraded')?.message).toContain(`PodDisruptionBudget ${STRICT_NS}/db`);
+    const events = (await core.listNamespacedEvent({ namespace: SECRET_NAMESPACE })).items.filter((e) => e.involvedObject?.name === name);
+    const pdbEvents = events.filter((e) => e.type === 'Warning' && e.message?.includes(`PodDisruptionBudget ${STRICT_NS}/db`));
+    console.log(`events naming the PDB: ${pdbEvents.map((e) => `${e.reason}: ${e.message}`).join(' | ')}`);
+    expect(pdbEvents.length).toBeGreaterThan(0);
+
+    // the VM was never stopped: same QEMU process on host01, never absent on host02, its node never lost its kubelet
+    const after = await h01.vmStatus(ENV, node1);
+    expect(after.state).toBe('running');
+    expect(after.pid).toBe(pidBefore);
+    expect((await (await sb.hypervisor('host02')).vmStatus(ENV, node1)).state).toBe('absent');
+    expect(sb.bridge.transitions.filter((t) => t.nodeName === node1.nodeName)).toEqual([]);
+    // node-1 is schedulable again (as before), the db pod was never evicted
+    const n1 = await core.readNode({ name: node1.nodeName });
+    expect(n1.spec?.unschedulable ?? false).toBe(false);
+    expect(n1.metadata?.annotations?.[CORDONED_BY_ANNOTATION]).toBeUndefined();
+    const dbNow = (await core.listNamespacedPod({ namespace: STRICT_NS })).items;
+    expect(dbNow.map((p) => [p.metadata?.uid, p.metadata?.deletionTimestamp])).toEqual([[db!.metadata!.uid, undefined]]);
+  });
+});
