@@ -11,6 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
 import { CORDONED_BY_ANNOTATION } from '../../src/guest/drain.js';
 import { deployStudentWorkload } from '../world/guestCluster.js';
+import { until } from '../world/until.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
 
 const ENV = 'student-77';
@@ -27,16 +28,6 @@ afterAll(async () => {
   await operator?.stop();
   await sb?.stop();
 });
-
-async function until<T>(what: string, timeoutMs: number, fn: () => Promise<T | undefined | false>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms: ${what}`);
-    await new Promise((r) => setTimeout(r, 300));
-  }
-}
 
 describe('a drain blocked by a PodDisruptionBudget, through the operator', () => {
   it('fails the worker step after the drain timeout naming the PDB; the VM is never stopped; prior cordon states are kept', async () => {

@@ -14,6 +14,7 @@ import type { EnvironmentSpec, VMSpec } from '../../src/api/inventory.js';
 import { settingsFrom } from '../../src/api/types.js';
 import { CORDONED_BY_ANNOTATION, type DrainOptions, type DrainPolicy, type PodDecision } from '../../src/guest/drain.js';
 import { DrainError, GuestCluster } from '../../src/guest/guestCluster.js';
+import { until } from '../world/until.js';
 import { startControlPlane, type ControlPlane } from '../world/controlPlane.js';
 import { createGuestNodes, deployStudentWorkload, guestNode } from '../world/guestCluster.js';
 
@@ -43,16 +44,6 @@ const operatorDrain = (timeoutMs: number): DrainOptions => ({
   pollMs: 300,
 });
 
-async function until<T>(what: string, timeoutMs: number, fn: () => Promise<T | undefined | false>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms: ${what}`);
-    await new Promise((r) => setTimeout(r, 200));
-  }
-}
-
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const mergePatch = setHeaderOptions('Content-Type', PatchStrategy.MergePatch);
 /** the kind of pod, from its name: ds, mirror, scratch, web, bare, job, done, gone, stuck */
@@ -80,6 +71,12 @@ describe('drain: kubectl drain parity against the real kubectl on the same pods'
   };
   const podsOn = async (node: string) => (await core.listPodForAllNamespaces({ fieldSelector: `spec.nodeName=${node}` })).items;
   const node = async (name: string) => core.readNode({ name });
+  /** the workload is up and the disruption controller says its PDB allows no eviction */
+  const pdbAllowsNone = (namespace: string, name: string) =>
+    until(`${namespace}/${name} available, its PDB allowing 0 disruptions`, 60_000, async () => {
+      const pdb = await kc.makeApiClient(PolicyV1Api).readNamespacedPodDisruptionBudget({ name, namespace });
+      return pdb.status?.currentHealthy === 1 && pdb.status.disruptionsAllowed === 0;
+    });
 
   /** The kinds of pods kubectl drain distinguishes, all on `n`. */
   async function seedKinds(n: string): Promise<void> {
@@ -260,10 +257,7 @@ describe('drain: kubectl drain parity against the real kubectl on the same pods'
     const ns = `${ENV}-strict`;
     const n = NODE('w1');
     await deployStudentWorkload(kc, { namespace: ns, name: 'db', replicas: 1, minAvailable: 1, nodeNames: [n] });
-    await until('db available and its PDB observed', 60_000, async () => {
-      const pdb = await kc.makeApiClient(PolicyV1Api).readNamespacedPodDisruptionBudget({ name: 'db', namespace: ns });
-      return pdb.status?.currentHealthy === 1 && pdb.status.disruptionsAllowed === 0;
-    });
+    await pdbAllowsNone(ns, 'db');
     const [db] = (await core.listNamespacedPod({ namespace: ns })).items;
     // watch the whole time: the db pod never starts terminating, the PDB never drops below its minimum
     let watching = true;
@@ -336,10 +330,7 @@ describe('drain: kubectl drain parity against the real kubectl on the same pods'
     const ns = `${ENV}-late`;
     const n = NODE('w4');
     await deployStudentWorkload(kc, { namespace: ns, name: 'hold', replicas: 1, minAvailable: 1, nodeNames: [n] });
-    await until('hold available and its PDB observed', 60_000, async () => {
-      const pdb = await kc.makeApiClient(PolicyV1Api).readNamespacedPodDisruptionBudget({ name: 'hold', namespace: ns });
-      return pdb.status?.currentHealthy === 1 && pdb.status.disruptionsAllowed === 0;
-    });
+    await pdbAllowsNone(ns, 'hold');
     const late = (name: string) => core.createNamespacedPod({ namespace: ns, body: { metadata: { name }, spec: { nodeName: n, terminationGracePeriodSeconds: 1, containers: [{ name: 'c', image: PAUSE }] } } });
 
     // 1. without force: the unmanaged pod that shows up while the PDB holds the drain refuses it
