@@ -98,13 +98,13 @@ export class GuestCluster {
   }
 
   /** Marks the node unschedulable, remembering on the node whether the operator did it (see drain.ts). */
-  cordon(node: string): Promise<{ alreadyCordoned: boolean }> {
-    return this.drainer.cordon(node);
+  async cordon(node: string): Promise<void> {
+    await this.drainer.cordon(node);
   }
 
   /** Returns the node to its schedulability before the operator's cordon: a node someone else cordoned stays cordoned. */
-  uncordon(node: string): Promise<{ uncordoned: boolean }> {
-    return this.drainer.restore(node);
+  async uncordon(node: string): Promise<void> {
+    await this.drainer.restore(node);
   }
 
   async nodeState(node: string): Promise<NodeState> {
