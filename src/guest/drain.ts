@@ -61,9 +61,13 @@ export type PodDecision =
 export interface DrainResult {
   /** pods evicted (eviction accepted by the API server) */
   evicted: number;
-  evictedPods: string[];
   /** evictions refused with HTTP 429 (a PodDisruptionBudget did not allow them then; each was retried) */
   pdbRetries: number;
+}
+
+/** What a finished drain did pod by pod, as kubectl prints it. */
+export interface DrainReport extends DrainResult {
+  evictedPods: string[];
   /** pods left on the node on purpose, with why (DaemonSet, mirror, deleted long ago) */
   skipped: { pod: string; reason: string }[];
   /** kubectl's warnings: pods evicted although unmanaged / with emptyDir data, DaemonSet pods ignored */
@@ -311,7 +315,7 @@ export class NodeDrainer {
     };
   }
 
-  async drain(node: string, opts: DrainOptions): Promise<DrainResult> {
+  async drain(node: string, opts: DrainOptions): Promise<DrainReport> {
     const deadline = Date.now() + opts.timeoutMs;
     try {
       await this.cordon(node);
@@ -323,11 +327,11 @@ export class NodeDrainer {
     }
   }
 
-  private async evictAll(node: string, opts: DrainOptions, deadline: number): Promise<DrainResult> {
+  private async evictAll(node: string, opts: DrainOptions, deadline: number): Promise<DrainReport> {
     const { signal } = opts;
     const skipAfter = opts.skipWaitForDeleteTimeoutSeconds ?? 0;
     const tracked = new Map<string, Tracked>();
-    const result: DrainResult = { evicted: 0, evictedPods: [], pdbRetries: 0, skipped: [], warnings: [] };
+    const result: DrainReport = { evicted: 0, evictedPods: [], pdbRetries: 0, skipped: [], warnings: [] };
     const skipped = new Map<string, string>();
     const warnings = new Map<string, Set<string>>();
     const warn = (w: string, pod: V1Pod) => {

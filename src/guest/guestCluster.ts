@@ -16,9 +16,9 @@ import {
   type V1Pod,
 } from '@kubernetes/client-node';
 import pRetry, { AbortError } from 'p-retry';
-import { NodeDrainer, type DrainOptions, type DrainPolicy, type DrainResult, type PodDecision } from './drain.js';
+import { NodeDrainer, type DrainOptions, type DrainPolicy, type DrainReport, type PodDecision } from './drain.js';
 
-export { DrainError, type DrainFailure, type DrainOptions, type DrainPolicy, type DrainResult, type PodDecision } from './drain.js';
+export { DrainError, type DrainFailure, type DrainOptions, type DrainPolicy, type DrainReport, type DrainResult, type PodDecision } from './drain.js';
 
 export const CONTROL_PLANE_LABEL = 'node-role.kubernetes.io/control-plane';
 
@@ -207,7 +207,7 @@ export class GuestCluster {
   }
 
   /** `kubectl drain` (see drain.ts); on failure the node is back to its prior schedulability. */
-  drain(node: string, opts: DrainOptions): Promise<DrainResult> {
+  drain(node: string, opts: DrainOptions): Promise<DrainReport> {
     return this.drainer.drain(node, opts);
   }
 
