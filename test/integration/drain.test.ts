@@ -214,7 +214,9 @@ describe('drain: kubectl drain parity against the real kubectl on the same pods'
     console.log(`real drain: ours evicted ${ours.evictedPods.join(' ')}, skipped ${JSON.stringify(ours.skipped)}, warnings ${JSON.stringify(ours.warnings)}; left on ${a}: ${leftA.join(' ')}; kubectl evicted ${kubectlEvicted.join(' ')}, left on ${b}: ${leftB.join(' ')}`);
     expect(leftA).toEqual(leftB);
     expect(leftA).toEqual(['ds', 'mirror']);
-    expect(ours.evictedPods.map((p) => role(p.split('/')[1]!)).sort()).toEqual(kubectlEvicted);
+    // the same kinds; ours may have evicted a replacement too: a scheduler whose node cache lags behind the cordon can
+    // still place a replacement on the node, and the re-listing drain evicts it (kubectl, listing once, would leave it)
+    expect([...new Set(ours.evictedPods.map((p) => role(p.split('/')[1]!)))].sort()).toEqual(kubectlEvicted);
     expect(kubectlEvicted).toEqual(['bare', 'done', 'job', 'scratch', 'web']);
     // the DaemonSet and mirror pods were not touched (same UIDs, not terminating)
     for (const p of await podsOn(a)) {
