@@ -23,6 +23,7 @@ import {
   type V1Pod,
   type V1PodDisruptionBudget,
 } from '@kubernetes/client-node';
+import { abortReason, sleep } from '../util/sleep.js';
 
 /** Set on a node the operator cordoned; its presence is the proof that the node was schedulable before. */
 export const CORDONED_BY_ANNOTATION = 'vmops.dev/cordoned-by';
@@ -116,25 +117,6 @@ function apiMessage(err: unknown): string {
     return `HTTP ${err.code}${msg ? `: ${msg}` : ''}`;
   }
   return err instanceof Error ? err.message : String(err);
-}
-
-const sleep = (ms: number, signal?: AbortSignal) =>
-  new Promise<void>((res, rej) => {
-    if (signal?.aborted) return rej(abortReason(signal));
-    const t = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      res();
-    }, ms);
-    const onAbort = () => {
-      clearTimeout(t);
-      rej(abortReason(signal!));
-    };
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
-
-function abortReason(signal: AbortSignal): Error {
-  const r: unknown = signal.reason;
-  return r instanceof Error ? r : new Error('aborted');
 }
 
 /** Does a PodDisruptionBudget's selector select these labels? (policy/v1: an empty selector selects every pod of the namespace) */

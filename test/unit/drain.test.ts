@@ -1,6 +1,4 @@
-import { readFileSync } from 'node:fs';
 import type { V1Pod } from '@kubernetes/client-node';
-import { parse } from 'yaml';
 import { describe, expect, it } from 'vitest';
 import { decidePod, selectorMatches, type DrainPolicy } from '../../src/guest/drain.js';
 import { settingsFrom } from '../../src/api/types.js';
@@ -82,17 +80,4 @@ describe('drain defaults', () => {
     expect(s).toMatchObject({ drainGracePeriodSeconds: -1, deleteEmptyDirData: false, drainForce: false, drainIgnoreDaemonSets: true, drainSkipWaitForDeleteTimeoutSeconds: 0 });
   });
 
-  it('the CRD defaults the same values (a resource written by the API server behaves like one read by the operator)', () => {
-    type Props = Record<string, { default?: unknown; minimum?: number }>;
-    const crd = parse(readFileSync(new URL('../../crds/vmops.dev_vmmigrations.yaml', import.meta.url), 'utf8')) as {
-      spec: { versions: { schema: { openAPIV3Schema: { properties: { spec: { properties: { drain: { properties: Props } } } } } } }[] };
-    };
-    const drain = crd.spec.versions[0]!.schema.openAPIV3Schema.properties.spec.properties.drain.properties;
-    const fromCrd = settingsFrom({
-      targetHost: 'h', environments: ['e'],
-      drain: { gracePeriodSeconds: drain.gracePeriodSeconds!.default as number, deleteEmptyDirData: drain.deleteEmptyDirData!.default as boolean, force: drain.force!.default as boolean, ignoreDaemonSets: drain.ignoreDaemonSets!.default as boolean, skipWaitForDeleteTimeoutSeconds: drain.skipWaitForDeleteTimeoutSeconds!.default as number },
-    });
-    expect(fromCrd).toEqual(settingsFrom({ targetHost: 'h', environments: ['e'] }));
-    expect(drain.gracePeriodSeconds!.minimum).toBe(-1);
-  });
 });
