@@ -79,5 +79,4 @@ describe('drain defaults', () => {
     const s = settingsFrom({ targetHost: 'h', environments: ['e'] });
     expect(s).toMatchObject({ drainGracePeriodSeconds: -1, deleteEmptyDirData: false, drainForce: false, drainIgnoreDaemonSets: true, drainSkipWaitForDeleteTimeoutSeconds: 0 });
   });
-
 });
