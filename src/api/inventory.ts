@@ -16,6 +16,25 @@ export interface HostSpec {
   hostKey: string;
   /** absolute directory on the host holding VM directories: <vmDir>/<environment>/<vm>/ */
   vmDir: string;
+  /** how VMs are run on this host; defaults in src/hosts/qemuArgv.ts (KVM) */
+  qemu?: HostQemu;
+}
+
+/** QEMU on one host. Live migration needs the same accelerator and machine type on both ends. */
+export interface HostQemu {
+  /** qemu-system-* binary, a name on PATH or an absolute path (default qemu-system-x86_64) */
+  binary?: string;
+  /** -machine type (default pc) */
+  machine?: string;
+  accel?: 'kvm' | 'tcg';
+}
+
+/** Direct kernel boot: kernel and initrd are VM files (kind file), so they move and are verified with the VM. */
+export interface VMBoot {
+  kernel: string;
+  initrd?: string;
+  /** kernel command line */
+  append?: string;
 }
 
 export interface VMFile {
@@ -37,6 +56,7 @@ export interface VMSpec {
   memoryMiB: number;
   cpus: number;
   files: VMFile[];
+  boot?: VMBoot;
 }
 
 export interface EnvironmentSpec {
@@ -65,6 +85,26 @@ export function assertSafePath(kind: string, value: string): void {
   if (!SAFE_ABS_PATH.test(value) || value.split('/').includes('..')) {
     throw new Error(`${kind} ${JSON.stringify(value)} is not a valid absolute path`);
   }
+}
+
+export const QEMU_BINARY = /^(\/[A-Za-z0-9._/-]+\/)?qemu-system-[a-z0-9_]+$/;
+export const QEMU_MACHINE = /^[a-z0-9][a-z0-9._-]{0,63}$/;
+/** kernel command line: words of a conservative character set (no quotes, no shell or QEMU option syntax) */
+export const KERNEL_APPEND = /^[A-Za-z0-9._=,:/+-]+( [A-Za-z0-9._=,:/+-]+)*$/;
+
+export function assertHostQemu(kind: string, q: HostQemu): void {
+  if (q.binary !== undefined && (!QEMU_BINARY.test(q.binary) || q.binary.split('/').includes('..'))) throw new Error(`${kind}.binary ${JSON.stringify(q.binary)} must be qemu-system-<arch> or an absolute path to it`);
+  if (q.machine !== undefined && !QEMU_MACHINE.test(q.machine)) throw new Error(`${kind}.machine ${JSON.stringify(q.machine)} is not a QEMU machine type`);
+  if (q.accel !== undefined && q.accel !== 'kvm' && q.accel !== 'tcg') throw new Error(`${kind}.accel must be kvm or tcg`);
+}
+
+export function assertVmBoot(kind: string, b: VMBoot, files: VMFile[]): void {
+  for (const [field, name] of [['kernel', b.kernel], ['initrd', b.initrd]] as const) {
+    if (name === undefined) continue;
+    assertSafeName(`${kind}.${field}`, name);
+    if (!files.some((f) => f.name === name && f.kind === 'file')) throw new Error(`${kind}.${field} ${JSON.stringify(name)} must be one of the VM's files (kind file), so it moves with the VM`);
+  }
+  if (b.append !== undefined && (b.append.length > 1024 || !KERNEL_APPEND.test(b.append))) throw new Error(`${kind}.append must be space-separated words of letters, digits and . _ = , : / + -`);
 }
 
 /** Directory of one VM on a host. */

@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { parse } from 'yaml';
-import { assertSafeName, assertSafePath, type EnvironmentSpec, type HostSpec, type Inventory, type VMFile, type VMRole, type VMSpec } from './inventory.js';
+import { assertHostQemu, assertSafeName, assertSafePath, assertVmBoot, type EnvironmentSpec, type HostQemu, type HostSpec, type Inventory, type VMBoot, type VMFile, type VMRole, type VMSpec } from './inventory.js';
 
 /**
  * Reads and validates the inventory YAML (format documented in README, "Inventory file").
@@ -40,7 +40,17 @@ function parseHost(v: unknown, at: string): HostSpec {
   assertSafePath(`${at}.vmDir`, vmDir);
   const user = str(o.user ?? 'root', `${at}.user`);
   assertSafeName(`${at}.user`, user);
-  return { name, address, port: int(o.port ?? 22, `${at}.port`, 1, 65535), user, hostKey, vmDir };
+  const host: HostSpec = { name, address, port: int(o.port ?? 22, `${at}.port`, 1, 65535), user, hostKey, vmDir };
+  if (o.qemu !== undefined) {
+    const q = obj(o.qemu, `${at}.qemu`);
+    const qemu: HostQemu = {};
+    if (q.binary !== undefined) qemu.binary = str(q.binary, `${at}.qemu.binary`);
+    if (q.machine !== undefined) qemu.machine = str(q.machine, `${at}.qemu.machine`);
+    if (q.accel !== undefined) qemu.accel = str(q.accel, `${at}.qemu.accel`) as HostQemu['accel'];
+    assertHostQemu(`${at}.qemu`, qemu);
+    host.qemu = qemu;
+  }
+  return host;
 }
 
 function parseEnvironment(v: unknown, at: string, hosts: Set<string>): EnvironmentSpec {
@@ -78,7 +88,16 @@ function parseVm(v: unknown, at: string, hosts: Set<string>): VMSpec {
     return format ? { name: fname, kind, format } : { name: fname, kind };
   });
   const nodeName = str(o.nodeName ?? name, `${at}.nodeName`);
-  return { name, role, nodeName, host, memoryMiB: int(o.memoryMiB ?? 64, `${at}.memoryMiB`, 16, 1 << 20), cpus: int(o.cpus ?? 1, `${at}.cpus`, 1, 256), files };
+  const spec: VMSpec = { name, role, nodeName, host, memoryMiB: int(o.memoryMiB ?? 64, `${at}.memoryMiB`, 16, 1 << 20), cpus: int(o.cpus ?? 1, `${at}.cpus`, 1, 256), files };
+  if (o.boot !== undefined) {
+    const b = obj(o.boot, `${at}.boot`);
+    const boot: VMBoot = { kernel: str(b.kernel, `${at}.boot.kernel`) };
+    if (b.initrd !== undefined) boot.initrd = str(b.initrd, `${at}.boot.initrd`);
+    if (b.append !== undefined) boot.append = str(b.append, `${at}.boot.append`);
+    assertVmBoot(`${at}.boot`, boot, files);
+    spec.boot = boot;
+  }
+  return spec;
 }
 
 function obj(v: unknown, at: string): Record<string, unknown> {

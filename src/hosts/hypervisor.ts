@@ -133,7 +133,7 @@ export class Hypervisor {
     const p = await this.probe(environment, vm);
     if (p.state === 'alive') throw new Error(`VM ${qemuName(environment, vm.name)} already has a live QEMU (pid ${p.pid}) on ${this.host.name}`);
     if (p.state === 'absent') throw new Error(`VM directory ${dir} does not exist on ${this.host.name}`);
-    const argv = buildQemuArgv(dir, environment, vm);
+    const argv = buildQemuArgv(dir, environment, vm, { qemu: this.host.qemu });
     const name = qemuName(environment, vm.name);
     const t0 = Date.now();
     // -daemonize returns once QEMU has initialised (or failed), so a bad disk is reported here with QEMU's message.

@@ -1,25 +1,52 @@
-import { assertSafeName, assertSafePath, qemuName, type VMSpec } from '../api/inventory.js';
+import { assertHostQemu, assertSafeName, assertSafePath, assertVmBoot, qemuName, type HostQemu, type VMSpec } from '../api/inventory.js';
+
+/** What a host runs when the inventory says nothing: a real hypervisor host has KVM. */
+export const QEMU_DEFAULTS: Required<HostQemu> = { binary: 'qemu-system-x86_64', machine: 'pc', accel: 'kvm' };
 
 export interface QemuArgvOptions {
+  /** the host's QEMU settings (HostSpec.qemu); unset fields take QEMU_DEFAULTS */
+  qemu?: HostQemu;
   /** add `-incoming defer`: QEMU waits (status inmigrate) for migrate-incoming */
   incomingDefer?: boolean;
   /** add `-S`: do not start the vCPUs by itself, not even after an incoming migration completed */
   paused?: boolean;
 }
 
-/** The one QEMU command line for a VM (Hypervisor.startVm and the live-migration target both use it). */
+export function resolveHostQemu(q: HostQemu | undefined): Required<HostQemu> {
+  return { ...QEMU_DEFAULTS, ...q };
+}
+
+/**
+ * Why two hosts cannot live-migrate between each other, or undefined: the migration stream carries
+ * device and CPU state that only the same machine type and accelerator on both ends can load.
+ */
+export function liveMigrationMismatch(source: HostQemu | undefined, target: HostQemu | undefined): string | undefined {
+  const a = resolveHostQemu(source);
+  const b = resolveHostQemu(target);
+  if (a.machine !== b.machine) return `machine type differs (${a.machine} vs ${b.machine})`;
+  if (a.accel !== b.accel) return `accelerator differs (${a.accel} vs ${b.accel})`;
+  return undefined;
+}
+
+/**
+ * The one QEMU command line for a VM (Hypervisor.startVm and the live-migration target both use it).
+ * Serial ports: ttyS0 → serial.log (console), ttyS1 → heartbeat.sock, a unix socket server in the VM
+ * directory for a guest agent's line protocol (the test guest's heartbeat; nothing listens = dropped).
+ */
 export function buildQemuArgv(dir: string, environment: string, vm: VMSpec, opts: QemuArgvOptions = {}): string[] {
   assertSafePath('VM directory', dir);
   if (!Number.isInteger(vm.memoryMiB) || vm.memoryMiB < 16) throw new Error(`VM ${vm.name}: invalid memoryMiB ${vm.memoryMiB}`);
   if (!Number.isInteger(vm.cpus) || vm.cpus < 1) throw new Error(`VM ${vm.name}: invalid cpus ${vm.cpus}`);
   const name = qemuName(environment, vm.name);
   assertSafeName('qemu name', name);
+  assertHostQemu('host qemu', opts.qemu ?? {});
+  const q = resolveHostQemu(opts.qemu);
   const argv = [
-    'qemu-system-x86_64',
+    q.binary,
     '-name',
     `${name},process=${name}`,
     '-machine',
-    'pc,accel=tcg',
+    `${q.machine},accel=${q.accel}`,
     '-m',
     String(vm.memoryMiB),
     '-smp',
@@ -29,12 +56,20 @@ export function buildQemuArgv(dir: string, environment: string, vm: VMSpec, opts
     'none',
     '-serial',
     `file:${dir}/serial.log`,
+    '-serial',
+    `unix:${dir}/heartbeat.sock,server=on,wait=off`,
     '-qmp',
     `unix:${dir}/qmp.sock,server=on,wait=off`,
     '-pidfile',
     `${dir}/qemu.pid`,
     '-daemonize',
   ];
+  if (vm.boot) {
+    assertVmBoot(`VM ${vm.name} boot`, vm.boot, vm.files);
+    argv.push('-kernel', `${dir}/${vm.boot.kernel}`);
+    if (vm.boot.initrd) argv.push('-initrd', `${dir}/${vm.boot.initrd}`);
+    if (vm.boot.append) argv.push('-append', vm.boot.append);
+  }
   for (const f of vm.files) {
     if (f.kind !== 'disk') continue;
     assertSafeName('disk file', f.name);
@@ -46,4 +81,3 @@ export function buildQemuArgv(dir: string, environment: string, vm: VMSpec, opts
   if (opts.incomingDefer) argv.push('-incoming', 'defer');
   return argv;
 }
-

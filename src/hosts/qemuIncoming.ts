@@ -74,7 +74,7 @@ export async function startIncomingQemu(hv: Hypervisor, environment: string, vm:
   const dir = hv.vmDir(environment, vm);
   const st = await hv.vmStatus(environment, vm);
   if (st.state !== 'stopped') throw new Error(`cannot start an incoming QEMU for ${vm.name} on ${hv.host.name}: VM is ${st.state} there`);
-  const argv = buildQemuArgv(dir, environment, vm, { incomingDefer: true, paused: opts.paused ?? true });
+  const argv = buildQemuArgv(dir, environment, vm, { qemu: hv.host.qemu, incomingDefer: true, paused: opts.paused ?? true });
   await hv.conn.execOk(argv, { timeoutMs: 60_000 });
   let lastErr: unknown;
   for (let i = 0; i < 50; i++) {

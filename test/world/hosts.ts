@@ -12,7 +12,7 @@ import { tmpdir } from 'node:os';
 import net from 'node:net';
 import path from 'node:path';
 import { promisify } from 'node:util';
-import type { HostSpec } from '../../src/api/inventory.js';
+import type { HostQemu, HostSpec } from '../../src/api/inventory.js';
 import { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { HostConnection } from '../../src/hosts/ssh.js';
 
@@ -48,6 +48,47 @@ export function ensureHostUser(): Promise<HostUser> {
     return { name: HOST_USER, uid: await id('-u'), gid: await id('-g') };
   })();
   return hostUserP;
+}
+
+let accelP: Promise<'kvm' | 'tcg'> | undefined;
+
+/**
+ * The accelerator the test hosts use: KVM when HOST_USER can open /dev/kvm (access is granted here:
+ * group kvm, /dev/kvm 0660 root:kvm, HOST_USER in kvm — new SSH logins pick the group up), TCG
+ * otherwise or when VMOPS_ACCEL=tcg. Logged once per process.
+ */
+export function testAccel(): Promise<'kvm' | 'tcg'> {
+  accelP ??= (async () => {
+    const forced = process.env.VMOPS_ACCEL;
+    if (forced !== undefined && forced !== 'kvm' && forced !== 'tcg') throw new Error(`VMOPS_ACCEL must be kvm or tcg, not ${JSON.stringify(forced)}`);
+    let accel: 'kvm' | 'tcg' = 'tcg';
+    let why = 'VMOPS_ACCEL=tcg';
+    if (forced !== 'tcg') {
+      const user = await ensureHostUser();
+      try {
+        await stat('/dev/kvm');
+        await execFileP('groupadd', ['--system', '-f', 'kvm']);
+        await execFileP('chgrp', ['kvm', '/dev/kvm']);
+        await chmod('/dev/kvm', 0o660);
+        await execFileP('usermod', ['-a', '-G', 'kvm', user.name]);
+        // the real test: can the host user open it read-write (as QEMU will)?
+        await execFileP('runuser', ['-u', user.name, '--', 'sh', '-c', 'exec 3<>/dev/kvm']);
+        accel = 'kvm';
+        why = '/dev/kvm usable by the host user';
+      } catch (err) {
+        if (forced === 'kvm') throw new Error(`VMOPS_ACCEL=kvm but KVM is not usable: ${(err as Error).message}`);
+        why = `KVM not usable (${(err as Error).message.split('\n')[0]})`;
+      }
+    }
+    process.stderr.write(`[test world] QEMU accelerator: ${accel} (${why})\n`);
+    return accel;
+  })();
+  return accelP;
+}
+
+/** QEMU settings of every test host (HostSpec.qemu). */
+export async function testHostQemu(): Promise<HostQemu> {
+  return { binary: 'qemu-system-x86_64', machine: 'pc', accel: await testAccel() };
 }
 
 /** sshd reads authorized_keys as the user, and the user must reach its vmDir: every ancestor needs o+x. */
@@ -141,6 +182,7 @@ export async function startHosts(opts: { count: number; baseDir: string; firstAd
   const baseDir = path.resolve(opts.baseDir);
   await mkdir(baseDir, { recursive: true });
   const user = await ensureHostUser();
+  const qemu = await testHostQemu();
   await makeTraversable(baseDir);
   // sshd refuses to start without its privilege-separation directory.
   await mkdir('/run/sshd', { recursive: true, mode: 0o755 });
@@ -232,6 +274,7 @@ export async function startHosts(opts: { count: number; baseDir: string; firstAd
         user: user.name,
         hostKey: `${keyType} ${keyBlob}`,
         vmDir,
+        qemu,
       });
     }
   } catch (err) {

@@ -217,7 +217,7 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
 
 function inventoryForFile(inv: Inventory): unknown {
   return {
-    hosts: inv.hosts.map((h: HostSpec) => ({ name: h.name, address: h.address, port: h.port, user: h.user, hostKey: h.hostKey, vmDir: h.vmDir })),
+    hosts: inv.hosts.map((h: HostSpec) => ({ name: h.name, address: h.address, port: h.port, user: h.user, hostKey: h.hostKey, vmDir: h.vmDir, qemu: h.qemu })),
     environments: inv.environments,
   };
 }
