@@ -463,7 +463,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
 export type VmFileRelayResult = Pick<RelayResult, 'bytes' | 'sha256' | 'seconds'> & Partial<RelayResult> & { file: string };
 
 /** The per-copy knobs of relayFile that a whole-VM copy passes through unchanged. */
-type RelayTuning = Pick<RelayOptions, 'signal' | 'stallTimeoutMs' | 'compression' | 'bandwidthLimit' | 'segmentBytes' | 'retries' | 'reconnect'>;
+type RelayTuning = Pick<RelayOptions, 'signal' | 'stallTimeoutMs' | 'compression' | 'bandwidthLimit' | 'segmentBytes' | 'retries' | 'reconnect' | 'beforeVerify'>;
 
 export interface RelayVmOptions extends RelayTuning {
   source: Hypervisor;

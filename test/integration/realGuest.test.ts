@@ -1,0 +1,149 @@
+/**
+ * The test world's real guest (Debian kernel + busybox + guestd) on two real sshd hosts: it boots by
+ * direct kernel boot from its VM files, beats a heartbeat, keeps an fsync'd log, answers the ACPI
+ * power button, and the cold move (stop, relay, start) is checked from inside the guest.
+ */
+import path from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { vmDirectory, type VMSpec } from '../../src/api/inventory.js';
+import { relayVmFiles } from '../../src/transfer/relay.js';
+import { GuestObserver } from '../world/guestObserver.js';
+import { installGuest, realGuestVm, type GuestOptions } from '../world/guestImage.js';
+import { startTwoHosts, testAccel, type TwoHosts } from '../world/hosts.js';
+
+const ENV = 'env-guest';
+
+describe('real guest between two real hosts', () => {
+  let two: TwoHosts;
+  const used: Array<{ vm: VMSpec; obs: GuestObserver }> = [];
+
+  beforeAll(async () => {
+    two = await startTwoHosts({ tmpPrefix: 'vmop-guest-', firstAddress: 90 });
+  });
+
+  afterEach(async () => {
+    for (const { vm, obs } of used.splice(0)) {
+      obs.stop();
+      await two.hv1.stopVm(ENV, vm, { powerdownTimeoutMs: 0 }).catch(() => undefined);
+      await two.hv2.stopVm(ENV, vm, { powerdownTimeoutMs: 0 }).catch(() => undefined);
+    }
+  });
+
+  afterAll(async () => {
+    await two?.stop();
+  });
+
+  /** Boots a real guest on host01 and waits until its writer has made some records durable. */
+  async function bootGuest(name: string, o: GuestOptions = {}): Promise<{ vm: VMSpec; obs: GuestObserver }> {
+    const vm = realGuestVm(name, o);
+    const dirs = [vmDirectory(two.h1, ENV, name), vmDirectory(two.h2, ENV, name)] as const;
+    await installGuest(dirs[0], { seed: 7 });
+    const obs = new GuestObserver(dirs.map((d) => path.join(d, 'heartbeat.sock')));
+    used.push({ vm, obs });
+    const t0 = performance.now();
+    expect((await two.hv1.startVm(ENV, vm)).state).toBe('running');
+    const first = await obs.verdict({ since: t0, timeoutMs: 120_000 });
+    expect(first).toMatchObject({ ok: true, records: 0, last: 0 });
+    await obs.waitFor(/^GUESTD ACPI power button ready$/, { since: t0 });
+    if ((o.writesPerSecond ?? 50) > 0) {
+      while ((obs.lastBeat()?.acked ?? 0) < 20) await obs.waitBeat({ since: performance.now() });
+    }
+    return { vm, obs };
+  }
+
+  it(`boots, beats every ~10 ms, keeps a verified log and answers "verify" (accelerator: see log)`, async () => {
+    console.log(`accelerator: ${await testAccel()}`);
+    const { obs } = await bootGuest('beat');
+    const since = performance.now();
+    await new Promise((r) => setTimeout(r, 1000));
+    const beats = obs.beats.filter((b) => b.t >= since);
+    // ~100 per second at 10 ms; a loaded 2-core machine under TCG gets fewer, but the guest must beat
+    expect(beats.length).toBeGreaterThan(10);
+    expect(beats.every((b, i) => i === 0 || b.beat === (beats[i - 1] as typeof b).beat + 1)).toBe(true);
+    expect(obs.isBeating()).toBe(true);
+    const v = await obs.verify();
+    expect(v.ok).toBe(true);
+    if (v.ok) {
+      expect(v.first).toBe(1);
+      expect(v.last).toBeGreaterThanOrEqual(20);
+      expect(v.records).toBe(v.last);
+    }
+  });
+
+  it('cold move: clean ACPI shutdown proven by the guest, verified copy, the log on the target holds every acknowledged write', async () => {
+    const { vm, obs } = await bootGuest('cold', { writesPerSecond: 100 });
+    const t0 = performance.now();
+    const how = await two.hv1.stopVm(ENV, vm, { powerdownTimeoutMs: 60_000 });
+    expect(how).toBe('powerdown');
+    const off = await obs.waitFor(/^POWEROFF clean acked=\d+$/, { since: t0, timeoutMs: 1000 });
+    const ackedAtShutdown = Number(/acked=(\d+)/.exec(off.text)?.[1]);
+    const lastBeatOnSource = obs.beatBefore(performance.now()) as NonNullable<ReturnType<GuestObserver['lastBeat']>>;
+    expect(ackedAtShutdown).toBeGreaterThanOrEqual(lastBeatOnSource.acked);
+    const files = await relayVmFiles({ source: two.hv1, target: two.hv2, environment: ENV, vm });
+    expect(files.map((f) => f.file).sort()).toEqual(['disk0.qcow2', 'initrd.img', 'vmlinuz']);
+    const t1 = performance.now();
+    await two.hv2.startVm(ENV, vm);
+    const v = await obs.verdict({ since: t1, timeoutMs: 120_000 });
+    const firstOnTarget = await obs.waitBeat({ since: t1, from: path.join(vmDirectory(two.h2, ENV, vm.name), 'heartbeat.sock') });
+    const gap = obs.longestGap(t0, performance.now());
+    console.log(`cold move: acked at shutdown ${ackedAtShutdown}, target verdict ${JSON.stringify(v)}, guest-observed downtime ${gap.ms.toFixed(0)} ms`);
+    // a clean shutdown loses nothing and adds nothing: the target's log ends exactly at the last acknowledged write
+    expect(v).toMatchObject({ ok: true, last: ackedAtShutdown, first: 1, records: ackedAtShutdown });
+    expect(firstOnTarget.boot).toBe(2);
+    expect(gap.before?.from).toContain('host01');
+    expect(gap.after?.from).toContain('host02');
+    // and the guest keeps writing on the target
+    const later = await obs.waitBeat({ since: performance.now() + 300 });
+    expect(later.acked).toBeGreaterThan(ackedAtShutdown);
+  });
+
+  it('a guest that ignores the ACPI power button is still stopped after powerdownTimeout (quit), and its log survives', async () => {
+    const { vm, obs } = await bootGuest('deaf', { acpi: 'ignore' });
+    const t0 = performance.now();
+    const how = await two.hv1.stopVm(ENV, vm, { powerdownTimeoutMs: 1500 });
+    const elapsed = performance.now() - t0;
+    expect(how).toBe('quit');
+    expect(elapsed).toBeGreaterThanOrEqual(1500);
+    await obs.waitFor(/^POWER ignored/, { since: t0, timeoutMs: 1000 });
+    expect(obs.lines.some((l) => l.t >= t0 && /^POWEROFF/.test(l.text))).toBe(false);
+    expect((await two.hv1.vmStatus(ENV, vm)).state).toBe('stopped');
+    const acked = (obs.beatBefore(performance.now()) as NonNullable<ReturnType<GuestObserver['lastBeat']>>).acked;
+    // an unclean stop: every acknowledged write is still there (at most one unacknowledged record more)
+    const t1 = performance.now();
+    await two.hv1.startVm(ENV, vm);
+    const v = await obs.verdict({ since: t1, timeoutMs: 120_000 });
+    expect(v.ok).toBe(true);
+    if (v.ok) {
+      expect(v.last).toBeGreaterThanOrEqual(acked);
+      expect(v.last).toBeLessThanOrEqual(acked + 1);
+    }
+  });
+
+  it('a copy corrupted in flight is detected and never put in place; the guest restarts on the source with its log intact', async () => {
+    const { vm, obs } = await bootGuest('corrupt');
+    expect(await two.hv1.stopVm(ENV, vm, { powerdownTimeoutMs: 60_000 })).toBe('powerdown');
+    const off = await obs.waitFor(/^POWEROFF clean acked=\d+$/);
+    const acked = Number(/acked=(\d+)/.exec(off.text)?.[1]);
+    const err = await relayVmFiles({
+      source: two.hv1,
+      target: two.hv2,
+      environment: ENV,
+      vm,
+      retries: 0,
+      // flip bytes in the first segment of the disk on the target, after it was written, before it is verified
+      beforeVerify: async (segment: number, partial: string) => {
+        if (segment !== 0 || !partial.includes('disk0.qcow2')) return;
+        await two.c2.execOk(['sh', '-c', 'printf "\\377\\377\\377\\377" | dd of="$1" bs=1 seek=4096 conv=notrunc status=none', 'corrupt', partial]);
+      },
+    }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(Error);
+    expect((err as Error).message).toMatch(/mismatch|differ|sha|verif/i);
+    const dst = vmDirectory(two.h2, ENV, vm.name);
+    expect((await two.c2.exec(['test', '-e', `${dst}/disk0.qcow2`])).code).toBe(1);
+    await expect(two.hv2.startVm(ENV, vm)).rejects.toThrow();
+    expect((await two.hv2.vmStatus(ENV, vm)).state).not.toBe('running');
+    const t1 = performance.now();
+    await two.hv1.startVm(ENV, vm);
+    expect(await obs.verdict({ since: t1, timeoutMs: 120_000 })).toMatchObject({ ok: true, last: acked });
+  });
+});
