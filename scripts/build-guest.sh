@@ -20,7 +20,13 @@ if [ -e "$out/.complete" ]; then echo "$out"; exit 0; fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
-kpkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }'; }
+kpkg=$(resolve)
+if [ -z "$kpkg" ]; then
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  kpkg=$(resolve)
+fi
 [ -n "$kpkg" ] || { echo "build-guest: cannot resolve linux-image-amd64 (apt-get update?)" >&2; exit 1; }
 echo "[build-guest] downloading $kpkg busybox-static" >&2
 # _apt cannot write into a root-owned mktemp dir; downloading as the caller is fine

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the sandbox and the tests need, only what is missing:
+# (the test guest, scripts/build-guest.sh, is cached like the control plane)
 # Debian packages, node_modules, and the control-plane binaries (built once
 # from the Go module proxy and cached by version in ~/.cache/vm-migration-operator).
 set -euo pipefail
@@ -15,6 +16,9 @@ command -v ip >/dev/null || need_pkgs+=(iproute2)
 command -v openssl >/dev/null || need_pkgs+=(openssl)   # the relay hashes segments on the target with it
 command -v perl >/dev/null || need_pkgs+=(perl-base)    # the relay's extent reader/writer on the hosts
 command -v useradd >/dev/null || need_pkgs+=(passwd)    # the test hosts' unprivileged login user
+command -v gcc >/dev/null || need_pkgs+=(gcc)           # the test guest's guestd (static)
+[ -e "/usr/lib/$(gcc -dumpmachine 2>/dev/null || echo x86_64-linux-gnu)/libc.a" ] || need_pkgs+=(libc6-dev)
+command -v xz >/dev/null || need_pkgs+=(xz-utils)       # kernel modules may be .ko.xz
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -28,6 +32,9 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
   echo "[setup] npm ci"
   npm ci --no-audit --no-fund
 fi
+
+# the test VMs' guest: Debian kernel + busybox-static (downloaded, not installed) + guestd
+echo "[setup] test guest: $(bash scripts/build-guest.sh)"
 
 echo "[setup] control plane binaries: $(node scripts/build-control-plane.mjs --print-dir)"
 node scripts/build-control-plane.mjs

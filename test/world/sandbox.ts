@@ -13,13 +13,15 @@ import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { CoreV1Api, KubeConfig } from '@kubernetes/client-node';
 import { stringify } from 'yaml';
-import type { EnvironmentSpec, HostSpec, Inventory, VMSpec } from '../../src/api/inventory.js';
+import { vmDirectory, type EnvironmentSpec, type HostSpec, type Inventory, type VMSpec } from '../../src/api/inventory.js';
 import { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { HostConnection } from '../../src/hosts/ssh.js';
 import { startControlPlane, type ControlPlane } from './controlPlane.js';
 import { createGuestNodes, deployStudentWorkload, VmLivenessBridge } from './guestCluster.js';
 import { adoptHostFile, startHosts, type TestHosts } from './hosts.js';
 import { createDiskImage, sha256File } from './images.js';
+import { GUEST_INITRD, GUEST_KERNEL, guestAppend, installGuest } from './guestImage.js';
+import { GuestObserver } from './guestObserver.js';
 
 const execFileP = promisify(execFile);
 export const REPO_ROOT = resolve(import.meta.dirname, '../..');
@@ -31,6 +33,8 @@ export interface SandboxOptions {
   diskMiB?: number;
   workloadReplicas?: number;
   workloadMinAvailable?: number;
+  /** 'linux' (default): every VM boots the real test guest (test/world/guestImage.ts); 'none': no OS (SeaBIOS only) */
+  guest?: 'linux' | 'none';
   log?: (line: string) => void;
 }
 
@@ -46,6 +50,8 @@ export interface Sandbox {
   checksums: Map<string, string>;
   workload: { namespace: string; name: string; minAvailable: number; replicas: number };
   bridge: VmLivenessBridge;
+  /** per VM name, with guest 'linux': the guest's heartbeat/log observer, following it across both hosts */
+  observers: Map<string, GuestObserver>;
   kubectl(args: string[], opts?: { allowFail?: boolean }): Promise<{ stdout: string; stderr: string; code: number }>;
   hypervisor(hostName: string): Promise<Hypervisor>;
   startOperator(opts?: { metricsPort?: number; logFile?: string }): Promise<OperatorProcess>;
@@ -60,14 +66,16 @@ export interface OperatorProcess {
 
 export const SECRET_NAMESPACE = 'vm-migration-system';
 
-export function studentEnvironment(name: string, host: string): EnvironmentSpec {
+export function studentEnvironment(name: string, host: string, guest: 'linux' | 'none' = 'none'): EnvironmentSpec {
   const vm = (vmName: string, role: VMSpec['role']): VMSpec => ({
-    name: vmName, role, nodeName: `${name}-${vmName}`, host, memoryMiB: 32, cpus: 1,
+    name: vmName, role, nodeName: `${name}-${vmName}`, host, memoryMiB: guest === 'linux' ? 96 : 32, cpus: 1,
     files: [
       { name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' },
       // a non-disk file that must travel with the VM (think cloud-init seed / firmware vars)
       { name: 'seed.img', kind: 'file' },
+      ...(guest === 'linux' ? [{ name: GUEST_KERNEL, kind: 'file' as const }, { name: GUEST_INITRD, kind: 'file' as const }] : []),
     ],
+    ...(guest === 'linux' ? { boot: { kernel: GUEST_KERNEL, initrd: GUEST_INITRD, append: guestAppend({ writesPerSecond: 20 }) } } : {}),
   });
   return {
     name,
@@ -127,7 +135,8 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
     await kubectl(['wait', '--for=condition=Established', 'crd/vmmigrations.vmops.dev', '--timeout=60s']);
 
     const host01 = hosts.hosts[0]!;
-    const environment = studentEnvironment(opts.environment ?? 'student-42', host01.name);
+    const guest = opts.guest ?? 'linux';
+    const environment = studentEnvironment(opts.environment ?? 'student-42', host01.name, guest);
     const conns: HostConnection[] = [];
     cleanups.push(() => conns.forEach((c) => c.close()));
     const hypervisor = async (name: string) => {
@@ -145,7 +154,8 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
     for (const vm of environment.vms) {
       const vmDir = h01.vmDir(environment.name, vm);
       mkdirSync(vmDir, { recursive: true });
-      await createDiskImage(join(vmDir, 'disk0.qcow2'), { sizeMiB: opts.diskMiB ?? 64, format: 'qcow2', seed: seed++ });
+      if (guest === 'linux') await installGuest(vmDir, { diskMiB: opts.diskMiB ?? 64, seed: seed++ });
+      else await createDiskImage(join(vmDir, 'disk0.qcow2'), { sizeMiB: opts.diskMiB ?? 64, format: 'qcow2', seed: seed++ });
       await createDiskImage(join(vmDir, 'seed.img'), { sizeMiB: 1, format: 'raw', seed: seed++, regions: 2 });
       for (const f of vm.files) {
         await adoptHostFile(join(vmDir, f.name));
@@ -153,7 +163,21 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
       }
     }
     cleanups.push(() => killSandboxQemu(dir));
+    const observers = new Map<string, GuestObserver>();
+    if (guest === 'linux') {
+      for (const vm of environment.vms) {
+        observers.set(vm.name, new GuestObserver(hosts.hosts.map((h) => join(vmDirectory(h, environment.name, vm.name), 'heartbeat.sock'))));
+      }
+      cleanups.push(() => observers.forEach((o) => o.stop()));
+    }
     for (const vm of environment.vms) await h01.startVm(environment.name, vm);
+    if (guest === 'linux') {
+      say('waiting for the guests to boot (log verified, heartbeat)…');
+      for (const o of observers.values()) {
+        const v = await o.verdict({ timeoutMs: 180_000 });
+        if (!v.ok) throw new Error(`a guest's log is not intact at first boot: ${v.reason}`);
+      }
+    }
 
     say('registering the guest cluster nodes (KWOK) and the student workload with its PodDisruptionBudget…');
     await createGuestNodes(kc, environment);
@@ -208,7 +232,7 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
       return proc;
     };
 
-    return { dir, controlPlane, kc, hosts, environment, inventoryPath, dbPath, checksums, workload, bridge, kubectl, hypervisor, startOperator, stop };
+    return { dir, controlPlane, kc, hosts, environment, inventoryPath, dbPath, checksums, workload, bridge, observers, kubectl, hypervisor, startOperator, stop };
   } catch (err) {
     await stop();
     throw err;
