@@ -13,8 +13,7 @@ let sb: Sandbox;
 let operator: OperatorProcess;
 
 beforeAll(async () => {
-  // no-OS VMs here: the checksum comparisons below need disks the guests do not write (README "Test world")
-  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e'), guest: 'none', log: (l) => console.log(`[sandbox] ${l}`) });
+  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e'), log: (l) => console.log(`[sandbox] ${l}`) });
   operator = await sb.startOperator();
 }, 900_000);
 

@@ -39,7 +39,7 @@ function vmLine(v: VMStatus): string {
 }
 
 async function main(): Promise<void> {
-  const sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'demo'), log: say });
+  const sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'demo'), guest: process.env.VMOPS_DEMO_GUEST === 'none' ? 'none' : 'linux', log: say });
   let stopping = false;
   const teardown = async () => {
     if (stopping) return;

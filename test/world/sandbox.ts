@@ -33,7 +33,10 @@ export interface SandboxOptions {
   diskMiB?: number;
   workloadReplicas?: number;
   workloadMinAvailable?: number;
-  /** 'linux' (default): every VM boots the real test guest (test/world/guestImage.ts); 'none': no OS (SeaBIOS only) */
+  /**
+   * 'linux': every VM boots the real test guest (test/world/guestImage.ts; the demo uses it);
+   * 'none' (default while the e2e tests compare disk checksums across moves): no OS, SeaBIOS only
+   */
   guest?: 'linux' | 'none';
   log?: (line: string) => void;
 }
@@ -135,7 +138,7 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
     await kubectl(['wait', '--for=condition=Established', 'crd/vmmigrations.vmops.dev', '--timeout=60s']);
 
     const host01 = hosts.hosts[0]!;
-    const guest = opts.guest ?? 'linux';
+    const guest = opts.guest ?? 'none';
     const environment = studentEnvironment(opts.environment ?? 'student-42', host01.name, guest);
     const conns: HostConnection[] = [];
     cleanups.push(() => conns.forEach((c) => c.close()));
