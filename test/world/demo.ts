@@ -59,6 +59,7 @@ async function main(): Promise<void> {
 
     const api = sb.kc.makeApiClient(CustomObjectsApi);
     const started = Date.now();
+    const startedPerf = performance.now();
     let last: VMMigration | undefined;
     let printed = 0;
     let lastText = '';
@@ -93,6 +94,16 @@ async function main(): Promise<void> {
       console.log(`  ${v.name.padEnd(14)} ${(p?.from ?? '').padEnd(7)} → ${(p?.to ?? '').padEnd(7)}  ${(v.downtimeSeconds?.toFixed(2) ?? '-').padStart(7)} s  ${mib(v.bytesTransferred).padStart(12)}   ${v.phase}`);
     }
     console.log(`  total: ${total.toFixed(1)} s wall time, ${mib(bytes)} moved, result ${last.status?.phase}: ${last.status?.message ?? ''}`);
+    if (sb.observers.size > 0) {
+      console.log('\nSeen from inside the guests (heartbeat every 10 ms, fsync\'d log verified by the guest after its boot on the target)');
+      for (const [name, obs] of sb.observers) {
+        await obs.waitBeat({ since: performance.now(), timeoutMs: 60_000 }).catch(() => undefined);
+        const gap = obs.longestGap(startedPerf);
+        const verdicts = obs.lines.filter((l) => l.t >= startedPerf && l.text.startsWith('VERIFY')).map((l) => l.text);
+        const clean = obs.lines.some((l) => l.t >= startedPerf && l.text.startsWith('POWEROFF clean'));
+        console.log(`  ${name.padEnd(14)} longest heartbeat gap ${(gap.ms / 1000).toFixed(2)} s  ${clean ? 'clean ACPI shutdown' : 'no clean shutdown seen'}  ${verdicts.at(-1) ?? 'no verification seen'}`);
+      }
+    }
     const metrics = await (await fetch(`${op.metricsUrl}/metrics`)).text();
     console.log('\nFrom /metrics:');
     for (const l of metrics.split('\n')) if (/^vmops_(migrations_(started|succeeded|failed)_total|vm_moves_total|transfer_bytes_total|vm_downtime_seconds_(sum|count))/.test(l)) console.log(`  ${l}`);
