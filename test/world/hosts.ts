@@ -7,7 +7,7 @@
  * what the operator sees of a host. sshd itself runs as root (it must switch users).
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
-import { chmod, chown, mkdir, mkdtemp, readFile, stat, writeFile, rm } from 'node:fs/promises';
+import { chmod, chown, copyFile, mkdir, mkdtemp, readFile, stat, writeFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import net from 'node:net';
 import path from 'node:path';
@@ -54,8 +54,10 @@ let accelP: Promise<'kvm' | 'tcg'> | undefined;
 
 /**
  * The accelerator the test hosts use: KVM when HOST_USER can open /dev/kvm (access is granted here:
- * group kvm, /dev/kvm 0660 root:kvm, HOST_USER in kvm — new SSH logins pick the group up), TCG
- * otherwise or when VMOPS_ACCEL=tcg. Logged once per process.
+ * group kvm, /dev/kvm 0660 root:kvm, HOST_USER in kvm — new SSH logins pick the group up) AND the
+ * test guest really boots under it (an openable /dev/kvm is not enough: nested under some
+ * hypervisors SeaBIOS runs but a Linux kernel hangs); TCG otherwise or when VMOPS_ACCEL=tcg.
+ * The boot probe's result is cached per machine, guest build and kernel. Logged once per process.
  */
 export function testAccel(): Promise<'kvm' | 'tcg'> {
   accelP ??= (async () => {
@@ -71,19 +73,61 @@ export function testAccel(): Promise<'kvm' | 'tcg'> {
         await execFileP('chgrp', ['kvm', '/dev/kvm']);
         await chmod('/dev/kvm', 0o660);
         await execFileP('usermod', ['-a', '-G', 'kvm', user.name]);
-        // the real test: can the host user open it read-write (as QEMU will)?
+        // can the host user open it read-write (as QEMU will)?
         await execFileP('runuser', ['-u', user.name, '--', 'sh', '-c', 'exec 3<>/dev/kvm']);
+        await kvmBootProbe(user.name);
         accel = 'kvm';
-        why = '/dev/kvm usable by the host user';
+        why = '/dev/kvm usable by the host user and the test guest boots under it';
       } catch (err) {
         if (forced === 'kvm') throw new Error(`VMOPS_ACCEL=kvm but KVM is not usable: ${(err as Error).message}`);
-        why = `KVM not usable (${(err as Error).message.split('\n')[0]})`;
+        why = `KVM not usable: ${(err as Error).message.split('\n')[0]}`;
       }
     }
     process.stderr.write(`[test world] QEMU accelerator: ${accel} (${why})\n`);
     return accel;
   })();
   return accelP;
+}
+
+/** Boots the test guest under KVM as `user` and waits for guestd's first line; throws if it does not come. */
+async function kvmBootProbe(user: string): Promise<void> {
+  const { guestImageDir } = await import('./guestImage.js');
+  const dir = await guestImageDir();
+  const kernel = (await execFileP('uname', ['-r'])).stdout.trim();
+  const cache = path.join(tmpdir(), `vmops-kvm-probe-${path.basename(dir)}-${kernel.replace(/[^A-Za-z0-9._-]/g, '_')}`);
+  const cached = await readFile(cache, 'utf8').catch(() => '');
+  if (cached === 'ok') return;
+  if (cached.startsWith('fail')) throw new Error(cached.slice(5));
+  const timeoutMs = 20_000;
+  // the cache lives in root's home: give the host user its own copy
+  const probeDir = await mkdtemp(path.join(tmpdir(), 'vmops-kvmprobe-run-'));
+  await chmod(probeDir, 0o755);
+  for (const f of ['vmlinuz', 'initrd.img']) await copyFile(path.join(dir, f), path.join(probeDir, f));
+  const ok = await new Promise<boolean>((resolve) => {
+    // own process group (killed as a whole below); `timeout` bounds QEMU even if that kill missed it
+    const child = spawn('runuser', ['-u', user, '--', 'timeout', '-s', 'KILL', String(timeoutMs / 1000 + 5), 'qemu-system-x86_64', '-machine', 'pc,accel=kvm', '-m', '96', '-nodefaults', '-display', 'none', '-no-reboot',
+      '-serial', 'stdio', '-kernel', path.join(probeDir, 'vmlinuz'), '-initrd', path.join(probeDir, 'initrd.img'), '-append', 'console=ttyS0 quiet vmops.rate=0'], { stdio: ['ignore', 'pipe', 'ignore'], detached: true });
+    let out = '';
+    const done = (v: boolean): void => {
+      clearTimeout(timer);
+      try {
+        if (child.pid !== undefined) process.kill(-child.pid, 'SIGKILL');
+      } catch {
+        // already gone
+      }
+      resolve(v);
+    };
+    const timer = setTimeout(() => done(false), timeoutMs);
+    child.stdout?.on('data', (d: Buffer) => {
+      out += d.toString('latin1');
+      if (out.includes('GUESTD start')) done(true);
+    });
+    child.once('exit', () => done(out.includes('GUESTD start')));
+  });
+  await rm(probeDir, { recursive: true, force: true });
+  const verdict = ok ? 'ok' : `fail the test guest did not boot under KVM within ${timeoutMs / 1000} s (nested virtualization without working KVM?)`;
+  await writeFile(cache, verdict);
+  if (!ok) throw new Error(verdict.slice(5));
 }
 
 /** QEMU settings of every test host (HostSpec.qemu). */
