@@ -85,15 +85,15 @@ describe('real guest between two real hosts', () => {
     await two.hv2.startVm(ENV, vm);
     const v = await obs.verdict({ since: t1, timeoutMs: 120_000 });
     const firstOnTarget = await obs.waitBeat({ since: t1, from: path.join(vmDirectory(two.h2, ENV, vm.name), 'heartbeat.sock') });
-    const gap = obs.longestGap(t0, performance.now());
+    const gap = obs.handover(path.join(vmDirectory(two.h1, ENV, vm.name), 'heartbeat.sock'), path.join(vmDirectory(two.h2, ENV, vm.name), 'heartbeat.sock'));
     console.log(`cold move: acked at shutdown ${ackedAtShutdown}, target verdict ${JSON.stringify(v)}, guest-observed downtime ${gap.ms.toFixed(0)} ms`);
     // a clean shutdown loses nothing and adds nothing: the target's log ends exactly at the last acknowledged write
     expect(v).toMatchObject({ ok: true, last: ackedAtShutdown, first: 1, records: ackedAtShutdown });
     expect(firstOnTarget.t).toBeGreaterThan(t1);
     // beats after the boot-time verification carry the new boot number
     expect((await obs.waitBeat({ since: v.t })).boot).toBe(2);
-    expect(gap.before?.from).toContain('host01');
-    expect(gap.after?.from).toContain('host02');
+    expect(gap.before?.t).toBeGreaterThanOrEqual(t0);
+    expect(gap.ms).toBeGreaterThan(0);
     // and the guest keeps writing on the target
     const later = await obs.waitBeat({ since: performance.now() + 300 });
     expect(later.acked).toBeGreaterThan(ackedAtShutdown);

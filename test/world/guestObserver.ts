@@ -148,6 +148,16 @@ export class GuestObserver {
     return best;
   }
 
+  /** The switch between two sockets: last beat from `from`, first beat from `to` after it (the handover gap of a move). */
+  handover(from: string, to: string): Gap {
+    let before: Beat | undefined;
+    for (const b of this.beats) {
+      if (b.from === from) before = b;
+      else if (b.from === to && before) return { ms: b.t - before.t, before, after: b };
+    }
+    return { ms: NaN, before };
+  }
+
   /** Asks the running guest to verify its whole log now; resolves with its verdict. */
   async verify(timeoutMs = 60_000): Promise<Verdict> {
     const from = this.lastBeat()?.from;
