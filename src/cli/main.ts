@@ -21,7 +21,7 @@ import { history } from './history.js';
 import { log } from '../util/log.js';
 
 const USAGE = `usage:
-  vm-migration-operator run [--kubeconfig F] --inventory F --db F --ssh-key F [--namespace NS] [--metrics-port 8080] [--leader-elect] [--lease-namespace NS]
+  vm-migration-operator run [--kubeconfig F] --inventory F --db F|postgres://… --ssh-key F [--namespace NS] [--metrics-port 8080] [--leader-elect] [--lease-namespace NS]
   vm-migration-operator plan -f migration.yaml --inventory F [--db F]
   vm-migration-operator inventory --db F
   vm-migration-operator history <migration-uid-or-name> --db F
@@ -57,16 +57,16 @@ async function run(): Promise<void> {
   const kc = new KubeConfig();
   if (values.kubeconfig) kc.loadFromFile(values.kubeconfig);
   else kc.loadFromCluster();
-  const store = await Store.open(need('db'));
-  if (values.inventory) await store.loadInventory(loadInventoryFile(values.inventory));
-  const pool = new HostPool({ privateKey: readFileSync(need('ssh-key')) });
   const identity = `${hostname()}-${process.pid}`;
+  const store = await Store.open(need('db'), { actor: identity, onIdleError: (err) => log.warn({ err }, 'store connection lost; reconnecting') });
+  if (values.inventory) await store.loadInventory(loadInventoryFile(values.inventory), `inventory ${values.inventory}`);
+  const pool = new HostPool({ privateKey: readFileSync(need('ssh-key')) });
   const controller = new MigrationController({
     kc, store, pool, log, namespace: values.namespace || undefined,
     leaderElection: values['leader-elect'] ? { namespace: values['lease-namespace']!, name: 'vm-migration-operator', identity } : undefined,
   });
   const server = await startMetricsServer({ port: Number(values['metrics-port']), host: values['metrics-host'], readiness: () => controller.readiness() });
-  log.info({ metricsPort: server.port, namespace: values.namespace ?? '(all)', identity }, 'operator started');
+  log.info({ metricsPort: server.port, namespace: values.namespace ?? '(all)', identity, store: store.describe() }, 'operator started');
   await controller.start();
   let stopping = false;
   const shutdown = async (signal: string) => {
@@ -86,7 +86,7 @@ async function run(): Promise<void> {
 async function plan(): Promise<void> {
   const doc = parse(readFileSync(need('file'), 'utf8')) as VMMigration;
   const store = await Store.open(values.db ?? ':memory:');
-  if (values.inventory) await store.loadInventory(loadInventoryFile(values.inventory));
+  if (values.inventory) await store.loadInventory(loadInventoryFile(values.inventory), `inventory ${values.inventory}`);
   const result = planMigration(await store.hosts(), await store.environments(), settingsFrom(doc.spec));
   await store.close();
   if (result.problems.length > 0) {
@@ -101,7 +101,7 @@ async function plan(): Promise<void> {
 
 async function inventory(): Promise<void> {
   const store = await Store.open(need('db'));
-  if (values.inventory) await store.loadInventory(loadInventoryFile(values.inventory));
+  if (values.inventory) await store.loadInventory(loadInventoryFile(values.inventory), `inventory ${values.inventory}`);
   for (const h of await store.hosts()) console.log(`host ${h.name}  ${h.user}@${h.address}:${h.port}  ${h.vmDir}`);
   for (const e of await store.environments()) {
     console.log(`environment ${e.name}`);
@@ -133,5 +133,7 @@ if (values.help || !cmd || !commands[cmd]) {
 }
 commands[cmd]!().catch((err: Error) => {
   log.fatal({ err: err.message }, `${cmd} failed`);
+  // Also plainly on stderr: start-up faults (store, inventory) must be readable without a log pipeline.
+  console.error(`vm-migration-operator ${cmd}: ${err.message}`);
   process.exit(1);
 });

@@ -1,5 +1,8 @@
-import type { Generated, Kysely, Migration } from 'kysely';
+import type { ColumnDataType, Generated, Kysely, Migration } from 'kysely';
 import { sql } from 'kysely';
+
+/** The two supported databases: SQLite embedded (default), PostgreSQL for operators that must not depend on one node's disk. */
+export type Backend = 'sqlite' | 'postgres';
 
 export interface HostsTable {
   name: string;
@@ -56,6 +59,8 @@ export interface JournalTable {
   event: 'begin' | 'end' | 'fail';
   detail_json: string | null;
   at: string;
+  /** which operator replica wrote the entry (Lease identity); proves two replicas never act on one VM at once */
+  actor: string | null;
 }
 
 export interface Database {
@@ -66,64 +71,80 @@ export interface Database {
   journal: JournalTable;
 }
 
-/** Schema migrations live in code so the binary and its database can never disagree. */
-export const migrations: Record<string, Migration> = {
-  '0001_initial': {
-    async up(db: Kysely<unknown>) {
-      await db.schema.createTable('hosts')
-        .addColumn('name', 'text', (c) => c.primaryKey())
-        .addColumn('address', 'text', (c) => c.notNull())
-        .addColumn('port', 'integer', (c) => c.notNull())
-        .addColumn('user', 'text', (c) => c.notNull())
-        .addColumn('host_key', 'text', (c) => c.notNull())
-        .addColumn('vm_dir', 'text', (c) => c.notNull())
-        .execute();
-      await db.schema.createTable('environments')
-        .addColumn('name', 'text', (c) => c.primaryKey())
-        .addColumn('secret_namespace', 'text', (c) => c.notNull())
-        .addColumn('secret_name', 'text', (c) => c.notNull())
-        .addColumn('secret_key', 'text', (c) => c.notNull())
-        .execute();
-      await db.schema.createTable('vms')
-        .addColumn('environment', 'text', (c) => c.notNull().references('environments.name').onDelete('cascade'))
-        .addColumn('name', 'text', (c) => c.notNull())
-        .addColumn('role', 'text', (c) => c.notNull())
-        .addColumn('node_name', 'text', (c) => c.notNull())
-        .addColumn('host', 'text', (c) => c.notNull().references('hosts.name'))
-        .addColumn('memory_mib', 'integer', (c) => c.notNull())
-        .addColumn('cpus', 'integer', (c) => c.notNull())
-        .addColumn('files_json', 'text', (c) => c.notNull())
-        .addColumn('updated_at', 'text', (c) => c.notNull())
-        .addPrimaryKeyConstraint('vms_pk', ['environment', 'name'])
-        .execute();
-      await db.schema.createTable('vm_moves')
-        .addColumn('id', 'integer', (c) => c.primaryKey().autoIncrement())
-        .addColumn('migration_uid', 'text', (c) => c.notNull())
-        .addColumn('environment', 'text', (c) => c.notNull())
-        .addColumn('vm', 'text', (c) => c.notNull())
-        .addColumn('from_host', 'text', (c) => c.notNull())
-        .addColumn('to_host', 'text', (c) => c.notNull())
-        .addColumn('phase', 'text', (c) => c.notNull())
-        .addColumn('step', 'text')
-        .addColumn('attempts', 'integer', (c) => c.notNull().defaultTo(0))
-        .addColumn('downtime_ms', 'integer')
-        .addColumn('bytes', 'integer', (c) => c.notNull().defaultTo(0))
-        .addColumn('started_at', 'text')
-        .addColumn('finished_at', 'text')
-        .addColumn('message', 'text')
-        .addUniqueConstraint('vm_moves_once', ['migration_uid', 'environment', 'vm'])
-        .execute();
-      await db.schema.createTable('journal')
-        .addColumn('id', 'integer', (c) => c.primaryKey().autoIncrement())
-        .addColumn('migration_uid', 'text', (c) => c.notNull())
-        .addColumn('environment', 'text', (c) => c.notNull())
-        .addColumn('vm', 'text', (c) => c.notNull())
-        .addColumn('step', 'text', (c) => c.notNull())
-        .addColumn('event', 'text', (c) => c.notNull())
-        .addColumn('detail_json', 'text')
-        .addColumn('at', 'text', (c) => c.notNull().defaultTo(sql`(strftime('%Y-%m-%dT%H:%M:%fZ','now'))`))
-        .execute();
-      await db.schema.createIndex('journal_by_vm').on('journal').columns(['migration_uid', 'environment', 'vm', 'id']).execute();
+/**
+ * Schema migrations live in code so the binary and its database can never disagree.
+ * The SQL differs per backend only where the dialects do: identity columns, 64-bit
+ * counters (SQLite's INTEGER is already 64-bit) and the journal's time default.
+ */
+export function migrations(backend: Backend): Record<string, Migration> {
+  const pg = backend === 'postgres';
+  const int64: ColumnDataType = pg ? 'bigint' : 'integer';
+  const nowText = pg
+    ? sql`(to_char(now() at time zone 'utc', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'))`
+    : sql`(strftime('%Y-%m-%dT%H:%M:%fZ','now'))`;
+  return {
+    '0001_initial': {
+      async up(db: Kysely<unknown>) {
+        await db.schema.createTable('hosts')
+          .addColumn('name', 'text', (c) => c.primaryKey())
+          .addColumn('address', 'text', (c) => c.notNull())
+          .addColumn('port', 'integer', (c) => c.notNull())
+          .addColumn('user', 'text', (c) => c.notNull())
+          .addColumn('host_key', 'text', (c) => c.notNull())
+          .addColumn('vm_dir', 'text', (c) => c.notNull())
+          .execute();
+        await db.schema.createTable('environments')
+          .addColumn('name', 'text', (c) => c.primaryKey())
+          .addColumn('secret_namespace', 'text', (c) => c.notNull())
+          .addColumn('secret_name', 'text', (c) => c.notNull())
+          .addColumn('secret_key', 'text', (c) => c.notNull())
+          .execute();
+        await db.schema.createTable('vms')
+          .addColumn('environment', 'text', (c) => c.notNull().references('environments.name').onDelete('cascade'))
+          .addColumn('name', 'text', (c) => c.notNull())
+          .addColumn('role', 'text', (c) => c.notNull())
+          .addColumn('node_name', 'text', (c) => c.notNull())
+          .addColumn('host', 'text', (c) => c.notNull().references('hosts.name'))
+          .addColumn('memory_mib', 'integer', (c) => c.notNull())
+          .addColumn('cpus', 'integer', (c) => c.notNull())
+          .addColumn('files_json', 'text', (c) => c.notNull())
+          .addColumn('updated_at', 'text', (c) => c.notNull())
+          .addPrimaryKeyConstraint('vms_pk', ['environment', 'name'])
+          .execute();
+        await db.schema.createTable('vm_moves')
+          .addColumn('id', 'integer', (c) => (pg ? c.primaryKey().generatedByDefaultAsIdentity() : c.primaryKey().autoIncrement()))
+          .addColumn('migration_uid', 'text', (c) => c.notNull())
+          .addColumn('environment', 'text', (c) => c.notNull())
+          .addColumn('vm', 'text', (c) => c.notNull())
+          .addColumn('from_host', 'text', (c) => c.notNull())
+          .addColumn('to_host', 'text', (c) => c.notNull())
+          .addColumn('phase', 'text', (c) => c.notNull())
+          .addColumn('step', 'text')
+          .addColumn('attempts', 'integer', (c) => c.notNull().defaultTo(0))
+          .addColumn('downtime_ms', int64)
+          .addColumn('bytes', int64, (c) => c.notNull().defaultTo(0))
+          .addColumn('started_at', 'text')
+          .addColumn('finished_at', 'text')
+          .addColumn('message', 'text')
+          .addUniqueConstraint('vm_moves_once', ['migration_uid', 'environment', 'vm'])
+          .execute();
+        await db.schema.createTable('journal')
+          .addColumn('id', 'integer', (c) => (pg ? c.primaryKey().generatedByDefaultAsIdentity() : c.primaryKey().autoIncrement()))
+          .addColumn('migration_uid', 'text', (c) => c.notNull())
+          .addColumn('environment', 'text', (c) => c.notNull())
+          .addColumn('vm', 'text', (c) => c.notNull())
+          .addColumn('step', 'text', (c) => c.notNull())
+          .addColumn('event', 'text', (c) => c.notNull())
+          .addColumn('detail_json', 'text')
+          .addColumn('at', 'text', (c) => c.notNull().defaultTo(nowText))
+          .execute();
+        await db.schema.createIndex('journal_by_vm').on('journal').columns(['migration_uid', 'environment', 'vm', 'id']).execute();
+      },
     },
-  },
-};
+    '0002_journal_actor': {
+      async up(db: Kysely<unknown>) {
+        await db.schema.alterTable('journal').addColumn('actor', 'text').execute();
+      },
+    },
+  };
+}

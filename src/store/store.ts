@@ -1,7 +1,9 @@
-import BetterSqlite3 from 'better-sqlite3';
-import { Kysely, Migrator, SqliteDialect, type MigrationProvider } from 'kysely';
+import { Kysely, Migrator } from 'kysely';
 import type { EnvironmentSpec, HostSpec, Inventory, VMFile, VMRole, VMSpec } from '../api/inventory.js';
-import { migrations, type Database, type MoveRow } from './schema.js';
+import { connect, redactLocation, StoreOpenError, type ConnectOptions } from './connect.js';
+import { migrations, type Backend, type Database, type MoveRow } from './schema.js';
+
+export { isPostgresUrl, redactLocation, StoreOpenError } from './connect.js';
 
 export type JournalEvent = 'begin' | 'end' | 'fail';
 
@@ -21,26 +23,50 @@ export interface MoveRecord {
   message: string | null;
 }
 
-const provider: MigrationProvider = { getMigrations: async () => migrations };
+/** Where a VM move in flight has, by this inventory, lost its footing; see `loadInventory`. */
+export class InventoryConflictError extends Error {
+  constructor(readonly problems: string[], origin: string) {
+    super(`${origin} contradicts the store: ${problems.join('; ')}. Nothing was changed`);
+    this.name = 'InventoryConflictError';
+  }
+}
+
+export interface OpenOptions extends ConnectOptions {
+  /** written into every journal entry: which replica acted (the Lease identity) */
+  actor?: string;
+}
 
 /**
  * The operator's memory: inventory, placement and a journal of every step.
- * SQLite (WAL) by default; every method is a small transaction so a crash
- * leaves either the before or the after state, never half of it.
+ * SQLite (WAL) by default, PostgreSQL when the location is a `postgres://` URL;
+ * every method is a small transaction so a crash leaves either the before or
+ * the after state, never half of it.
  */
 export class Store {
-  private constructor(readonly db: Kysely<Database>, private readonly sqlite: BetterSqlite3.Database) {}
+  private constructor(readonly db: Kysely<Database>, readonly backend: Backend, private readonly location: string, private readonly actor: string | null) {}
 
-  static async open(path: string): Promise<Store> {
-    const sqlite = new BetterSqlite3(path);
-    sqlite.pragma('journal_mode = WAL');
-    sqlite.pragma('foreign_keys = ON');
-    sqlite.pragma('busy_timeout = 5000');
-    const db = new Kysely<Database>({ dialect: new SqliteDialect({ database: sqlite }) });
-    const { error, results } = await new Migrator({ db, provider }).migrateToLatest();
+  /** Opens (and migrates) the store; fails with a StoreOpenError naming the redacted location before touching anything else. */
+  static async open(location: string, opts: OpenOptions = {}): Promise<Store> {
+    const conn = connect(location, opts);
+    try {
+      await conn.probe();
+    } catch (err) {
+      await conn.dispose().catch(() => undefined);
+      throw err;
+    }
+    const db = new Kysely<Database>({ dialect: conn.dialect });
+    const { error, results } = await new Migrator({ db, provider: { getMigrations: async () => migrations(conn.backend) } }).migrateToLatest();
     const failed = results?.find((r) => r.status === 'Error');
-    if (error || failed) throw new Error(`store schema migration failed${failed ? ` at ${failed.migrationName}` : ''}: ${String(error)}`);
-    return new Store(db, sqlite);
+    if (error || failed) {
+      await db.destroy().catch(() => undefined);
+      throw new StoreOpenError(location, `schema migration failed${failed ? ` at ${failed.migrationName}` : ''}: ${error instanceof Error ? error.message : String(error)}`);
+    }
+    return new Store(db, conn.backend, location, opts.actor ?? null);
+  }
+
+  /** The location for logs: a PostgreSQL password never appears. */
+  describe(): string {
+    return `${this.backend} ${redactLocation(this.location)}`;
   }
 
   async close(): Promise<void> {
@@ -51,10 +77,21 @@ export class Store {
    * Loads the inventory file. Hosts and environments are upserted; a VM's
    * placement is taken from the file only the first time the VM is seen,
    * because after a move the database, not the file, knows where it runs.
+   *
+   * The file contradicts the store — and nothing is written — when
+   *  - a VM of the file runs, by the store, on a host the file no longer lists
+   *    (its placement would point nowhere);
+   *  - a move in flight (phase Running: interrupted, to be resumed from the
+   *    journal) names a host the file no longer lists, or whose address, port,
+   *    user or VM directory the file changes: resuming would look for the VM
+   *    on another machine or directory and could take "not found" for "gone".
+   * A changed host key is no contradiction: connecting fails closed on it.
    */
-  async loadInventory(inv: Inventory): Promise<void> {
+  async loadInventory(inv: Inventory, origin = 'the inventory'): Promise<void> {
     const now = new Date().toISOString();
     await this.db.transaction().execute(async (tx) => {
+      const problems = await contradictions(tx, inv);
+      if (problems.length > 0) throw new InventoryConflictError(problems, origin);
       for (const h of inv.hosts) {
         const row = { name: h.name, address: h.address, port: h.port, user: h.user, host_key: h.hostKey, vm_dir: h.vmDir };
         await tx.insertInto('hosts').values(row).onConflict((oc) => oc.column('name').doUpdateSet(row)).execute();
@@ -104,6 +141,7 @@ export class Store {
       migration_uid: migrationUid, environment, vm, step, event,
       detail_json: detail === undefined ? null : JSON.stringify(detail),
       at: new Date().toISOString(),
+      actor: this.actor,
     }).execute();
   }
 
@@ -139,6 +177,11 @@ export class Store {
     return row ? toMove(row) : undefined;
   }
 
+  /** Moves left Running (interrupted: the operator stopped or was killed mid-move); they resume from the journal. */
+  async unfinishedMoves(migrationUid: string): Promise<MoveRecord[]> {
+    return (await this.moves(migrationUid)).filter((m) => m.phase === 'Running');
+  }
+
   async moves(migrationUid: string): Promise<MoveRecord[]> {
     const rows = await this.db.selectFrom('vm_moves').selectAll().where('migration_uid', '=', migrationUid).orderBy('id').execute();
     return rows.map(toMove);
@@ -160,6 +203,40 @@ export class Store {
     await this.db.updateTable('vm_moves').set(set as never)
       .where('migration_uid', '=', migrationUid).where('environment', '=', environment).where('vm', '=', vm).execute();
   }
+}
+
+async function contradictions(tx: Kysely<Database>, inv: Inventory): Promise<string[]> {
+  const problems: string[] = [];
+  const fileHosts = new Map(inv.hosts.map((h) => [h.name, h]));
+  const dbHosts = new Map((await tx.selectFrom('hosts').selectAll().execute()).map((h) => [h.name, h]));
+  const dbVms = await tx.selectFrom('vms').select(['environment', 'name', 'host']).execute();
+  const inFile = new Set(inv.environments.flatMap((e) => e.vms.map((v) => `${e.name}/${v.name}`)));
+  for (const v of dbVms) {
+    if (inFile.has(`${v.environment}/${v.name}`) && !fileHosts.has(v.host)) {
+      problems.push(`VM ${v.environment}/${v.name} runs on host ${v.host} according to the store, but the inventory has no host ${v.host}`);
+    }
+  }
+  const inFlight = await tx.selectFrom('vm_moves').select(['migration_uid', 'environment', 'vm', 'from_host', 'to_host']).where('phase', '=', 'Running').execute();
+  for (const m of inFlight) {
+    const what = `the move of ${m.environment}/${m.vm} from ${m.from_host} to ${m.to_host} (VMMigration uid ${m.migration_uid}) is in flight`;
+    for (const name of new Set([m.from_host, m.to_host])) {
+      const now = fileHosts.get(name);
+      const before = dbHosts.get(name);
+      if (!now) {
+        problems.push(`${what}, but the inventory has no host ${name}`);
+        continue;
+      }
+      if (!before) continue;
+      const changed = [
+        before.address !== now.address && `address ${before.address} → ${now.address}`,
+        before.port !== now.port && `port ${before.port} → ${now.port}`,
+        before.user !== now.user && `user ${before.user} → ${now.user}`,
+        before.vm_dir !== now.vmDir && `vmDir ${before.vm_dir} → ${now.vmDir}`,
+      ].filter(Boolean);
+      if (changed.length > 0) problems.push(`host ${name} changes ${changed.join(', ')} while ${what}; finish or cancel the move first`);
+    }
+  }
+  return problems;
 }
 
 function toVmSpec(v: Database['vms']): VMSpec {
