@@ -148,6 +148,8 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         done++;
         continue;
       }
+      // Cancelled: only a move already in flight goes on (to roll back); the next VM is not started.
+      if (signal.aborted && record.phase !== 'Running') throw new Aborted(`cancelled before ${entry.environment}/${entry.vm}`);
       await waitWhilePaused(deps, writer, generation, signal);
       const name = `${entry.environment}/${entry.vm}`;
       const now = () => new Date().toISOString();

@@ -3,6 +3,14 @@
  * Reconcile is short: it looks at one VMMigration and, when work is due,
  * starts a runner for it; the runner reports back through status and by
  * re-queueing the key.
+ *
+ * Deletion: the operator puts its finalizer on every VMMigration before it
+ * touches anything for it. A delete then only sets deletionTimestamp; the
+ * runner is cancelled (the move in flight rolls back), and the finalizer is
+ * released once the store shows no move in flight. When the operator was down
+ * during the delete, the next leader sees deletionTimestamp, finds the
+ * interrupted move in the store and runs it cancelled from the start: the
+ * move locates the VM and rolls back from wherever it was.
  */
 import { CustomObjectsApi, type KubeConfig, type KubernetesListObject } from '@kubernetes/client-node';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../api/types.js';
@@ -16,6 +24,7 @@ import { ResilientInformer, objectKey } from './runtime/informer.js';
 import { LeaseLeaderElector } from './runtime/leaderElection.js';
 import { WorkQueue } from './runtime/workQueue.js';
 import { EventRecorder } from './statusWriter.js';
+import { FINALIZER, Finalizers, hasFinalizer } from './finalizer.js';
 
 export interface ControllerOptions {
   kc: KubeConfig;
@@ -42,6 +51,7 @@ export class MigrationController {
   private readonly runs = new Map<string, ActiveRun>();
   private readonly claims = new Map<string, string>();
   private readonly events: EventRecorder;
+  private readonly finalizers: Finalizers;
   private elector: LeaseLeaderElector | undefined;
   private leading: AbortSignal | undefined;
   private queueRunning: Promise<void> | undefined;
@@ -63,6 +73,7 @@ export class MigrationController {
     this.informer.on('update', enqueue);
     this.informer.on('delete', enqueue);
     this.events = new EventRecorder(opts.kc, 'vm-migration-operator', opts.log);
+    this.finalizers = new Finalizers(opts.kc);
   }
 
   /** Ready = informer synced and (with election) either leading or standing by healthily. */
@@ -115,18 +126,58 @@ export class MigrationController {
     const [namespace, name] = key.includes('/') ? key.split('/') as [string, string] : [undefined, key];
     const obj = this.informer.get(name, namespace);
     if (!obj) {
-      // Deleted: a runner for it (found by key) stops at the next step boundary and rolls back.
+      // Gone without our finalizer (deleted before we added it): a runner for it still rolls back.
       for (const run of this.runs.values()) {
         if (run.key === key) run.controller.abort(new Error(`VMMigration ${key} deleted`));
       }
       return;
     }
+    if (obj.metadata.deletionTimestamp) return this.finalize(obj, key);
     const uid = obj.metadata.uid;
     if (this.runs.has(uid)) return;
     if (!needsWork(obj)) return;
+    // Before any side effect: from now on a delete waits for us.
+    await this.finalizers.add(obj);
+    this.startRun(obj, key);
+  }
 
+  /** Deletion requested: cancel what runs, roll back what an earlier run left in flight, then let the object go. */
+  private async finalize(obj: VMMigration, key: string): Promise<void> {
+    if (!hasFinalizer(obj)) return;
+    const uid = obj.metadata.uid;
+    const log = this.opts.log.child({ migration: key });
+    const active = this.runs.get(uid);
+    if (active) {
+      // The runner re-queues the key when it has finished rolling back.
+      if (!active.controller.signal.aborted) {
+        log.info('VMMigration is being deleted: cancelling the move in flight');
+        active.controller.abort(new Error(`VMMigration ${key} is being deleted`));
+      }
+      return;
+    }
+    const { inFlight, stuck } = await this.opts.store.unresolvedMoves(uid);
+    if (inFlight.length > 0) {
+      // The operator was down (or lost the Lease) when the delete came: the interrupted move rolls back now.
+      log.info({ vms: inFlight.map((m) => `${m.environment}/${m.vm}`) }, 'VMMigration is being deleted with a move in flight: rolling it back');
+      this.startRun(obj, key, new Error(`VMMigration ${key} is being deleted`));
+      return;
+    }
+    if (stuck.length > 0) {
+      const message = `finalizer kept: the rollback of ${stuck.map((m) => `${m.environment}/${m.vm}`).join(', ')} did not finish; check the VM on ${stuck.map((m) => `${m.fromHost}/${m.toHost}`).join(', ')}, then remove the finalizer ${FINALIZER} by hand`;
+      log.error(message);
+      this.events.emit(obj, 'Warning', 'FinalizerKept', message);
+      return;
+    }
+    await this.finalizers.remove(obj);
+    log.info('VMMigration released: nothing in flight');
+  }
+
+  private startRun(obj: VMMigration, key: string, cancel?: Error): void {
+    const uid = obj.metadata.uid;
+    const { name, namespace } = obj.metadata;
     const controller = new AbortController();
-    const leading = this.leading;
+    if (cancel) controller.abort(cancel);
+    const leading = this.leading!;
     const onLost = () => controller.abort(new Handover('lost leadership'));
     leading.addEventListener('abort', onLost, { once: true });
     const log = this.opts.log.child({ migration: key });
@@ -149,6 +200,8 @@ export class MigrationController {
     ).finally(() => {
       leading.removeEventListener('abort', onLost);
       this.runs.delete(uid);
+      // A deletion waits for this run: look again now that it has rolled back.
+      if (this.informer.get(name, namespace)?.metadata.deletionTimestamp) this.queue.add(key);
     });
     this.runs.set(uid, { key, controller, done });
   }

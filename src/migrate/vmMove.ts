@@ -462,7 +462,8 @@ async function rollback(ctx: MoveContext, st: MoveState): Promise<void> {
 function stepRunner(ctx: MoveContext) {
   const { store, migrationUid, environment, vm, observer } = ctx;
   return async function run<T>(step: MoveStep, fn: () => Promise<T>): Promise<T> {
-    if (ctx.signal.aborted && step !== 'rollback') throw Object.assign(new Error('migration aborted'), { step });
+    // A cancelled move still locates the VM (precheck) so that it can roll back from wherever an earlier run left it.
+    if (ctx.signal.aborted && step !== 'rollback' && (step !== 'precheck' || ctx.signal.reason instanceof Handover)) throw Object.assign(new Error('migration aborted'), { step });
     await store.journal(migrationUid, environment.name, vm.name, step, 'begin', step === 'precheck' && ctx.migrationName ? { migration: ctx.migrationName } : undefined);
     await store.updateMove(migrationUid, environment.name, vm.name, { step });
     observer.progress({ step });

@@ -182,6 +182,24 @@ export class Store {
     return (await this.moves(migrationUid)).filter((m) => m.phase === 'Running');
   }
 
+  /**
+   * What the deletion of a VMMigration must wait for: moves still in flight
+   * (they get rolled back), and moves whose rollback began but never ended
+   * (stuck: a human must look at the VM before the object may go).
+   */
+  async unresolvedMoves(migrationUid: string): Promise<{ inFlight: MoveRecord[]; stuck: MoveRecord[] }> {
+    const moves = await this.moves(migrationUid);
+    const inFlight = moves.filter((m) => m.phase === 'Running');
+    const stuck: MoveRecord[] = [];
+    for (const m of moves.filter((x) => x.phase !== 'Running' && x.phase !== 'Succeeded' && x.phase !== 'Pending')) {
+      const last = await this.db.selectFrom('journal').select(['step', 'event'])
+        .where('migration_uid', '=', migrationUid).where('environment', '=', m.environment).where('vm', '=', m.vm)
+        .orderBy('id', 'desc').limit(1).executeTakeFirst();
+      if (last?.step === 'rollback' && last.event !== 'end') stuck.push(m);
+    }
+    return { inFlight, stuck };
+  }
+
   async moves(migrationUid: string): Promise<MoveRecord[]> {
     const rows = await this.db.selectFrom('vm_moves').selectAll().where('migration_uid', '=', migrationUid).orderBy('id').execute();
     return rows.map(toMove);

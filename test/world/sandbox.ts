@@ -9,6 +9,7 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, openSync, writeFileSync, rmSync } from 'node:fs';
 import { createServer } from 'node:net';
+import { hostname } from 'node:os';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { CoreV1Api, KubeConfig } from '@kubernetes/client-node';
@@ -22,6 +23,7 @@ import { adoptHostFile, startHosts, type TestHosts } from './hosts.js';
 import { createDiskImage, sha256File } from './images.js';
 import { GUEST_INITRD, GUEST_KERNEL, guestAppend, installGuest } from './guestImage.js';
 import { GuestObserver } from './guestObserver.js';
+import { startPostgres } from './postgres.js';
 
 const execFileP = promisify(execFile);
 export const REPO_ROOT = resolve(import.meta.dirname, '../..');
@@ -39,6 +41,8 @@ export interface SandboxOptions {
    */
   guest?: 'linux' | 'none';
   log?: (line: string) => void;
+  /** the operator's store: SQLite file (default) or a private PostgreSQL server; default from VMOPS_TEST_DB */
+  db?: 'sqlite' | 'postgres';
 }
 
 export interface Sandbox {
@@ -48,6 +52,7 @@ export interface Sandbox {
   hosts: TestHosts;
   environment: EnvironmentSpec;
   inventoryPath: string;
+  /** the operator's --db: an SQLite file or a postgres:// URL (test password inside) */
   dbPath: string;
   /** sha256 of every VM file before the move: `${vm}/${file}` → hash */
   checksums: Map<string, string>;
@@ -57,12 +62,21 @@ export interface Sandbox {
   observers: Map<string, GuestObserver>;
   kubectl(args: string[], opts?: { allowFail?: boolean }): Promise<{ stdout: string; stderr: string; code: number }>;
   hypervisor(hostName: string): Promise<Hypervisor>;
-  startOperator(opts?: { metricsPort?: number; logFile?: string }): Promise<OperatorProcess>;
+  startOperator(opts?: OperatorOptions): Promise<OperatorProcess>;
   stop(): Promise<void>;
+}
+
+export interface OperatorOptions {
+  metricsPort?: number;
+  logFile?: string;
+  /** run with these credentials instead of the admin kubeconfig (e.g. the shipped ServiceAccount's token) */
+  kubeconfigPath?: string;
 }
 
 export interface OperatorProcess {
   child: ChildProcess;
+  /** the Lease identity and journal actor of this process */
+  identity: string;
   metricsUrl: string;
   stop(): Promise<void>;
 }
@@ -202,13 +216,19 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
     const inventory: Inventory = { hosts: hosts.hosts, environments: [environment] };
     const inventoryPath = join(dir, 'inventory.yaml');
     writeFileSync(inventoryPath, `# written by the sandbox; format: README "Inventory file"\n${stringify(inventoryForFile(inventory))}`);
-    const dbPath = join(dir, 'operator.db');
+    let dbPath = join(dir, 'operator.db');
+    if ((opts.db ?? process.env.VMOPS_TEST_DB ?? 'sqlite') === 'postgres') {
+      say('starting a private PostgreSQL for the operator store…');
+      const pg = await startPostgres();
+      cleanups.push(() => pg.stop());
+      dbPath = await pg.createDatabase('vmops');
+    }
 
-    const startOperator = async (o: { metricsPort?: number; logFile?: string } = {}): Promise<OperatorProcess> => {
+    const startOperator = async (o: OperatorOptions = {}): Promise<OperatorProcess> => {
       const metricsPort = o.metricsPort ?? (await freePort());
       const logFd = openSync(o.logFile ?? join(dir, 'operator.log'), 'a');
       const child = spawn(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run',
-        '--kubeconfig', controlPlane.kubeconfigPath, '--inventory', inventoryPath, '--db', dbPath,
+        '--kubeconfig', o.kubeconfigPath ?? controlPlane.kubeconfigPath, '--inventory', inventoryPath, '--db', dbPath,
         '--ssh-key', hosts.identity.privateKeyPath, '--namespace', SECRET_NAMESPACE,
         '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1', '--leader-elect'], {
         cwd: REPO_ROOT, stdio: ['ignore', logFd, logFd], env: { ...process.env, LOG_LEVEL: process.env.LOG_LEVEL ?? 'info' },
@@ -216,7 +236,7 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
       const metricsUrl = `http://127.0.0.1:${metricsPort}`;
       const exited = new Promise<void>((r) => child.once('exit', () => r()));
       const proc: OperatorProcess = {
-        child, metricsUrl,
+        child, metricsUrl, identity: `${hostname()}-${child.pid}`,
         stop: async () => {
           const running = () => child.exitCode === null && child.signalCode === null;
           if (running()) child.kill('SIGTERM');

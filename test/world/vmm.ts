@@ -1,0 +1,105 @@
+/**
+ * Small helpers for end-to-end tests around VMMigration objects and the
+ * VMs' placement: read/wait on the object, apply a manifest with the real
+ * kubectl, count live QEMU processes per VM, and a kubeconfig with the
+ * shipped ServiceAccount's token (so the operator runs with the shipped RBAC).
+ */
+import { spawn } from 'node:child_process';
+import { readdir, readFile } from 'node:fs/promises';
+import { writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { CustomObjectsApi } from '@kubernetes/client-node';
+import { parse, stringify } from 'yaml';
+import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
+import { REPO_ROOT, SECRET_NAMESPACE, type Sandbox } from './sandbox.js';
+
+export async function getVmm(sb: Sandbox, name: string): Promise<VMMigration | undefined> {
+  const api = sb.kc.makeApiClient(CustomObjectsApi);
+  try {
+    return (await api.getNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, name })) as VMMigration;
+  } catch (err) {
+    if ((err as { code?: number }).code === 404) return undefined;
+    throw err;
+  }
+}
+
+/** Polls until `pred` holds for the object (or its absence); returns the last object seen. */
+export async function waitVmm(sb: Sandbox, name: string, what: string, pred: (o: VMMigration | undefined) => boolean, timeoutMs: number, everyMs = 200): Promise<VMMigration | undefined> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const o = await getVmm(sb, name);
+    if (pred(o)) return o;
+    if (Date.now() > deadline) throw new Error(`${name}: gave up waiting for ${what}; status: ${JSON.stringify(o?.status)}`);
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+}
+
+export function migrationManifest(name: string, spec: Record<string, unknown>): string {
+  return JSON.stringify({ apiVersion: 'vmops.dev/v1alpha1', kind: 'VMMigration', metadata: { name, namespace: SECRET_NAMESPACE }, spec });
+}
+
+export async function kubectlStdin(sb: Sandbox, args: string[], stdin: string): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const p = spawn('kubectl', ['--kubeconfig', sb.controlPlane.kubeconfigPath, ...args], { cwd: REPO_ROOT });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (d) => (stdout += d));
+    p.stderr.on('data', (d) => (stderr += d));
+    p.on('close', (code) => resolve({ code: code ?? 1, stdout, stderr }));
+    p.stdin.end(stdin);
+  });
+}
+
+/** Live qemu-system processes per `-name` on this machine (every test host shares it). */
+export async function qemuCensus(): Promise<Map<string, number>> {
+  const counts = new Map<string, number>();
+  for (const pid of await readdir('/proc').catch(() => [] as string[])) {
+    if (!/^\d+$/.test(pid)) continue;
+    const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
+    if (!(argv[0]?.split('/').pop() ?? '').startsWith('qemu-system')) continue;
+    const i = argv.indexOf('-name');
+    const name = i >= 0 ? argv[i + 1]?.split(',')[0] : undefined;
+    if (name) counts.set(name, (counts.get(name) ?? 0) + 1);
+  }
+  return counts;
+}
+
+/** Samples the census until stopped; `worst` is the highest number of live QEMUs any one VM ever had. */
+export function watchSplitBrain(everyMs = 150): { stop(): Promise<{ worst: number; samples: number; offenders: string[] }> } {
+  let worst = 0;
+  let samples = 0;
+  const offenders = new Set<string>();
+  let running = true;
+  const loop = (async () => {
+    while (running) {
+      for (const [name, n] of await qemuCensus()) {
+        worst = Math.max(worst, n);
+        if (n > 1) offenders.add(name);
+      }
+      samples++;
+      await new Promise((r) => setTimeout(r, everyMs));
+    }
+  })();
+  return {
+    async stop() {
+      running = false;
+      await loop;
+      return { worst, samples, offenders: [...offenders] };
+    },
+  };
+}
+
+/**
+ * Applies manifests/rbac.yaml and returns a kubeconfig that authenticates as
+ * the shipped ServiceAccount (a TokenRequest token), so that the operator runs
+ * with exactly the permissions the manifests grant.
+ */
+export async function serviceAccountKubeconfig(sb: Sandbox): Promise<string> {
+  await sb.kubectl(['apply', '-f', 'manifests/rbac.yaml']);
+  const { stdout } = await sb.kubectl(['create', 'token', 'vm-migration-operator', '-n', SECRET_NAMESPACE, '--duration=3h']);
+  const kc = parse(sb.controlPlane.kubeconfigYaml) as { users: Array<{ name: string; user: Record<string, unknown> }> };
+  for (const u of kc.users) u.user = { token: stdout.trim() };
+  const path = join(sb.dir, 'operator-sa.kubeconfig');
+  writeFileSync(path, stringify(kc), { mode: 0o600 });
+  return path;
+}
