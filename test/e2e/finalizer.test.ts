@@ -106,7 +106,7 @@ describe('deleting a VMMigration with a move in flight (finalizer)', () => {
     expect(journal.at(-1)).toBe('rollback:end');
     // The second run located the VM and rolled back; it never moved on to another step.
     const resumed = journal.slice(before.journal.length);
-    expect(resumed).toEqual(['precheck:begin', 'precheck:end', expect.stringMatching(/^[a-z]+:(begin|fail)$/), 'rollback:begin', 'rollback:end'].slice(0, resumed.length));
+    expect(resumed).toEqual(['precheck:begin', 'precheck:end', 'rollback:begin', 'rollback:end']);
     console.log(`[e2e] operator killed while ${vm} was in flight, deleted while down; journal after restart: ${resumed.join(' ')}`);
   }, 600_000);
 

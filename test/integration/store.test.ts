@@ -119,6 +119,24 @@ describe.each(backends)('Store on $name', ({ name, fresh }) => {
     await Promise.all([a.close(), b.close()]);
   });
 
+  it('tells a deletion what it must wait for: moves in flight, and rollbacks that never ended', async () => {
+    const s = await Store.open(await fresh());
+    const move = (vm: string) => s.ensureMove({ migrationUid: 'u1', environment: 'e1', vm, fromHost: 'host01', toHost: 'host02' });
+    for (const vm of ['done', 'flying', 'rolled', 'stuck', 'untouched', 'waiting']) await move(vm);
+    await s.updateMove('u1', 'e1', 'done', { phase: 'Succeeded' });
+    await s.updateMove('u1', 'e1', 'flying', { phase: 'Running' });
+    await s.updateMove('u1', 'e1', 'rolled', { phase: 'RolledBack' });
+    await s.updateMove('u1', 'e1', 'stuck', { phase: 'Failed' });
+    await s.updateMove('u1', 'e1', 'untouched', { phase: 'Failed' });
+    for (const [vm, step, event] of [['rolled', 'rollback', 'begin'], ['rolled', 'rollback', 'end'], ['stuck', 'rollback', 'begin'], ['stuck', 'rollback', 'fail'], ['untouched', 'precheck', 'fail']] as const) {
+      await s.journal('u1', 'e1', vm, step, event);
+    }
+    const { inFlight, stuck } = await s.unresolvedMoves('u1');
+    expect(inFlight.map((m) => m.vm)).toEqual(['flying']);
+    expect(stuck.map((m) => m.vm)).toEqual(['stuck']);
+    await s.close();
+  });
+
   describe('an inventory that contradicts the store is refused and changes nothing', () => {
     async function withMoveInFlight(): Promise<Store> {
       const s = await Store.open(await fresh());
