@@ -67,19 +67,25 @@ async function storedMove(uid: string, vm: string) {
   }
 }
 
+/** The object disappears only after the move rolled back: all VMs on host01 with their data, never one live twice. */
+async function expectGoneAndRolledBack(name: string, watcher: ReturnType<typeof watchSplitBrain>, uid: string, vm: string) {
+  await waitVmm(sb, name, 'the object to be gone', (o) => o === undefined, 180_000);
+  const split = await watcher.stop();
+  expect(split.worst, `VMs live on two hosts: ${split.offenders.join(', ')}`).toBeLessThanOrEqual(1);
+  await expectAllOnSource();
+  const stored = await storedMove(uid, vm);
+  expect(stored.move?.phase, JSON.stringify(stored.move)).toBe('RolledBack');
+  expect(stored.journal.at(-1)).toBe('rollback:end');
+  return stored;
+}
+
 describe('deleting a VMMigration with a move in flight (finalizer)', () => {
   it('rolls the move back, VM on the source again, and only then lets the object go', async () => {
     const watcher = watchSplitBrain();
     const { uid, vm } = await startMoveAndCatchInFlight('cancel-live');
     const del = await sb.kubectl(['delete', 'vmm', '-n', SECRET_NAMESPACE, 'cancel-live', '--wait=false']);
     expect(del.code).toBe(0);
-    await waitVmm(sb, 'cancel-live', 'the object to be gone', (o) => o === undefined, 180_000);
-    const split = await watcher.stop();
-    expect(split.worst, `VMs live on two hosts: ${split.offenders.join(', ')}`).toBeLessThanOrEqual(1);
-    await expectAllOnSource();
-    const { move, journal } = await storedMove(uid, vm);
-    expect(move?.phase, JSON.stringify(move)).toBe('RolledBack');
-    expect(journal.at(-1)).toBe('rollback:end');
+    const { journal } = await expectGoneAndRolledBack('cancel-live', watcher, uid, vm);
     console.log(`[e2e] deleted while ${vm} was in flight: journal ${journal.join(' ')}`);
   }, 600_000);
 
@@ -97,13 +103,7 @@ describe('deleting a VMMigration with a move in flight (finalizer)', () => {
     expect(before.move?.phase, 'the move is left in flight by the killed operator').toBe('Running');
 
     operator = await sb.startOperator({ kubeconfigPath: saKubeconfig });
-    await waitVmm(sb, 'cancel-down', 'the object to be gone', (o) => o === undefined, 180_000);
-    const split = await watcher.stop();
-    expect(split.worst, `VMs live on two hosts: ${split.offenders.join(', ')}`).toBeLessThanOrEqual(1);
-    await expectAllOnSource();
-    const { move, journal } = await storedMove(uid, vm);
-    expect(move?.phase, JSON.stringify(move)).toBe('RolledBack');
-    expect(journal.at(-1)).toBe('rollback:end');
+    const { journal } = await expectGoneAndRolledBack('cancel-down', watcher, uid, vm);
     // The second run located the VM and rolled back; it never moved on to another step.
     const resumed = journal.slice(before.journal.length);
     expect(resumed).toEqual(['precheck:begin', 'precheck:end', 'rollback:begin', 'rollback:end']);
