@@ -163,7 +163,7 @@ export class MigrationController {
       return;
     }
     if (stuck.length > 0) {
-      const message = `finalizer kept: the rollback of ${stuck.map((m) => `${m.environment}/${m.vm}`).join(', ')} did not finish; check the VM on ${stuck.map((m) => `${m.fromHost}/${m.toHost}`).join(', ')}, then remove the finalizer ${FINALIZER} by hand`;
+      const message = `finalizer kept: the move of ${stuck.map((m) => `${m.environment}/${m.vm} (${m.fromHost} → ${m.toHost}, ${m.phase})`).join(', ')} ended neither moved nor rolled back; check where the VM runs, then remove the finalizer ${FINALIZER} by hand`;
       log.error(message);
       this.events.emit(obj, 'Warning', 'FinalizerKept', message);
       return;

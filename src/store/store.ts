@@ -184,18 +184,22 @@ export class Store {
 
   /**
    * What the deletion of a VMMigration must wait for: moves still in flight
-   * (they get rolled back), and moves whose rollback began but never ended
-   * (stuck: a human must look at the VM before the object may go).
+   * (they get rolled back), and moves left unresolved (stuck: a human must
+   * look at the VM before the object may go). A move is resolved when the
+   * runner recorded it Succeeded or RolledBack, or, by the journal, when it
+   * ended in `cleanup:end` / `rollback:end` or never got past its precheck
+   * (nothing was touched).
    */
   async unresolvedMoves(migrationUid: string): Promise<{ inFlight: MoveRecord[]; stuck: MoveRecord[] }> {
     const moves = await this.moves(migrationUid);
     const inFlight = moves.filter((m) => m.phase === 'Running');
     const stuck: MoveRecord[] = [];
-    for (const m of moves.filter((x) => x.phase !== 'Running' && x.phase !== 'Succeeded' && x.phase !== 'Pending')) {
-      const last = await this.db.selectFrom('journal').select(['step', 'event'])
-        .where('migration_uid', '=', migrationUid).where('environment', '=', m.environment).where('vm', '=', m.vm)
-        .orderBy('id', 'desc').limit(1).executeTakeFirst();
-      if (last?.step === 'rollback' && last.event !== 'end') stuck.push(m);
+    for (const m of moves.filter((x) => !['Running', 'Succeeded', 'RolledBack'].includes(x.phase))) {
+      const entries = await this.journalEntries(migrationUid, m.environment, m.vm);
+      const last = entries.at(-1);
+      if (!last || entries.every((e) => e.step === 'precheck')) continue;
+      if ((last.step === 'cleanup' || last.step === 'rollback') && last.event === 'end') continue;
+      stuck.push(m);
     }
     return { inFlight, stuck };
   }

@@ -119,21 +119,28 @@ describe.each(backends)('Store on $name', ({ name, fresh }) => {
     await Promise.all([a.close(), b.close()]);
   });
 
-  it('tells a deletion what it must wait for: moves in flight, and rollbacks that never ended', async () => {
+  it('tells a deletion what it must wait for: moves in flight, and moves the journal does not show resolved', async () => {
     const s = await Store.open(await fresh());
-    const move = (vm: string) => s.ensureMove({ migrationUid: 'u1', environment: 'e1', vm, fromHost: 'host01', toHost: 'host02' });
-    for (const vm of ['done', 'flying', 'rolled', 'stuck', 'untouched', 'waiting']) await move(vm);
-    await s.updateMove('u1', 'e1', 'done', { phase: 'Succeeded' });
-    await s.updateMove('u1', 'e1', 'flying', { phase: 'Running' });
-    await s.updateMove('u1', 'e1', 'rolled', { phase: 'RolledBack' });
-    await s.updateMove('u1', 'e1', 'stuck', { phase: 'Failed' });
-    await s.updateMove('u1', 'e1', 'untouched', { phase: 'Failed' });
-    for (const [vm, step, event] of [['rolled', 'rollback', 'begin'], ['rolled', 'rollback', 'end'], ['stuck', 'rollback', 'begin'], ['stuck', 'rollback', 'fail'], ['untouched', 'precheck', 'fail']] as const) {
-      await s.journal('u1', 'e1', vm, step, event);
+    const vms = { done: 'Succeeded', flying: 'Running', rolled: 'RolledBack', stuck: 'Failed', untouched: 'Failed', halfway: 'Failed', waiting: 'Pending' };
+    for (const [vm, phase] of Object.entries(vms)) {
+      await s.ensureMove({ migrationUid: 'u1', environment: 'e1', vm, fromHost: 'host01', toHost: 'host02' });
+      await s.updateMove('u1', 'e1', vm, { phase });
+    }
+    const journal: Record<string, string[]> = {
+      done: ['precheck:begin', 'precheck:end', 'cleanup:begin', 'cleanup:end'],
+      flying: ['precheck:begin', 'precheck:end', 'stop:begin'],
+      rolled: ['stop:begin', 'stop:end', 'transfer:begin', 'transfer:fail', 'rollback:begin', 'rollback:end'],
+      stuck: ['stop:begin', 'stop:end', 'rollback:begin', 'rollback:fail'],
+      untouched: ['precheck:begin', 'precheck:fail'],
+      // a resumed move whose precheck failed: the earlier run had stopped the VM, nothing put it back
+      halfway: ['stop:begin', 'stop:end', 'precheck:begin', 'precheck:fail'],
+    };
+    for (const [vm, entries] of Object.entries(journal)) {
+      for (const e of entries) await s.journal('u1', 'e1', vm, e.split(':')[0]!, e.split(':')[1] as 'begin' | 'end' | 'fail');
     }
     const { inFlight, stuck } = await s.unresolvedMoves('u1');
     expect(inFlight.map((m) => m.vm)).toEqual(['flying']);
-    expect(stuck.map((m) => m.vm)).toEqual(['stuck']);
+    expect(stuck.map((m) => m.vm)).toEqual(['stuck', 'halfway']);
     await s.close();
   });
 
