@@ -23,6 +23,9 @@ export interface MoveRecord {
   message: string | null;
 }
 
+/** Journal steps that only look (vmMove's checks): a move with nothing else journaled touched nothing. */
+const CHECK_STEPS: ReadonlySet<string> = new Set(['precheck', 'quorum']);
+
 /** Where a VM move in flight has, by this inventory, lost its footing; see `loadInventory`. */
 export class InventoryConflictError extends Error {
   constructor(readonly problems: string[], origin: string) {
@@ -183,23 +186,23 @@ export class Store {
   }
 
   /**
-   * What the deletion of a VMMigration must wait for: moves still in flight
-   * (they get rolled back), and moves left unresolved (stuck: a human must
-   * look at the VM before the object may go). A move is resolved when the
-   * runner recorded it Succeeded or RolledBack, or, by the journal, when it
-   * ended in `cleanup:end` / `rollback:end` or never got past its precheck
-   * (nothing was touched).
+   * What the deletion of a VMMigration must wait for. A move is resolved when
+   * the runner recorded it Succeeded or RolledBack, when it never got past its
+   * checks (nothing touched), or when its journal ends in `cleanup:end` /
+   * `rollback:end`. Otherwise it is in flight (Running, or Pending while a
+   * safety wait interrupted it: it gets rolled back) or stuck (a human must
+   * look at the VM before the object may go).
    */
   async unresolvedMoves(migrationUid: string): Promise<{ inFlight: MoveRecord[]; stuck: MoveRecord[] }> {
-    const moves = await this.moves(migrationUid);
-    const inFlight = moves.filter((m) => m.phase === 'Running');
+    const inFlight: MoveRecord[] = [];
     const stuck: MoveRecord[] = [];
-    for (const m of moves.filter((x) => !['Running', 'Succeeded', 'RolledBack'].includes(x.phase))) {
+    for (const m of await this.moves(migrationUid)) {
+      if (m.phase === 'Succeeded' || m.phase === 'RolledBack') continue;
       const entries = await this.journalEntries(migrationUid, m.environment, m.vm);
-      const last = entries.at(-1);
-      if (!last || entries.every((e) => e.step === 'precheck')) continue;
+      if (entries.every((e) => CHECK_STEPS.has(e.step))) continue;
+      const last = entries.at(-1)!;
       if ((last.step === 'cleanup' || last.step === 'rollback') && last.event === 'end') continue;
-      stuck.push(m);
+      (m.phase === 'Running' || m.phase === 'Pending' ? inFlight : stuck).push(m);
     }
     return { inFlight, stuck };
   }

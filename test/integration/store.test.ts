@@ -121,7 +121,7 @@ describe.each(backends)('Store on $name', ({ name, fresh }) => {
 
   it('tells a deletion what it must wait for: moves in flight, and moves the journal does not show resolved', async () => {
     const s = await Store.open(await fresh());
-    const vms = { done: 'Succeeded', flying: 'Running', rolled: 'RolledBack', stuck: 'Failed', untouched: 'Failed', halfway: 'Failed', waiting: 'Pending' };
+    const vms = { done: 'Succeeded', flying: 'Running', rolled: 'RolledBack', stuck: 'Failed', untouched: 'Failed', halfway: 'Failed', waiting: 'Pending', interruptedWait: 'Pending', killedInPrecheck: 'Running' };
     for (const [vm, phase] of Object.entries(vms)) {
       await s.ensureMove({ migrationUid: 'u1', environment: 'e1', vm, fromHost: 'host01', toHost: 'host02' });
       await s.updateMove('u1', 'e1', vm, { phase });
@@ -134,12 +134,15 @@ describe.each(backends)('Store on $name', ({ name, fresh }) => {
       untouched: ['precheck:begin', 'precheck:fail'],
       // a resumed move whose precheck failed: the earlier run had stopped the VM, nothing put it back
       halfway: ['stop:begin', 'stop:end', 'precheck:begin', 'precheck:fail'],
+      // a resumed move sent back to wait (guest API down) after the earlier run had cordoned the node
+      interruptedWait: ['cordon:begin', 'cordon:end', 'precheck:begin', 'precheck:fail'],
+      killedInPrecheck: ['precheck:begin', 'quorum:begin'],
     };
     for (const [vm, entries] of Object.entries(journal)) {
       for (const e of entries) await s.journal('u1', 'e1', vm, e.split(':')[0]!, e.split(':')[1] as 'begin' | 'end' | 'fail');
     }
     const { inFlight, stuck } = await s.unresolvedMoves('u1');
-    expect(inFlight.map((m) => m.vm)).toEqual(['flying']);
+    expect(inFlight.map((m) => m.vm)).toEqual(['flying', 'interruptedWait']);
     expect(stuck.map((m) => m.vm)).toEqual(['stuck', 'halfway']);
     await s.close();
   });
