@@ -14,6 +14,7 @@ import { loadInventoryFile } from '../api/inventoryFile.js';
 import { settingsFrom, type VMMigration } from '../api/types.js';
 import { MigrationController } from '../controller/operator.js';
 import { HostPool } from '../hosts/pool.js';
+import { initLabelledCounters, reportInformerSynced } from '../metrics/metrics.js';
 import { startMetricsServer } from '../metrics/server.js';
 import { planMigration } from '../planner/plan.js';
 import { Store } from '../store/store.js';
@@ -65,6 +66,8 @@ async function run(): Promise<void> {
     kc, store, pool, log, namespace: values.namespace || undefined,
     leaderElection: values['leader-elect'] ? { namespace: values['lease-namespace']!, name: 'vm-migration-operator', identity } : undefined,
   });
+  initLabelledCounters();
+  reportInformerSynced(() => controller.readiness().ready);
   const server = await startMetricsServer({ port: Number(values['metrics-port']), host: values['metrics-host'], readiness: () => controller.readiness() });
   log.info({ metricsPort: server.port, namespace: values.namespace ?? '(all)', identity }, 'operator started');
   await controller.start();
