@@ -38,5 +38,9 @@ fi
 # the test VMs' guest: Debian kernel + busybox-static (downloaded, not installed) + guestd
 echo "[setup] test guest: $(bash scripts/build-guest.sh)"
 
+# The Prometheus Operator's CRDs (ServiceMonitor, PrometheusRule) validate manifests/monitoring in the
+# tests; they come from its Go module (test/world/monitoringCrds.ts), cached in the module cache.
+go mod download "github.com/prometheus-operator/prometheus-operator@${VMOPS_PROMETHEUS_OPERATOR_VERSION:-v0.80.1}"
+
 echo "[setup] control plane binaries: $(node scripts/build-control-plane.mjs --print-dir)"
 node scripts/build-control-plane.mjs

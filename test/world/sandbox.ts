@@ -18,6 +18,7 @@ import { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { HostConnection } from '../../src/hosts/ssh.js';
 import { startControlPlane, type ControlPlane } from './controlPlane.js';
 import { createGuestNodes, deployStudentWorkload, VmLivenessBridge } from './guestCluster.js';
+import { inClusterIdentity } from './inCluster.js';
 import { adoptHostFile, startHosts, type TestHosts } from './hosts.js';
 import { createDiskImage, sha256File } from './images.js';
 import { GUEST_INITRD, GUEST_KERNEL, guestAppend, installGuest } from './guestImage.js';
@@ -57,7 +58,8 @@ export interface Sandbox {
   observers: Map<string, GuestObserver>;
   kubectl(args: string[], opts?: { allowFail?: boolean }): Promise<{ stdout: string; stderr: string; code: number }>;
   hypervisor(hostName: string): Promise<Hypervisor>;
-  startOperator(opts?: { metricsPort?: number; logFile?: string }): Promise<OperatorProcess>;
+  /** inCluster: RBAC from manifests/rbac.yaml, a TokenRequest token mounted where pods have it, no kubeconfig (test/world/inCluster.ts) */
+  startOperator(opts?: { metricsPort?: number; logFile?: string; inCluster?: boolean }): Promise<OperatorProcess>;
   stop(): Promise<void>;
 }
 
@@ -204,15 +206,21 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
     writeFileSync(inventoryPath, `# written by the sandbox; format: README "Inventory file"\n${stringify(inventoryForFile(inventory))}`);
     const dbPath = join(dir, 'operator.db');
 
-    const startOperator = async (o: { metricsPort?: number; logFile?: string } = {}): Promise<OperatorProcess> => {
+    const startOperator = async (o: { metricsPort?: number; logFile?: string; inCluster?: boolean } = {}): Promise<OperatorProcess> => {
       const metricsPort = o.metricsPort ?? (await freePort());
       const logFd = openSync(o.logFile ?? join(dir, 'operator.log'), 'a');
-      const child = spawn(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run',
-        '--kubeconfig', controlPlane.kubeconfigPath, '--inventory', inventoryPath, '--db', dbPath,
+      let argv = [process.execPath, '--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run',
+        ...(o.inCluster ? [] : ['--kubeconfig', controlPlane.kubeconfigPath]), '--inventory', inventoryPath, '--db', dbPath,
         '--ssh-key', hosts.identity.privateKeyPath, '--namespace', SECRET_NAMESPACE,
-        '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1', '--leader-elect'], {
-        cwd: REPO_ROOT, stdio: ['ignore', logFd, logFd], env: { ...process.env, LOG_LEVEL: process.env.LOG_LEVEL ?? 'info' },
-      });
+        '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1', '--leader-elect'];
+      let env: NodeJS.ProcessEnv = { ...process.env, LOG_LEVEL: process.env.LOG_LEVEL ?? 'info' };
+      if (o.inCluster) {
+        await kubectl(['apply', '-f', 'manifests/rbac.yaml']);
+        const id = await inClusterIdentity({ kubeconfigPath: controlPlane.kubeconfigPath, dir: join(dir, 'in-cluster'), namespace: SECRET_NAMESPACE, serviceAccount: 'vm-migration-operator' });
+        argv = id.wrap(argv);
+        env = id.env(env);
+      }
+      const child = spawn(argv[0]!, argv.slice(1), { cwd: REPO_ROOT, stdio: ['ignore', logFd, logFd], env });
       const metricsUrl = `http://127.0.0.1:${metricsPort}`;
       const exited = new Promise<void>((r) => child.once('exit', () => r()));
       const proc: OperatorProcess = {
