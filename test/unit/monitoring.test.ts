@@ -14,7 +14,7 @@ import {
   registry, reportInformerSynced, startStepTimer,
 } from '../../src/metrics/metrics.js';
 import { startMetricsServer, type MetricsServer } from '../../src/metrics/server.js';
-import { prometheusRuleYaml } from '../../scripts/gen-prometheusrule.mjs';
+import { prometheusRuleYaml } from '../../scripts/gen-manifests.mjs';
 
 const execFileP = promisify(execFile);
 const ROOT = join(import.meta.dirname, '../..');
@@ -100,7 +100,7 @@ describe('Prometheus rules (manifests/monitoring/rules.yaml)', () => {
 
   it('are byte-for-byte the rules of the generated PrometheusRule', () => {
     const text = readFileSync(join(ROOT, 'manifests/monitoring/prometheusrule.yaml'), 'utf8');
-    expect(text, 'run node scripts/gen-prometheusrule.mjs').toBe(prometheusRuleYaml());
+    expect(text, 'run node scripts/gen-manifests.mjs').toBe(prometheusRuleYaml());
     const pr = parse(text) as { kind: string; spec: RulesFile };
     expect(pr.kind).toBe('PrometheusRule');
     expect(pr.spec.groups).toEqual(rules.groups);

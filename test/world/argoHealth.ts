@@ -1,0 +1,28 @@
+/**
+ * Runs the shipped Argo CD health check (manifests/argocd/vmmigration-health.lua) with a real Lua
+ * interpreter (Debian's lua5.4) the way Argo CD does: the object as the global `obj`, the script's
+ * return value as the health status.
+ */
+import { execFile } from 'node:child_process';
+import { resolve } from 'node:path';
+import { promisify } from 'node:util';
+
+const execFileP = promisify(execFile);
+export const HEALTH_LUA = resolve(import.meta.dirname, '../../manifests/argocd/vmmigration-health.lua');
+
+/** JSON value → Lua constructor (null members dropped, as Argo CD's conversion leaves them nil). */
+export function toLua(v: unknown): string {
+  if (v === null || v === undefined) return 'nil';
+  if (typeof v === 'boolean') return String(v);
+  if (typeof v === 'number') return Number.isInteger(v) ? String(v) : v.toPrecision(17);
+  if (typeof v === 'string') return `"${[...Buffer.from(v, 'utf8')].map((b) => (b >= 0x20 && b < 0x7f && b !== 0x22 && b !== 0x5c ? String.fromCharCode(b) : `\\${String(b).padStart(3, '0')}`)).join('')}"`;
+  if (Array.isArray(v)) return `{${v.map(toLua).join(', ')}}`;
+  return `{${Object.entries(v as Record<string, unknown>).filter(([, x]) => x !== null && x !== undefined).map(([k, x]) => `[${toLua(k)}] = ${toLua(x)}`).join(', ')}}`;
+}
+
+export async function argoHealth(obj: unknown): Promise<{ status: string; message: string }> {
+  const program = `obj = ${toLua(obj)}\nlocal hs = dofile(${toLua(HEALTH_LUA)})\nio.write(hs.status, "\\n", hs.message or "")`;
+  const { stdout } = await execFileP('lua5.4', ['-e', program]);
+  const [status = '', ...rest] = stdout.split('\n');
+  return { status, message: rest.join('\n') };
+}
