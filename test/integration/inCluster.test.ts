@@ -237,6 +237,19 @@ describe('the operator in cluster mode, scraped by a real Prometheus with the sh
     expect(check.code).toBe(0);
   });
 
+  it('every query of the Grafana dashboard is valid PromQL that this Prometheus answers', async () => {
+    const dash = JSON.parse(readFileSync(join(REPO_ROOT, 'manifests/monitoring/grafana-dashboard.json'), 'utf8')) as { panels: Array<{ title: string; targets?: Array<{ expr: string }> }> };
+    const exprs = dash.panels.flatMap((p) => (p.targets ?? []).map((t) => ({ title: p.title, expr: t.expr.replaceAll('$__rate_interval', '1m').replaceAll('$job', '.+') })));
+    expect(exprs.length).toBeGreaterThan(15);
+    let withData = 0;
+    for (const { title, expr } of exprs) {
+      const res = await prom!.query(expr).catch((err: Error) => err);
+      expect(res, `${title}: ${expr}`).not.toBeInstanceOf(Error);
+      if ((res as unknown[]).length > 0) withData++;
+    }
+    expect(withData, 'most panels show data from the live operator').toBeGreaterThan(exprs.length / 2);
+  });
+
   it('a failed migration fires VMOpsMigrationFailed in Prometheus; status, Event and Argo CD health say why', async () => {
     // Prometheus must have seen the counter at 0 before the failure, as it would in production.
     await prom!.waitFor('vmops_migrations_failed_total scraped', async () => ((await prom!.query('vmops_migrations_failed_total{strategy="cold"}')).length === 1 || undefined));

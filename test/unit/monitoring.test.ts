@@ -151,3 +151,37 @@ beforeAll(async () => {
     throw new Error('promtool not found: install Debian\'s "prometheus" package (scripts/setup.sh does)');
   });
 });
+
+describe('the Grafana dashboard (manifests/monitoring/grafana-dashboard.json)', () => {
+  interface Panel { title: string; targets?: Array<{ expr: string }> }
+  const dashboard = JSON.parse(readFileSync(join(ROOT, 'manifests/monitoring/grafana-dashboard.json'), 'utf8')) as { panels: Panel[]; templating: { list: Array<{ query: unknown }> } };
+  const queries = [
+    ...dashboard.panels.flatMap((p) => (p.targets ?? []).map((t) => ({ where: p.title, expr: t.expr }))),
+    ...dashboard.templating.list.flatMap((v) => (typeof v.query === 'object' && v.query && 'query' in v.query ? [{ where: 'variable', expr: String((v.query as { query: string }).query) }] : [])),
+  ];
+
+  it('shows what the issue asks for', () => {
+    const titles = dashboard.panels.map((p) => p.title).join(' | ');
+    for (const t of ['in flight', 'downtime distribution', 'throughput', 'Step duration', 'Failures']) expect(titles).toContain(t);
+  });
+
+  it('names only exported metrics, recording rules of rules.yaml, or Prometheus\'s own ALERTS', async () => {
+    const exported = new Set((await registry.getMetricsAsJSON()).map((m) => m.name));
+    const recorded = new Set(allRules.filter((r) => r.record).map((r) => r.record!));
+    const FUNCTIONS = new Set(['sum', 'by', 'without', 'rate', 'increase', 'histogram_quantile', 'max', 'min', 'time', 'label_values', 'and', 'or', 'unless']);
+    let names = 0;
+    for (const q of queries) {
+      // drop label matchers, strings and range selectors; what remains are metric names, functions and keywords
+      const bare = q.expr.replace(/\{[^}]*\}/g, '').replace(/"[^"]*"/g, '').replace(/\[[^\]]*\]/g, '').replace(/\(\s*[a-z_, ]+\)\s*\(/g, '(');
+      const idents = (bare.match(/[a-zA-Z_:][a-zA-Z0-9_:]*/g) ?? []).filter((i) => !FUNCTIONS.has(i) && !/^(job|le|step|result|strategy|instance)$/.test(i));
+      expect(idents.length, `${q.where}: ${q.expr}`).toBeGreaterThan(0);
+      for (const id of idents) {
+        names++;
+        const base = id.replace(/_(bucket|count|sum)$/, '');
+        expect(exported.has(base) || recorded.has(id) || id === 'ALERTS', `${q.where}: ${id} in ${q.expr}`).toBe(true);
+      }
+    }
+    expect(names).toBeGreaterThan(20);
+  });
+});
+
