@@ -155,6 +155,12 @@ describe('rolling migration of a 7-VM environment', () => {
 
     const started = Date.now();
     await sb.kubectl(['apply', '-f', 'manifests/examples/migration.yaml']);
+    // what a person watching with `vm-migration-operator status NAME --watch` sees
+    const { spawn } = await import('node:child_process');
+    const cli = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'status', 'move-student-42', '--watch', '--kubeconfig', sb.controlPlane.kubeconfigPath], { cwd: REPO_ROOT });
+    let cliOut = '';
+    cli.stdout.on('data', (d) => (cliOut += d));
+    const cliExit = new Promise<number>((r) => cli.once('exit', (code) => r(code ?? -1)));
     // Fail fast on a Failed migration; then prove `kubectl wait` sees the Ready condition.
     await waitForPhase('move-student-42', ['Succeeded', 'Failed'], 900_000);
     const wait = await sb.kubectl(['wait', '-n', SECRET_NAMESPACE, '--for=condition=Ready', 'vmm/move-student-42', '--timeout=30s'], { allowFail: true });
@@ -164,6 +170,11 @@ describe('rolling migration of a 7-VM environment', () => {
     vmmWatch.abort();
     const o = await getVmm('move-student-42');
     expect(wait.code, `kubectl wait failed: ${wait.stderr}\nstatus: ${JSON.stringify(o.status, null, 2)}`).toBe(0);
+    expect(await cliExit, cliOut.slice(-3000)).toBe(0);
+    const screens = cliOut.split(/\n(?=VMMigration )/);
+    expect(screens.at(-1)).toMatch(/^VMMigration vm-migration-system\/move-student-42 {3}Succeeded {3}7\/7 VMs/);
+    expect(cliOut, 'a screen showed a copy with its rate').toMatch(/Running\s+transfer\s+\S+\s+\d+%\s+[\d.]+ MiB of [\d.]+ MiB\s+[\d.]+ MiB\/s/);
+    console.log(`[e2e] status --watch drew ${screens.length} screens; last:\n${screens.at(-1)}`);
 
     // status
     expect(o.status?.phase).toBe('Succeeded');

@@ -289,6 +289,21 @@ describe('the operator in cluster mode, scraped by a real Prometheus with the sh
     expect(done.status?.phase).toBe('Succeeded');
     expect(await argoHealth(done)).toEqual({ status: 'Healthy', message: expect.stringContaining('dry run') });
     writeFileSync(join(DIR, 'status-dryrun.json'), JSON.stringify(done, null, 2));
+    // the status command renders it from the resource alone; exit codes tell scripts the outcome
+    const cli = (args: string[]) => execFileP(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'status', ...args, '--kubeconfig', cp.kubeconfigPath, '--namespace', NS], { cwd: REPO_ROOT })
+      .then((r) => ({ code: 0, ...r }), (e: { code: number; stdout: string; stderr: string }) => e);
+    const shown = await cli(['dry', '--watch']);
+    expect(shown.code, shown.stderr).toBe(0);
+    expect(shown.stdout).toMatch(/^VMMigration vm-migration-system\/dry {3}Succeeded {3}0\/1 VMs {3}target h2/);
+    expect(shown.stdout).toContain('ENVIRONMENT env-1');
+    expect(shown.stdout).toMatch(/node-1\s+Pending/);
+    const failedCli = await cli(['to-nowhere']);
+    expect(failedCli.code).toBe(1);
+    expect(failedCli.stdout).toContain('Stalled      True   InvalidReference');
+    const missing = await cli(['nope']);
+    expect(missing.code).toBe(2);
+    expect(missing.stderr).toContain('VMMigration vm-migration-system/nope not found');
+
     const again = await kubectl(['apply', '-f', '-'], { stdin: doc });
     expect(again.stdout).toContain('vmmigration.vmops.dev/dry unchanged');
     const started = await prom!.query('sum(vmops_migrations_started_total)');
