@@ -196,6 +196,22 @@ describe('the ServiceAccount of manifests/rbac.yaml, with a token from TokenRequ
   });
 });
 
+describe('narrowing the Secret rule with resourceNames (a site-specific step, see README)', () => {
+  it('the token then reads the listed guest kubeconfig Secret only, not the SSH key Secret next to it', async () => {
+    const admin = new KubeConfig();
+    admin.loadFromString(cp.kubeconfigYaml);
+    await admin.makeApiClient(CoreV1Api).createNamespacedSecret({ namespace: NS, body: { metadata: { name: 'vm-migration-ssh' }, stringData: { id_ed25519: 'not a key' } } });
+    const core = sa.makeApiClient(CoreV1Api);
+    expect(await statusOf(() => core.readNamespacedSecret({ namespace: NS, name: 'vm-migration-ssh' })), 'the shipped Role: get on every Secret of the namespace').toBe(200);
+    const role = JSON.parse((await kubectl(['get', 'role', '-n', NS, 'vm-migration-operator', '-o', 'json'])).stdout) as { rules: Array<{ resources?: string[] }> };
+    const i = role.rules.findIndex((r) => r.resources?.includes('secrets'));
+    const patch = await kubectl(['patch', 'role', '-n', NS, 'vm-migration-operator', '--type=json', '-p', JSON.stringify([{ op: 'add', path: `/rules/${i}/resourceNames`, value: ['env-1-kubeconfig'] }])]);
+    expect(patch.code, patch.stderr).toBe(0);
+    await until('narrowed rule in effect', 10_000, async () => ((await statusOf(() => core.readNamespacedSecret({ namespace: NS, name: 'vm-migration-ssh' }))) === 403 || undefined));
+    expect(await statusOf(() => core.readNamespacedSecret({ namespace: NS, name: 'env-1-kubeconfig' }))).toBe(200);
+  });
+});
+
 describe('the operator in cluster mode, scraped by a real Prometheus with the shipped rules', () => {
   beforeAll(async () => {
     // A one-VM inventory; nothing here reaches a hypervisor (invalid references and dry runs stop before SSH).
