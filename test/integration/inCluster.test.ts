@@ -7,7 +7,7 @@
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { mkdirSync, openSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { join, relative } from 'node:path';
 import { promisify } from 'node:util';
 import { CoordinationV1Api, CoreV1Api, CustomObjectsApi, KubeConfig, PatchStrategy, setHeaderOptions } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -111,11 +111,12 @@ describe('manifests/ on a real API server (kubectl apply -k)', () => {
     await kubectl(['wait', '--for=condition=Established', 'crd/servicemonitors.monitoring.coreos.com', 'crd/prometheusrules.monitoring.coreos.com', '--timeout=60s']);
     const site = join(DIR, 'site');
     mkdirSync(site, { recursive: true });
+    // a site's own kustomization: the base plus the optional components (kustomize wants relative paths)
+    const up = relative(site, REPO_ROOT);
     writeFileSync(join(site, 'kustomization.yaml'), stringify({
-      resources: [join(REPO_ROOT, 'manifests')],
-      components: [join(REPO_ROOT, 'manifests/monitoring'), join(REPO_ROOT, 'manifests/components/sqlite')],
+      resources: [join(up, 'manifests')],
+      components: [join(up, 'manifests/monitoring'), join(up, 'manifests/components/sqlite')],
     }));
-    // kustomize refuses absolute paths outside the root only for files, not for kustomization dirs
     const dry = await kubectl(['apply', '-k', site, '--dry-run=server']);
     expect(dry.code, dry.stderr).toBe(0);
     expect(dry.stdout).toContain('servicemonitor.monitoring.coreos.com/vm-migration-operator created (server dry run)');
@@ -253,19 +254,6 @@ describe('the operator in cluster mode, scraped by a real Prometheus with the sh
     expect(check.code).toBe(0);
   });
 
-  it('every query of the Grafana dashboard is valid PromQL that this Prometheus answers', async () => {
-    const dash = JSON.parse(readFileSync(join(REPO_ROOT, 'manifests/monitoring/grafana-dashboard.json'), 'utf8')) as { panels: Array<{ title: string; targets?: Array<{ expr: string }> }> };
-    const exprs = dash.panels.flatMap((p) => (p.targets ?? []).map((t) => ({ title: p.title, expr: t.expr.replaceAll('$__rate_interval', '1m').replaceAll('$job', '.+') })));
-    expect(exprs.length).toBeGreaterThan(15);
-    let withData = 0;
-    for (const { title, expr } of exprs) {
-      const res = await prom!.query(expr).catch((err: Error) => err);
-      expect(res, `${title}: ${expr}`).not.toBeInstanceOf(Error);
-      if ((res as unknown[]).length > 0) withData++;
-    }
-    expect(withData, 'most panels show data from the live operator').toBeGreaterThan(exprs.length / 2);
-  });
-
   it('a failed migration fires VMOpsMigrationFailed in Prometheus; status, Event and Argo CD health say why', async () => {
     // Prometheus must have seen the counter at 0 before the failure, as it would in production.
     await prom!.waitFor('vmops_migrations_failed_total scraped', async () => ((await prom!.query('vmops_migrations_failed_total{strategy="cold"}')).length === 1 || undefined));
@@ -328,5 +316,20 @@ describe('the operator in cluster mode, scraped by a real Prometheus with the sh
     expect(later.metadata.resourceVersion).toBe(done.metadata.resourceVersion);
     expect(later.status).toEqual(done.status);
     expect(await prom!.query('sum(vmops_migrations_started_total)')).toMatchObject([{ value: [expect.any(Number), started[0]!.value[1]] }]);
+  });
+
+  it('every query of the Grafana dashboard is valid PromQL that this Prometheus answers', async () => {
+    const dash = JSON.parse(readFileSync(join(REPO_ROOT, 'manifests/monitoring/grafana-dashboard.json'), 'utf8')) as { panels: Array<{ title: string; targets?: Array<{ expr: string }> }> };
+    const exprs = dash.panels.flatMap((p) => (p.targets ?? []).map((t) => ({ title: p.title, expr: t.expr.replaceAll('$__rate_interval', '1m').replaceAll('$job', '.+') })));
+    expect(exprs.length).toBeGreaterThan(15);
+    // rate()/increase() need two samples of a series in their window
+    await prom!.waitFor('5 scrapes', async () => (Number((await prom!.query('count_over_time(up[1m])'))[0]?.value[1]) >= 5 || undefined));
+    let withData = 0;
+    for (const { title, expr } of exprs) {
+      const res = await prom!.query(expr).catch((err: Error) => err);
+      expect(res, `${title}: ${expr}`).not.toBeInstanceOf(Error);
+      if ((res as unknown[]).length > 0) withData++;
+    }
+    expect(withData, 'most panels show data from the live operator').toBeGreaterThan(exprs.length / 2);
   });
 });
