@@ -21,6 +21,8 @@ beforeAll(async () => {
   // As the Deployment runs it: RBAC from manifests/rbac.yaml, a TokenRequest token at the in-cluster path, no kubeconfig.
   operator = await sb.startOperator({ inCluster: true });
   prom = await startPrometheus({ dir: join(sb.dir, 'prometheus'), targets: [new URL(operator.metricsUrl).host] });
+  // increase() only sees a failure whose counter Prometheus had scraped at 0 before
+  await prom.waitFor('first scrape', async () => ((await prom.query('vmops_migrations_failed_total')).length > 0 || undefined));
 }, 900_000);
 
 afterAll(async () => {
