@@ -20,7 +20,8 @@ command -v gcc >/dev/null || need_pkgs+=(gcc)           # the test guest's guest
 [ -e "/usr/lib/$(gcc -dumpmachine 2>/dev/null || echo x86_64-linux-gnu)/libc.a" ] || need_pkgs+=(libc6-dev)
 command -v xz >/dev/null || need_pkgs+=(xz-utils)       # kernel modules may be .ko.xz
 command -v promtool >/dev/null || need_pkgs+=(prometheus) # promtool (rule tests, metric names) and the e2e's real Prometheus
-command -v lua5.4 >/dev/null || need_pkgs+=(lua5.4)      # runs the Argo CD health check (manifests/argocd) in the tests
+command -v lua5.4 >/dev/null || need_pkgs+=(lua5.4)      # runs the Argo CD health check (manifests/argocd) in the tests,
+command -v lua5.1 >/dev/null || need_pkgs+=(lua5.1)      # and under 5.1 too: Argo CD embeds gopher-lua (Lua 5.1)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -1,6 +1,6 @@
 /**
- * The Argo CD health check (manifests/argocd/vmmigration-health.lua), run by the real Lua 5.4
- * interpreter on VMMigration objects the operator wrote in test runs (test/fixtures/vmmigration/,
+ * The Argo CD health check (manifests/argocd/vmmigration-health.lua), run by real Lua 5.1 and 5.4
+ * interpreters on VMMigration objects the operator wrote in test runs (test/fixtures/vmmigration/,
  * captured from test/integration/inCluster.test.ts and test/e2e/migration.test.ts, which also run
  * it on the live objects).
  */
@@ -20,7 +20,7 @@ const EXPECTED: Record<string, { status: string; message: RegExp }> = {
   'succeeded-7vm-move': { status: 'Healthy', message: /^7 VM\(s\) now run on host02$/ },
 };
 
-describe('Argo CD health of real VMMigration objects (lua5.4)', () => {
+describe('Argo CD health of real VMMigration objects (lua5.1 as in Argo CD, and lua5.4)', () => {
   const files = readdirSync(DIR).filter((f) => f.endsWith('.json')).map((f) => f.replace(/\.json$/, '')).sort();
   it('every captured object has an expectation', () => {
     for (const f of files) expect(EXPECTED[f], f).toBeDefined();

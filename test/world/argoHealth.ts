@@ -1,7 +1,8 @@
 /**
  * Runs the shipped Argo CD health check (manifests/argocd/vmmigration-health.lua) with a real Lua
- * interpreter (Debian's lua5.4) the way Argo CD does: the object as the global `obj`, the script's
- * return value as the health status.
+ * interpreter the way Argo CD does: the object as the global `obj`, the script's return value as
+ * the health status. Argo CD embeds gopher-lua, which implements Lua 5.1, so the checks run under
+ * Debian's lua5.1 and lua5.4 both: the script must mean the same in either.
  */
 import { execFile } from 'node:child_process';
 import { resolve } from 'node:path';
@@ -20,9 +21,22 @@ export function toLua(v: unknown): string {
   return `{${Object.entries(v as Record<string, unknown>).filter(([, x]) => x !== null && x !== undefined).map(([k, x]) => `[${toLua(k)}] = ${toLua(x)}`).join(', ')}}`;
 }
 
-export async function argoHealth(obj: unknown): Promise<{ status: string; message: string }> {
+export const LUA_INTERPRETERS = ['lua5.1', 'lua5.4'] as const;
+
+async function runWith(lua: string, obj: unknown): Promise<{ status: string; message: string }> {
   const program = `obj = ${toLua(obj)}\nlocal hs = dofile(${toLua(HEALTH_LUA)})\nio.write(hs.status, "\\n", hs.message or "")`;
-  const { stdout } = await execFileP('lua5.4', ['-e', program]);
+  const { stdout } = await execFileP(lua, ['-e', program]);
   const [status = '', ...rest] = stdout.split('\n');
   return { status, message: rest.join('\n') };
+}
+
+/** The health under every interpreter; throws if they disagree. */
+export async function argoHealth(obj: unknown): Promise<{ status: string; message: string }> {
+  const [first, ...others] = await Promise.all(LUA_INTERPRETERS.map((lua) => runWith(lua, obj)));
+  for (const [i, o] of others.entries()) {
+    if (o.status !== first!.status || o.message !== first!.message) {
+      throw new Error(`${LUA_INTERPRETERS[0]} and ${LUA_INTERPRETERS[i + 1]} disagree: ${JSON.stringify(first)} vs ${JSON.stringify(o)}`);
+    }
+  }
+  return first!;
 }
