@@ -37,7 +37,7 @@ if phase == "Succeeded" and ready ~= nil and ready.status == "True" then
   hs.message = ready.message or message
   return hs
 end
-if phase == "Failed" or phase == "Aborted" or (stalled ~= nil and stalled.status == "True") or (degraded ~= nil and degraded.status == "True") then
+if phase == "Failed" or (stalled ~= nil and stalled.status == "True") or (degraded ~= nil and degraded.status == "True") then
   hs.status = "Degraded"
   if ready ~= nil and ready.message ~= nil then hs.message = ready.message else hs.message = message end
   return hs

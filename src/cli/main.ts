@@ -54,7 +54,7 @@ const HELP: Record<string, string> = {
   its status; needs only read access to VMMigrations.
   --namespace NS        default vm-migration-system (VMOPS_NAMESPACE)
   --kubeconfig F        default: $KUBECONFIG, ~/.kube/config, or the in-cluster ServiceAccount
-  -w, --watch           follow it until it finishes; exit 0 Succeeded, 1 Failed/Aborted`,
+  -w, --watch           follow it until it finishes; exit 0 Succeeded, 1 Failed`,
 };
 const USAGE = `usage:\n${Object.values(HELP).map((h) => `  ${h.split('\n')[0]}`).join('\n')}
 Run "vm-migration-operator COMMAND --help" for a command's flags. Every flag of run can also be given

@@ -6,7 +6,7 @@ import { CustomObjectsApi, KubeConfig, Watch } from '@kubernetes/client-node';
 import { GROUP, PLURAL, VERSION, type VMMigration, type VMStatus } from '../api/types.js';
 
 const BAR = 20;
-const TERMINAL = new Set(['Succeeded', 'Failed', 'Aborted']);
+const TERMINAL = new Set(['Succeeded', 'Failed']);
 
 function bar(fraction: number): string {
   const f = Math.max(0, Math.min(1, Number.isFinite(fraction) ? fraction : 0));
@@ -28,7 +28,7 @@ export function duration(seconds: number): string {
 }
 
 function vmFraction(v: VMStatus): number {
-  if (v.phase === 'Succeeded' || v.phase === 'Skipped') return 1;
+  if (v.phase === 'Succeeded') return 1;
   if (v.bytesTotal && v.bytesTotal > 0) return (v.bytesTransferred ?? 0) / v.bytesTotal;
   return 0;
 }
@@ -97,7 +97,7 @@ export interface StatusCommandOptions {
   redraw?: boolean;
 }
 
-/** Exit code: 0 when shown (or, with --watch, when it Succeeded), 1 when it ended Failed/Aborted, 2 when not found. */
+/** Exit code: 0 when shown (or, with --watch, when it Succeeded), 1 when it ended Failed, 2 when not found. */
 export async function statusCommand(opts: StatusCommandOptions): Promise<number> {
   const out = opts.out ?? ((t: string) => process.stdout.write(`${t}\n`));
   const redraw = opts.redraw ?? process.stdout.isTTY === true;
@@ -113,7 +113,7 @@ export async function statusCommand(opts: StatusCommandOptions): Promise<number>
     }
     throw err;
   }
-  const exitFor = (o: VMMigration) => (o.status?.phase === 'Failed' || o.status?.phase === 'Aborted' ? 1 : 0);
+  const exitFor = (o: VMMigration) => (o.status?.phase === 'Failed' ? 1 : 0);
   out(renderStatus(obj));
   if (!opts.watch || TERMINAL.has(obj.status?.phase ?? '')) return exitFor(obj);
 

@@ -13,13 +13,17 @@ export function withKstatus(status: VMMigrationStatus, now = new Date()): VMMigr
   const generation = status.observedGeneration;
   const degraded = status.conditions?.find((c) => c.type === 'Degraded');
   const message = status.message ?? degraded?.message ?? phase;
-  const stalled = phase === 'Failed' || phase === 'Aborted';
+  const stalled = phase === 'Failed';
   const reconciling = phase === 'Pending' || phase === 'Running' || phase === 'Paused';
+  // a safety wait (quorum, PDB, unreachable host) is still reconciling; Progressing says why it waits
+  const waiting = status.waitingSince ? status.conditions?.find((c) => c.type === 'Progressing') : undefined;
   status.conditions = setCondition(status.conditions, {
     type: 'Reconciling',
     status: reconciling ? 'True' : 'False',
-    reason: reconciling ? phase : 'Finished',
-    message: reconciling ? (status.progress ? `${phase}: ${status.progress} VM(s) done; ${message}` : `${phase}: ${message}`) : `reconciliation finished: ${phase}`,
+    reason: reconciling ? (waiting ? waiting.reason : phase) : 'Finished',
+    message: !reconciling ? `reconciliation finished: ${phase}`
+      : waiting ? `waiting: ${waiting.message}`
+      : status.progress ? `${phase}: ${status.progress} VM(s) done; ${message}` : `${phase}: ${message}`,
     ...(generation !== undefined && { observedGeneration: generation }),
   }, now);
   status.conditions = setCondition(status.conditions, {

@@ -37,4 +37,13 @@ describe('kstatus conditions derived from the phase', () => {
     expect(cond(s, 'Stalled')?.lastTransitionTime).toBe('2026-01-01T00:00:00.000Z');
     expect(withKstatus({}).conditions).toBeUndefined();
   });
+
+  it('a safety wait still reconciles, with the reason Progressing gives', () => {
+    const s = withKstatus({
+      phase: 'Running', waitingSince: '2026-01-01T00:00:00Z', progress: '3/7',
+      conditions: [{ type: 'Progressing', status: 'False', reason: 'WaitingForQuorum', message: 'controller-2 NotReady', lastTransitionTime: 't' }],
+    });
+    expect(cond(s, 'Reconciling')).toMatchObject({ status: 'True', reason: 'WaitingForQuorum', message: 'waiting: controller-2 NotReady' });
+    expect(cond(s, 'Stalled')?.status).toBe('False');
+  });
 });
