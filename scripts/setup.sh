@@ -21,6 +21,9 @@ command -v gcc >/dev/null || need_pkgs+=(gcc)           # the test guest's guest
 command -v xz >/dev/null || need_pkgs+=(xz-utils)       # kernel modules may be .ko.xz
 # The store's PostgreSQL backend is tested against a private server (test/world/postgres.ts) run from these binaries.
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_pkgs+=(postgresql)
+command -v promtool >/dev/null || need_pkgs+=(prometheus) # promtool (rule tests, metric names) and the e2e's real Prometheus
+command -v lua5.4 >/dev/null || need_pkgs+=(lua5.4)      # runs the Argo CD health check (manifests/argocd) in the tests,
+command -v lua5.1 >/dev/null || need_pkgs+=(lua5.1)      # and under 5.1 too: Argo CD embeds gopher-lua (Lua 5.1)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -37,6 +40,10 @@ fi
 
 # the test VMs' guest: Debian kernel + busybox-static (downloaded, not installed) + guestd
 echo "[setup] test guest: $(bash scripts/build-guest.sh)"
+
+# The Prometheus Operator's CRDs (ServiceMonitor, PrometheusRule) validate manifests/monitoring in the
+# tests; they come from its Go module (test/world/monitoringCrds.ts), cached in the module cache.
+go mod download "github.com/prometheus-operator/prometheus-operator@${VMOPS_PROMETHEUS_OPERATOR_VERSION:-v0.80.1}"
 
 echo "[setup] control plane binaries: $(node scripts/build-control-plane.mjs --print-dir)"
 node scripts/build-control-plane.mjs

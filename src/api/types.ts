@@ -30,7 +30,8 @@ export interface VMMigrationSpec {
 }
 
 export interface Condition {
-  type: 'Ready' | 'Progressing' | 'Degraded';
+  // Reconciling/Stalled: kstatus conventions, set from the phase by controller/kstatus.ts
+  type: 'Ready' | 'Progressing' | 'Degraded' | 'Reconciling' | 'Stalled';
   status: 'True' | 'False' | 'Unknown';
   reason: string;
   message: string;

@@ -4,8 +4,9 @@
  * vm-migration-operator plan -f X  – dry run: the ordered plan for a VMMigration manifest
  * vm-migration-operator inventory  – hosts, environments and where each VM runs now
  * vm-migration-operator history X  – each VM's journaled steps with timings for migration X (uid or name)
+ * vm-migration-operator status N   – a VMMigration's progress from its status
  */
-import { readFileSync } from 'node:fs';
+import { accessSync, constants, readFileSync, statSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { parseArgs } from 'node:util';
 import { KubeConfig } from '@kubernetes/client-node';
@@ -14,57 +15,127 @@ import { loadInventoryFile } from '../api/inventoryFile.js';
 import { settingsFrom, type VMMigration } from '../api/types.js';
 import { MigrationController } from '../controller/operator.js';
 import { HostPool } from '../hosts/pool.js';
+import { initLabelledCounters, reportInformerSynced } from '../metrics/metrics.js';
 import { startMetricsServer } from '../metrics/server.js';
 import { planMigration } from '../planner/plan.js';
 import { Store } from '../store/store.js';
-import { history } from './history.js';
 import { log } from '../util/log.js';
+import { history } from './history.js';
+import { moveHistory, planTable } from './planTable.js';
+import { statusCommand } from './status.js';
 
-const USAGE = `usage:
-  vm-migration-operator run [--kubeconfig F] --inventory F --db F|postgres://… --ssh-key F [--namespace NS] [--metrics-port 8080] [--leader-elect] [--lease-namespace NS]
-  vm-migration-operator plan -f migration.yaml --inventory F [--db F]
-  vm-migration-operator inventory --db F
-  vm-migration-operator history <migration-uid-or-name> --db F
-Every flag can also be given as an environment variable: VMOPS_KUBECONFIG, VMOPS_INVENTORY, VMOPS_DB, VMOPS_SSH_KEY, VMOPS_NAMESPACE, VMOPS_METRICS_PORT, VMOPS_LEADER_ELECT, VMOPS_LEASE_NAMESPACE.`;
+const HELP: Record<string, string> = {
+  run: `vm-migration-operator run [--kubeconfig F] --inventory F --db F|postgres://… --ssh-key F [--namespace NS] [--metrics-port 8080] [--leader-elect] [--lease-namespace NS]
+  Runs the controller: watches VMMigrations and moves VMs.
+  --kubeconfig F        out of cluster; without it the in-cluster ServiceAccount is used (VMOPS_KUBECONFIG)
+  --inventory F         inventory YAML, upserted into the store at start (VMOPS_INVENTORY)
+  --db F|URL            the store and journal: a SQLite file, or a postgres://user:password@host/db URL (VMOPS_DB)
+  --ssh-key F           the operator's private SSH key, authorized on the hypervisors (VMOPS_SSH_KEY)
+  --namespace NS        watch VMMigrations in NS only; default all namespaces (VMOPS_NAMESPACE)
+  --metrics-port P      /metrics, /healthz, /readyz; default 8080 (VMOPS_METRICS_PORT)
+  --metrics-host A      listen address; default 0.0.0.0 (VMOPS_METRICS_HOST)
+  --leader-elect        hold the Lease vm-migration-operator before acting (VMOPS_LEADER_ELECT=true)
+  --lease-namespace NS  where the Lease lives; default vm-migration-system (VMOPS_LEASE_NAMESPACE)`,
+  plan: `vm-migration-operator plan -f migration.yaml --inventory F [--db F]
+  Dry run: prints the ordered plan of a VMMigration manifest, with copy time and downtime
+  estimated from the moves recorded in --db. Touches nothing.
+  -f, --file F          the VMMigration manifest
+  --inventory F         inventory YAML (VMOPS_INVENTORY)
+  --db F                store to read placement and measured moves from (VMOPS_DB); default none`,
+  inventory: `vm-migration-operator inventory --db F [--inventory F]
+  Prints hosts, environments and where each VM runs now according to the store.
+  --db F                the store (VMOPS_DB)
+  --inventory F         load this inventory into the store first (VMOPS_INVENTORY)`,
+  history: `vm-migration-operator history MIGRATION --db F
+  Each VM's journaled steps with timings for a migration (its uid or name), from the store.
+  --db F                the store (VMOPS_DB)`,
+  status: `vm-migration-operator status NAME [--namespace NS] [--kubeconfig F] [--watch]
+  A VMMigration's progress per environment and per VM (bars, rate, ETA, downtime), read from
+  its status; needs only read access to VMMigrations.
+  --namespace NS        default vm-migration-system (VMOPS_NAMESPACE)
+  --kubeconfig F        default: $KUBECONFIG, ~/.kube/config, or the in-cluster ServiceAccount
+  -w, --watch           follow it until it finishes; exit 0 Succeeded, 1 Failed`,
+};
+const USAGE = `usage:\n${Object.values(HELP).map((h) => `  ${h.split('\n')[0]}`).join('\n')}
+Run "vm-migration-operator COMMAND --help" for a command's flags. Every flag of run can also be given
+as an environment variable (named after each flag).`;
 
-const { positionals, values } = parseArgs({
-  allowPositionals: true,
-  options: {
-    kubeconfig: { type: 'string', default: process.env.VMOPS_KUBECONFIG },
-    inventory: { type: 'string', default: process.env.VMOPS_INVENTORY },
-    db: { type: 'string', default: process.env.VMOPS_DB },
-    'ssh-key': { type: 'string', default: process.env.VMOPS_SSH_KEY },
-    namespace: { type: 'string', default: process.env.VMOPS_NAMESPACE },
-    'metrics-port': { type: 'string', default: process.env.VMOPS_METRICS_PORT ?? '8080' },
-    'metrics-host': { type: 'string', default: process.env.VMOPS_METRICS_HOST ?? '0.0.0.0' },
-    'leader-elect': { type: 'boolean', default: process.env.VMOPS_LEADER_ELECT === 'true' },
-    'lease-namespace': { type: 'string', default: process.env.VMOPS_LEASE_NAMESPACE ?? 'vm-migration-system' },
-    file: { type: 'string', short: 'f' },
-    help: { type: 'boolean', short: 'h' },
-  },
-});
+const OPTIONS = {
+  kubeconfig: { type: 'string', default: process.env.VMOPS_KUBECONFIG },
+  inventory: { type: 'string', default: process.env.VMOPS_INVENTORY },
+  db: { type: 'string', default: process.env.VMOPS_DB },
+  'ssh-key': { type: 'string', default: process.env.VMOPS_SSH_KEY },
+  namespace: { type: 'string', default: process.env.VMOPS_NAMESPACE },
+  'metrics-port': { type: 'string', default: process.env.VMOPS_METRICS_PORT ?? '8080' },
+  'metrics-host': { type: 'string', default: process.env.VMOPS_METRICS_HOST ?? '0.0.0.0' },
+  'leader-elect': { type: 'boolean', default: process.env.VMOPS_LEADER_ELECT === 'true' },
+  'lease-namespace': { type: 'string', default: process.env.VMOPS_LEASE_NAMESPACE ?? 'vm-migration-system' },
+  file: { type: 'string', short: 'f' },
+  watch: { type: 'boolean', short: 'w' },
+  help: { type: 'boolean', short: 'h' },
+} as const;
+
+function parseCli() {
+  try {
+    return parseArgs({ allowPositionals: true, options: OPTIONS });
+  } catch (err) {
+    // e.g. "Unknown option '--inventroy'": name the flag, then the usage
+    console.error(`error: ${(err as Error).message}\n\n${USAGE}`);
+    process.exit(2);
+  }
+}
+const { positionals, values } = parseCli();
 
 function need(name: keyof typeof values): string {
   const v = values[name];
   if (typeof v !== 'string' || v === '') {
-    console.error(`missing --${name}\n\n${USAGE}`);
+    console.error(`error: missing --${name}\n\n${HELP[positionals[0] ?? ''] ?? USAGE}`);
     process.exit(2);
   }
   return v;
 }
 
+/** A flag naming a file that must exist and be readable; the error names the flag and the path. */
+function needFile(name: keyof typeof values): string {
+  const path = need(name);
+  try {
+    if (!statSync(path).isFile()) throw new Error('not a regular file');
+    accessSync(path, constants.R_OK);
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException;
+    console.error(`error: --${name} ${path}: ${e.code === 'ENOENT' ? 'no such file' : e.code === 'EACCES' ? 'permission denied' : e.message}`);
+    process.exit(2);
+  }
+  return path;
+}
+
+/** Runs `fn`, prefixing a failure with the flag and file it came from. */
+function fromFile<T>(name: string, path: string, fn: () => T): T {
+  try {
+    return fn();
+  } catch (err) {
+    throw new Error(`--${name} ${path}: ${(err as Error).message}`);
+  }
+}
+
 async function run(): Promise<void> {
   const kc = new KubeConfig();
-  if (values.kubeconfig) kc.loadFromFile(values.kubeconfig);
-  else kc.loadFromCluster();
+  if (values.kubeconfig) {
+    const file = needFile('kubeconfig');
+    fromFile('kubeconfig', file, () => kc.loadFromFile(file));
+  } else kc.loadFromCluster();
+  const sshKey = needFile('ssh-key');
+  const inventoryPath = values.inventory ? needFile('inventory') : undefined;
   const identity = `${hostname()}-${process.pid}`;
   const store = await Store.open(need('db'), { actor: identity, onIdleError: (err) => log.warn({ err }, 'store connection lost; reconnecting') });
-  if (values.inventory) await store.loadInventory(loadInventoryFile(values.inventory), `inventory ${values.inventory}`);
-  const pool = new HostPool({ privateKey: readFileSync(need('ssh-key')) });
+  if (inventoryPath) await store.loadInventory(fromFile('inventory', inventoryPath, () => loadInventoryFile(inventoryPath)), `inventory ${inventoryPath}`);
+  const pool = new HostPool({ privateKey: readFileSync(sshKey) });
   const controller = new MigrationController({
     kc, store, pool, log, namespace: values.namespace || undefined,
     leaderElection: values['leader-elect'] ? { namespace: values['lease-namespace']!, name: 'vm-migration-operator', identity } : undefined,
   });
+  initLabelledCounters();
+  reportInformerSynced(() => controller.readiness().ready);
   const server = await startMetricsServer({ port: Number(values['metrics-port']), host: values['metrics-host'], readiness: () => controller.readiness() });
   log.info({ metricsPort: server.port, namespace: values.namespace ?? '(all)', identity, store: store.describe() }, 'operator started');
   await controller.start();
@@ -84,24 +155,40 @@ async function run(): Promise<void> {
 }
 
 async function plan(): Promise<void> {
-  const doc = parse(readFileSync(need('file'), 'utf8')) as VMMigration;
+  const file = needFile('file');
+  const doc = fromFile('file', file, () => parse(readFileSync(file, 'utf8')) as VMMigration);
+  if (!doc?.spec) throw new Error(`--file ${file}: not a VMMigration manifest (no spec)`);
   const store = await Store.open(values.db ?? ':memory:');
-  if (values.inventory) await store.loadInventory(loadInventoryFile(values.inventory), `inventory ${values.inventory}`);
+  const inventoryPath = values.inventory ? needFile('inventory') : undefined;
+  if (inventoryPath) await store.loadInventory(fromFile('inventory', inventoryPath, () => loadInventoryFile(inventoryPath)), `inventory ${inventoryPath}`);
   const result = planMigration(await store.hosts(), await store.environments(), settingsFrom(doc.spec));
+  const history = await moveHistory(store);
   await store.close();
   if (result.problems.length > 0) {
     for (const p of result.problems) console.error(`error: ${p}`);
     process.exit(1);
   }
-  console.log('ORDER  ENVIRONMENT           VM              ROLE        FROM      TO');
-  for (const e of result.entries) {
-    console.log(`${String(e.order).padEnd(7)}${e.environment.padEnd(22)}${e.vm.padEnd(16)}${e.role.padEnd(12)}${e.from.padEnd(10)}${e.to}`);
+  for (const line of planTable(result.entries, history)) console.log(line);
+}
+
+async function status(): Promise<void> {
+  const name = positionals[1];
+  if (!name || positionals.length > 2) {
+    console.error(`error: status takes exactly one NAME\n\n${HELP.status}`);
+    process.exit(2);
   }
+  const kc = new KubeConfig();
+  if (values.kubeconfig) {
+    const file = needFile('kubeconfig');
+    fromFile('kubeconfig', file, () => kc.loadFromFile(file));
+  } else kc.loadFromDefault();
+  process.exitCode = await statusCommand({ kc, name, namespace: values.namespace || 'vm-migration-system', watch: values.watch === true });
 }
 
 async function inventory(): Promise<void> {
   const store = await Store.open(need('db'));
-  if (values.inventory) await store.loadInventory(loadInventoryFile(values.inventory), `inventory ${values.inventory}`);
+  const inventoryPath = values.inventory ? needFile('inventory') : undefined;
+  if (inventoryPath) await store.loadInventory(fromFile('inventory', inventoryPath, () => loadInventoryFile(inventoryPath)), `inventory ${inventoryPath}`);
   for (const h of await store.hosts()) console.log(`host ${h.name}  ${h.user}@${h.address}:${h.port}  ${h.vmDir}`);
   for (const e of await store.environments()) {
     console.log(`environment ${e.name}`);
@@ -113,27 +200,33 @@ async function inventory(): Promise<void> {
 async function showHistory(): Promise<void> {
   const ref = positionals[1];
   if (!ref) {
-    console.error(`missing migration uid or name\n\n${USAGE}`);
+    console.error(`error: missing migration uid or name\n\n${HELP.history}`);
     process.exit(2);
   }
   const store = await Store.open(need('db'));
   const found = await history(store, ref);
   await store.close();
   if (!found) {
-    console.error(`no journal entries for migration ${ref}`);
+    console.error(`error: no journal entries for migration ${ref}`);
     process.exit(1);
   }
 }
 
-const commands: Record<string, () => Promise<void>> = { run, plan, inventory, history: showHistory };
+const commands: Record<string, () => Promise<void>> = { run, plan, inventory, history: showHistory, status };
 const cmd = positionals[0];
-if (values.help || !cmd || !commands[cmd]) {
-  console.log(USAGE);
-  process.exit(values.help ? 0 : 2);
+if (values.help) {
+  console.log(cmd && HELP[cmd] ? HELP[cmd] : USAGE);
+  process.exit(0);
+}
+if (!cmd || !commands[cmd]) {
+  console.error(`${cmd ? `error: unknown command "${cmd}"\n\n` : ''}${USAGE}`);
+  process.exit(2);
 }
 commands[cmd]!().catch((err: Error) => {
-  log.fatal({ err: err.message }, `${cmd} failed`);
-  // Also plainly on stderr: start-up faults (store, inventory) must be readable without a log pipeline.
-  console.error(`vm-migration-operator ${cmd}: ${err.message}`);
+  if (cmd === 'run') {
+    // the controller logs as JSON for log pipelines; start-up faults (store, inventory) must also be readable plainly
+    log.fatal({ err: err.message }, `${cmd} failed`);
+    console.error(`vm-migration-operator ${cmd}: ${err.message}`);
+  } else console.error(`error: ${err.message}`);
   process.exit(1);
 });

@@ -240,6 +240,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
       } catch (err) {
         // Errors before moveVm (reading the Secret, a vanished inventory entry) happen before any side effect.
         const moveErr = err instanceof MoveError ? err : new MoveError('precheck', (err as Error).message, 'untouched');
+        metrics.moveProgressEnded(); // waits and handovers too: no move of this process is in flight now
         const verdict = afterMove(moveErr.outcome);
         if (verdict === 'handover') {
           // Leave the move 'Running' in the store: the next leader resumes it from the journal.
@@ -255,7 +256,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         const where = { untouched: 'nothing was changed', 'rolled-back': `rolled back: VM runs on ${entry.from} again`, stuck: 'rollback FAILED, manual attention needed', waiting: '', interrupted: '' }[moveErr.outcome];
         const message = `${name} failed at step ${moveErr.step}: ${moveErr.message} (${where})`;
         const phase = moveErr.outcome === 'rolled-back' ? 'RolledBack' : 'Failed';
-        metrics.recordVmMove(moveErr.outcome === 'rolled-back' ? 'rolled_back' : 'failure');
+        metrics.recordVmMove(moveErr.outcome === 'rolled-back' ? 'rolled_back' : moveErr.outcome === 'stuck' ? 'stuck' : 'failure');
         await store.updateMove(uid, entry.environment, entry.vm, { phase, finishedAt: now(), message });
         vmStatus({ phase, finishedAt: now(), message });
         if (signal.aborted) throw new Aborted(message);

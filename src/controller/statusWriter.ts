@@ -2,6 +2,7 @@ import { CoreV1Api, CustomObjectsApi, PatchStrategy, setHeaderOptions, type Kube
 import pRetry from 'p-retry';
 import { GROUP, KIND, PLURAL, VERSION, type VMMigration, type VMMigrationStatus } from '../api/types.js';
 import type { Logger } from '../util/log.js';
+import { withKstatus } from './kstatus.js';
 
 /**
  * Owns the status of one VMMigration while it runs. Progress updates arrive
@@ -38,7 +39,7 @@ export class StatusWriter {
     while (this.inFlight) await this.inFlight.catch(() => undefined);
     if (!this.dirty) return;
     this.dirty = false;
-    const body = { status: structuredClone(this.status) };
+    const body = { status: structuredClone(withKstatus(this.status)) };
     const { name, namespace } = this.obj.metadata;
     this.inFlight = pRetry(
       () => this.api.patchNamespacedCustomObjectStatus({ group: GROUP, version: VERSION, namespace, plural: PLURAL, name, body }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch)),

@@ -13,12 +13,16 @@ export const registry = new Registry();
 
 // Standard, unprefixed process_* and nodejs_* metrics so stock dashboards work.
 collectDefaultMetrics({ register: registry });
+// prom-client also exports these three gauges with a counter's "_total" suffix, which breaks the
+// naming rules (promtool check metrics); the same numbers remain in nodejs_active_{handles,requests,resources}{type}.
+for (const misnamed of ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total']) registry.removeSingleMetric(misnamed);
 
 /** Migration strategies known to the operator; anything else is reported as "other". */
 export const STRATEGIES = ['cold', 'precopy', 'live', 'other'] as const;
 export type StrategyLabel = (typeof STRATEGIES)[number];
 
-export const MOVE_RESULTS = ['success', 'failure', 'rolled_back'] as const;
+// stuck: the rollback itself failed; a human must decide where the VM runs (alerted on).
+export const MOVE_RESULTS = ['success', 'failure', 'rolled_back', 'stuck'] as const;
 export type MoveResult = (typeof MOVE_RESULTS)[number];
 
 /** Step names of a VM move (the flow's vocabulary, src/migrate/steps.ts); anything else is reported as "other". */
@@ -133,6 +137,52 @@ export const leaderIsLeader = new Gauge({
   registers: [registry],
 });
 
+// A stuck move shows as this timestamp no longer advancing (alert VMOpsVMMoveStuck).
+export const moveLastProgress = new Gauge({
+  name: 'vmops_vm_move_last_progress_timestamp_seconds',
+  help: 'Unix time of the last step change or copied byte of the VM move in flight; 0 when no move is in flight',
+  registers: [registry],
+});
+
+let informerSyncedSource: () => boolean = () => false;
+export const informerSynced = new Gauge({
+  name: 'vmops_informer_synced',
+  help: '1 once the VMMigration informer has listed and synced its cache',
+  registers: [registry],
+  collect() {
+    this.set(informerSyncedSource() ? 1 : 0);
+  },
+});
+/** Where vmops_informer_synced reads from at scrape time. */
+export function reportInformerSynced(source: () => boolean): void {
+  informerSyncedSource = source;
+}
+
+/**
+ * Counters with labels appear only at their first increment, and Prometheus's increase() cannot
+ * see a series born at 1, so alerts would miss the first failure. Export every label value at 0.
+ */
+export function initLabelledCounters(): void {
+  for (const strategy of STRATEGIES) {
+    migrationsStarted.inc({ strategy }, 0);
+    migrationsSucceeded.inc({ strategy }, 0);
+    migrationsFailed.inc({ strategy }, 0);
+  }
+  for (const result of MOVE_RESULTS) vmMoves.inc({ result }, 0);
+}
+
+// A move is in flight from its first step until it ends (recordVmMove, moveProgressEnded); bytes counted after that are not progress.
+let moveInFlight = false;
+/** The move in flight ended (done, failed, waiting or handed over): nothing left to look stuck. */
+export function moveProgressEnded(): void {
+  moveInFlight = false;
+  moveLastProgress.set(0);
+}
+function noteMoveProgress(begin = false): void {
+  if (begin) moveInFlight = true;
+  if (moveInFlight) moveLastProgress.set(Date.now() / 1000);
+}
+
 // --- convenience recorders (they clamp labels so callers can't leak unbounded strings) ---
 
 export function recordMigrationStarted(strategy: string): void {
@@ -159,18 +209,27 @@ export function migrationRunStarted(): () => void {
 
 export function recordVmMove(result: string, downtimeSeconds?: number): void {
   vmMoves.inc({ result: resultLabel(result) });
+  moveProgressEnded();
   if (downtimeSeconds !== undefined && Number.isFinite(downtimeSeconds) && downtimeSeconds >= 0) {
     vmDowntime.observe(downtimeSeconds);
   }
 }
 
 export function recordTransferBytes(bytes: number): void {
-  if (Number.isFinite(bytes) && bytes > 0) transferBytes.inc(bytes);
+  if (Number.isFinite(bytes) && bytes > 0) {
+    transferBytes.inc(bytes);
+    noteMoveProgress();
+  }
 }
 
 /** Start a step timer; call the returned function when the step ends. */
 export function startStepTimer(step: string): () => number {
-  return stepDuration.startTimer({ step: stepLabel(step) });
+  noteMoveProgress(true);
+  const end = stepDuration.startTimer({ step: stepLabel(step) });
+  return () => {
+    noteMoveProgress();
+    return end();
+  };
 }
 
 /** Hooks for WorkQueue's `metrics` option. Use them on a single (the controller's) queue. */

@@ -3,21 +3,30 @@
  * the operator as a separate process, and the real kubectl.
  */
 import { AppsV1Api, CustomObjectsApi, Watch, type V1Deployment, type V1Node } from '@kubernetes/client-node';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
+import { argoHealth } from '../world/argoHealth.js';
 import { sha256File } from '../world/images.js';
+import { startPrometheus, type TestPrometheus } from '../world/prometheus.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
 
 let sb: Sandbox;
 let operator: OperatorProcess;
+let prom: TestPrometheus;
 
 beforeAll(async () => {
   sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e'), log: (l) => console.log(`[sandbox] ${l}`) });
-  operator = await sb.startOperator();
+  // As the Deployment runs it: RBAC from manifests/rbac.yaml, a TokenRequest token at the in-cluster path, no kubeconfig.
+  operator = await sb.startOperator({ inCluster: true });
+  prom = await startPrometheus({ dir: join(sb.dir, 'prometheus'), targets: [new URL(operator.metricsUrl).host] });
+  // increase() only sees a failure whose counter Prometheus had scraped at 0 before
+  await prom.waitFor('first scrape', async () => ((await prom.query('vmops_migrations_failed_total')).length > 0 || undefined));
 }, 900_000);
 
 afterAll(async () => {
+  await prom?.stop();
   await operator?.stop();
   await sb?.stop();
 });
@@ -94,6 +103,12 @@ describe('references only the operator can check', () => {
     expect(o.status?.conditions?.find((c) => c.type === 'Ready')?.message).toContain('unknown environment "student-99"');
     await expectUntouched();
   });
+  it('the failures fire VMOpsMigrationFailed in a real Prometheus scraping the operator', async () => {
+    const alert = await prom.waitFor('VMOpsMigrationFailed firing', async () =>
+      (await prom.alerts()).find((a) => a.labels.alertname === 'VMOpsMigrationFailed' && a.state === 'firing'));
+    expect(alert.labels).toMatchObject({ severity: 'warning', strategy: 'cold' });
+    expect((await prom.query('sum(vmops_migrations_failed_total)'))[0]?.value[1]).toBe('2');
+  });
 });
 
 async function expectUntouched(): Promise<void> {
@@ -131,20 +146,38 @@ describe('rolling migration of a 7-VM environment', () => {
       minAvailable = Math.min(minAvailable, d.status?.availableReplicas ?? 0);
     };
     const nodeWatch = await watch.watch('/api/v1/nodes', {}, onNode, () => undefined);
+    // one real mid-move status (a VM in flight) for the Argo CD health check
+    let midMove: VMMigration | undefined;
+    const vmmWatch = await watch.watch(`/apis/${GROUP}/${VERSION}/namespaces/${SECRET_NAMESPACE}/${PLURAL}`, {}, (_t: string, m: VMMigration) => {
+      if (!midMove && m.metadata.name === 'move-student-42' && m.status?.phase === 'Running' && m.status.currentVM && m.status.vms?.some((v) => v.phase === 'Running')) midMove = structuredClone(m);
+    }, () => undefined);
     const depWatch = await watch.watch(`/apis/apps/v1/namespaces/${sb.workload.namespace}/deployments`, {}, onDeployment, () => undefined);
     const apps = sb.kc.makeApiClient(AppsV1Api);
     onDeployment('INITIAL', await apps.readNamespacedDeployment({ name: sb.workload.name, namespace: sb.workload.namespace }));
 
     const started = Date.now();
     await sb.kubectl(['apply', '-f', 'manifests/examples/migration.yaml']);
+    // what a person watching with `vm-migration-operator status NAME --watch` sees
+    const { spawn } = await import('node:child_process');
+    const cli = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'status', 'move-student-42', '--watch', '--kubeconfig', sb.controlPlane.kubeconfigPath], { cwd: REPO_ROOT });
+    let cliOut = '';
+    cli.stdout.on('data', (d) => (cliOut += d));
+    const cliExit = new Promise<number>((r) => cli.once('exit', (code) => r(code ?? -1)));
     // Fail fast on a Failed migration; then prove `kubectl wait` sees the Ready condition.
     await waitForPhase('move-student-42', ['Succeeded', 'Failed'], 900_000);
     const wait = await sb.kubectl(['wait', '-n', SECRET_NAMESPACE, '--for=condition=Ready', 'vmm/move-student-42', '--timeout=30s'], { allowFail: true });
     const wallSeconds = (Date.now() - started) / 1000;
     nodeWatch.abort();
     depWatch.abort();
+    vmmWatch.abort();
     const o = await getVmm('move-student-42');
     expect(wait.code, `kubectl wait failed: ${wait.stderr}\nstatus: ${JSON.stringify(o.status, null, 2)}`).toBe(0);
+    expect(await cliExit, cliOut.slice(-3000)).toBe(0);
+    const screens = cliOut.split(/\n(?=VMMigration )/);
+    expect(screens.at(-1)).toMatch(/^VMMigration vm-migration-system\/move-student-42 {3}Succeeded {3}7\/7 VMs/);
+    // copies here take under a second, so a screen with a copy's rate is not guaranteed; one with a VM in flight is
+    expect(cliOut, 'a screen showed a VM in flight').toMatch(/\n {2}\S+\s+Running\s+[a-zA-Z]+\s+\S+\s+\d+%/);
+    console.log(`[e2e] status --watch drew ${screens.length} screens; last:\n${screens.at(-1)}`);
 
     // status
     expect(o.status?.phase).toBe('Succeeded');
@@ -186,6 +219,35 @@ describe('rolling migration of a 7-VM environment', () => {
     expect(text).toMatch(/^vmops_vm_downtime_seconds_count 7$/m);
     expect(text).toMatch(/^vmops_vm_moves_total\{result="success"\} 7$/m);
     expect(text).toMatch(/^vmops_leader_is_leader 1$/m);
+
+    // the same numbers as a real Prometheus scraped them
+    await prom.waitFor('Prometheus sees 7 moves', async () => ((await prom.query('sum(vmops_vm_moves_total{result="success"})'))[0]?.value[1] === '7' || undefined));
+    expect((await prom.query('sum(vmops_vm_downtime_seconds_count)'))[0]?.value[1]).toBe('7');
+    expect((await prom.query('sum(vmops_vm_downtime_seconds_bucket{le="+Inf"})'))[0]?.value[1]).toBe('7');
+    expect(Number((await prom.query('sum(vmops_vm_downtime_seconds_sum)'))[0]?.value[1])).toBeCloseTo(o.status!.vms!.reduce((a, v) => a + (v.downtimeSeconds ?? 0), 0), 1);
+    expect((await prom.query('sum(vmops_migrations_succeeded_total)'))[0]?.value[1]).toBe('1');
+    expect(Number((await prom.query('sum(vmops_transfer_bytes_total)'))[0]?.value[1])).toBeGreaterThanOrEqual(o.status!.vms!.reduce((a, v) => a + (v.bytesTransferred ?? 0), 0));
+    const p95 = Number((await prom.query('histogram_quantile(0.95, sum by (le) (vmops_vm_downtime_seconds_bucket))'))[0]?.value[1]);
+    expect(p95).toBeGreaterThan(0);
+    console.log(`[e2e] Prometheus: 7 moves, downtime p95 (bucket estimate) ${p95.toFixed(2)} s`);
+
+    // GitOps: kstatus conditions and the Argo CD health check on the real objects
+    expect(o.status?.conditions?.find((c) => c.type === 'Reconciling')?.status).toBe('False');
+    expect(o.status?.conditions?.find((c) => c.type === 'Stalled')?.status).toBe('False');
+    expect(await argoHealth(o)).toEqual({ status: 'Healthy', message: expect.stringContaining('host02') });
+    expect(midMove, 'saw a VM copying').toBeDefined();
+    expect(midMove!.status?.conditions?.find((c) => c.type === 'Reconciling')?.status).toBe('True');
+    expect(await argoHealth(midMove)).toMatchObject({ status: 'Progressing', message: expect.stringMatching(/^Running: \d\/7 VM\(s\) done, moving student-42\//) });
+    writeFileSync(join(sb.dir, 'status-running.json'), JSON.stringify(midMove, null, 2));
+    writeFileSync(join(sb.dir, 'status-succeeded.json'), JSON.stringify(o, null, 2));
+
+    // Re-applying the unchanged, finished migration does nothing.
+    const again = await sb.kubectl(['apply', '-f', 'manifests/examples/migration.yaml']);
+    expect(again.stdout).toContain('vmmigration.vmops.dev/move-student-42 unchanged');
+    await new Promise((r) => setTimeout(r, 3000));
+    const after = await getVmm('move-student-42');
+    expect(after.metadata.resourceVersion).toBe(o.metadata.resourceVersion);
+    for (const vm of sb.environment.vms) expect((await h02.vmStatus(sb.environment.name, vm)).state, vm.name).toBe('running');
 
     console.log(`[e2e] wall ${wallSeconds.toFixed(1)} s; downtime per VM: ${o.status!.vms!.map((v) => `${v.name}=${v.downtimeSeconds?.toFixed(2)}s`).join(' ')}`);
   }, 1_000_000);
@@ -269,7 +331,7 @@ describe('crash safety (journal + idempotent steps)', () => {
     }
 
     console.log('[e2e] fencing holds while no operator runs; restarting the operator');
-    operator = await sb.startOperator();
+    operator = await sb.startOperator({ inCluster: true });
     console.log('[e2e] operator restarted');
     const o = await waitForPhase('crash-back', ['Succeeded', 'Failed'], 600_000);
     expect(o.status?.phase, `killed at ${killedAt}: ${JSON.stringify(o.status?.vms)}`).toBe('Succeeded');

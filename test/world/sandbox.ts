@@ -19,6 +19,7 @@ import { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { HostConnection } from '../../src/hosts/ssh.js';
 import { startControlPlane, type ControlPlane } from './controlPlane.js';
 import { createGuestNodes, deployStudentWorkload, VmLivenessBridge } from './guestCluster.js';
+import { inClusterIdentity } from './inCluster.js';
 import { adoptHostFile, startHosts, type TestHosts } from './hosts.js';
 import { createDiskImage, sha256File } from './images.js';
 import { GUEST_INITRD, GUEST_KERNEL, guestAppend, installGuest } from './guestImage.js';
@@ -71,6 +72,8 @@ export interface OperatorOptions {
   logFile?: string;
   /** run with these credentials instead of the admin kubeconfig (e.g. the shipped ServiceAccount's token) */
   kubeconfigPath?: string;
+  /** RBAC from manifests/rbac.yaml, a TokenRequest token mounted where pods have it, no kubeconfig (test/world/inCluster.ts) */
+  inCluster?: boolean;
 }
 
 export interface OperatorProcess {
@@ -227,12 +230,18 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
     const startOperator = async (o: OperatorOptions = {}): Promise<OperatorProcess> => {
       const metricsPort = o.metricsPort ?? (await freePort());
       const logFd = openSync(o.logFile ?? join(dir, 'operator.log'), 'a');
-      const child = spawn(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run',
-        '--kubeconfig', o.kubeconfigPath ?? controlPlane.kubeconfigPath, '--inventory', inventoryPath, '--db', dbPath,
+      let argv = [process.execPath, '--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run',
+        ...(o.inCluster ? [] : ['--kubeconfig', o.kubeconfigPath ?? controlPlane.kubeconfigPath]), '--inventory', inventoryPath, '--db', dbPath,
         '--ssh-key', hosts.identity.privateKeyPath, '--namespace', SECRET_NAMESPACE,
-        '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1', '--leader-elect'], {
-        cwd: REPO_ROOT, stdio: ['ignore', logFd, logFd], env: { ...process.env, LOG_LEVEL: process.env.LOG_LEVEL ?? 'info' },
-      });
+        '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1', '--leader-elect'];
+      let env: NodeJS.ProcessEnv = { ...process.env, LOG_LEVEL: process.env.LOG_LEVEL ?? 'info' };
+      if (o.inCluster) {
+        await kubectl(['apply', '-f', 'manifests/rbac.yaml']);
+        const id = await inClusterIdentity({ kubeconfigPath: controlPlane.kubeconfigPath, dir: join(dir, 'in-cluster'), namespace: SECRET_NAMESPACE, serviceAccount: 'vm-migration-operator' });
+        argv = id.wrap(argv);
+        env = id.env(env);
+      }
+      const child = spawn(argv[0]!, argv.slice(1), { cwd: REPO_ROOT, stdio: ['ignore', logFd, logFd], env });
       const metricsUrl = `http://127.0.0.1:${metricsPort}`;
       const exited = new Promise<void>((r) => child.once('exit', () => r()));
       const proc: OperatorProcess = {
