@@ -94,7 +94,7 @@ function parseLoadBalancer(v: unknown, at: string): LoadBalancerSpec {
   const o = obj(v, at);
   const kind = str(o.kind, `${at}.kind`);
   if (kind !== 'nginx') throw new Error(`${at}.kind must be nginx (the only load balancer kind supported)`);
-  const ssh = parseHost({ ...o, name: 'load-balancer', vmDir: '/' }, at);
+  const ssh = parseHost({ ...o, name: 'load-balancer', vmDir: '/unused' }, at);
   const path = (key: string, dflt?: string): string | undefined => {
     const raw = o[key] ?? dflt;
     if (raw === undefined) return undefined;

@@ -58,7 +58,7 @@ export async function tlsRequest(
           path: req.path,
           host: endpoint.address,
           port: endpoint.port,
-          agent: false,
+          // no agent: with createConnection given, node uses it instead of dialling itself
           headers: payload === undefined ? {} : { 'content-type': 'application/json', 'content-length': Buffer.byteLength(payload) },
           createConnection: () =>
             // host (an IP) without servername: identity is checked against the certificate's IP SANs
