@@ -23,9 +23,11 @@ export interface EtcdGuardOptions {
   controllers: ControllerEndpoint[];
   etcdPort: number;
   apiServerPort: number;
-  etcdTls: TlsMaterial;
-  /** CA of the API servers' serving certificates (from the guest kubeconfig) */
-  apiServerCa: string;
+  /**
+   * etcd client TLS material and the CA of the API servers' serving certificates (from the guest kubeconfig),
+   * fetched when first needed (they live in Secrets); never logged nor put into messages.
+   */
+  credentials: () => Promise<{ etcdTls: TlsMaterial; apiServerCa: string }>;
   /** a stream to address:port opened from where controller `vm` lives (its hypervisor) */
   dial: (vm: string, address: string, port: number) => Promise<Duplex>;
   requestTimeoutMs?: number;
@@ -101,6 +103,8 @@ export class EtcdGuard implements ControlPlaneGuard {
   private readonly maxLag: number;
   private readonly pollMs: number;
 
+  private creds: Promise<{ etcdTls: TlsMaterial; apiServerCa: string }> | undefined;
+
   constructor(private readonly o: EtcdGuardOptions) {
     this.timeoutMs = o.requestTimeoutMs ?? 3000;
     this.maxLag = o.maxRaftLag ?? 100;
@@ -113,9 +117,19 @@ export class EtcdGuard implements ControlPlaneGuard {
     return c;
   }
 
+  /** Fetched once; a failed fetch is retried on the next call instead of being remembered. */
+  private credentials(): Promise<{ etcdTls: TlsMaterial; apiServerCa: string }> {
+    this.creds ??= this.o.credentials().catch((err: unknown) => {
+      this.creds = undefined;
+      throw err;
+    });
+    return this.creds;
+  }
+
   private async etcd<T>(c: ControllerEndpoint, path: string, body: unknown, signal?: AbortSignal): Promise<T> {
+    const { etcdTls } = await this.credentials();
     const dial = (address: string, port: number) => this.o.dial(c.vm, address, port);
-    const r = await tlsRequest(dial, { address: c.address, port: this.o.etcdPort }, this.o.etcdTls, { method: 'POST', path, body, timeoutMs: this.timeoutMs, signal });
+    const r = await tlsRequest(dial, { address: c.address, port: this.o.etcdPort }, etcdTls, { method: 'POST', path, body, timeoutMs: this.timeoutMs, signal });
     if (r.status !== 200) throw new Error(`etcd ${path} answered HTTP ${r.status}: ${r.body.slice(0, 300)}`);
     return JSON.parse(r.body) as T;
   }
@@ -128,9 +142,10 @@ export class EtcdGuard implements ControlPlaneGuard {
   /** /readyz of a controller's API server (anonymous: kube-apiserver serves it to system:public-info-viewer) */
   async apiServerReady(vm: string, signal?: AbortSignal): Promise<string | undefined> {
     const c = this.controller(vm);
+    const { apiServerCa } = await this.credentials();
     try {
       const dial = (address: string, port: number) => this.o.dial(c.vm, address, port);
-      const r = await tlsRequest(dial, { address: c.address, port: this.o.apiServerPort }, { ca: this.o.apiServerCa }, { method: 'GET', path: '/readyz', timeoutMs: this.timeoutMs, signal });
+      const r = await tlsRequest(dial, { address: c.address, port: this.o.apiServerPort }, { ca: apiServerCa }, { method: 'GET', path: '/readyz', timeoutMs: this.timeoutMs, signal });
       return r.status === 200 ? undefined : `API server /readyz answered HTTP ${r.status}`;
     } catch (err) {
       return `API server unreachable (${(err as Error).message})`;
