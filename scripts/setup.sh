@@ -19,6 +19,10 @@ command -v useradd >/dev/null || need_pkgs+=(passwd)    # the test hosts' unpriv
 command -v gcc >/dev/null || need_pkgs+=(gcc)           # the test guest's guestd (static)
 [ -e "/usr/lib/$(gcc -dumpmachine 2>/dev/null || echo x86_64-linux-gnu)/libc.a" ] || need_pkgs+=(libc6-dev)
 command -v xz >/dev/null || need_pkgs+=(xz-utils)       # kernel modules may be .ko.xz
+[ -x /usr/sbin/nginx ] || need_pkgs+=(nginx)            # the HA guest's beachhead load balancer (its own instance)
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need_pkgs+=(libnginx-mod-stream)   # NGINX's TCP stream proxy
+command -v nft >/dev/null || need_pkgs+=(nftables)      # the HA guest: a stopped VM's address drops packets like a powered-off machine
+command -v ss >/dev/null || need_pkgs+=(iproute2)       # connections to a backend, counted on the beachhead
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
