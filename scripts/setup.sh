@@ -22,7 +22,6 @@ command -v xz >/dev/null || need_pkgs+=(xz-utils)       # kernel modules may be 
 [ -x /usr/sbin/nginx ] || need_pkgs+=(nginx)            # the HA guest's beachhead load balancer (its own instance)
 [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need_pkgs+=(libnginx-mod-stream)   # NGINX's TCP stream proxy
 command -v nft >/dev/null || need_pkgs+=(nftables)      # the HA guest: a stopped VM's address drops packets like a powered-off machine
-command -v ss >/dev/null || need_pkgs+=(iproute2)       # connections to a backend, counted on the beachhead
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
