@@ -237,11 +237,6 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
       await Promise.all(waits);
     });
 
-    const blackhole = new AddressBlackhole(`vmops_ha_${o.environment.replace(/[^a-z0-9]/g, '_')}`);
-    await blackhole.create();
-    cleanups.push(() => blackhole.destroy());
-    // Every VM address is "powered off" until its VM runs.
-    for (const v of vms) if (v.address) await blackhole.down(v.address);
 
     const initialCluster = controllers.map((c) => `${c.nodeName}=http://${c.address}:${ETCD_PEER_PORT}`).join(',');
     const vmSvcs = new Map<string, Svc[]>();
@@ -284,6 +279,11 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
     const bh = beachheadHosts.hosts[0]!;
     const beachheadSsh: HostSpec = { ...bh, name: 'beachhead' };
     await appendFile(join(beachheadHosts.hostDirs[bh.name]!, 'authorized_keys'), `${o.operatorPublicKey}\n`);
+    const blackhole = new AddressBlackhole(`vmops_ha_${o.environment.replace(/[^a-z0-9]/g, '_')}`);
+    await blackhole.create();
+    cleanups.push(() => blackhole.destroy());
+    // Every VM (the beachhead's sshd is up now) address is "powered off" until its VM runs.
+    for (const v of vms) if (v.address) await blackhole.down(v.address);
     const user = await ensureHostUser();
     const nginxPrefix = join(dir, 'beachhead', 'nginx');
     await mkdir(join(nginxPrefix, 'conf.d'), { recursive: true });
