@@ -267,7 +267,7 @@ export function inventoryForFile(inv: Inventory): unknown {
 }
 
 /** Last-resort cleanup: no QEMU of this sandbox (its disks live under `dir`) may outlive it; other sandboxes' VMs are left alone. */
-async function killSandboxQemu(dir: string): Promise<void> {
+export async function killSandboxQemu(dir: string): Promise<void> {
   const { readdir, readFile } = await import('node:fs/promises');
   for (const pid of await readdir('/proc').catch(() => [] as string[])) {
     if (!/^\d+$/.test(pid)) continue;
