@@ -99,6 +99,15 @@ interface Svc {
   exited: Promise<void>;
 }
 
+/** Signals the service's whole process group (NGINX master and workers). */
+function signal(s: Svc, sig: NodeJS.Signals): void {
+  try {
+    if (s.child.pid) process.kill(-s.child.pid, sig);
+  } catch {
+    // already gone
+  }
+}
+
 function postJson(url: string, body: unknown, tls: { ca: string; cert?: string; key?: string }, timeoutMs: number): Promise<{ status: number; body: string }> {
   return new Promise((res, rej) => {
     const payload = JSON.stringify(body);
@@ -168,7 +177,9 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
   await mkdir(dir, { recursive: true });
   const binDir = await ensureBinaries();
   const cleanups: (() => Promise<void> | void)[] = [];
+  let dropBlackhole: () => Promise<void> = async () => undefined;
   const stop = async () => {
+    await dropBlackhole().catch(() => undefined);
     for (const c of cleanups.reverse()) await Promise.resolve().then(c).catch(() => undefined);
     cleanups.length = 0;
   };
@@ -218,7 +229,8 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
     const all = new Set<Svc>();
     const spawnSvc = (name: string, bin: string, args: string[], logDir: string, user?: { uid: number; gid: number }): Svc => {
       const fd = openSync(join(logDir, `${name}.log`), 'a');
-      const child = spawn(bin, args, { stdio: ['ignore', fd, fd], cwd: logDir, ...(user ?? {}) });
+      // own process group: signals reach NGINX's workers too, as they would reach every process of a machine
+      const child = spawn(bin, args, { stdio: ['ignore', fd, fd], cwd: logDir, detached: true, ...(user ?? {}) });
       closeSync(fd);
       child.once('error', () => undefined);
       const svc: Svc = { name, child, exited: new Promise<void>((r) => child.once('exit', () => r())) };
@@ -227,13 +239,13 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
       return svc;
     };
     const killAll = () => {
-      for (const s of all) s.child.kill('SIGKILL');
+      for (const s of all) signal(s, 'SIGKILL');
     };
     process.once('exit', killAll);
     cleanups.push(async () => {
       process.removeListener('exit', killAll);
       const waits = [...all].map((s) => s.exited);
-      for (const s of all) s.child.kill('SIGKILL');
+      for (const s of all) signal(s, 'SIGKILL');
       await Promise.all(waits);
     });
 
@@ -281,7 +293,8 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
     await appendFile(join(beachheadHosts.hostDirs[bh.name]!, 'authorized_keys'), `${o.operatorPublicKey}\n`);
     const blackhole = new AddressBlackhole(`vmops_ha_${o.environment.replace(/[^a-z0-9]/g, '_')}`);
     await blackhole.create();
-    cleanups.push(() => blackhole.destroy());
+    // removed first on stop (see stop below) so nothing waits on a dropped address while shutting down
+    dropBlackhole = () => blackhole.destroy();
     // Every VM (the beachhead's sshd is up now) address is "powered off" until its VM runs.
     for (const v of vms) if (v.address) await blackhole.down(v.address);
     const user = await ensureHostUser();
@@ -332,15 +345,15 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
       say(`HA guest: ${vmName} ${prev} → ${state}`);
       const svcs = vmSvcs.get(vmName) ?? [];
       if (state === 'running') {
-        if (prev === 'frozen' && svcs.length) for (const s of svcs) s.child.kill('SIGCONT');
+        if (prev === 'frozen' && svcs.length) for (const s of svcs) signal(s, 'SIGCONT');
         else vmSvcs.set(vmName, await startServices(vm));
         if (vm.address) await blackhole.up(vm.address);
         return;
       }
       if (vm.address) await blackhole.down(vm.address);
-      if (state === 'frozen') for (const s of svcs) s.child.kill('SIGSTOP');
+      if (state === 'frozen') for (const s of svcs) signal(s, 'SIGSTOP');
       else {
-        for (const s of svcs) s.child.kill('SIGKILL');
+        for (const s of svcs) signal(s, 'SIGKILL');
         await Promise.all(svcs.map((s) => s.exited));
         vmSvcs.delete(vmName);
       }
