@@ -14,6 +14,7 @@ import { loadInventoryFile } from '../api/inventoryFile.js';
 import { settingsFrom, type VMMigration } from '../api/types.js';
 import { MigrationController } from '../controller/operator.js';
 import { HostPool } from '../hosts/pool.js';
+import { guestSafetyHook } from '../controller/guestSafetyWiring.js';
 import { startMetricsServer } from '../metrics/server.js';
 import { planMigration } from '../planner/plan.js';
 import { Store } from '../store/store.js';
@@ -58,11 +59,13 @@ async function run(): Promise<void> {
   if (values.kubeconfig) kc.loadFromFile(values.kubeconfig);
   else kc.loadFromCluster();
   const store = await Store.open(need('db'));
-  if (values.inventory) await store.loadInventory(loadInventoryFile(values.inventory));
+  const inventoryFile = values.inventory ? loadInventoryFile(values.inventory) : undefined;
+  if (inventoryFile) await store.loadInventory(inventoryFile);
   const pool = new HostPool({ privateKey: readFileSync(need('ssh-key')) });
   const identity = `${hostname()}-${process.pid}`;
   const controller = new MigrationController({
     kc, store, pool, log, namespace: values.namespace || undefined,
+    guestSafety: guestSafetyHook({ inventory: inventoryFile, kc, store, pool }),
     leaderElection: values['leader-elect'] ? { namespace: values['lease-namespace']!, name: 'vm-migration-operator', identity } : undefined,
   });
   const server = await startMetricsServer({ port: Number(values['metrics-port']), host: values['metrics-host'], readiness: () => controller.readiness() });
