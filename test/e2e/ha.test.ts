@@ -95,12 +95,12 @@ class Watchers {
     this.running = false;
     await Promise.all(this.loops);
   }
-  /** samples where fewer than 2 members answered and agreed on a leader */
+  /** samples in which no 2 members (a quorum of 3) answered and named the same leader */
   quorumLost(): { at: number; st: MemberStatus[] }[] {
     return this.etcd.filter((s) => {
-      const ok = s.st.filter((x) => x.ok && x.leader && x.leader !== '0');
-      const leaders = new Set(ok.map((x) => x.leader));
-      return ok.length < 2 || leaders.size !== 1;
+      const votes = new Map<string, number>();
+      for (const x of s.st) if (x.ok && x.leader && x.leader !== '0') votes.set(x.leader, (votes.get(x.leader) ?? 0) + 1);
+      return Math.max(0, ...votes.values()) < 2;
     });
   }
   /** per controller: total seconds marked down in NGINX */
