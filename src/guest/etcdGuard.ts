@@ -9,6 +9,7 @@ import type { VMSpec } from '../api/inventory.js';
 import type { ControlPlaneGuard, SafetyVerdict } from '../migrate/guestSafety.js';
 import { tlsRequest, type TlsMaterial } from './tlsRequest.js';
 import type { Duplex } from 'node:stream';
+import { sleep } from '../util/sleep.js';
 
 export interface ControllerEndpoint {
   /** inventory VM name */
@@ -81,19 +82,6 @@ export function quorumAfterStop(input: QuorumInput): { ok: boolean; remaining: n
   return { ok: remaining >= quorum, remaining, quorum, unhealthy: unhealthy.map((m) => `${m.label}: ${m.problems.join(', ')}`) };
 }
 
-const sleep = (ms: number, signal?: AbortSignal) =>
-  new Promise<void>((resolve, reject) => {
-    if (signal?.aborted) return reject(new Error('aborted'));
-    const t = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    const onAbort = () => {
-      clearTimeout(t);
-      reject(new Error('aborted'));
-    };
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
 
 const num = (v: unknown): number => (typeof v === 'string' || typeof v === 'number' ? Number(v) : 0);
 const id = (v: unknown): string => (typeof v === 'string' || typeof v === 'number' ? String(v) : '0');

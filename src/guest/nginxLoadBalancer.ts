@@ -7,6 +7,7 @@
  */
 import type { VMSpec } from '../api/inventory.js';
 import type { LoadBalancerControl } from '../migrate/guestSafety.js';
+import { sleep } from '../util/sleep.js';
 
 /** What the load balancer needs of an SSH connection (HostConnection provides it). */
 export interface RemoteShell {
@@ -59,19 +60,6 @@ export function isBackendDown(conf: string, upstream: string, backend: string): 
   return setBackendDown(conf, upstream, backend, true) === conf;
 }
 
-const sleep = (ms: number, signal?: AbortSignal) =>
-  new Promise<void>((resolve, reject) => {
-    if (signal?.aborted) return reject(new Error('aborted'));
-    const t = setTimeout(() => {
-      signal?.removeEventListener('abort', onAbort);
-      resolve();
-    }, ms);
-    const onAbort = () => {
-      clearTimeout(t);
-      reject(new Error('aborted'));
-    };
-    signal?.addEventListener('abort', onAbort, { once: true });
-  });
 
 export class NginxLoadBalancer implements LoadBalancerControl {
   constructor(private readonly o: NginxLoadBalancerOptions) {}
