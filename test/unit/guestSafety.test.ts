@@ -2,6 +2,7 @@ import { describe, expect, it } from 'vitest';
 import { parseInventory } from '../../src/api/inventoryFile.js';
 import { quorumAfterStop } from '../../src/guest/etcdGuard.js';
 import { isBackendDown, setBackendDown } from '../../src/guest/nginxLoadBalancer.js';
+import { guestSafetyParts, kubeconfigCa } from '../../src/guest/safety.js';
 
 describe('quorumAfterStop (Cluster API rule: voting − unhealthy − 1 ≥ ⌊voting/2⌋ + 1)', () => {
   const m = (label: string, problems: string[] = [], isLearner = false) => ({ label, problems, isLearner });
@@ -77,5 +78,39 @@ describe('inventory: controlPlane and loadBalancer', () => {
     expect(() => parseInventory(base({ loadBalancer: { ...lb, hostKey: 'nope' } }))).toThrow(/hostKey/);
     expect(() => parseInventory(base({ loadBalancer: lb }, {}))).toThrow(/vms\[0\].address is required/);
     expect(() => parseInventory(base({}, { address: '10.0.0.11; rm -rf /' }))).toThrow(/address/);
+  });
+});
+
+describe('guestSafetyParts', () => {
+  const env = (extra: Record<string, unknown> = {}) =>
+    parseInventory({
+      hosts: [{ name: 'h1', address: '127.0.0.2', hostKey: 'ssh-ed25519 AAAA', vmDir: '/srv/vms' }],
+      environments: [{ name: 'e', kubeconfigSecret: { namespace: 'ns', name: 'kc' }, vms: [{ name: 'controller-1', role: 'controller', host: 'h1', files: [], address: '10.0.0.11' }], ...extra }],
+    }).environments[0]!;
+  const deps = (secrets: Record<string, Record<string, string>>) => ({
+    readSecret: async (ns: string, name: string) => {
+      const s = secrets[`${ns}/${name}`];
+      if (!s) throw new Error(`Secret ${ns}/${name} not found`);
+      return s;
+    },
+    dial: () => Promise.reject(new Error('no network in unit tests')),
+    connectLoadBalancer: () => Promise.reject(new Error('no network in unit tests')),
+  });
+  it('nothing described: no guard, no load balancer (the runner falls back to the readiness guard)', () => {
+    expect(guestSafetyParts(env(), deps({}))).toEqual({});
+  });
+  it('a Secret without the TLS keys is named, its content never shown', async () => {
+    const parts = guestSafetyParts(env({ controlPlane: { etcdClientSecret: { namespace: 'ns', name: 'etcd' } } }), deps({ 'ns/etcd': { 'ca.crt': 'SECRET-CA-CONTENT' } }));
+    expect(parts.guard).toBeDefined();
+    // not safe yet (a wait with a reason), not a crash: someone can still fix the Secret
+    const v = await parts.guard!.checkSafeToStop({ name: 'controller-1', role: 'controller', nodeName: 'n', host: 'h1', memoryMiB: 32, cpus: 1, files: [] });
+    expect(v).toMatchObject({ safe: false, reason: 'WaitingForQuorum' });
+    expect(v.message).toMatch(/Secret ns\/etcd lacks tls\.crt, tls\.key/);
+    expect(v.message).not.toMatch(/SECRET-CA-CONTENT/);
+  });
+  it('kubeconfigCa takes inline CA data only', () => {
+    const yaml = (cluster: Record<string, unknown>) => `apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: ${JSON.stringify({ server: 'https://x', ...cluster })}}]\nusers: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n`;
+    expect(kubeconfigCa(yaml({ 'certificate-authority-data': Buffer.from('PEM').toString('base64') }))).toBe('PEM');
+    expect(() => kubeconfigCa(yaml({ 'certificate-authority': '/etc/ca.crt' }))).toThrow(/no certificate-authority-data/);
   });
 });
