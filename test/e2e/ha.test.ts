@@ -52,10 +52,13 @@ async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T 
   }
 }
 
-async function apply(name: string, targetHost: string): Promise<void> {
+async function apply(name: string, targetHost: string, opts: { precopy?: boolean } = {}): Promise<void> {
   const body = {
     apiVersion: `${GROUP}/${VERSION}`, kind: 'VMMigration', metadata: { name, namespace: SECRET_NAMESPACE },
-    spec: { environments: [sb.environment.name], targetHost, strategy: 'Rolling', shutdown: { powerdownTimeout: '1s' }, drain: { timeout: '2m' }, nodeReadyTimeout: '3m' },
+    spec: {
+      environments: [sb.environment.name], targetHost, strategy: 'Rolling', transfer: { precopy: opts.precopy ?? false },
+      shutdown: { powerdownTimeout: '1s' }, drain: { timeout: '2m' }, nodeReadyTimeout: '3m',
+    },
   };
   await sb.kc.makeApiClient(CustomObjectsApi).createNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, body });
 }
@@ -195,7 +198,8 @@ describe('HA environment: rolling move with the student\'s kubectl through the b
     const from = Date.now();
     await h02.stopVm(env, c2, { powerdownTimeoutMs: 0 });
     await until('controller-2 off', 10_000, async () => (sb.ha.runState('controller-2') === 'off' ? true : undefined));
-    await apply('ha-back', 'host01');
+    await student.start();
+    await apply('ha-back', 'host01', { precopy: true });
 
     const waiting = await until('WaitingForQuorum', 600_000, async () => {
       const o = await getVmm('ha-back');
@@ -216,7 +220,6 @@ describe('HA environment: rolling move with the student\'s kubectl through the b
     // NGINX's passive check forgets controller-2's failures after fail_timeout; measure the operator's moves from there
     await sleep(11_000);
     const measureFrom = Date.now();
-    await student.start();
     await succeeded('ha-back');
     await sleep(2000);
     const samples = await student.stop();
@@ -225,6 +228,10 @@ describe('HA environment: rolling move with the student\'s kubectl through the b
     const during = samples.filter((s) => windows.some((w) => overlaps(s, w)));
     const s = summarize(during);
     const all = summarize(samples.filter((x) => !downWindows('beachhead', measureFrom).some((w) => overlaps(x, { start: w.start, end: w.end + 2000 }))));
+    const bh = downWindows('beachhead', from);
+    const bhSamples = samples.filter((x) => bh.some((w) => overlaps(x, { start: w.start, end: w.end + 2000 })));
+    const b = summarize(bhSamples);
+    console.log(`[ha] beachhead (pre-copy) down ${bh.map((w) => ((w.end - w.start) / 1000).toFixed(1)).join('+')} s: sent ${b.sent}, failed ${b.failed}, worst ${b.worstMs} ms`);
     console.log(`[ha] LB awareness off, controller moves: sent ${s.sent}, failed ${s.failed}, slow(>2s) ${s.slow}, p99 ${s.p99Ms} ms, worst ${s.worstMs} ms; whole move without beachhead: sent ${all.sent}, failed ${all.failed}, p99 ${all.p99Ms} ms, worst ${all.worstMs} ms`);
     expect(s.failed + s.slow).toBeGreaterThan(0);
     expect(maxControllersDown(from)).toBe(1);
