@@ -18,7 +18,7 @@
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes, generateKeyPairSync } from 'node:crypto';
 import { chown, mkdir, readFile, writeFile, appendFile, chmod } from 'node:fs/promises';
-import { closeSync, openSync } from 'node:fs';
+import { appendFileSync, closeSync, openSync, readFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { request } from 'node:https';
@@ -149,7 +149,7 @@ class AddressBlackhole {
     await execFileP('nft', ['add', 'element', 'ip', this.table, 'down', `{ ${address} }`]);
   }
   async up(address: string): Promise<void> {
-    await execFileP('nft', ['delete', 'element', 'ip', this.table, 'down', `{ ${address} }`]).catch(() => undefined);
+    await execFileP('nft', ['delete', 'element', 'ip', this.table, 'down', `{ ${address} }`]);
   }
   async destroy(): Promise<void> {
     await execFileP('nft', ['delete', 'table', 'ip', this.table]).catch(() => undefined);
@@ -171,10 +171,14 @@ function studentVms(o: HaGuestOptions, base: number): VMSpec[] {
 }
 
 export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
-  const say = o.log ?? (() => undefined);
   const dir = resolve(o.dir);
   const base = o.addressBase ?? 30;
   await mkdir(dir, { recursive: true });
+  // everything the world does goes to world.log too (failed runs are diagnosed from it)
+  const say = (line: string) => {
+    appendFileSync(join(dir, 'world.log'), `${new Date().toISOString()} ${line}\n`);
+    o.log?.(line);
+  };
   const binDir = await ensureBinaries();
   const cleanups: (() => Promise<void> | void)[] = [];
   let dropBlackhole: () => Promise<void> = async () => undefined;
@@ -410,6 +414,19 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
         }
       }));
 
+    const diagnose = async (): Promise<string> => {
+      const tail = (f: string) => {
+        try {
+          return readFileSync(f, 'utf8').split('\n').slice(-15).join('\n');
+        } catch {
+          return '(none)';
+        }
+      };
+      const nft = await execFileP('nft', ['list', 'ruleset']).then((r) => r.stdout, (e: Error) => e.message);
+      const ss = await execFileP('ss', ['-Hltn']).then((r) => r.stdout.split('\n').filter((l) => l.includes('127.0.0.')).join('\n'), (e: Error) => e.message);
+      return [`run states: ${vms.map((v) => `${v.name}=${observer.state(v.name)}`).join(' ')}`, `--- world.log\n${tail(join(dir, 'world.log'))}`,
+        `--- nginx\n${tail(join(dir, 'beachhead', 'nginx.log'))}\n${tail(join(nginxPrefix, 'error.log'))}`, `--- nft\n${nft}`, `--- listening\n${ss}`].join('\n');
+    };
     let nodesCreated = false;
     const waitHealthy = async (timeoutMs = 180_000) => {
       const deadline = Date.now() + timeoutMs;
@@ -426,7 +443,7 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
       for (;;) {
         const why = await check();
         if (!why) break;
-        if (Date.now() > deadline) throw new Error(`HA guest not healthy after ${timeoutMs} ms: ${why}; logs under ${dir}`);
+        if (Date.now() > deadline) throw new Error(`HA guest not healthy after ${timeoutMs} ms: ${why}; logs under ${dir}\n${await diagnose()}`);
         await sleep(500);
       }
       if (!nodesCreated) {
