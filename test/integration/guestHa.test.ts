@@ -81,7 +81,7 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
     if (dir) await rm(dir, { recursive: true, force: true });
   });
 
-  it('a stopped controller VM goes away like a powered-off machine; its running state, not its process, counts', async () => {
+  it('a stopped controller VM goes away like a powered-off machine: new connections hang instead of being refused', async () => {
     const addr = ha.addressOf('controller-3');
     expect(await tcpAnswers(addr, ETCD_PORT, 1000)).toBe(true);
     await stopVm('controller-3');
@@ -92,17 +92,7 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
     expect(Date.now() - t).toBeGreaterThanOrEqual(1400);
     await startVm('controller-3');
     await guard.waitMemberHealthy(vm('controller-3'), { timeoutMs: 120_000, signal: never });
-    // pause = frozen: a paused QEMU serves nothing either
-    const { QmpClient } = await import('../../src/hosts/qmp.js');
-    const qmp = await QmpClient.open(await conn.openUnixSocket(`${hv.vmDir(ENV, vm('controller-3'))}/qmp.sock`));
-    await qmp.execute('stop');
-    await until('controller-3 frozen', 5000, () => ha.runState('controller-3') === 'frozen');
-    expect(await tcpAnswers(addr, ETCD_PORT, 1000)).toBe(false);
-    await qmp.execute('cont');
-    qmp.close();
-    await until('controller-3 running', 5000, () => ha.runState('controller-3') === 'running');
     expect(await tcpAnswers(addr, ETCD_PORT, 2000)).toBe(true);
-    await guard.waitMemberHealthy(vm('controller-3'), { timeoutMs: 60_000, signal: never });
   });
 
   it('quorum: safe with all members healthy; unsafe naming the member whose VM is stopped; safe again when it is back', async () => {
@@ -204,6 +194,26 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
     expect(s.errors).toEqual([]);
     expect(s.sent).toBeGreaterThan(20);
     expect(s.worstMs).toBeLessThan(2000);
+  });
+
+  it('a paused VM (running state, not process, counts) serves nothing; resumed, it serves again', async () => {
+    const addr = ha.addressOf('controller-3');
+    const { QmpClient } = await import('../../src/hosts/qmp.js');
+    // its own SSH connection: the monitor session must not share a connection with anything else here
+    const own = await HostConnection.connect(hosts.hosts[0]!, hosts.identity);
+    try {
+      const qmp = await QmpClient.open(await own.openUnixSocket(`${hv.vmDir(ENV, vm('controller-3'))}/qmp.sock`), { timeoutMs: 10_000 });
+      await qmp.execute('stop', undefined, { timeoutMs: 10_000 });
+      await until('controller-3 frozen', 5000, () => ha.runState('controller-3') === 'frozen');
+      expect(await tcpAnswers(addr, ETCD_PORT, 1000)).toBe(false);
+      await qmp.execute('cont', undefined, { timeoutMs: 10_000 });
+      qmp.close();
+    } finally {
+      own.close();
+    }
+    await until('controller-3 running', 5000, () => ha.runState('controller-3') === 'running');
+    expect(await tcpAnswers(addr, ETCD_PORT, 2000)).toBe(true);
+    await guard.waitMemberHealthy(vm('controller-3'), { timeoutMs: 60_000, signal: never });
   });
 
   it('a configuration NGINX rejects is rolled back and the running NGINX keeps serving', async () => {

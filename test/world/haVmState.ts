@@ -125,8 +125,9 @@ export class VmRunStateObserver {
         if (!p.client) return;
         try {
           p.status = (await p.client.execute<{ status: string }>('query-status', undefined, { timeoutMs: 1000 })).status;
-        } catch {
+        } catch (err) {
           // exiting or wedged: keep the last known status until the process is gone
+          this.opts.onError?.(new Error(`query-status of ${p.vm} (pid ${p.pid}) failed: ${(err as Error).message}`));
           p.client.close();
           p.client = undefined;
         }
