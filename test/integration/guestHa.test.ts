@@ -3,7 +3,7 @@
  * client TLS and one kube-apiserver per controller VM, reached through the hypervisor's SSH connection;
  * the beachhead's real NGINX driven over its sshd; the real kubectl as the student.
  */
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { copyFile, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -78,6 +78,8 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
     conn?.close();
     await ha?.stop();
     await hosts?.stop();
+    // the world's own record survives the run (what ran, paused, stopped and when)
+    if (dir) await copyFile(join(dir, 'ha', 'world.log'), join(tmpdir(), 'vmop-ha-last-world.log')).catch(() => undefined);
     if (dir) await rm(dir, { recursive: true, force: true });
   });
 
