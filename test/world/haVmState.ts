@@ -135,8 +135,10 @@ export class VmRunStateObserver {
     );
     for (const vm of this.vms) {
       const mine = [...this.procs.values()].filter((p) => p.vm === vm);
-      const next: VmRunState = mine.some((p) => p.status === 'running') ? 'running' : mine.length ? 'frozen' : 'off';
       const prev = this.state(vm);
+      // a process whose status is not known yet (just started, daemonizing, monitor busy) changes nothing
+      const known = mine.filter((p) => p.status !== undefined);
+      const next: VmRunState = mine.some((p) => p.status === 'running') ? 'running' : known.length ? 'frozen' : mine.length ? prev : 'off';
       if (next !== prev) {
         this.states.set(vm, next);
         await this.opts.onChange(vm, next, prev);
