@@ -97,6 +97,8 @@ interface Svc {
   name: string;
   child: ChildProcess;
   exited: Promise<void>;
+  /** killed on purpose: not restarted */
+  stopped: boolean;
 }
 
 /** Signals the service's whole process group (NGINX master and workers). */
@@ -231,25 +233,48 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
 
     // ---- processes ----------------------------------------------------------------------------------
     const all = new Set<Svc>();
+    /**
+     * A service of a machine: restarted when it exits on its own while its machine runs (as systemd or the
+     * kubelet restart a crashed etcd or static-pod API server), with the reason in world.log.
+     */
     const spawnSvc = (name: string, bin: string, args: string[], logDir: string, user?: { uid: number; gid: number }): Svc => {
-      const fd = openSync(join(logDir, `${name}.log`), 'a');
-      // own process group: signals reach NGINX's workers too, as they would reach every process of a machine
-      const child = spawn(bin, args, { stdio: ['ignore', fd, fd], cwd: logDir, detached: true, ...(user ?? {}) });
-      closeSync(fd);
-      child.once('error', () => undefined);
-      const svc: Svc = { name, child, exited: new Promise<void>((r) => child.once('exit', () => r())) };
-      all.add(svc);
-      void svc.exited.then(() => all.delete(svc));
+      const svc = { name, stopped: false } as Svc;
+      const logPath = join(logDir, `${name}.log`);
+      const launch = () => {
+        const fd = openSync(logPath, 'a');
+        // own process group: signals reach NGINX's workers too, as they would reach every process of a machine
+        const child = spawn(bin, args, { stdio: ['ignore', fd, fd], cwd: logDir, detached: true, ...(user ?? {}) });
+        closeSync(fd);
+        child.once('error', () => undefined);
+        svc.child = child;
+        all.add(svc);
+        svc.exited = new Promise<void>((r) =>
+          child.once('exit', (code, sig) => {
+            if (!svc.stopped) {
+              const tail = readFileSync(logPath, 'utf8').split('\n').slice(-8).join('\n');
+              say(`${logDir.split('/').slice(-2).join('/')}: ${name} exited (${code ?? sig}), restarting it; its log ends:\n${tail}`);
+              setTimeout(() => {
+                if (!svc.stopped) launch();
+              }, 1000);
+            } else all.delete(svc);
+            r();
+          }),
+        );
+      };
+      launch();
       return svc;
     };
     const killAll = () => {
-      for (const s of all) signal(s, 'SIGKILL');
+      for (const s of all) {
+        s.stopped = true;
+        signal(s, 'SIGKILL');
+      }
     };
     process.once('exit', killAll);
     cleanups.push(async () => {
       process.removeListener('exit', killAll);
       const waits = [...all].map((s) => s.exited);
-      for (const s of all) signal(s, 'SIGKILL');
+      killAll();
       await Promise.all(waits);
     });
 
@@ -357,7 +382,10 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
       if (vm.address) await blackhole.down(vm.address);
       if (state === 'frozen') for (const s of svcs) signal(s, 'SIGSTOP');
       else {
-        for (const s of svcs) signal(s, 'SIGKILL');
+        for (const s of svcs) {
+          s.stopped = true;
+          signal(s, 'SIGKILL');
+        }
         await Promise.all(svcs.map((s) => s.exited));
         vmSvcs.delete(vmName);
       }
