@@ -184,7 +184,9 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
   const binDir = await ensureBinaries();
   const cleanups: (() => Promise<void> | void)[] = [];
   let dropBlackhole: () => Promise<void> = async () => undefined;
+  let stopObservers: () => Promise<void> = async () => undefined;
   const stop = async () => {
+    await stopObservers().catch(() => undefined);
     await dropBlackhole().catch(() => undefined);
     for (const c of cleanups.reverse()) await Promise.resolve().then(c).catch(() => undefined);
     cleanups.length = 0;
@@ -398,7 +400,11 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
     const workersObserver = new VmRunStateObserver(o.environment, vms.filter((v) => v.role === 'worker').map((v) => v.name), { dirPrefix: '/', onChange: async () => undefined, intervalMs: 300 });
     observer.start();
     workersObserver.start();
-    cleanups.push(() => observer.stop(), () => workersObserver.stop());
+    // first on stop: nothing follows the VMs any more once the world is being taken apart
+    stopObservers = async () => {
+      await observer.stop();
+      await workersObserver.stop();
+    };
 
     // ---- guest components through the load balancer ---------------------------------------------------
     const compDir = join(dir, 'components');
