@@ -24,6 +24,9 @@ compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_pkgs+=(postgres
 command -v promtool >/dev/null || need_pkgs+=(prometheus) # promtool (rule tests, metric names) and the e2e's real Prometheus
 command -v lua5.4 >/dev/null || need_pkgs+=(lua5.4)      # runs the Argo CD health check (manifests/argocd) in the tests,
 command -v lua5.1 >/dev/null || need_pkgs+=(lua5.1)      # and under 5.1 too: Argo CD embeds gopher-lua (Lua 5.1)
+[ -x /usr/sbin/nginx ] || need_pkgs+=(nginx)            # the HA guest's beachhead load balancer (its own instance)
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need_pkgs+=(libnginx-mod-stream)   # NGINX's TCP stream proxy
+command -v nft >/dev/null || need_pkgs+=(nftables)      # the HA guest: a stopped VM's address drops packets like a powered-off machine
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${need_pkgs[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -57,6 +57,8 @@ export interface VMSpec {
   cpus: number;
   files: VMFile[];
   boot?: VMBoot;
+  /** the VM's own address on its hypervisor's network: where a controller's etcd member and API server listen */
+  address?: string;
 }
 
 export interface EnvironmentSpec {
@@ -64,6 +66,44 @@ export interface EnvironmentSpec {
   /** Secret (in the operator's cluster) holding the guest cluster's kubeconfig */
   kubeconfigSecret: { namespace: string; name: string; key: string };
   vms: VMSpec[];
+  /** how the operator asks the guest's etcd and API servers (quorum, leader transfer); see GuestControlPlaneSpec */
+  controlPlane?: GuestControlPlaneSpec;
+  /** the beachhead's load balancer in front of the controllers' API servers; without it controllers move unannounced to it */
+  loadBalancer?: LoadBalancerSpec;
+}
+
+/**
+ * The guest's stacked control plane: on every controller VM (at its `address`) an etcd member and an API server.
+ * The operator reaches them through the SSH connection of the hypervisor hosting the VM (direct-tcpip), as
+ * only the hypervisors are on the VMs' network.
+ */
+export interface GuestControlPlaneSpec {
+  etcdPort: number;
+  apiServerPort: number;
+  /** Secret (operator's cluster) with the etcd client TLS material: keys ca.crt, tls.crt, tls.key */
+  etcdClientSecret: { namespace: string; name: string };
+}
+
+/** A load balancer driven over SSH. Only `nginx` (a `stream` upstream) exists today; `kind` leaves room for others. */
+export interface LoadBalancerSpec {
+  kind: 'nginx';
+  /** SSH endpoint of the machine running it (the beachhead), host key pinned like a hypervisor's */
+  address: string;
+  port: number;
+  user: string;
+  hostKey: string;
+  /** file holding the `upstream` block; the SSH user must be able to replace it */
+  configPath: string;
+  /** name of the upstream whose `server` lines are the controllers' API servers (`<vm address>:<apiServerPort>`) */
+  upstream: string;
+  /** nginx binary and, when not the packaged defaults, its -c main config and -p prefix */
+  nginxBinary: string;
+  mainConfig?: string;
+  prefix?: string;
+  /** only connections from this local address count when waiting for a backend to drain (nginx `proxy_bind`) */
+  sourceAddress?: string;
+  /** how long to wait for connections to a removed backend to close */
+  drainTimeoutSeconds: number;
 }
 
 export interface Inventory {

@@ -1,6 +1,6 @@
 import { readFileSync } from 'node:fs';
 import { parse } from 'yaml';
-import { assertHostQemu, assertSafeName, assertSafePath, assertVmBoot, type EnvironmentSpec, type HostQemu, type HostSpec, type Inventory, type VMBoot, type VMFile, type VMRole, type VMSpec } from './inventory.js';
+import { assertHostQemu, assertSafeName, assertSafePath, assertVmBoot, type EnvironmentSpec, type GuestControlPlaneSpec, type HostQemu, type HostSpec, type Inventory, type LoadBalancerSpec, type VMBoot, type VMFile, type VMRole, type VMSpec } from './inventory.js';
 
 /**
  * Reads and validates the inventory YAML (format documented in README, "Inventory file").
@@ -60,11 +60,66 @@ function parseEnvironment(v: unknown, at: string, hosts: Set<string>): Environme
   const s = obj(o.kubeconfigSecret, `${at}.kubeconfigSecret`);
   const vms = arr(o.vms, `${at}.vms`).map((vm, i) => parseVm(vm, `${at}.vms[${i}]`, hosts));
   if (new Set(vms.map((v) => v.name)).size !== vms.length) throw new Error(`${at}: VM names must be unique`);
-  return {
+  const env: EnvironmentSpec = {
     name,
     kubeconfigSecret: { namespace: str(s.namespace, `${at}.kubeconfigSecret.namespace`), name: str(s.name, `${at}.kubeconfigSecret.name`), key: str(s.key ?? 'kubeconfig', `${at}.kubeconfigSecret.key`) },
     vms,
   };
+  return withGuestSafety(env, o, at);
+}
+
+/** The optional guest-safety parts of an environment (controlPlane, loadBalancer) and the VM addresses they need. */
+function withGuestSafety(env: EnvironmentSpec, o: Record<string, unknown>, at: string): EnvironmentSpec {
+  if (o.controlPlane !== undefined) env.controlPlane = parseControlPlane(o.controlPlane, `${at}.controlPlane`);
+  if (o.loadBalancer !== undefined) env.loadBalancer = parseLoadBalancer(o.loadBalancer, `${at}.loadBalancer`);
+  if (env.controlPlane || env.loadBalancer) {
+    env.vms.forEach((vm, i) => {
+      if (vm.role === 'controller' && !vm.address) throw new Error(`${at}.vms[${i}].address is required for a controller when controlPlane or loadBalancer is set`);
+    });
+  }
+  return env;
+}
+
+function parseControlPlane(v: unknown, at: string): GuestControlPlaneSpec {
+  const o = obj(v, at);
+  const sec = obj(o.etcdClientSecret, `${at}.etcdClientSecret`);
+  const ns = str(sec.namespace, `${at}.etcdClientSecret.namespace`);
+  const name = str(sec.name, `${at}.etcdClientSecret.name`);
+  assertSafeName(`${at}.etcdClientSecret.namespace`, ns);
+  assertSafeName(`${at}.etcdClientSecret.name`, name);
+  return { etcdPort: int(o.etcdPort ?? 2379, `${at}.etcdPort`, 1, 65535), apiServerPort: int(o.apiServerPort ?? 6443, `${at}.apiServerPort`, 1, 65535), etcdClientSecret: { namespace: ns, name } };
+}
+
+function parseLoadBalancer(v: unknown, at: string): LoadBalancerSpec {
+  const o = obj(v, at);
+  const kind = str(o.kind, `${at}.kind`);
+  if (kind !== 'nginx') throw new Error(`${at}.kind must be nginx (the only load balancer kind supported)`);
+  const ssh = parseHost({ ...o, name: 'load-balancer', vmDir: '/unused' }, at);
+  const path = (key: string, dflt?: string): string | undefined => {
+    const raw = o[key] ?? dflt;
+    if (raw === undefined) return undefined;
+    const p = str(raw, `${at}.${key}`);
+    assertSafePath(`${at}.${key}`, p);
+    return p;
+  };
+  const upstream = str(o.upstream, `${at}.upstream`);
+  if (!/^[A-Za-z0-9_]{1,64}$/.test(upstream)) throw new Error(`${at}.upstream ${JSON.stringify(upstream)} is not an nginx upstream name (letters, digits, _)`);
+  const lb: LoadBalancerSpec = {
+    kind, address: ssh.address, port: ssh.port, user: ssh.user, hostKey: ssh.hostKey,
+    configPath: path('configPath') ?? str(undefined, `${at}.configPath`), upstream,
+    nginxBinary: path('nginxBinary', '/usr/sbin/nginx')!,
+    drainTimeoutSeconds: int(o.drainTimeoutSeconds ?? 60, `${at}.drainTimeoutSeconds`, 1, 3600),
+  };
+  const mainConfig = path('mainConfig');
+  const prefix = path('prefix');
+  if (mainConfig) lb.mainConfig = mainConfig;
+  if (prefix) lb.prefix = prefix;
+  if (o.sourceAddress !== undefined) {
+    const a = str(o.sourceAddress, `${at}.sourceAddress`);
+    if (!/^[0-9a-fA-F.:]+$/.test(a)) throw new Error(`${at}.sourceAddress ${JSON.stringify(a)} is not an IP address`);
+    lb.sourceAddress = a;
+  }
+  return lb;
 }
 
 const ROLES: VMRole[] = ['beachhead', 'controller', 'worker'];
@@ -96,6 +151,11 @@ function parseVm(v: unknown, at: string, hosts: Set<string>): VMSpec {
     if (b.append !== undefined) boot.append = str(b.append, `${at}.boot.append`);
     assertVmBoot(`${at}.boot`, boot, files);
     spec.boot = boot;
+  }
+  if (o.address !== undefined) {
+    const address = str(o.address, `${at}.address`);
+    if (!/^[0-9a-fA-F.:]+$/.test(address)) throw new Error(`${at}.address ${JSON.stringify(address)} is not an IP address`);
+    spec.address = address;
   }
   return spec;
 }

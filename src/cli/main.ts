@@ -16,6 +16,7 @@ import { settingsFrom, type VMMigration } from '../api/types.js';
 import { MigrationController } from '../controller/operator.js';
 import { HostPool } from '../hosts/pool.js';
 import { initLabelledCounters, reportInformerSynced } from '../metrics/metrics.js';
+import { guestSafetyHook } from '../controller/guestSafetyWiring.js';
 import { startMetricsServer } from '../metrics/server.js';
 import { planMigration } from '../planner/plan.js';
 import { Store } from '../store/store.js';
@@ -128,10 +129,12 @@ async function run(): Promise<void> {
   const inventoryPath = values.inventory ? needFile('inventory') : undefined;
   const identity = `${hostname()}-${process.pid}`;
   const store = await Store.open(need('db'), { actor: identity, onIdleError: (err) => log.warn({ err }, 'store connection lost; reconnecting') });
-  if (inventoryPath) await store.loadInventory(fromFile('inventory', inventoryPath, () => loadInventoryFile(inventoryPath)), `inventory ${inventoryPath}`);
+  const inventoryFile = inventoryPath ? fromFile('inventory', inventoryPath, () => loadInventoryFile(inventoryPath)) : undefined;
+  if (inventoryFile) await store.loadInventory(inventoryFile, `inventory ${inventoryPath}`);
   const pool = new HostPool({ privateKey: readFileSync(sshKey) });
   const controller = new MigrationController({
     kc, store, pool, log, namespace: values.namespace || undefined,
+    guestSafety: guestSafetyHook({ inventory: inventoryFile, kc, store, pool }),
     leaderElection: values['leader-elect'] ? { namespace: values['lease-namespace']!, name: 'vm-migration-operator', identity } : undefined,
   });
   initLabelledCounters();

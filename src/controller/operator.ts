@@ -19,7 +19,7 @@ import * as metrics from '../metrics/metrics.js';
 import type { Store } from '../store/store.js';
 import type { Logger } from '../util/log.js';
 import { Handover } from '../migrate/vmMove.js';
-import { Aborted, RetryLater, runMigration } from './migrationRunner.js';
+import { Aborted, RetryLater, runMigration, type RunnerDeps } from './migrationRunner.js';
 import { ResilientInformer, objectKey } from './runtime/informer.js';
 import { LeaseLeaderElector } from './runtime/leaderElection.js';
 import { WorkQueue } from './runtime/workQueue.js';
@@ -37,6 +37,8 @@ export interface ControllerOptions {
   leaderElection?: { namespace: string; name: string; identity: string };
   statusIntervalMs?: number;
   relistIntervalMs?: number;
+  /** the guest-safety parts per environment (src/controller/guestSafetyWiring.ts); default: readiness guard */
+  guestSafety?: RunnerDeps['guestSafety'];
 }
 
 interface ActiveRun {
@@ -187,6 +189,7 @@ export class MigrationController {
       claimEnvironments: (id, envs) => this.claim(id, envs),
       releaseEnvironments: (id) => this.release(id),
       statusIntervalMs: this.opts.statusIntervalMs,
+      guestSafety: this.opts.guestSafety,
     }, controller.signal).then(
       () => undefined,
       (err: Error) => {

@@ -60,6 +60,10 @@ export function buildQemuArgv(dir: string, environment: string, vm: VMSpec, opts
     `unix:${dir}/heartbeat.sock,server=on,wait=off`,
     '-qmp',
     `unix:${dir}/qmp.sock,server=on,wait=off`,
+    // A second monitor for observers (the cloud's monitoring, the test world): QEMU serves one client per
+    // monitor at a time, so a watcher on qmp.sock would hold off the operator exactly when it needs the VM.
+    '-qmp',
+    `unix:${dir}/qmp-observe.sock,server=on,wait=off`,
     '-pidfile',
     `${dir}/qemu.pid`,
     '-daemonize',

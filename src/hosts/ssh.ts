@@ -256,6 +256,22 @@ export class HostConnection {
     });
   }
 
+  /**
+   * A TCP stream to address:port opened *by the host* (direct-tcpip): how the operator reaches services inside
+   * the VMs on that host's network (a guest's etcd, its API server) without routes from the operator to them.
+   */
+  openTcp(address: string, port: number): Promise<Duplex> {
+    if (!/^[A-Za-z0-9.:-]+$/.test(address)) throw new Error(`not a host name or IP address: ${JSON.stringify(address)}`);
+    if (!Number.isInteger(port) || port < 1 || port > 65535) throw new Error(`invalid port ${port}`);
+    return new Promise((resolve, reject) => {
+      try {
+        this.client.forwardOut('127.0.0.1', 0, address, port, (err, ch) => (err ? reject(new Error(`on ${this.host.name}: cannot connect to ${address}:${port}: ${err.message}`)) : resolve(ch)));
+      } catch (err) {
+        reject(err as Error);
+      }
+    });
+  }
+
   close(): void {
     this.alive = false;
     this.client.end();

@@ -199,7 +199,7 @@ async function freePort(): Promise<number> {
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 /** Builds the binaries if needed without blocking this process's event loop (the builder is synchronous and takes many minutes cold). */
-async function ensureBinaries(): Promise<string> {
+export async function ensureBinaries(): Promise<string> {
   if (!existsSync(join(controlPlaneBinDir(), '.complete'))) {
     const script = join(REPO_ROOT, 'scripts/build-control-plane.mjs');
     await new Promise<void>((res, rej) => {

@@ -134,7 +134,13 @@ export class VmLivenessBridge {
   constructor(
     kc: KubeConfig,
     readonly vms: { nodeName: string; qemuName: string }[],
-    private readonly opts: { intervalMs?: number; onTransition?: (t: BridgeTransition) => void; onError?: (err: unknown) => void } = {},
+    private readonly opts: {
+      intervalMs?: number;
+      onTransition?: (t: BridgeTransition) => void;
+      onError?: (err: unknown) => void;
+      /** qemu names of the VMs that count as alive; default: every live QEMU process (a paused one too) */
+      live?: () => Promise<Set<string>>;
+    } = {},
   ) {
     this.core = kc.makeApiClient(CoreV1Api);
   }
@@ -159,7 +165,7 @@ export class VmLivenessBridge {
 
   /** One reconciliation pass (exposed so tests can force one). */
   async tick(): Promise<void> {
-    const live = await liveQemuNames();
+    const live = await (this.opts.live ?? liveQemuNames)();
     await Promise.all(
       this.vms.map(async ({ nodeName, qemuName }) => {
         const alive = live.has(qemuName);

@@ -140,16 +140,7 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
     const kc = new KubeConfig();
     kc.loadFromString(controlPlane.kubeconfigYaml);
 
-    const kubectl = async (args: string[], o: { allowFail?: boolean } = {}) => {
-      try {
-        const { stdout, stderr } = await execFileP('kubectl', ['--kubeconfig', controlPlane.kubeconfigPath, ...args], { cwd: REPO_ROOT, maxBuffer: 32 << 20 });
-        return { stdout, stderr, code: 0 };
-      } catch (err) {
-        const e = err as { stdout?: string; stderr?: string; code?: number };
-        if (!o.allowFail) throw new Error(`kubectl ${args.join(' ')} failed: ${e.stderr ?? String(err)}`);
-        return { stdout: e.stdout ?? '', stderr: e.stderr ?? '', code: typeof e.code === 'number' ? e.code : 1 };
-      }
-    };
+    const kubectl = kubectlRunner(controlPlane.kubeconfigPath);
     say('installing the VMMigration CRD and namespace with kubectl…');
     await kubectl(['apply', '-f', 'crds/', '-f', 'manifests/namespace.yaml']);
     await kubectl(['wait', '--for=condition=Established', 'crd/vmmigrations.vmops.dev', '--timeout=60s']);
@@ -228,39 +219,11 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
     }
 
     const startOperator = async (o: OperatorOptions = {}): Promise<OperatorProcess> => {
-      const metricsPort = o.metricsPort ?? (await freePort());
-      const logFd = openSync(o.logFile ?? join(dir, 'operator.log'), 'a');
-      let argv = [process.execPath, '--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run',
-        ...(o.inCluster ? [] : ['--kubeconfig', o.kubeconfigPath ?? controlPlane.kubeconfigPath]), '--inventory', inventoryPath, '--db', dbPath,
-        '--ssh-key', hosts.identity.privateKeyPath, '--namespace', SECRET_NAMESPACE,
-        '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1', '--leader-elect'];
-      let env: NodeJS.ProcessEnv = { ...process.env, LOG_LEVEL: process.env.LOG_LEVEL ?? 'info' };
-      if (o.inCluster) {
-        await kubectl(['apply', '-f', 'manifests/rbac.yaml']);
-        const id = await inClusterIdentity({ kubeconfigPath: controlPlane.kubeconfigPath, dir: join(dir, 'in-cluster'), namespace: SECRET_NAMESPACE, serviceAccount: 'vm-migration-operator' });
-        argv = id.wrap(argv);
-        env = id.env(env);
-      }
-      const child = spawn(argv[0]!, argv.slice(1), { cwd: REPO_ROOT, stdio: ['ignore', logFd, logFd], env });
-      const metricsUrl = `http://127.0.0.1:${metricsPort}`;
-      const exited = new Promise<void>((r) => child.once('exit', () => r()));
-      const proc: OperatorProcess = {
-        child, metricsUrl, identity: `${hostname()}-${child.pid}`,
-        stop: async () => {
-          const running = () => child.exitCode === null && child.signalCode === null;
-          if (running()) child.kill('SIGTERM');
-          await Promise.race([exited, new Promise((r) => setTimeout(r, 15_000))]);
-          if (running()) child.kill('SIGKILL');
-        },
-      };
+      const proc = await startOperatorProcess({
+        dir, inventoryPath, dbPath, sshKeyPath: hosts.identity.privateKeyPath, ...o,
+        kubeconfigPath: o.kubeconfigPath ?? controlPlane.kubeconfigPath, adminKubeconfigPath: controlPlane.kubeconfigPath,
+      });
       cleanups.push(() => proc.stop());
-      for (let i = 0; ; i++) {
-        if (child.exitCode !== null) throw new Error(`operator exited with ${child.exitCode}; see ${join(dir, 'operator.log')}`);
-        const ok = await fetch(`${metricsUrl}/readyz`).then((r) => r.ok, () => false);
-        if (ok) break;
-        if (i > 300) throw new Error('operator did not become ready within 60 s');
-        await new Promise((r) => setTimeout(r, 200));
-      }
       return proc;
     };
 
@@ -271,7 +234,70 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
   }
 }
 
-function inventoryForFile(inv: Inventory): unknown {
+export type Kubectl = (args: string[], opts?: { allowFail?: boolean }) => Promise<{ stdout: string; stderr: string; code: number }>;
+
+/** The machine's real kubectl against one cluster. */
+export function kubectlRunner(kubeconfigPath: string): Kubectl {
+  return async (args, o = {}) => {
+    try {
+      const { stdout, stderr } = await execFileP('kubectl', ['--kubeconfig', kubeconfigPath, ...args], { cwd: REPO_ROOT, maxBuffer: 32 << 20 });
+      return { stdout, stderr, code: 0 };
+    } catch (err) {
+      const e = err as { stdout?: string; stderr?: string; code?: number };
+      if (!o.allowFail) throw new Error(`kubectl ${args.join(' ')} failed: ${e.stderr ?? String(err)}`);
+      return { stdout: e.stdout ?? '', stderr: e.stderr ?? '', code: typeof e.code === 'number' ? e.code : 1 };
+    }
+  };
+}
+
+/** The operator as a child process (`src/cli/main.ts run`), ready once its /readyz answers; stop() = SIGTERM, then SIGKILL. */
+/**
+ * The operator as a child process, ready (/readyz) when this returns. `kubeconfigPath` is what it runs
+ * with; `inCluster` instead applies manifests/rbac.yaml and mounts a TokenRequest token where pods have
+ * it (test/world/inCluster.ts), using `adminKubeconfigPath` for that setup only.
+ */
+export async function startOperatorProcess(o: OperatorOptions & { dir: string; kubeconfigPath: string; adminKubeconfigPath?: string; inventoryPath: string; dbPath: string; sshKeyPath: string }): Promise<OperatorProcess> {
+  const metricsPort = o.metricsPort ?? (await freePort());
+  const logPath = o.logFile ?? join(o.dir, 'operator.log');
+  const logFd = openSync(logPath, 'a');
+  let argv = [process.execPath, '--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run',
+    ...(o.inCluster ? [] : ['--kubeconfig', o.kubeconfigPath]), '--inventory', o.inventoryPath, '--db', o.dbPath,
+    '--ssh-key', o.sshKeyPath, '--namespace', SECRET_NAMESPACE,
+    '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1', '--leader-elect'];
+  let env: NodeJS.ProcessEnv = { ...process.env, LOG_LEVEL: process.env.LOG_LEVEL ?? 'info' };
+  if (o.inCluster) {
+    const admin = o.adminKubeconfigPath ?? o.kubeconfigPath;
+    await kubectlRunner(admin)(['apply', '-f', 'manifests/rbac.yaml']);
+    const id = await inClusterIdentity({ kubeconfigPath: admin, dir: join(o.dir, 'in-cluster'), namespace: SECRET_NAMESPACE, serviceAccount: 'vm-migration-operator' });
+    argv = id.wrap(argv);
+    env = id.env(env);
+  }
+  const child = spawn(argv[0]!, argv.slice(1), { cwd: REPO_ROOT, stdio: ['ignore', logFd, logFd], env });
+  const metricsUrl = `http://127.0.0.1:${metricsPort}`;
+  const exited = new Promise<void>((r) => child.once('exit', () => r()));
+  const proc: OperatorProcess = {
+    child, metricsUrl, identity: `${hostname()}-${child.pid}`,
+    stop: async () => {
+      const running = () => child.exitCode === null && child.signalCode === null;
+      if (running()) child.kill('SIGTERM');
+      await Promise.race([exited, new Promise((r) => setTimeout(r, 15_000))]);
+      if (running()) child.kill('SIGKILL');
+    },
+  };
+  for (let i = 0; ; i++) {
+    if (child.exitCode !== null) throw new Error(`operator exited with ${child.exitCode}; see ${logPath}`);
+    const ok = await fetch(`${metricsUrl}/readyz`).then((r) => r.ok, () => false);
+    if (ok) break;
+    if (i > 300) {
+      await proc.stop();
+      throw new Error('operator did not become ready within 60 s');
+    }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  return proc;
+}
+
+export function inventoryForFile(inv: Inventory): unknown {
   return {
     hosts: inv.hosts.map((h: HostSpec) => ({ name: h.name, address: h.address, port: h.port, user: h.user, hostKey: h.hostKey, vmDir: h.vmDir, qemu: h.qemu })),
     environments: inv.environments,
@@ -279,7 +305,7 @@ function inventoryForFile(inv: Inventory): unknown {
 }
 
 /** Last-resort cleanup: no QEMU of this sandbox (its disks live under `dir`) may outlive it; other sandboxes' VMs are left alone. */
-async function killSandboxQemu(dir: string): Promise<void> {
+export async function killSandboxQemu(dir: string): Promise<void> {
   const { readdir, readFile } = await import('node:fs/promises');
   for (const pid of await readdir('/proc').catch(() => [] as string[])) {
     if (!/^\d+$/.test(pid)) continue;

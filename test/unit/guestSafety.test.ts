@@ -1,0 +1,116 @@
+import { describe, expect, it } from 'vitest';
+import { parseInventory } from '../../src/api/inventoryFile.js';
+import { quorumAfterStop } from '../../src/guest/etcdGuard.js';
+import { isBackendDown, setBackendDown } from '../../src/guest/nginxLoadBalancer.js';
+import { guestSafetyParts, kubeconfigCa } from '../../src/guest/safety.js';
+
+describe('quorumAfterStop (Cluster API rule: voting − unhealthy − 1 ≥ ⌊voting/2⌋ + 1)', () => {
+  const m = (label: string, problems: string[] = [], isLearner = false) => ({ label, problems, isLearner });
+  it('3 healthy voters: stopping one keeps quorum', () => {
+    expect(quorumAfterStop({ voting: 3, others: [m('c2'), m('c3')] })).toMatchObject({ ok: true, remaining: 2, quorum: 2 });
+  });
+  it('one other member unhealthy: not safe, and the verdict names it', () => {
+    const q = quorumAfterStop({ voting: 3, others: [m('c2', ['unreachable']), m('c3')] });
+    expect(q).toMatchObject({ ok: false, remaining: 1, quorum: 2 });
+    expect(q.unhealthy).toEqual(['c2: unreachable']);
+  });
+  it('a learner or a member with an alarm counts as unhealthy', () => {
+    expect(quorumAfterStop({ voting: 3, others: [m('c2'), m('c3'), m('c4', ['is a learner'], true)] }).ok).toBe(false);
+    expect(quorumAfterStop({ voting: 3, others: [m('c2', ['alarm NOSPACE']), m('c3')] }).ok).toBe(false);
+  });
+  it('5 voters tolerate one unhealthy other member, not two', () => {
+    expect(quorumAfterStop({ voting: 5, others: [m('a', ['x']), m('b'), m('c'), m('d')] }).ok).toBe(true);
+    expect(quorumAfterStop({ voting: 5, others: [m('a', ['x']), m('b', ['y']), m('c'), m('d')] }).ok).toBe(false);
+  });
+  it('a single-member cluster can never lose its member', () => {
+    expect(quorumAfterStop({ voting: 1, others: [] }).ok).toBe(false);
+  });
+});
+
+describe('setBackendDown (NGINX upstream edit)', () => {
+  const conf = `# managed by hand
+upstream other { server 10.0.0.11:6443; }
+upstream kube_apiservers {
+    server 10.0.0.11:6443 max_fails=1 fail_timeout=10s;
+    server 10.0.0.12:6443 max_fails=1 fail_timeout=10s;
+    server 10.0.0.13:6443;
+}
+`;
+  it('marks exactly one server of the named upstream down, keeping its parameters', () => {
+    const out = setBackendDown(conf, 'kube_apiservers', '10.0.0.11:6443', true);
+    expect(out).toContain('upstream other { server 10.0.0.11:6443; }');
+    expect(out).toContain('    server 10.0.0.11:6443 max_fails=1 fail_timeout=10s down;');
+    expect(out).toContain('    server 10.0.0.12:6443 max_fails=1 fail_timeout=10s;');
+    expect(isBackendDown(out, 'kube_apiservers', '10.0.0.11:6443')).toBe(true);
+    expect(isBackendDown(out, 'kube_apiservers', '10.0.0.12:6443')).toBe(false);
+  });
+  it('is idempotent and reversible to the byte', () => {
+    const down = setBackendDown(conf, 'kube_apiservers', '10.0.0.13:6443', true);
+    expect(setBackendDown(down, 'kube_apiservers', '10.0.0.13:6443', true)).toBe(down);
+    expect(setBackendDown(down, 'kube_apiservers', '10.0.0.13:6443', false)).toBe(conf);
+    expect(setBackendDown(conf, 'kube_apiservers', '10.0.0.13:6443', false)).toBe(conf);
+  });
+  it('does not confuse 10.0.0.1:6443 with 10.0.0.11:6443', () => {
+    expect(() => setBackendDown(conf, 'kube_apiservers', '10.0.0.1:6443', true)).toThrow(/has no server 10.0.0.1:6443/);
+  });
+  it('names a missing upstream', () => {
+    expect(() => setBackendDown(conf, 'nope', '10.0.0.11:6443', true)).toThrow(/no upstream nope/);
+  });
+});
+
+describe('inventory: controlPlane and loadBalancer', () => {
+  const base = (env: Record<string, unknown>, ctrl: Record<string, unknown> = { address: '10.0.0.11' }) => ({
+    hosts: [{ name: 'h1', address: '127.0.0.2', hostKey: 'ssh-ed25519 AAAA', vmDir: '/srv/vms' }],
+    environments: [{ name: 'e', kubeconfigSecret: { namespace: 'ns', name: 's' }, vms: [{ name: 'controller-1', role: 'controller', host: 'h1', files: [], ...ctrl }], ...env }],
+  });
+  const lb = { kind: 'nginx', address: '10.0.0.10', user: 'lb', hostKey: 'ssh-ed25519 AAAA', configPath: '/etc/nginx/conf.d/k.conf', upstream: 'kube_apiservers' };
+  it('parses both with defaults', () => {
+    const inv = parseInventory(base({ controlPlane: { etcdClientSecret: { namespace: 'ns', name: 'etcd-client' } }, loadBalancer: lb }));
+    const e = inv.environments[0]!;
+    expect(e.controlPlane).toEqual({ etcdPort: 2379, apiServerPort: 6443, etcdClientSecret: { namespace: 'ns', name: 'etcd-client' } });
+    expect(e.loadBalancer).toMatchObject({ kind: 'nginx', port: 22, nginxBinary: '/usr/sbin/nginx', drainTimeoutSeconds: 60, upstream: 'kube_apiservers' });
+    expect(e.vms[0]!.address).toBe('10.0.0.11');
+  });
+  it('rejects what would end up in a remote command or cannot work, naming the field', () => {
+    expect(() => parseInventory(base({ loadBalancer: { ...lb, kind: 'haproxy' } }))).toThrow(/loadBalancer.kind must be nginx/);
+    expect(() => parseInventory(base({ loadBalancer: { ...lb, configPath: '/etc/nginx/$(reboot)' } }))).toThrow(/loadBalancer.configPath/);
+    expect(() => parseInventory(base({ loadBalancer: { ...lb, upstream: 'a b' } }))).toThrow(/loadBalancer.upstream/);
+    expect(() => parseInventory(base({ loadBalancer: { ...lb, hostKey: 'nope' } }))).toThrow(/hostKey/);
+    expect(() => parseInventory(base({ loadBalancer: lb }, {}))).toThrow(/vms\[0\].address is required/);
+    expect(() => parseInventory(base({}, { address: '10.0.0.11; rm -rf /' }))).toThrow(/address/);
+  });
+});
+
+describe('guestSafetyParts', () => {
+  const env = (extra: Record<string, unknown> = {}) =>
+    parseInventory({
+      hosts: [{ name: 'h1', address: '127.0.0.2', hostKey: 'ssh-ed25519 AAAA', vmDir: '/srv/vms' }],
+      environments: [{ name: 'e', kubeconfigSecret: { namespace: 'ns', name: 'kc' }, vms: [{ name: 'controller-1', role: 'controller', host: 'h1', files: [], address: '10.0.0.11' }], ...extra }],
+    }).environments[0]!;
+  const deps = (secrets: Record<string, Record<string, string>>) => ({
+    readSecret: async (ns: string, name: string) => {
+      const s = secrets[`${ns}/${name}`];
+      if (!s) throw new Error(`Secret ${ns}/${name} not found`);
+      return s;
+    },
+    dial: () => Promise.reject(new Error('no network in unit tests')),
+    connectLoadBalancer: () => Promise.reject(new Error('no network in unit tests')),
+  });
+  it('nothing described: no guard, no load balancer (the runner falls back to the readiness guard)', () => {
+    expect(guestSafetyParts(env(), deps({}))).toEqual({});
+  });
+  it('a Secret without the TLS keys is named, its content never shown', async () => {
+    const parts = guestSafetyParts(env({ controlPlane: { etcdClientSecret: { namespace: 'ns', name: 'etcd' } } }), deps({ 'ns/etcd': { 'ca.crt': 'SECRET-CA-CONTENT' } }));
+    expect(parts.guard).toBeDefined();
+    // not safe yet (a wait with a reason), not a crash: someone can still fix the Secret
+    const v = await parts.guard!.checkSafeToStop({ name: 'controller-1', role: 'controller', nodeName: 'n', host: 'h1', memoryMiB: 32, cpus: 1, files: [] });
+    expect(v).toMatchObject({ safe: false, reason: 'WaitingForQuorum' });
+    expect(v.message).toMatch(/Secret ns\/etcd lacks tls\.crt, tls\.key/);
+    expect(v.message).not.toMatch(/SECRET-CA-CONTENT/);
+  });
+  it('kubeconfigCa takes inline CA data only', () => {
+    const yaml = (cluster: Record<string, unknown>) => `apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: ${JSON.stringify({ server: 'https://x', ...cluster })}}]\nusers: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n`;
+    expect(kubeconfigCa(yaml({ 'certificate-authority-data': Buffer.from('PEM').toString('base64') }))).toBe('PEM');
+    expect(() => kubeconfigCa(yaml({ 'certificate-authority': '/etc/ca.crt' }))).toThrow(/no certificate-authority-data/);
+  });
+});
