@@ -33,7 +33,8 @@ export interface Choice {
 }
 
 const GiB = 1024 ** 3;
-export const gib = (bytes: number): string => `${(bytes / GiB).toFixed(bytes < 10 * GiB ? 2 : 1)} GiB`;
+/** sizes in messages: MiB below 1 GiB, so small test VMs read as well as real ones */
+export const gib = (bytes: number): string => (Math.abs(bytes) < GiB ? `${(bytes / 1048576).toFixed(1)} MiB` : `${(bytes / GiB).toFixed(bytes < 10 * GiB ? 2 : 1)} GiB`);
 
 /**
  * Environments one host may hold: floor(total × percent / 100), so that losing the host really

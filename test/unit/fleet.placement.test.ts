@@ -101,7 +101,7 @@ describe('target selection (spec.targetHost absent)', () => {
     const r = planMigration(three.map(host), one, settingsFrom({ environments: ['a'], placement: { maxEnvironmentsPercentPerHost: 100 } }), cap3);
     expect(r.problems[0]).toBe('no host can take environment a (needs 7.00 GiB memory, 7 vCPUs, 20.0 GiB disk): '
       + 'host02: disk: 9.00 GiB free in the VM directory (after a 1.00 GiB reserve), 20.0 GiB needed; '
-      + 'host03: memory: 5.50 GiB free (after a 0.50 GiB reserve), 7.00 GiB needed');
+      + 'host03: memory: 5.50 GiB free (after a 512.0 MiB reserve), 7.00 GiB needed');
     const ok = planMigration(three.map(host), one, settingsFrom({ environments: ['a'], placement: { maxEnvironmentsPercentPerHost: 100 } }), capacities(three, one, 20 * GiB, { host02: { diskFreeBytes: 10 * GiB } }));
     expect(ok.environments[0]).toMatchObject({ target: 'host03' });
     expect(ok.environments[0]!.reason).toContain('not host02 (disk: 9.00 GiB free');
@@ -113,7 +113,7 @@ describe('target selection (spec.targetHost absent)', () => {
     // host02: 64 GiB total, 35 GiB promised to its five environments' VMs, 60 GiB "available" (VMs idle)
     const cap2 = capacities(two, envs2, GiB, { host02: { memTotalBytes: 40 * GiB, memAvailableBytes: 38 * GiB } });
     const r = planMigration(two.map(host), envs2, settingsFrom({ sourceHost: 'host01', placement: { maxEnvironmentsPercentPerHost: 100 } }), cap2);
-    expect(r.problems[0]).toContain('host02: memory: 4.50 GiB free (after a 0.50 GiB reserve), 7.00 GiB needed');
+    expect(r.problems[0]).toContain('host02: memory: 4.50 GiB free (after a 512.0 MiB reserve), 7.00 GiB needed');
   });
 
   it('keeps a split environment whole: the host already holding some of its VMs is preferred', () => {
@@ -163,7 +163,7 @@ describe('vmFits: the check right before one VM moves', () => {
     expect(vmFits({ vm: 's/node-1', target: 'host02', allocatedBytes: GiB, memoryBytes: GiB, capacity: c, placement })).toEqual({ ok: true });
     expect(vmFits({ vm: 's/node-1', target: 'host02', allocatedBytes: 5 * GiB, memoryBytes: 4 * GiB, capacity: c, placement })).toEqual({
       ok: false,
-      message: 'host02 has no room for s/node-1: disk: 2.00 GiB free in the VM directory (after a 1.00 GiB reserve), 5.00 GiB needed, memory: 1.50 GiB available (after a 0.50 GiB reserve), 4.00 GiB needed',
+      message: 'host02 has no room for s/node-1: disk: 2.00 GiB free in the VM directory (after a 1.00 GiB reserve), 5.00 GiB needed, memory: 1.50 GiB available (after a 512.0 MiB reserve), 4.00 GiB needed',
     });
   });
 });
