@@ -97,6 +97,9 @@ async function plan(): Promise<void> {
   for (const e of result.entries) {
     console.log(`${String(e.order).padEnd(7)}${e.environment.padEnd(22)}${e.vm.padEnd(16)}${e.role.padEnd(12)}${e.from.padEnd(10)}${e.to}`);
   }
+  // Offline: capacity is not measured here (the operator measures it over SSH before it plans).
+  console.log('\nENVIRONMENT           TARGET    WHY');
+  for (const c of result.environments) console.log(`${c.environment.padEnd(22)}${c.target.padEnd(10)}${c.reason}`);
 }
 
 async function inventory(): Promise<void> {
