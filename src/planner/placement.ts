@@ -91,14 +91,24 @@ export class HostLedger {
     return this.disk.get(host) ?? 0;
   }
 
-  /** Records env moving its VMs of `leaving` hosts onto target. */
-  place(env: string, target: string, leaving: string[], d: Demand): void {
-    this.envSet(target).add(env);
-    for (const h of leaving) if (h !== target) this.envSet(h).delete(env);
+  /**
+   * Records env moving onto target: the plan is judged by the state after the moves (memory and
+   * vCPUs leave the source with the VMs), so a rebalance of every host can be planned. The
+   * transient — a VM arriving before another left — is what the per-VM check right before each
+   * move (vmFits, measured MemAvailable) guards. Disk is not credited back to the source: the
+   * planner does not count on a deletion.
+   */
+  place(env: EnvironmentSpec, target: string, leaving: string[], d: Demand): void {
+    this.envSet(target).add(env.name);
+    for (const h of leaving) if (h !== target) this.envSet(h).delete(env.name);
     this.add(this.mem, target, d.memoryBytes);
     this.add(this.vcpus, target, d.vcpus);
     this.add(this.disk, target, d.diskBytes ?? 0);
-    // Memory and vCPUs on the source are freed only when the moves ran; keep counting them there.
+    for (const vm of env.vms) {
+      if (vm.host === target || !leaving.includes(vm.host)) continue;
+      this.add(this.mem, vm.host, -vm.memoryMiB * 1048576);
+      this.add(this.vcpus, vm.host, -vm.cpus);
+    }
   }
 }
 
@@ -204,7 +214,7 @@ export function chooseTargets(input: ChooseInput): { choices: Map<string, Choice
     }
     ok.sort(compareCandidates);
     const best = ok[0]!;
-    ledger.place(m.env.name, best.host, m.leaving, best.demand);
+    ledger.place(m.env, best.host, m.leaving, best.demand);
     const f = best.fit;
     const parts = [
       input.fixedTarget !== undefined ? 'named in spec.targetHost' : `best of ${names.length} candidate(s)${best.holdsEnv ? ', already holds VMs of it' : ''}`,
