@@ -223,6 +223,16 @@ function parseTime(value: string | undefined, field: string): number | undefined
 
 
 /** Effective settings: the spec with SPEC_DEFAULTS applied. */
+export function placementFrom(p: VMMigrationSpec['placement']): PlacementSettings {
+  const F = FLEET_DEFAULTS.placement;
+  return {
+    maxEnvironmentsPercentPerHost: p?.maxEnvironmentsPercentPerHost ?? F.maxEnvironmentsPercentPerHost,
+    cpuOvercommitRatio: p?.cpuOvercommitRatio ?? F.cpuOvercommitRatio,
+    memoryReserveBytes: (p?.memoryReserveMiB ?? F.memoryReserveMiB) * 1048576,
+    diskReserveBytes: (p?.diskReserveMiB ?? F.diskReserveMiB) * 1048576,
+  };
+}
+
 export function settingsFrom(spec: VMMigrationSpec): MigrationSettings {
   const d = SPEC_DEFAULTS;
   const F = FLEET_DEFAULTS;
@@ -231,12 +241,7 @@ export function settingsFrom(spec: VMMigrationSpec): MigrationSettings {
     sourceHost: spec.sourceHost,
     targetHost: spec.targetHost,
     targetHosts: spec.targetHosts,
-    placement: {
-      maxEnvironmentsPercentPerHost: spec.placement?.maxEnvironmentsPercentPerHost ?? F.placement.maxEnvironmentsPercentPerHost,
-      cpuOvercommitRatio: spec.placement?.cpuOvercommitRatio ?? F.placement.cpuOvercommitRatio,
-      memoryReserveBytes: (spec.placement?.memoryReserveMiB ?? F.placement.memoryReserveMiB) * 1048576,
-      diskReserveBytes: (spec.placement?.diskReserveMiB ?? F.placement.diskReserveMiB) * 1048576,
-    },
+    placement: placementFrom(spec.placement),
     maxParallelEnvironments: spec.maxParallelEnvironments ?? F.maxParallelEnvironments,
     // 0 = as many as move in parallel
     maxDisruptedEnvironments: spec.maxDisruptedEnvironments || (spec.maxParallelEnvironments ?? F.maxParallelEnvironments),

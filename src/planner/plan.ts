@@ -3,7 +3,7 @@
  * problems that make the migration impossible. No I/O here.
  */
 import type { EnvironmentSpec, HostSpec, VMRole, VMSpec } from '../api/inventory.js';
-import type { MigrationSettings, PlacementSettings, PlanEntry } from '../api/types.js';
+import { placementFrom, type MigrationSettings, type PlanEntry } from '../api/types.js';
 import { chooseTargets, type Choice, type Demand, type HostCapacity } from './placement.js';
 
 export interface PlanResult {
@@ -28,8 +28,6 @@ export function orderVms(vms: VMSpec[]): VMSpec[] {
 }
 
 type PlanSettings = Pick<MigrationSettings, 'environments' | 'sourceHost' | 'targetHost'> & Partial<Pick<MigrationSettings, 'targetHosts' | 'placement'>>;
-
-const DEFAULT_PLACEMENT: PlacementSettings = { maxEnvironmentsPercentPerHost: 15, cpuOvercommitRatio: 4, memoryReserveBytes: 512 * 1048576, diskReserveBytes: 1024 * 1048576 };
 
 /**
  * Without spec.targetHost the target of each environment is chosen here (see placement.ts);
@@ -72,7 +70,7 @@ export function planMigration(hosts: HostSpec[], environments: EnvironmentSpec[]
 
   const candidates = (settings.targetHosts ?? hosts.map((h) => h.name).filter((h) => h !== settings.sourceHost)).slice().sort();
   const { choices, problems: placementProblems } = chooseTargets({
-    hosts, allEnvironments: environments, moving, candidates, capacity, placement: settings.placement ?? DEFAULT_PLACEMENT, fixedTarget: settings.targetHost,
+    hosts, allEnvironments: environments, moving, candidates, capacity, placement: settings.placement ?? placementFrom(undefined), fixedTarget: settings.targetHost,
   });
   if (placementProblems.length > 0) return { entries: [], problems: placementProblems, environments: [] };
 

@@ -1,6 +1,8 @@
 import { describe, expect, it } from 'vitest';
 import type { EnvironmentSpec, HostSpec } from '../../src/api/inventory.js';
-import { settingsFrom } from '../../src/api/types.js';
+import { readFileSync } from 'node:fs';
+import { parse } from 'yaml';
+import { FLEET_DEFAULTS, settingsFrom } from '../../src/api/types.js';
 import { planMigration } from '../../src/planner/plan.js';
 import { maxEnvironmentsPerHost, vmFits, type HostCapacity } from '../../src/planner/placement.js';
 
@@ -165,5 +167,25 @@ describe('vmFits: the check right before one VM moves', () => {
       ok: false,
       message: 'host02 has no room for s/node-1: disk: 2.00 GiB free in the VM directory (after a 1.00 GiB reserve), 5.00 GiB needed, memory: 1.50 GiB available (after a 512.0 MiB reserve), 4.00 GiB needed',
     });
+  });
+});
+
+describe('fleet spec defaults', () => {
+  it('the CRD schema applies the same defaults as FLEET_DEFAULTS', () => {
+    interface Schema { default?: unknown; properties?: Record<string, Schema> }
+    const crd = parse(readFileSync(new URL('../../crds/vmops.dev_vmmigrations.yaml', import.meta.url), 'utf8')) as { spec: { versions: { schema: { openAPIV3Schema: Schema } }[] } };
+    const spec = crd.spec.versions[0]!.schema.openAPIV3Schema.properties!.spec!;
+    const at = (...path: string[]): unknown => path.reduce<Schema | undefined>((s, p) => s?.properties?.[p], spec)?.default;
+    const p = (k: string) => at('placement', k);
+    expect({
+      placement: { maxEnvironmentsPercentPerHost: p('maxEnvironmentsPercentPerHost'), cpuOvercommitRatio: p('cpuOvercommitRatio'), memoryReserveMiB: p('memoryReserveMiB'), diskReserveMiB: p('diskReserveMiB') },
+      maxParallelEnvironments: at('maxParallelEnvironments'), maxDisruptedEnvironments: at('maxDisruptedEnvironments'),
+      hostLimits: { maxOutboundPerHost: at('hostLimits', 'maxOutboundPerHost'), maxInboundPerHost: at('hostLimits', 'maxInboundPerHost') },
+    }).toEqual(FLEET_DEFAULTS);
+  });
+  it('reads the window as RFC 3339 and refuses anything else', () => {
+    expect(settingsFrom({ sourceHost: 'h1', window: { notBefore: '2026-11-27T06:00:00Z' } }).window).toEqual({ notBeforeMs: Date.parse('2026-11-27T06:00:00Z'), notAfterMs: undefined });
+    expect(() => settingsFrom({ sourceHost: 'h1', window: { notAfter: 'tomorrow' } })).toThrow('invalid window.notAfter "tomorrow" (expected RFC 3339');
+    expect(settingsFrom({ sourceHost: 'h1', maxParallelEnvironments: 3 }).maxDisruptedEnvironments).toBe(3);
   });
 });
