@@ -65,3 +65,18 @@ export async function vmAllocatedBytes(conn: RemoteExec, host: HostSpec, environ
   if (!Number.isFinite(bytes)) throw new Error(`host ${host.name}: unexpected du output for ${dir}: ${JSON.stringify(out.slice(0, 200))}`);
   return bytes;
 }
+
+/** Reads every host at once; a host that cannot be read is reported, not fatal (it cannot be a chosen target). */
+export async function measureHosts(hosts: HostSpec[], read: { host(h: HostSpec): Promise<HostCapacity> }, log?: { warn(o: object, msg: string): void }): Promise<{ readings: Map<string, HostCapacity>; unreachable: Map<string, string> }> {
+  const readings = new Map<string, HostCapacity>();
+  const unreachable = new Map<string, string>();
+  await Promise.all(hosts.map(async (h) => {
+    try {
+      readings.set(h.name, await read.host(h));
+    } catch (err) {
+      unreachable.set(h.name, (err as Error).message);
+      log?.warn({ host: h.name, err: (err as Error).message }, 'capacity not readable');
+    }
+  }));
+  return { readings, unreachable };
+}

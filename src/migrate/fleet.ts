@@ -10,8 +10,10 @@
  *   the VM is down or about to be, the conservative reading);
  * - per-host outbound/inbound limits on concurrent moves;
  * - cutovers only inside the window, and only when the move is expected to finish before it closes.
+ * (Two migrations never share an environment: the runner claims all of its environments first.)
  */
-import type { PlanEntry } from '../api/types.js';
+import type { MigrationSettings, PlanEntry } from '../api/types.js';
+import type { SafetyVerdict } from './guestSafety.js';
 
 export interface FleetLimits {
   maxParallelEnvironments: number;
@@ -38,9 +40,8 @@ export interface ScheduleInput {
   queues: EnvironmentQueue[];
   inFlight: PlanEntry[];
   limits: FleetLimits;
+  /** cancelled, or waiting for a condition this run cannot change: start nothing of them */
   cancelled: ReadonlySet<string>;
-  /** environments another migration holds, with the holder's name */
-  heldBy: ReadonlyMap<string, string>;
   window: Window;
   nowMs: number;
   /** how long one VM move is expected to take (e.g. the longest so far); 0 = unknown */
@@ -99,11 +100,6 @@ export function nextMoves(input: ScheduleInput): ScheduleDecision {
     if (moving.has(q.environment)) continue;
     const next = q.pending[0]!;
     const wait = (reason: string) => decision.waiting.push({ environment: q.environment, reason });
-    const holder = input.heldBy.get(q.environment);
-    if (holder !== undefined) {
-      wait(`VMMigration ${holder} is moving this environment`);
-      continue;
-    }
     if (!win.open) {
       wait(win.reason);
       continue;
@@ -136,4 +132,90 @@ export function nextMoves(input: ScheduleInput): ScheduleDecision {
     decision.windowReopensAtMs = win.opensAtMs;
   }
   return decision;
+}
+
+/** How one VM move ended, as the runner reports it. */
+export type FleetOutcome = { kind: 'moved' } | { kind: 'wait'; verdict: Pick<SafetyVerdict, 'reason' | 'message'> } | { kind: 'failed'; message: string };
+
+export type FleetStop = { cancelled: string[] } & (
+  | { kind: 'done' }
+  | { kind: 'failed'; message: string }
+  | { kind: 'wait'; verdict: Pick<SafetyVerdict, 'reason' | 'message'> }
+  | { kind: 'window'; message: string; retryAfterMs: number }
+  | { kind: 'aborted'; error: unknown }
+);
+
+export interface RunFleetInput {
+  entries: PlanEntry[];
+  /** moved already (from the store); runFleet adds to it */
+  finished: Set<PlanEntry>;
+  settings: Pick<MigrationSettings, 'maxParallelEnvironments' | 'maxDisruptedEnvironments' | 'maxOutboundPerHost' | 'maxInboundPerHost' | 'window'>;
+  signal: AbortSignal;
+  moveOne: (entry: PlanEntry) => Promise<FleetOutcome>;
+  /** awaited before each scheduling round (spec.paused: moves in flight go on, nothing new starts) */
+  beforeRound: () => Promise<void>;
+  /** re-read every round: spec.cancel may change while the migration runs */
+  cancelled: () => ReadonlySet<string>;
+  onWaiting: (waiting: Waiting[]) => void;
+}
+
+/**
+ * Executes nextMoves' answers until everything moved or nothing more may start. A failure stops
+ * new starts (moves in flight finish: never cut one short) and ends the run Failed; a VM that must
+ * wait (quorum, capacity, host) parks its environment for this run while the others go on.
+ */
+export async function runFleet(input: RunFleetInput): Promise<FleetStop> {
+  const { entries, finished, settings } = input;
+  const inFlight = new Map<PlanEntry, Promise<{ entry: PlanEntry; outcome?: FleetOutcome; error?: unknown }>>();
+  const envs = [...new Set(entries.map((e) => e.environment))];
+  const parked = new Map<string, Pick<SafetyVerdict, 'reason' | 'message'>>();
+  let failed: string | undefined;
+  let aborted: { error: unknown } | undefined;
+  let longestMs = 0;
+  let cancel: ReadonlySet<string> = new Set();
+  const cancelledLeft = () => envs.filter((e) => cancel.has(e) && entries.some((x) => x.environment === e && !finished.has(x)));
+  for (;;) {
+    if (failed === undefined && aborted === undefined && !input.signal.aborted) {
+      await input.beforeRound();
+      cancel = input.cancelled();
+      const flying = [...inFlight.keys()];
+      const queues = envs.map((environment) => {
+        const mine = entries.filter((e) => e.environment === environment);
+        return { environment, pending: mine.filter((e) => !finished.has(e) && !inFlight.has(e)), started: mine.some((e) => finished.has(e) || inFlight.has(e)) };
+      }).map((q) => ({ ...q, pending: q.pending.length === 0 && flying.some((f) => f.environment === q.environment) ? [] : q.pending }));
+      const d = nextMoves({
+        queues, inFlight: flying, cancelled: new Set([...cancel, ...parked.keys()]), window: settings.window, nowMs: Date.now(), estimatedMoveMs: longestMs,
+        limits: { maxParallelEnvironments: settings.maxParallelEnvironments, maxDisruptedEnvironments: settings.maxDisruptedEnvironments, maxOutboundPerHost: settings.maxOutboundPerHost, maxInboundPerHost: settings.maxInboundPerHost },
+      });
+      input.onWaiting(d.waiting);
+      for (const entry of d.start) {
+        const t0 = Date.now();
+        inFlight.set(entry, input.moveOne(entry).then(
+          (outcome) => {
+            longestMs = Math.max(longestMs, Date.now() - t0);
+            return { entry, outcome };
+          },
+          (error: unknown) => ({ entry, error }),
+        ));
+      }
+      if (inFlight.size === 0) {
+        if (parked.size > 0) return { kind: 'wait', verdict: [...parked.values()][0]!, cancelled: cancelledLeft() };
+        if (d.windowMessage !== undefined) {
+          const until = d.windowReopensAtMs === undefined ? 60_000 : d.windowReopensAtMs - Date.now();
+          return { kind: 'window', message: d.windowMessage, retryAfterMs: Math.min(60_000, Math.max(500, until)), cancelled: cancelledLeft() };
+        }
+        return { kind: 'done', cancelled: cancelledLeft() };
+      }
+    } else if (inFlight.size === 0) {
+      if (aborted) return { kind: 'aborted', error: aborted.error, cancelled: cancelledLeft() };
+      if (failed !== undefined) return { kind: 'failed', message: failed, cancelled: cancelledLeft() };
+      return { kind: 'aborted', error: input.signal.reason, cancelled: cancelledLeft() };
+    }
+    const r = await Promise.race(inFlight.values());
+    inFlight.delete(r.entry);
+    if (r.error !== undefined) aborted ??= { error: r.error };
+    else if (r.outcome!.kind === 'moved') finished.add(r.entry);
+    else if (r.outcome!.kind === 'wait') parked.set(r.entry.environment, r.outcome!.verdict);
+    else failed ??= r.outcome!.message;
+  }
 }

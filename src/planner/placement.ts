@@ -172,6 +172,8 @@ export interface ChooseInput {
   moving: Array<{ env: EnvironmentSpec; leaving: string[]; demand: (target: string) => Demand }>;
   candidates: string[];
   capacity: Map<string, HostCapacity> | undefined;
+  /** hosts whose capacity could not be read, with why: never chosen (a hand-named one is not checked here; its move waits for it) */
+  unreachable?: Map<string, string>;
   placement: PlacementSettings;
   /** hand-named target: no choice, only the capacity check */
   fixedTarget: string | undefined;
@@ -196,6 +198,11 @@ export function chooseTargets(input: ChooseInput): { choices: Map<string, Choice
     const ok: Array<{ host: string; holdsEnv: boolean; fit: Extract<Fit, { ok: true }>; demand: Demand }> = [];
     const rejected: string[] = [];
     for (const host of names) {
+      const down = input.unreachable?.get(host);
+      if (down !== undefined && input.fixedTarget === undefined) {
+        rejected.push(`${host}: capacity not readable (${down})`);
+        continue;
+      }
       const demand = m.demand(host);
       const fit = fits({ host, env: m.env.name, demand, capacity: input.capacity?.get(host), ledger, placement: input.placement, envCap, totalEnvironments: total });
       if (fit.ok) ok.push({ host, holdsEnv: hostsOfEnv.has(host), fit, demand });

@@ -12,6 +12,8 @@ export interface PlanResult {
   problems: string[];
   /** the chosen target per environment and why, in plan order */
   environments: Choice[];
+  /** the condition reason for the problems: a bad reference, or no room under the policy */
+  reason?: 'InvalidReference' | 'NoPlacement';
 }
 
 /**
@@ -34,7 +36,7 @@ type PlanSettings = Pick<MigrationSettings, 'environments' | 'sourceHost' | 'tar
  * `capacity` holds what was measured on the hosts — without it only the placement policy and the
  * inventory's vCPU count are checked, and each reason says so.
  */
-export function planMigration(hosts: HostSpec[], environments: EnvironmentSpec[], settings: PlanSettings, capacity?: Map<string, HostCapacity>): PlanResult {
+export function planMigration(hosts: HostSpec[], environments: EnvironmentSpec[], settings: PlanSettings, capacity?: Map<string, HostCapacity>, unreachable?: Map<string, string>): PlanResult {
   const problems: string[] = [];
   const hostNames = new Set(hosts.map((h) => h.name));
   const known = () => [...hostNames].join(', ') || 'none';
@@ -51,7 +53,7 @@ export function planMigration(hosts: HostSpec[], environments: EnvironmentSpec[]
   } else {
     selected = environments.filter((e) => e.vms.some((v) => v.host === settings.sourceHost));
   }
-  if (problems.length > 0) return { entries: [], problems, environments: [] };
+  if (problems.length > 0) return { entries: [], problems, environments: [], reason: 'InvalidReference' };
 
   const movingVms = (env: EnvironmentSpec, target: string) => env.vms.filter((v) => v.host !== target && (settings.sourceHost === undefined || v.host === settings.sourceHost));
   const moving = selected.map((env) => {
@@ -70,9 +72,9 @@ export function planMigration(hosts: HostSpec[], environments: EnvironmentSpec[]
 
   const candidates = (settings.targetHosts ?? hosts.map((h) => h.name).filter((h) => h !== settings.sourceHost)).slice().sort();
   const { choices, problems: placementProblems } = chooseTargets({
-    hosts, allEnvironments: environments, moving, candidates, capacity, placement: settings.placement ?? placementFrom(undefined), fixedTarget: settings.targetHost,
+    hosts, allEnvironments: environments, moving, candidates, capacity, unreachable, placement: settings.placement ?? placementFrom(undefined), fixedTarget: settings.targetHost,
   });
-  if (placementProblems.length > 0) return { entries: [], problems: placementProblems, environments: [] };
+  if (placementProblems.length > 0) return { entries: [], problems: placementProblems, environments: [], reason: 'NoPlacement' };
 
   const entries: PlanEntry[] = [];
   const chosen: Choice[] = [];

@@ -16,7 +16,7 @@ function queues(entries: PlanEntry[], done: Set<PlanEntry> = new Set()): Environ
 }
 const limits = (over: Partial<FleetLimits> = {}): FleetLimits => ({ maxParallelEnvironments: 2, maxDisruptedEnvironments: 2, maxOutboundPerHost: 4, maxInboundPerHost: 4, ...over });
 const base = (entries: PlanEntry[], over: Partial<ScheduleInput> = {}): ScheduleInput => ({
-  queues: queues(entries), inFlight: [], limits: limits(), cancelled: new Set(), heldBy: new Map(), window: { notBeforeMs: undefined, notAfterMs: undefined }, nowMs: 0, estimatedMoveMs: 0, ...over,
+  queues: queues(entries), inFlight: [], limits: limits(), cancelled: new Set(), window: { notBeforeMs: undefined, notAfterMs: undefined }, nowMs: 0, estimatedMoveMs: 0, ...over,
 });
 
 /** a seeded PRNG so the simulation is reproducible */
@@ -69,11 +69,11 @@ describe('nextMoves: which environment may start its next VM', () => {
     expect(out.waiting[0]!.reason).toBe('h1 already sends 1 VM(s), spec.hostLimits.maxOutboundPerHost is 1');
   });
 
-  it('names the migration holding an environment, and skips cancelled environments', () => {
+  it('skips cancelled environments', () => {
     const p = plan([{ env: 'a', from: 'h1', to: 'h2' }, { env: 'b', from: 'h1', to: 'h3' }, { env: 'c', from: 'h1', to: 'h3' }]);
-    const d = nextMoves(base(p, { heldBy: new Map([['a', 'move-student-a']]), cancelled: new Set(['b']) }));
-    expect(d.start.map((e) => e.environment)).toEqual(['c']);
-    expect(d.waiting).toEqual([{ environment: 'a', reason: 'VMMigration move-student-a is moving this environment' }]);
+    const d = nextMoves(base(p, { cancelled: new Set(['b']) }));
+    expect(d.start.map((e) => e.environment)).toEqual(['a', 'c']);
+    expect(d.waiting).toEqual([]);
   });
 
   it('keeps cutovers inside the window and says when it opens', () => {
