@@ -234,7 +234,9 @@ export function chooseTargets(input: ChooseInput): { choices: Map<string, Choice
     if (rejected.length > 0) parts.push(`not ${rejected.map((r) => r.split(':')[0]).join(', ')} (${rejected.length === 1 ? rejected[0]!.slice(rejected[0]!.indexOf(':') + 2) : 'see dry run'})`);
     choices.set(m.env.name, { environment: m.env.name, target: best.host, reason: parts.join('; ') });
   }
-  return { choices, problems };
+  // A status message must stay readable (and small) when a whole fleet has no place.
+  const MAX = 5;
+  return { choices, problems: problems.length > MAX ? [...problems.slice(0, MAX), `and ${problems.length - MAX} more environment(s) without a place`] : problems };
 }
 
 /** Per-VM check right before a VM moves (also for hand-named targets): room for its data and its memory. */

@@ -136,6 +136,13 @@ describe('target selection (spec.targetHost absent)', () => {
     expect(Object.fromEntries(r.environments.map((e) => [e.environment, e.target]))).toEqual({ 'student-001': 'host02', 'student-002': 'host04' });
   });
 
+  it('keeps the refusal readable when a whole fleet has no place: five environments, then a count', () => {
+    const full = capacities(names, envs, GiB, Object.fromEntries(names.map((h) => [h, { memAvailableBytes: GiB }])));
+    const r = planMigration(names.map(host), envs, settingsFrom({ sourceHost: 'host01' }), full);
+    expect(r.problems).toHaveLength(6);
+    expect(r.problems[5]).toBe('and 5 more environment(s) without a place');
+  });
+
   it('names unknown hosts in spec.targetHosts', () => {
     const r = planMigration(hostNames(2).map(host), [env('a', 'host01')], settingsFrom({ sourceHost: 'host01', targetHosts: ['host09'] }));
     expect(r.problems).toEqual(['target host "host09" in spec.targetHosts is not in the inventory (known hosts: host01, host02)']);
