@@ -120,21 +120,30 @@ async function operatorTable(baseDir: string): Promise<string> {
       }
     }
     await execFileP('chown', ['-R', 'vmhost:vmhost', ...world.hosts.map((h) => h.vmDir)]);
-    const inventoryPath = path.join(baseDir, 'inventory.yaml');
-    writeFileSync(inventoryPath, stringify({ hosts: world.hosts, environments: envs }));
-
     await execFileP('npx', ['tsc', '-p', 'tsconfig.json'], { cwd: REPO_ROOT });
-    const metricsPort = await freePort();
-    const logFd = openSync(path.join(baseDir, 'operator.log'), 'a');
-    child = spawn(process.execPath, [path.join(REPO_ROOT, 'dist/src/cli/main.js'), 'run', '--kubeconfig', cp.kubeconfigPath, '--inventory', inventoryPath,
-      '--db', path.join(baseDir, 'operator.db'), '--ssh-key', world.identity.privateKeyPath, '--namespace', NS, '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1'],
-    { cwd: REPO_ROOT, stdio: ['ignore', logFd, logFd], env: { ...process.env, LOG_LEVEL: 'warn' } });
-    for (let i = 0; ; i++) {
-      if (child.exitCode !== null) throw new Error(`operator exited with ${child.exitCode}; see ${baseDir}/operator.log`);
-      if (await fetch(`http://127.0.0.1:${metricsPort}/readyz`).then((r) => r.ok, () => false)) break;
-      if (i > 300) throw new Error('operator not ready within 60 s');
-      await new Promise((r) => setTimeout(r, 200));
-    }
+    const startOperator = async (tag: string, environments: EnvironmentSpec[]) => {
+      const inventoryPath = path.join(baseDir, `inventory-${tag}.yaml`);
+      writeFileSync(inventoryPath, stringify({ hosts: world.hosts, environments }));
+      const metricsPort = await freePort();
+      const logFd = openSync(path.join(baseDir, 'operator.log'), 'a');
+      const c = spawn(process.execPath, [path.join(REPO_ROOT, 'dist/src/cli/main.js'), 'run', '--kubeconfig', cp.kubeconfigPath, '--inventory', inventoryPath,
+        '--db', path.join(baseDir, `operator-${tag}.db`), '--ssh-key', world.identity.privateKeyPath, '--namespace', NS, '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1'],
+      { cwd: REPO_ROOT, stdio: ['ignore', logFd, logFd], env: { ...process.env, LOG_LEVEL: 'warn' } });
+      for (let i = 0; ; i++) {
+        if (c.exitCode !== null) throw new Error(`operator exited with ${c.exitCode}; see ${baseDir}/operator.log`);
+        if (await fetch(`http://127.0.0.1:${metricsPort}/readyz`).then((r) => r.ok, () => false)) break;
+        if (i > 300) throw new Error('operator not ready within 60 s');
+        await new Promise((r) => setTimeout(r, 200));
+      }
+      await new Promise((r) => setTimeout(r, 3000));
+      return c;
+    };
+    // baseline in the same run: the same operator with a one-environment inventory
+    const small = await startOperator('one', envs.slice(0, 1));
+    const baselineRss = await rssBytes(small.pid!);
+    small.kill('SIGTERM');
+    await new Promise((r) => small.once('exit', r));
+    child = await startOperator('hundred', envs);
     // every write of a VMMigration, as the API server's watch reports it
     const kc = new KubeConfig();
     kc.loadFromString(cp.kubeconfigYaml);
@@ -142,11 +151,12 @@ async function operatorTable(baseDir: string): Promise<string> {
     watchReq = await new Watch(kc).watch(`/apis/vmops.dev/v1alpha1/namespaces/${NS}/vmmigrations`, {}, (type: string, obj: VMMigration) => {
       if (type === 'MODIFIED') writes.set(obj.metadata.name, (writes.get(obj.metadata.name) ?? 0) + 1);
     }, () => undefined);
-    await new Promise((r) => setTimeout(r, 3000));
     const idle = await rssBytes(child.pid!);
     lines.push(`Operator process (compiled JS, Node ${process.version}) against a real kube-apiserver and ${HOSTS} real sshd hosts, inventory of ${ENVS} environments / ${ENVS * 7} VMs loaded:`, '');
+    const mib = (b: number) => `${(b / 2 ** 20).toFixed(1)} (${(b / baselineRss).toFixed(2)}× (b))`;
     lines.push('| what | RSS MiB | status bytes | status writes | plan ms (operator) |', '|---|---:|---:|---:|---:|');
-    lines.push(`| idle, inventory loaded | ${(idle / 2 ** 20).toFixed(1)} | | | |`);
+    lines.push(`| (b) baseline: idle, 1 environment in the inventory | ${mib(baselineRss)} | | | |`);
+    lines.push(`| idle, ${ENVS} environments loaded | ${mib(idle)} | | | |`);
 
     const apply = async (name: string, spec: VMMigration['spec']) => {
       const doc = { apiVersion: 'vmops.dev/v1alpha1', kind: 'VMMigration', metadata: { name, namespace: NS }, spec };
@@ -162,7 +172,7 @@ async function operatorTable(baseDir: string): Promise<string> {
           const statusBytes = Buffer.byteLength(JSON.stringify(o.status));
           const objectBytes = Buffer.byteLength(stdout);
           const rss = await rssBytes(child!.pid!);
-          lines.push(`| dry run "${name}": ${o.status.plan?.length} VMs, ${o.status.environments?.length ?? '?'} environments planned | ${(rss / 2 ** 20).toFixed(1)} | ${statusBytes} (object ${objectBytes}) | ${writes.get(name) ?? 0} | ${Date.now() - t0} (incl. 100 ms polling) |`);
+          lines.push(`| dry run "${name}": ${o.status.plan?.length} VMs, ${o.status.environments?.length ?? '?'} environments planned (capacity read over SSH) | ${mib(rss)} | ${statusBytes} (object ${objectBytes}) | ${writes.get(name) ?? 0} | ${Date.now() - t0} (incl. 100 ms polling) |`);
           return;
         }
         if (Date.now() - t0 > 120_000) throw new Error(`${name} did not finish`);
