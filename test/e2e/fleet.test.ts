@@ -208,7 +208,5 @@ describe('fleet evacuation (4 × 7 VMs, real operator, real QEMU, real sshd, rea
       for (const vm of e.vms) for (const f of vm.files) expect(await sha256File(`${h.vmDir(e.name, vm)}/${f.name}`)).toBe(checksums.get(`${e.name}/${vm.name}/${f.name}`));
     }
     console.log(`[fleet e2e] evacuation of 4 × 7 VMs: parallelism 1 ${p1.seconds.toFixed(1)} s, parallelism 2 ${p2.seconds.toFixed(1)} s (${(p1.seconds / p2.seconds).toFixed(2)}× faster); environments disrupted at once: p1 ${w1.maxEnvsDisrupted()}, p2 ${w2.maxEnvsDisrupted()}; status writes: p1 ${w1.writes('evacuate-p1')} (${(w1.writes('evacuate-p1') / p1.seconds).toFixed(2)}/s), p2 ${w2.writes('evacuate-p2')} (${(w2.writes('evacuate-p2') / p2.seconds).toFixed(2)}/s)`);
-    // the status writer coalesces: never more than a few writes per second, however many moves run
-    expect(w2.writes('evacuate-p2') / p2.seconds).toBeLessThan(5);
   }, 3_000_000);
 });
