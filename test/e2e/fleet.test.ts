@@ -20,6 +20,7 @@ import { startControlPlane, type ControlPlane } from '../world/controlPlane.js';
 import { createGuestNodes, VmLivenessBridge } from '../world/guestCluster.js';
 import { adoptHostFile, startHosts, type TestHosts } from '../world/hosts.js';
 import { createDiskImage, sha256File } from '../world/images.js';
+import { kubectlRun } from '../world/kubectl.js';
 import { freePort, REPO_ROOT, SECRET_NAMESPACE, studentEnvironment } from '../world/sandbox.js';
 
 const ENVS = ['fleet-a', 'fleet-b', 'fleet-c', 'fleet-d'];
@@ -34,17 +35,7 @@ const conns: HostConnection[] = [];
 const hv = new Map<string, Hypervisor>();
 const checksums = new Map<string, string>();
 
-function kubectl(args: string[], stdin?: string): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn('kubectl', ['--kubeconfig', cp.kubeconfigPath, ...args], { cwd: REPO_ROOT });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d) => (stdout += d));
-    p.stderr.on('data', (d) => (stderr += d));
-    p.on('close', (code) => resolve({ code: code ?? 1, stdout, stderr }));
-    p.stdin.end(stdin ?? '');
-  });
-}
+const kubectl = (args: string[], stdin?: string) => kubectlRun(cp.kubeconfigPath, args, stdin);
 
 async function getVmm(name: string): Promise<VMMigration> {
   return (await kc.makeApiClient(CustomObjectsApi).getNamespacedCustomObject({ group: GROUP, version: VERSION, plural: PLURAL, namespace: SECRET_NAMESPACE, name })) as VMMigration;

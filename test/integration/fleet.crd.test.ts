@@ -2,29 +2,18 @@
  * The fleet fields of the VMMigration CRD against a real kube-apiserver and the real kubectl:
  * targetHost optional, the CEL rules about targets and the window, defaults, printer columns.
  */
-import { spawn } from 'node:child_process';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startControlPlane, type ControlPlane } from '../world/controlPlane.js';
-import { REPO_ROOT } from '../world/sandbox.js';
+import { kubectlRun } from '../world/kubectl.js';
 
 const NS = 'vm-migration-system';
 let dir: string;
 let cp: ControlPlane;
 
-function kubectl(args: string[], stdin?: string): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn('kubectl', ['--kubeconfig', cp.kubeconfigPath, ...args], { cwd: REPO_ROOT, stdio: ['pipe', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d) => (stdout += d));
-    p.stderr.on('data', (d) => (stderr += d));
-    p.on('close', (code) => resolve({ code: code ?? 1, stdout, stderr }));
-    p.stdin.end(stdin ?? '');
-  });
-}
+const kubectl = (args: string[], stdin?: string) => kubectlRun(cp.kubeconfigPath, args, stdin);
 const apply = (name: string, spec: Record<string, unknown>) =>
   kubectl(['apply', '-f', '-'], JSON.stringify({ apiVersion: 'vmops.dev/v1alpha1', kind: 'VMMigration', metadata: { name, namespace: NS }, spec }));
 
