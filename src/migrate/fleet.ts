@@ -90,7 +90,8 @@ export function nextMoves(input: ScheduleInput): ScheduleDecision {
   }
   let inFlight = input.inFlight.length;
   const live = input.queues.filter((q) => q.pending.length > 0 && !input.cancelled.has(q.environment));
-  let active = live.filter((q) => q.started || moving.has(q.environment)).length;
+  // an environment finishing its last VM still counts as moving
+  let active = input.queues.filter((q) => moving.has(q.environment) || (q.started && q.pending.length > 0 && !input.cancelled.has(q.environment))).length;
   // started environments first, so they finish before new ones begin
   const order = [...live.filter((q) => q.started), ...live.filter((q) => !q.started)];
 
@@ -182,7 +183,7 @@ export async function runFleet(input: RunFleetInput): Promise<FleetStop> {
       const queues = envs.map((environment) => {
         const mine = entries.filter((e) => e.environment === environment);
         return { environment, pending: mine.filter((e) => !finished.has(e) && !inFlight.has(e)), started: mine.some((e) => finished.has(e) || inFlight.has(e)) };
-      }).map((q) => ({ ...q, pending: q.pending.length === 0 && flying.some((f) => f.environment === q.environment) ? [] : q.pending }));
+      });
       const d = nextMoves({
         queues, inFlight: flying, cancelled: new Set([...cancel, ...parked.keys()]), window: settings.window, nowMs: Date.now(), estimatedMoveMs: longestMs,
         limits: { maxParallelEnvironments: settings.maxParallelEnvironments, maxDisruptedEnvironments: settings.maxDisruptedEnvironments, maxOutboundPerHost: settings.maxOutboundPerHost, maxInboundPerHost: settings.maxInboundPerHost },

@@ -43,6 +43,15 @@ describe('nextMoves: which environment may start its next VM', () => {
     expect(d.waiting.map((w) => w.environment)).toEqual(['c']);
   });
 
+  it('an environment moving its last VM still counts against maxParallelEnvironments', () => {
+    const p = plan([{ env: 'a', from: 'h1', to: 'h2' }, { env: 'b', from: 'h1', to: 'h3' }]);
+    const aLast = p.filter((e) => e.environment === 'a').at(-1)!;
+    const done = new Set(p.filter((e) => e.environment === 'a' && e !== aLast));
+    const d = nextMoves(base(p, { queues: queues(p, done).map((q) => (q.environment === 'a' ? { ...q, pending: [] } : q)), inFlight: [aLast], limits: limits({ maxParallelEnvironments: 1, maxDisruptedEnvironments: 5 }) }));
+    expect(d.start).toEqual([]);
+    expect(d.waiting).toEqual([{ environment: 'b', reason: '1 environment(s) are moving, spec.maxParallelEnvironments is 1' }]);
+  });
+
   it('never starts a second VM of an environment with one in flight', () => {
     const p = plan([{ env: 'a', from: 'h1', to: 'h2' }]);
     const d = nextMoves(base(p, { inFlight: [p[0]!], limits: limits({ maxParallelEnvironments: 5, maxDisruptedEnvironments: 5 }) }));
@@ -111,7 +120,7 @@ describe('nextMoves: which environment may start its next VM', () => {
         expect(flying.length).toBeLessThanOrEqual(dis);
         for (const h of ['h1', 'h5']) expect(flying.filter((f) => f.e.from === h).length).toBeLessThanOrEqual(out);
         for (const h of hosts) expect(flying.filter((f) => f.e.to === h).length).toBeLessThanOrEqual(inb);
-        const active = queues(p, done).filter((q) => q.pending.length > 0 && (q.started || envsInFlight.includes(q.environment))).length;
+        const active = queues(p, done).filter((q) => envsInFlight.includes(q.environment) || (q.started && q.pending.length > 0)).length;
         expect(active).toBeLessThanOrEqual(par);
         peakEnvs = Math.max(peakEnvs, active);
         expect(flying.length).toBeGreaterThan(0); // never stuck
