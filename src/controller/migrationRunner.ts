@@ -5,10 +5,10 @@
  */
 import { CoreV1Api, type KubeConfig } from '@kubernetes/client-node';
 import pRetry from 'p-retry';
-import type { EnvironmentSpec } from '../api/inventory.js';
-import type { HostSpec } from '../api/inventory.js';
+import type { EnvironmentSpec, HostSpec } from '../api/inventory.js';
 import { settingsFrom, strategyName, type PlanEntry, type VMMigration, type VMStatus } from '../api/types.js';
 import { GuestCluster } from '../guest/guestCluster.js';
+import { measureHosts } from '../hosts/capacity.js';
 import type { HostPool } from '../hosts/pool.js';
 import * as metrics from '../metrics/metrics.js';
 import { hypervisorEngines } from '../migrate/engines.js';
@@ -18,7 +18,6 @@ import { runFleet, type FleetOutcome } from '../migrate/fleet.js';
 import { boundVmList, environmentSummaries, initialVmList, patchEnvironment, patchVm, targetsText } from '../migrate/fleetStatus.js';
 import { afterMove, safetyWait } from '../migrate/rules.js';
 import { moveVm, MoveError, type MoveContext, type MoveResult, type MoveStep } from '../migrate/vmMove.js';
-import { measureHosts } from '../hosts/capacity.js';
 import { planMigration } from '../planner/plan.js';
 import { vmFits, type HostCapacity } from '../planner/placement.js';
 import type { MoveRecord, Store } from '../store/store.js';
