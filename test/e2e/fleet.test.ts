@@ -157,7 +157,7 @@ describe('fleet evacuation (4 × 7 VMs, real operator, real QEMU, real sshd, rea
     // dry run first: the plan and the reasons, nothing moves
     const dry = await migrate('evacuate-dry', { sourceHost: 'host01', maxParallelEnvironments: 2, placement: { maxEnvironmentsPercentPerHost: 50, cpuOvercommitRatio: 16 }, dryRun: true });
     expect(dry.o.status?.environments?.map((e) => `${e.name}→${e.target}`)).toEqual(['fleet-a→host02', 'fleet-b→host03', 'fleet-c→host02', 'fleet-d→host03']);
-    for (const e of dry.o.status!.environments!) expect(e.reason).toMatch(/^best of 2 candidate\(s\); [12]\/2 environments after; .* memory free after; .* disk free after; \d+\/\d+ vCPUs$/);
+    for (const e of dry.o.status!.environments!) expect(e.reason).toMatch(/^best of 2 candidate\(s\); [12]\/2 environments after; .* memory free after; .* disk free after; \d+\/\d+ vCPUs(; not host0[23] \(placement policy: it would hold 3 environments, at most 2 allowed \(50% of 4\)\))?$/);
     for (const [, where] of await placement()) expect([...where]).toEqual(['host01']);
 
     const w2 = await watchDisruption();
