@@ -141,8 +141,9 @@ export function fits(i: FitInput): Fit {
   const memFreeAfter = memFree - i.demand.memoryBytes;
   const shorts: string[] = [];
   if (memFreeAfter < 0) shorts.push(`memory: ${gib(Math.max(0, memFree))} free (after a ${gib(i.placement.memoryReserveBytes)} reserve), ${gib(i.demand.memoryBytes)} needed`);
-  const vcpuLimit = c.cpus * i.placement.cpuOvercommitRatio;
-  if (vcpusAfter > vcpuLimit) shorts.push(`CPU: ${vcpusAfter} vCPUs would exceed ${c.cpus} CPUs × ${i.placement.cpuOvercommitRatio} = ${vcpuLimit}`);
+  // Like the percentage, CPU overcommit is policy: it binds the operator's choices, not a hand-named target.
+  const vcpuLimit = i.envCap === undefined ? undefined : c.cpus * i.placement.cpuOvercommitRatio;
+  if (vcpuLimit !== undefined && vcpusAfter > vcpuLimit) shorts.push(`CPU: ${vcpusAfter} vCPUs would exceed ${c.cpus} CPUs × ${i.placement.cpuOvercommitRatio} = ${vcpuLimit}`);
   const diskFree = c.diskFreeBytes - i.ledger.plannedDisk(i.host) - i.placement.diskReserveBytes;
   const diskFreeAfter = i.demand.diskBytes === undefined ? undefined : diskFree - i.demand.diskBytes;
   if (diskFreeAfter !== undefined && diskFreeAfter < 0) shorts.push(`disk: ${gib(Math.max(0, diskFree))} free in the VM directory (after a ${gib(i.placement.diskReserveBytes)} reserve), ${gib(i.demand.diskBytes!)} needed`);

@@ -150,13 +150,15 @@ describe('target selection (spec.targetHost absent)', () => {
 });
 
 describe('hand-named target (spec.targetHost)', () => {
-  it('is checked for capacity but not for the percentage (the human chose it)', () => {
+  it('is checked for memory and disk, not for the policies (percentage, CPU overcommit): the human chose it', () => {
     const two = hostNames(2);
     const envs2 = cloud(two, 10);
     const r = planMigration(two.map(host), envs2, settingsFrom({ sourceHost: 'host01', targetHost: 'host02' }), capacities(two, envs2, 2 * GiB));
     expect(r.problems).toEqual([]);
     expect(new Set(r.entries.map((e) => e.to))).toEqual(new Set(['host02']));
-    expect(r.environments[0]!.reason).toMatch(/^named in spec.targetHost; \d+ environments after/);
+    expect(r.environments[0]!.reason).toMatch(/^named in spec.targetHost; \d+ environments after; [\d.]+ GiB memory free after; [\d.]+ GiB disk free after$/);
+    const fewCpus = planMigration(two.map(host), envs2, settingsFrom({ sourceHost: 'host01', targetHost: 'host02' }), capacities(two, envs2, 2 * GiB, { host02: { cpus: 1 } }));
+    expect(fewCpus.problems).toEqual([]);
     const short = planMigration(two.map(host), envs2, settingsFrom({ sourceHost: 'host01', targetHost: 'host02' }), capacities(two, envs2, 2 * GiB, { host02: { diskFreeBytes: 6 * GiB } }));
     expect(short.entries).toEqual([]);
     // two environments of 2 GiB fit into 5 GiB usable, the third does not
