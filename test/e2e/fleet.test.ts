@@ -10,6 +10,7 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { CoreV1Api, CustomObjectsApi, KubeConfig, Watch, type V1Node } from '@kubernetes/client-node';
+import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { stringify } from 'yaml';
 import type { EnvironmentSpec } from '../../src/api/inventory.js';
@@ -105,7 +106,8 @@ beforeAll(async () => {
   for (const h of hosts.hosts) {
     const c = await HostConnection.connect(h, { privateKey: hosts.identity.privateKey });
     conns.push(c);
-    hv.set(h.name, new Hypervisor(h, c));
+    // the test's own VM starts and probes log below warn nowhere (the operator's log goes to its file)
+    hv.set(h.name, new Hypervisor(h, c).withLogger(pino({ level: 'warn' })));
   }
   envs = ENVS.map((n) => studentEnvironment(n, 'host01'));
   const h01 = hv.get('host01')!;
