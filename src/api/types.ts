@@ -15,7 +15,19 @@ export type VMPhase = 'Pending' | 'Running' | 'Succeeded' | 'Failed' | 'RolledBa
 export interface VMMigrationSpec {
   environments?: string[];
   sourceHost?: string;
-  targetHost: string;
+  /** absent: the operator picks a target per environment (see placement) */
+  targetHost?: string;
+  /** fleet moves: candidate targets when targetHost is absent (default: every inventory host but the source) */
+  targetHosts?: string[];
+  placement?: { maxEnvironmentsPercentPerHost?: number; cpuOvercommitRatio?: number; memoryReserveMiB?: number; diskReserveMiB?: number };
+  maxParallelEnvironments?: number;
+  /** environments with a VM down at the same instant, across the whole migration (0 = maxParallelEnvironments) */
+  maxDisruptedEnvironments?: number;
+  hostLimits?: { maxOutboundPerHost?: number; maxInboundPerHost?: number };
+  /** cutovers (the moment a VM stops) only inside [notBefore, notAfter]; pre-copy mirrors may run earlier */
+  window?: { notBefore?: string; notAfter?: string };
+  /** environments to leave alone from now on: the VM in flight finishes or rolls back, nothing new starts */
+  cancel?: string[];
   strategy?: Strategy;
   transfer?: { mode?: 'Relay'; precopy?: boolean; compression?: 'None' | 'Zstd' | 'Auto'; bandwidthLimitMiBps?: number; stallTimeoutSeconds?: number };
   live?: { downtimeLimit?: string; maxBandwidthMiBps?: number; convergenceTimeout?: string; fallback?: LiveFallback };
@@ -66,10 +78,27 @@ export interface VMStatus {
   message?: string;
 }
 
+export type EnvironmentPhase = 'Pending' | 'Running' | 'Waiting' | 'Succeeded' | 'Failed' | 'Cancelled';
+
+/** One line per environment: where it goes, why there, how far it is. */
+export interface EnvironmentSummary {
+  name: string;
+  target: string;
+  /** why this target: the placement decision in one sentence */
+  reason: string;
+  phase: EnvironmentPhase;
+  vmsDone: number;
+  vmsTotal: number;
+  message?: string;
+}
+
 export interface VMMigrationStatus {
   phase?: MigrationPhase;
   observedGeneration?: number;
   progress?: string;
+  /** environments done/total, for kubectl get */
+  environmentProgress?: string;
+  environments?: EnvironmentSummary[];
   currentVM?: string;
   message?: string;
   startedAt?: string;
@@ -93,7 +122,15 @@ export interface VMMigration {
 export interface MigrationSettings {
   environments: string[] | undefined;
   sourceHost: string | undefined;
-  targetHost: string;
+  targetHost: string | undefined;
+  targetHosts: string[] | undefined;
+  placement: PlacementSettings;
+  maxParallelEnvironments: number;
+  maxDisruptedEnvironments: number;
+  maxOutboundPerHost: number;
+  maxInboundPerHost: number;
+  window: { notBeforeMs: number | undefined; notAfterMs: number | undefined };
+  cancel: string[];
   strategy: Strategy;
   precopy: boolean;
   live: { downtimeLimitMs: number; maxBandwidthBytesPerSec: number | undefined; convergenceTimeoutMs: number; fallback: LiveFallback };
@@ -114,6 +151,15 @@ export interface MigrationSettings {
   mirrorReadyTimeoutMs: number;
   paused: boolean;
   dryRun: boolean;
+}
+
+export interface PlacementSettings {
+  /** no host may hold more than this share of all environments (see README "Fleet moves") */
+  maxEnvironmentsPercentPerHost: number;
+  /** vCPUs of VMs per host CPU */
+  cpuOvercommitRatio: number;
+  memoryReserveBytes: number;
+  diskReserveBytes: number;
 }
 
 const UNIT_MS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000 };
@@ -161,13 +207,49 @@ export const TIMEOUTS = {
   mirrorConvergeMs: 120_000,
 } as const;
 
+/** Fleet-move defaults, defined once; the CRD repeats them (test/unit/fleet.placement.test.ts keeps them equal). */
+export const FLEET_DEFAULTS = {
+  placement: { maxEnvironmentsPercentPerHost: 15, cpuOvercommitRatio: 4, memoryReserveMiB: 512, diskReserveMiB: 1024 },
+  maxParallelEnvironments: 1,
+  maxDisruptedEnvironments: 0,
+  hostLimits: { maxOutboundPerHost: 2, maxInboundPerHost: 2 },
+} as const;
+
+function parseTime(value: string | undefined, field: string): number | undefined {
+  if (value === undefined) return undefined;
+  const ms = Date.parse(value);
+  if (!/^\d{4}-\d{2}-\d{2}T/.test(value) || Number.isNaN(ms)) throw new Error(`invalid ${field} ${JSON.stringify(value)} (expected RFC 3339, e.g. 2026-11-28T06:00:00Z)`);
+  return ms;
+}
+
+
 /** Effective settings: the spec with SPEC_DEFAULTS applied. */
+export function placementFrom(p: VMMigrationSpec['placement']): PlacementSettings {
+  const F = FLEET_DEFAULTS.placement;
+  return {
+    maxEnvironmentsPercentPerHost: p?.maxEnvironmentsPercentPerHost ?? F.maxEnvironmentsPercentPerHost,
+    cpuOvercommitRatio: p?.cpuOvercommitRatio ?? F.cpuOvercommitRatio,
+    memoryReserveBytes: (p?.memoryReserveMiB ?? F.memoryReserveMiB) * 1048576,
+    diskReserveBytes: (p?.diskReserveMiB ?? F.diskReserveMiB) * 1048576,
+  };
+}
+
 export function settingsFrom(spec: VMMigrationSpec): MigrationSettings {
   const d = SPEC_DEFAULTS;
+  const F = FLEET_DEFAULTS;
   return {
     environments: spec.environments,
     sourceHost: spec.sourceHost,
     targetHost: spec.targetHost,
+    targetHosts: spec.targetHosts,
+    placement: placementFrom(spec.placement),
+    maxParallelEnvironments: spec.maxParallelEnvironments ?? F.maxParallelEnvironments,
+    // 0 = as many as move in parallel
+    maxDisruptedEnvironments: spec.maxDisruptedEnvironments || (spec.maxParallelEnvironments ?? F.maxParallelEnvironments),
+    maxOutboundPerHost: spec.hostLimits?.maxOutboundPerHost ?? F.hostLimits.maxOutboundPerHost,
+    maxInboundPerHost: spec.hostLimits?.maxInboundPerHost ?? F.hostLimits.maxInboundPerHost,
+    window: { notBeforeMs: parseTime(spec.window?.notBefore, 'window.notBefore'), notAfterMs: parseTime(spec.window?.notAfter, 'window.notAfter') },
+    cancel: spec.cancel ?? [],
     strategy: spec.strategy ?? d.strategy,
     precopy: spec.transfer?.precopy ?? d.precopy,
     live: {

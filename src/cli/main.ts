@@ -172,6 +172,9 @@ async function plan(): Promise<void> {
     process.exit(1);
   }
   for (const line of planTable(result.entries, history)) console.log(line);
+  // Offline: capacity is not measured here (the operator measures it over SSH before it plans).
+  console.log('\nENVIRONMENT           TARGET    WHY');
+  for (const c of result.environments) console.log(`${c.environment.padEnd(22)}${c.target.padEnd(10)}${c.reason}`);
 }
 
 async function status(): Promise<void> {

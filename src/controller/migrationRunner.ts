@@ -5,18 +5,22 @@
  */
 import { CoreV1Api, type KubeConfig } from '@kubernetes/client-node';
 import pRetry from 'p-retry';
-import type { EnvironmentSpec } from '../api/inventory.js';
+import type { EnvironmentSpec, HostSpec } from '../api/inventory.js';
 import { settingsFrom, strategyName, type PlanEntry, type VMMigration, type VMStatus } from '../api/types.js';
 import { GuestCluster } from '../guest/guestCluster.js';
+import { measureHosts } from '../hosts/capacity.js';
 import type { HostPool } from '../hosts/pool.js';
 import * as metrics from '../metrics/metrics.js';
 import { hypervisorEngines } from '../migrate/engines.js';
 import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from '../migrate/guestSafety.js';
 import { readinessGuard } from '../migrate/readinessGuard.js';
+import { runFleet, type FleetOutcome } from '../migrate/fleet.js';
+import { boundVmList, environmentSummaries, initialVmList, patchEnvironment, patchVm, targetsText } from '../migrate/fleetStatus.js';
 import { afterMove, safetyWait } from '../migrate/rules.js';
 import { moveVm, MoveError, type MoveContext, type MoveResult, type MoveStep } from '../migrate/vmMove.js';
 import { planMigration } from '../planner/plan.js';
-import type { Store } from '../store/store.js';
+import { vmFits, type HostCapacity } from '../planner/placement.js';
+import type { MoveRecord, Store } from '../store/store.js';
 import type { Logger } from '../util/log.js';
 import { sleep } from '../util/sleep.js';
 import { setState, type MigrationState } from './conditions.js';
@@ -46,6 +50,10 @@ export interface RunnerDeps {
   statusSink?: (vmm: VMMigration) => StatusSink;
   openGuest?: (env: EnvironmentSpec) => Promise<GuestCluster>;
   move?: (ctx: MoveContext) => Promise<MoveResult>;
+  /** measured room on hosts (src/hosts/capacity.ts over the pool); absent = not measured, and status says so */
+  capacity?: { host(h: HostSpec): Promise<HostCapacity>; vmBytes(h: HostSpec, environment: string, vm: string): Promise<number> };
+  /** the VMMigration (namespace/name) holding an environment, for the waiting condition */
+  holderOf?: (environment: string) => string | undefined;
 }
 
 const STEP_EVENT_REASON: Partial<Record<MoveStep, string>> = {
@@ -111,24 +119,29 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
   let plan: PlanEntry[] | undefined = vmm.status?.plan;
   const resuming = plan !== undefined && vmm.status?.phase === 'Running';
   if (!resuming) {
-    const result = planMigration(await store.hosts(), await store.environments(), settings);
-    if (result.problems.length > 0) return finishFailed('InvalidReference', result.problems.join('; '));
+    const hosts = await store.hosts();
+    const capacity = deps.capacity ? await measureHosts(hosts, deps.capacity, log) : undefined;
+    const result = planMigration(hosts, await store.environments(), settings, capacity?.readings, capacity?.unreachable);
+    if (result.problems.length > 0) return finishFailed(result.reason ?? 'InvalidReference', result.problems.join('; '));
     plan = result.entries;
     const entries = plan;
+    const reasons = new Map(result.environments.map((c) => [c.environment, c.reason]));
     writer.update((s) => {
       s.observedGeneration = generation;
       s.plan = entries;
-      s.vms = entries.map((e): VMStatus => ({ environment: e.environment, name: e.vm, phase: 'Pending', attempts: 0 }));
+      s.vms = initialVmList(entries);
+      s.environments = environmentSummaries(entries, reasons);
+      s.environmentProgress = `0/${s.environments.length}`;
       s.progress = `0/${entries.length}`;
     });
-    if (settings.dryRun) return state('dryRun', 'DryRun', `dry run: ${entries.length} VM(s) would move to ${settings.targetHost}`);
+    if (settings.dryRun) return state('dryRun', 'DryRun', `dry run: ${entries.length} VM(s) of ${reasons.size} environment(s) would move (${targetsText(entries)})`);
   }
   const entries = plan!;
   const busy = deps.claimEnvironments(uid, [...new Set(entries.map((e) => e.environment))]);
-  if (busy.length > 0) return waitOrFail({ reason: 'WaitingForEnvironment', message: `environment(s) ${busy.join(', ')} are being moved by another VMMigration` });
+  if (busy.length > 0) return waitOrFail({ reason: 'WaitingForEnvironment', message: `environment(s) ${busy.map((e) => `${e} (held by VMMigration ${deps.holderOf?.(e) ?? '?'})`).join(', ')} are being moved by another VMMigration` });
 
   try {
-    const startedMessage = `moving ${entries.length} VM(s) to ${settings.targetHost}`;
+    const startedMessage = `moving ${entries.length} VM(s) (${targetsText(entries)})`;
     const waitingBefore = writer.current.waitingSince;
     writer.update((s) => {
       s.startedAt ??= new Date().toISOString();
@@ -140,26 +153,24 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
       deps.events.emit(vmm, 'Normal', 'Started', startedMessage);
       metrics.recordMigrationStarted(strategy);
     }
-    let done = 0;
-    let warnedNoLb = false;
+    const finished = new Set<PlanEntry>();
+    const records = new Map<PlanEntry, MoveRecord>();
     for (const entry of entries) {
       const record = await store.ensureMove({ migrationUid: uid, environment: entry.environment, vm: entry.vm, fromHost: entry.from, toHost: entry.to });
-      if (record.phase === 'Succeeded') {
-        done++;
-        continue;
-      }
-      // Cancelled: only a move already in flight goes on (to roll back); the next VM is not started.
-      if (signal.aborted && record.phase !== 'Running') throw new Aborted(`cancelled before ${entry.environment}/${entry.vm}`);
-      await waitWhilePaused(deps, writer, generation, signal);
+      records.set(entry, record);
+      if (record.phase === 'Succeeded') finished.add(entry);
+    }
+    let done = finished.size;
+    let warnedNoLb = false;
+    const moveOne = async (entry: PlanEntry): Promise<FleetOutcome> => {
+      const record = records.get(entry)!;
       const name = `${entry.environment}/${entry.vm}`;
       const now = () => new Date().toISOString();
-      const vmStatus = (patch: Partial<VMStatus>) => writer.update((s) => {
-        const v = s.vms?.find((x) => x.environment === entry.environment && x.name === entry.vm);
-        if (v) Object.assign(v, patch);
-      });
+      const vmStatus = (patch: Partial<VMStatus>) => writer.update((s) => patchVm(s, entry.environment, entry.vm, patch));
       writer.update((s) => {
-        s.currentVM = name;
+        s.currentVM = [...new Set([...(s.currentVM ? s.currentVM.split(', ') : []), name])].join(', ');
         s.progress = `${done}/${entries.length}`;
+        patchEnvironment(s, entry.environment, { phase: 'Running', message: undefined });
       });
       vmStatus({ phase: 'Running', attempts: record.attempts + 1, startedAt: now(), message: undefined });
       await store.updateMove(uid, entry.environment, entry.vm, { phase: 'Running', attempts: record.attempts + 1, startedAt: now() });
@@ -176,6 +187,12 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
           throw new MoveError('precheck', `hypervisor ${h.name} is unreachable: ${err.message}`, 'waiting', { safe: false, reason: 'WaitingForHost', message: `hypervisor ${h.name} is unreachable: ${err.message}` });
         })).withLogger(vmLog);
         const [source, target] = await Promise.all([connect(sourceHost), connect(targetHost)]);
+        if (record.phase === 'Pending' && deps.capacity) {
+          // Room on the target, right before this VM moves (also for a hand-named target).
+          const [bytes, room] = await Promise.all([deps.capacity.vmBytes(sourceHost, entry.environment, entry.vm), deps.capacity.host(targetHost)]);
+          const fit = vmFits({ vm: name, target: entry.to, allocatedBytes: bytes, memoryBytes: vmSpec.memoryMiB * 1048576, capacity: room, placement: settings.placement });
+          if (!fit.ok) throw new MoveError('precheck', fit.message, 'waiting', { safe: false, reason: 'WaitingForCapacity', message: fit.message });
+        }
         const guest = await (deps.openGuest ?? ((e) => openGuestCluster(deps.kc, e)))(env);
         const safety = (deps.guestSafety ?? ((_e, g) => ({ guard: readinessGuard(g) })))(env, guest);
         const result = await (deps.move ?? moveVm)({
@@ -235,8 +252,15 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         metrics.transferRate.set(0);
         await store.updateMove(uid, entry.environment, entry.vm, { phase: 'Succeeded', finishedAt: now(), downtimeMs: result.downtimeMs, bytes: result.bytes });
         vmStatus({ phase: 'Succeeded', finishedAt: now(), downtimeSeconds: result.downtimeMs / 1000, bytesTransferred: result.bytes, step: undefined, message: `downtime ${(result.downtimeMs / 1000).toFixed(1)} s, node Ready ${(result.nodeReadyMs / 1000).toFixed(1)} s after start` });
-        writer.update((s) => { s.progress = `${done}/${entries.length}`; });
+        writer.update((s) => {
+          s.progress = `${done}/${entries.length}`;
+          s.currentVM = (s.currentVM ?? '').split(', ').filter((x) => x && x !== name).join(', ');
+          s.vms = boundVmList(s.vms ?? []);
+          const summary = s.environments?.find((x) => x.name === entry.environment);
+          if (summary) patchEnvironment(s, entry.environment, { vmsDone: summary.vmsDone + 1, phase: summary.vmsDone + 1 === summary.vmsTotal ? 'Succeeded' : 'Running' });
+        });
         await writer.flush();
+        return { kind: 'moved' };
       } catch (err) {
         // Errors before moveVm (reading the Secret, a vanished inventory entry) happen before any side effect.
         const moveErr = err instanceof MoveError ? err : new MoveError('precheck', (err as Error).message, 'untouched');
@@ -251,7 +275,8 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
           // a wait touched nothing: it does not count as an attempt
           vmStatus({ phase: 'Pending', attempts: record.attempts, message: moveErr.message });
           await store.updateMove(uid, entry.environment, entry.vm, { phase: 'Pending', attempts: record.attempts, message: moveErr.message });
-          return await waitOrFail(moveErr.verdict ?? { reason: 'Waiting', message: moveErr.message });
+          writer.update((s) => patchEnvironment(s, entry.environment, { phase: 'Waiting', message: moveErr.message }));
+          return { kind: 'wait', verdict: moveErr.verdict ?? { reason: 'Waiting', message: moveErr.message } };
         }
         const where = { untouched: 'nothing was changed', 'rolled-back': `rolled back: VM runs on ${entry.from} again`, stuck: 'rollback FAILED, manual attention needed', waiting: '', interrupted: '' }[moveErr.outcome];
         const message = `${name} failed at step ${moveErr.step}: ${moveErr.message} (${where})`;
@@ -259,12 +284,40 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         metrics.recordVmMove(moveErr.outcome === 'rolled-back' ? 'rolled_back' : moveErr.outcome === 'stuck' ? 'stuck' : 'failure');
         await store.updateMove(uid, entry.environment, entry.vm, { phase, finishedAt: now(), message });
         vmStatus({ phase, finishedAt: now(), message });
+        writer.update((s) => patchEnvironment(s, entry.environment, { phase: 'Failed', message }));
         if (signal.aborted) throw new Aborted(message);
-        return await finishFailed('MoveFailed', message);
+        return { kind: 'failed', message };
       }
+    };
+
+    if (signal.aborted) {
+      // Cancelled (deleted) while no run was active: only a move already in flight goes on, to roll back; no new VM starts.
+      for (const entry of entries) if (records.get(entry)!.phase === 'Running') await moveOne(entry);
+      throw new Aborted('cancelled: no further VM is started');
+    }
+    const stop = await runFleet({
+      entries, finished, settings, signal, moveOne,
+      beforeRound: () => waitWhilePaused(deps, writer, generation, signal),
+      cancelled: () => new Set(deps.latest()?.spec.cancel ?? settings.cancel),
+      onWaiting: (waiting) => writer.update((s) => {
+        for (const w of waiting) if (s.environments?.find((e) => e.name === w.environment)?.phase !== 'Failed') patchEnvironment(s, w.environment, { message: w.reason });
+      }),
+    });
+    for (const env of stop.cancelled) writer.update((s) => patchEnvironment(s, env, { phase: 'Cancelled', message: 'spec.cancel: left where it is' }));
+    if (stop.kind === 'aborted') {
+      await writer.flush().catch(() => undefined);
+      throw stop.error;
+    }
+    if (stop.kind === 'failed') return await finishFailed('MoveFailed', stop.message);
+    if (stop.kind === 'wait') return await waitOrFail(stop.verdict);
+    if (stop.kind === 'window') {
+      writer.update((s) => setState(s, generation, 'waiting', 'WaitingForWindow', stop.message));
+      await writer.flush();
+      throw new RetryLater(stop.retryAfterMs);
     }
     writer.update((s) => { s.progress = `${done}/${entries.length}`; });
-    const message = `${entries.length} VM(s) now run on ${settings.targetHost}`;
+    const skipped = stop.cancelled.length > 0 ? `; ${stop.cancelled.length} environment(s) cancelled: ${stop.cancelled.join(', ')}` : '';
+    const message = `${done} VM(s) moved (${targetsText(entries)})${skipped}`;
     await state('succeeded', 'Succeeded', message);
     deps.events.emit(vmm, 'Normal', 'Succeeded', message);
     metrics.recordMigrationFinished(strategy, true);

@@ -14,6 +14,7 @@
  */
 import { CustomObjectsApi, type KubeConfig, type KubernetesListObject } from '@kubernetes/client-node';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../api/types.js';
+import { readCapacity, vmAllocatedBytes } from '../hosts/capacity.js';
 import type { HostPool } from '../hosts/pool.js';
 import * as metrics from '../metrics/metrics.js';
 import type { Store } from '../store/store.js';
@@ -188,6 +189,11 @@ export class MigrationController {
       latest: () => this.informer.get(name, namespace),
       claimEnvironments: (id, envs) => this.claim(id, envs),
       releaseEnvironments: (id) => this.release(id),
+      holderOf: (env) => this.runs.get(this.claims.get(env) ?? '')?.key,
+      capacity: {
+        host: async (h) => readCapacity((await this.opts.pool.hypervisor(h)).conn, h),
+        vmBytes: async (h, env, vm) => vmAllocatedBytes((await this.opts.pool.hypervisor(h)).conn, h, env, vm),
+      },
       statusIntervalMs: this.opts.statusIntervalMs,
       guestSafety: this.opts.guestSafety,
     }, controller.signal).then(

@@ -1,0 +1,222 @@
+/**
+ * Scheduling rule for fleet moves (pure): given the plan, the moves in flight and the limits,
+ * which environments may start their next VM now — and, for the others, why they wait.
+ *
+ * Invariants it keeps (the runner only executes its answer):
+ * - one VM per environment at a time (an environment with a move in flight never starts another);
+ * - at most maxParallelEnvironments environments *started and not finished*: an environment, once
+ *   begun, is finished before a new one begins, so few environments are ever split across hosts;
+ * - at most maxDisruptedEnvironments VMs in flight (every in-flight move counts as a disruption:
+ *   the VM is down or about to be, the conservative reading);
+ * - per-host outbound/inbound limits on concurrent moves;
+ * - cutovers only inside the window, and only when the move is expected to finish before it closes.
+ * (Two migrations never share an environment: the runner claims all of its environments first.)
+ */
+import type { MigrationSettings, PlanEntry } from '../api/types.js';
+import type { SafetyVerdict } from './guestSafety.js';
+
+export interface FleetLimits {
+  maxParallelEnvironments: number;
+  maxDisruptedEnvironments: number;
+  maxOutboundPerHost: number;
+  maxInboundPerHost: number;
+}
+
+export interface EnvironmentQueue {
+  environment: string;
+  /** VMs of this environment not yet moved, in plan order */
+  pending: PlanEntry[];
+  /** at least one of its VMs moved or is moving */
+  started: boolean;
+}
+
+export interface Window {
+  notBeforeMs: number | undefined;
+  notAfterMs: number | undefined;
+}
+
+export interface ScheduleInput {
+  /** in plan order */
+  queues: EnvironmentQueue[];
+  inFlight: PlanEntry[];
+  limits: FleetLimits;
+  /** cancelled, or waiting for a condition this run cannot change: start nothing of them */
+  cancelled: ReadonlySet<string>;
+  window: Window;
+  nowMs: number;
+  /** how long one VM move is expected to take (e.g. the longest so far); 0 = unknown */
+  estimatedMoveMs: number;
+}
+
+export interface Waiting {
+  environment: string;
+  reason: string;
+}
+
+export interface ScheduleDecision {
+  start: PlanEntry[];
+  waiting: Waiting[];
+  /** set when nothing may start because of the window: when to look again (undefined = never by itself) */
+  windowReopensAtMs?: number;
+  windowMessage?: string;
+}
+
+export type WindowState = { open: true } | { open: false; reason: string; opensAtMs: number | undefined };
+
+/** Is a cutover that takes about `estimatedMs` allowed to start at `nowMs`? */
+export function windowState(w: Window, nowMs: number, estimatedMs = 0): WindowState {
+  if (w.notBeforeMs !== undefined && nowMs < w.notBeforeMs) {
+    return { open: false, reason: `the window opens at ${new Date(w.notBeforeMs).toISOString()}`, opensAtMs: w.notBeforeMs };
+  }
+  if (w.notAfterMs !== undefined && nowMs + estimatedMs > w.notAfterMs) {
+    const why = nowMs >= w.notAfterMs ? `the window closed at ${new Date(w.notAfterMs).toISOString()}` : `a move takes about ${Math.ceil(estimatedMs / 1000)} s and the window closes at ${new Date(w.notAfterMs).toISOString()}`;
+    return { open: false, reason: `${why}; extend spec.window.notAfter to continue`, opensAtMs: undefined };
+  }
+  return { open: true };
+}
+
+function bump(m: Map<string, number>, k: string): void {
+  m.set(k, (m.get(k) ?? 0) + 1);
+}
+
+export function nextMoves(input: ScheduleInput): ScheduleDecision {
+  const { limits } = input;
+  const moving = new Set(input.inFlight.map((e) => e.environment));
+  const outbound = new Map<string, number>();
+  const inbound = new Map<string, number>();
+  for (const e of input.inFlight) {
+    bump(outbound, e.from);
+    bump(inbound, e.to);
+  }
+  let inFlight = input.inFlight.length;
+  const live = input.queues.filter((q) => q.pending.length > 0 && !input.cancelled.has(q.environment));
+  // an environment finishing its last VM still counts as moving
+  let active = input.queues.filter((q) => moving.has(q.environment) || (q.started && q.pending.length > 0 && !input.cancelled.has(q.environment))).length;
+  // started environments first, so they finish before new ones begin
+  const order = [...live.filter((q) => q.started), ...live.filter((q) => !q.started)];
+
+  const decision: ScheduleDecision = { start: [], waiting: [] };
+  const win = windowState(input.window, input.nowMs, input.estimatedMoveMs);
+  for (const q of order) {
+    if (moving.has(q.environment)) continue;
+    const next = q.pending[0]!;
+    const wait = (reason: string) => decision.waiting.push({ environment: q.environment, reason });
+    if (!win.open) {
+      wait(win.reason);
+      continue;
+    }
+    if (!q.started && active >= limits.maxParallelEnvironments) {
+      wait(`${active} environment(s) are moving, spec.maxParallelEnvironments is ${limits.maxParallelEnvironments}`);
+      continue;
+    }
+    if (inFlight >= limits.maxDisruptedEnvironments) {
+      wait(`${inFlight} environment(s) have a VM down, spec.maxDisruptedEnvironments is ${limits.maxDisruptedEnvironments}`);
+      continue;
+    }
+    if ((outbound.get(next.from) ?? 0) >= limits.maxOutboundPerHost) {
+      wait(`${next.from} already sends ${outbound.get(next.from)} VM(s), spec.hostLimits.maxOutboundPerHost is ${limits.maxOutboundPerHost}`);
+      continue;
+    }
+    if ((inbound.get(next.to) ?? 0) >= limits.maxInboundPerHost) {
+      wait(`${next.to} already receives ${inbound.get(next.to)} VM(s), spec.hostLimits.maxInboundPerHost is ${limits.maxInboundPerHost}`);
+      continue;
+    }
+    decision.start.push(next);
+    moving.add(q.environment);
+    bump(outbound, next.from);
+    bump(inbound, next.to);
+    inFlight++;
+    if (!q.started) active++;
+  }
+  if (!win.open && decision.start.length === 0) {
+    decision.windowMessage = win.reason;
+    decision.windowReopensAtMs = win.opensAtMs;
+  }
+  return decision;
+}
+
+/** How one VM move ended, as the runner reports it. */
+export type FleetOutcome = { kind: 'moved' } | { kind: 'wait'; verdict: Pick<SafetyVerdict, 'reason' | 'message'> } | { kind: 'failed'; message: string };
+
+export type FleetStop = { cancelled: string[] } & (
+  | { kind: 'done' }
+  | { kind: 'failed'; message: string }
+  | { kind: 'wait'; verdict: Pick<SafetyVerdict, 'reason' | 'message'> }
+  | { kind: 'window'; message: string; retryAfterMs: number }
+  | { kind: 'aborted'; error: unknown }
+);
+
+export interface RunFleetInput {
+  entries: PlanEntry[];
+  /** moved already (from the store); runFleet adds to it */
+  finished: Set<PlanEntry>;
+  settings: Pick<MigrationSettings, 'maxParallelEnvironments' | 'maxDisruptedEnvironments' | 'maxOutboundPerHost' | 'maxInboundPerHost' | 'window'>;
+  signal: AbortSignal;
+  moveOne: (entry: PlanEntry) => Promise<FleetOutcome>;
+  /** awaited before each scheduling round (spec.paused: moves in flight go on, nothing new starts) */
+  beforeRound: () => Promise<void>;
+  /** re-read every round: spec.cancel may change while the migration runs */
+  cancelled: () => ReadonlySet<string>;
+  onWaiting: (waiting: Waiting[]) => void;
+}
+
+/**
+ * Executes nextMoves' answers until everything moved or nothing more may start. A failure stops
+ * new starts (moves in flight finish: never cut one short) and ends the run Failed; a VM that must
+ * wait (quorum, capacity, host) parks its environment for this run while the others go on.
+ */
+export async function runFleet(input: RunFleetInput): Promise<FleetStop> {
+  const { entries, finished, settings } = input;
+  const inFlight = new Map<PlanEntry, Promise<{ entry: PlanEntry; outcome?: FleetOutcome; error?: unknown }>>();
+  const envs = [...new Set(entries.map((e) => e.environment))];
+  const parked = new Map<string, Pick<SafetyVerdict, 'reason' | 'message'>>();
+  let failed: string | undefined;
+  let aborted: { error: unknown } | undefined;
+  let longestMs = 0;
+  let cancel: ReadonlySet<string> = new Set();
+  const cancelledLeft = () => envs.filter((e) => cancel.has(e) && entries.some((x) => x.environment === e && !finished.has(x)));
+  for (;;) {
+    if (failed === undefined && aborted === undefined && !input.signal.aborted) {
+      await input.beforeRound();
+      cancel = input.cancelled();
+      const flying = [...inFlight.keys()];
+      const queues = envs.map((environment) => {
+        const mine = entries.filter((e) => e.environment === environment);
+        return { environment, pending: mine.filter((e) => !finished.has(e) && !inFlight.has(e)), started: mine.some((e) => finished.has(e) || inFlight.has(e)) };
+      });
+      const d = nextMoves({
+        queues, inFlight: flying, cancelled: new Set([...cancel, ...parked.keys()]), window: settings.window, nowMs: Date.now(), estimatedMoveMs: longestMs,
+        limits: { maxParallelEnvironments: settings.maxParallelEnvironments, maxDisruptedEnvironments: settings.maxDisruptedEnvironments, maxOutboundPerHost: settings.maxOutboundPerHost, maxInboundPerHost: settings.maxInboundPerHost },
+      });
+      input.onWaiting(d.waiting);
+      for (const entry of d.start) {
+        const t0 = Date.now();
+        inFlight.set(entry, input.moveOne(entry).then(
+          (outcome) => {
+            longestMs = Math.max(longestMs, Date.now() - t0);
+            return { entry, outcome };
+          },
+          (error: unknown) => ({ entry, error }),
+        ));
+      }
+      if (inFlight.size === 0) {
+        if (parked.size > 0) return { kind: 'wait', verdict: [...parked.values()][0]!, cancelled: cancelledLeft() };
+        if (d.windowMessage !== undefined) {
+          const until = d.windowReopensAtMs === undefined ? 60_000 : d.windowReopensAtMs - Date.now();
+          return { kind: 'window', message: d.windowMessage, retryAfterMs: Math.min(60_000, Math.max(500, until)), cancelled: cancelledLeft() };
+        }
+        return { kind: 'done', cancelled: cancelledLeft() };
+      }
+    } else if (inFlight.size === 0) {
+      if (aborted) return { kind: 'aborted', error: aborted.error, cancelled: cancelledLeft() };
+      if (failed !== undefined) return { kind: 'failed', message: failed, cancelled: cancelledLeft() };
+      return { kind: 'aborted', error: input.signal.reason, cancelled: cancelledLeft() };
+    }
+    const r = await Promise.race(inFlight.values());
+    inFlight.delete(r.entry);
+    if (r.error !== undefined) aborted ??= { error: r.error };
+    else if (r.outcome!.kind === 'moved') finished.add(r.entry);
+    else if (r.outcome!.kind === 'wait') parked.set(r.entry.environment, r.outcome!.verdict);
+    else failed ??= r.outcome!.message;
+  }
+}

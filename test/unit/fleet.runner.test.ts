@@ -1,0 +1,194 @@
+/**
+ * The runner driving several environments at once, with the move itself replaced (the real moves
+ * are proven in the integration and e2e tests): limits hold, summaries and the bounded VM list are
+ * right, cancel / window / capacity waits behave.
+ */
+import { KubeConfig } from '@kubernetes/client-node';
+import { pino } from 'pino';
+import { beforeEach, describe, expect, it } from 'vitest';
+import type { EnvironmentSpec, HostSpec } from '../../src/api/inventory.js';
+import type { VMMigration, VMMigrationStatus } from '../../src/api/types.js';
+import { RetryLater, runMigration, type RunnerDeps, type StatusSink } from '../../src/controller/migrationRunner.js';
+import type { MoveContext, MoveResult } from '../../src/migrate/vmMove.js';
+import type { HostCapacity } from '../../src/planner/placement.js';
+import { Store } from '../../src/store/store.js';
+
+const log = pino({ level: 'silent' });
+const GiB = 1024 ** 3;
+const host = (name: string): HostSpec => ({ name, address: '127.0.0.2', port: 22, user: 'u', hostKey: 'ssh-ed25519 AAAA', vmDir: '/vms' });
+const env = (name: string, at: string, vms = 3): EnvironmentSpec => ({
+  name, kubeconfigSecret: { namespace: 'ns', name: `${name}-kc`, key: 'k' },
+  vms: Array.from({ length: vms }, (_, i) => ({ name: `node-${i + 1}`, role: 'worker' as const, nodeName: `${name}-node-${i + 1}`, host: at, memoryMiB: 32, cpus: 1, files: [] })),
+});
+const roomy = (h: string): HostCapacity => ({ host: h, memTotalBytes: 64 * GiB, memAvailableBytes: 60 * GiB, cpus: 64, diskFreeBytes: 500 * GiB, environmentBytes: {} });
+
+let store: Store;
+let status: VMMigrationStatus;
+let spec: VMMigration['spec'];
+const sink = (initial: VMMigration): StatusSink => {
+  status = structuredClone(initial.status ?? {});
+  return { update: (m) => m(status), flush: async () => undefined, close: () => undefined, get current() { return status; } };
+};
+const vmm = (s: VMMigration['spec'], st?: VMMigrationStatus): VMMigration => ({ apiVersion: 'vmops.dev/v1alpha1', kind: 'VMMigration', metadata: { name: 'm', namespace: 'ns', uid: 'uid-1', generation: 1 }, spec: s, status: st });
+
+/** records what runs concurrently */
+function tracker(delayMs: (ctx: MoveContext) => number = () => 5) {
+  const live = new Set<string>();
+  const peaks = { vms: 0, perEnv: 0, perTarget: new Map<string, number>() };
+  const order: string[] = [];
+  const move = async (ctx: MoveContext): Promise<MoveResult> => {
+    const key = `${ctx.environment.name}/${ctx.vm.name}`;
+    live.add(key);
+    order.push(key);
+    peaks.vms = Math.max(peaks.vms, live.size);
+    const envs = [...live].map((k) => k.split('/')[0]);
+    peaks.perEnv = Math.max(peaks.perEnv, ...[...new Set(envs)].map((e) => envs.filter((x) => x === e).length));
+    await new Promise((r) => setTimeout(r, delayMs(ctx)));
+    live.delete(key);
+    return { downtimeMs: 1, nodeReadyMs: 1, bytes: 1, resumedFrom: 'cordon', mode: 'cold' };
+  };
+  return { move, peaks, order };
+}
+
+function deps(move: RunnerDeps['move'], over: Partial<RunnerDeps> = {}): RunnerDeps {
+  const hv = { host: host('h1'), withLogger() { return this; } };
+  return {
+    kc: new KubeConfig(), store, log, events: { emit: () => undefined }, latest: () => vmm(spec),
+    pool: { hypervisor: async () => hv as never, connectFresh: async () => { throw new Error('unused'); } },
+    claimEnvironments: () => [], releaseEnvironments: () => undefined,
+    statusSink: sink, openGuest: async () => ({}) as never, move,
+    capacity: { host: async (h) => roomy(h.name), vmBytes: async () => 64 * 1048576 },
+    ...over,
+  };
+}
+
+beforeEach(async () => {
+  store = await Store.open(':memory:');
+  await store.loadInventory({ hosts: ['h1', 'h2', 'h3'].map(host), environments: ['a', 'b', 'c', 'd'].map((n) => env(n, 'h1')) });
+});
+
+describe('runner: a fleet evacuation', () => {
+  it('moves 2 environments at a time, one VM per environment, targets chosen by the operator', async () => {
+    spec = { sourceHost: 'h1', maxParallelEnvironments: 2, placement: { maxEnvironmentsPercentPerHost: 50 } };
+    const t = tracker();
+    await runMigration(vmm(spec), deps(t.move), new AbortController().signal);
+    expect(status.phase).toBe('Succeeded');
+    expect(t.peaks.vms).toBe(2);
+    expect(t.peaks.perEnv).toBe(1);
+    expect(status.environments?.map((e) => [e.name, e.target, e.phase, `${e.vmsDone}/${e.vmsTotal}`])).toEqual([
+      ['a', 'h2', 'Succeeded', '3/3'], ['b', 'h3', 'Succeeded', '3/3'], ['c', 'h2', 'Succeeded', '3/3'], ['d', 'h3', 'Succeeded', '3/3'],
+    ]);
+    expect(status.environments![0]!.reason).toMatch(/^best of 2 candidate\(s\); 1\/2 environments after; [\d.]+ GiB memory free after; 3\/256 vCPUs$/);
+    expect(status.environmentProgress).toBe('4/4');
+    expect(status.progress).toBe('12/12');
+    expect(status.message).toBe('12 VM(s) moved (2 environment(s) to h2, 2 environment(s) to h3)');
+    // each environment's VMs in plan order, and a started environment finished before a third began
+    const firstOf = (e: string) => t.order.findIndex((k) => k.startsWith(`${e}/`));
+    const lastOf = (e: string) => t.order.length - 1 - [...t.order].reverse().findIndex((k) => k.startsWith(`${e}/`));
+    expect(firstOf('c')).toBeGreaterThan(Math.min(lastOf('a'), lastOf('b')));
+  });
+
+  it('with parallelism 1 it is the old one-after-another order', async () => {
+    spec = { sourceHost: 'h1', placement: { maxEnvironmentsPercentPerHost: 50 } };
+    const t = tracker();
+    await runMigration(vmm(spec), deps(t.move), new AbortController().signal);
+    expect(t.peaks.vms).toBe(1);
+    expect(t.order.map((k) => k.split('/')[0])).toEqual(['a', 'a', 'a', 'b', 'b', 'b', 'c', 'c', 'c', 'd', 'd', 'd']);
+  });
+
+  it('the disruption cap and the per-target inbound limit bound concurrency below the parallelism', async () => {
+    spec = { sourceHost: 'h1', maxParallelEnvironments: 4, maxDisruptedEnvironments: 3, hostLimits: { maxOutboundPerHost: 4, maxInboundPerHost: 1 }, placement: { maxEnvironmentsPercentPerHost: 50 } };
+    const t = tracker();
+    await runMigration(vmm(spec), deps(t.move), new AbortController().signal);
+    expect(status.phase).toBe('Succeeded');
+    expect(t.peaks.vms).toBe(2); // two targets, one inbound each
+  });
+
+  it('dry run shows targets and reasons, moves nothing', async () => {
+    spec = { sourceHost: 'h1', placement: { maxEnvironmentsPercentPerHost: 50 }, dryRun: true };
+    const t = tracker();
+    await runMigration(vmm(spec), deps(t.move), new AbortController().signal);
+    expect(t.order).toEqual([]);
+    expect(status.phase).toBe('Succeeded');
+    expect(status.message).toBe('dry run: 12 VM(s) of 4 environment(s) would move (2 environment(s) to h2, 2 environment(s) to h3)');
+    expect(status.environments?.every((e) => e.phase === 'Pending' && e.reason.length > 0)).toBe(true);
+  });
+
+  it('no valid placement: Failed with NoPlacement naming what is short, nothing moved', async () => {
+    spec = { sourceHost: 'h1' }; // 15% of 4 environments = 1 per host: h2 and h3 can take 2 of 4
+    const t = tracker();
+    await runMigration(vmm(spec), deps(t.move), new AbortController().signal);
+    expect(t.order).toEqual([]);
+    expect(status.phase).toBe('Failed');
+    expect(status.conditions?.find((c) => c.type === 'Ready')).toMatchObject({ status: 'False', reason: 'NoPlacement' });
+    expect(status.message).toContain('placement policy: it would hold 2 environments, at most 1 allowed (15% of 4)');
+  });
+
+  it('a cancelled environment is left where it is; the others move', async () => {
+    spec = { sourceHost: 'h1', maxParallelEnvironments: 2, placement: { maxEnvironmentsPercentPerHost: 50 }, cancel: ['b'] };
+    const t = tracker();
+    await runMigration(vmm(spec), deps(t.move), new AbortController().signal);
+    expect(t.order.filter((k) => k.startsWith('b/'))).toEqual([]);
+    expect(status.phase).toBe('Succeeded');
+    expect(status.environments?.find((e) => e.name === 'b')).toMatchObject({ phase: 'Cancelled', vmsDone: 0 });
+    expect(status.message).toContain('1 environment(s) cancelled: b');
+    expect(status.environmentProgress).toBe('3/4');
+  });
+
+  it('cancel while running: the VM in flight finishes, nothing more of that environment starts', async () => {
+    spec = { sourceHost: 'h1', maxParallelEnvironments: 2, placement: { maxEnvironmentsPercentPerHost: 50 } };
+    const t = tracker((ctx) => (ctx.environment.name === 'a' && ctx.vm.name === 'node-1' ? 30 : 5));
+    const d = deps(async (ctx) => {
+      if (ctx.environment.name === 'a' && ctx.vm.name === 'node-1') spec = { ...spec, cancel: ['a'] };
+      return t.move(ctx);
+    });
+    await runMigration(vmm(spec), d, new AbortController().signal);
+    expect(t.order.filter((k) => k.startsWith('a/'))).toEqual(['a/node-1']);
+    expect(status.environments?.find((e) => e.name === 'a')).toMatchObject({ phase: 'Cancelled', vmsDone: 1 });
+  });
+
+  it('outside the window nothing stops; it waits with WaitingForWindow and starts once the window opens', async () => {
+    const opens = new Date(Date.now() + 60_000).toISOString();
+    spec = { sourceHost: 'h1', placement: { maxEnvironmentsPercentPerHost: 50 }, window: { notBefore: opens } };
+    const t = tracker();
+    const err = await runMigration(vmm(spec), deps(t.move), new AbortController().signal).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(RetryLater);
+    expect((err as RetryLater).afterMs).toBeLessThanOrEqual(60_000);
+    expect(t.order).toEqual([]);
+    expect(status.conditions?.find((c) => c.type === 'Progressing')).toMatchObject({ status: 'False', reason: 'WaitingForWindow', message: `the window opens at ${opens.replace('Z', '').replace(/\.\d+$/, '')}.${opens.split('.')[1]}` });
+  });
+
+  it('a target without room for the next VM: that environment waits with the numbers, the others go on', async () => {
+    spec = { sourceHost: 'h1', maxParallelEnvironments: 2, placement: { maxEnvironmentsPercentPerHost: 50 } };
+    const t = tracker();
+    let reads = 0;
+    const small: HostCapacity = { ...roomy('h3'), diskFreeBytes: 1.01 * GiB };
+    // planning sees room everywhere; right before b's first VM h3 has filled up
+    const err = await runMigration(vmm(spec), deps(t.move, { capacity: { host: async (h) => (h.name === 'h3' && ++reads > 1 ? small : roomy(h.name)), vmBytes: async () => 64 * 1048576 } }), new AbortController().signal).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(RetryLater);
+    expect(t.order.filter((k) => k.startsWith('b/') || k.startsWith('d/'))).toEqual([]);
+    expect(t.order.filter((k) => k.startsWith('a/') || k.startsWith('c/'))).toHaveLength(6);
+    expect(status.conditions?.find((c) => c.type === 'Progressing')).toMatchObject({ reason: 'WaitingForCapacity', message: 'h3 has no room for b/node-1: disk: 10.2 MiB free in the VM directory (after a 1.00 GiB reserve), 64.0 MiB needed' });
+    expect(status.environments?.find((e) => e.name === 'b')).toMatchObject({ phase: 'Waiting' });
+  });
+});
+
+describe('status at scale', () => {
+  it('a 100-environment migration lists at most 50 VMs, keeps every environment summary', async () => {
+    store = await Store.open(':memory:');
+    const hosts = Array.from({ length: 10 }, (_, i) => host(`h${i + 1}`));
+    const envs = Array.from({ length: 100 }, (_, i) => env(`s${String(i).padStart(3, '0')}`, `h${(i % 10) + 1}`, 7));
+    await store.loadInventory({ hosts, environments: envs });
+    spec = { environments: envs.map((e) => e.name), maxParallelEnvironments: 8, hostLimits: { maxOutboundPerHost: 4, maxInboundPerHost: 4 } };
+    const t = tracker(() => 1);
+    await runMigration(vmm(spec), deps(t.move), new AbortController().signal);
+    expect(status.phase).toBe('Succeeded');
+    expect(status.progress).toBe('700/700');
+    expect(status.environmentProgress).toBe('100/100');
+    expect(status.vms!.length).toBeLessThanOrEqual(50);
+    expect(status.plan).toHaveLength(700);
+    expect(Buffer.byteLength(JSON.stringify(status))).toBeLessThan(256 * 1024);
+    expect(t.peaks.perEnv).toBe(1);
+    expect(t.peaks.vms).toBeLessThanOrEqual(8);
+  });
+});
