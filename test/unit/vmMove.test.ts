@@ -321,3 +321,191 @@ describe('moveVm interruption', () => {
     expect(calls).toContain('uncordon:e-controller-1');
   });
 });
+
+/** Journal lines as an interrupted earlier run left them. */
+async function journalled(store: Store, entries: [string, 'begin' | 'end'][]): Promise<void> {
+  for (const [step, ev] of entries) await store.journal('uid', 'e', 'controller-1', step, ev);
+}
+
+describe('moveVm: roll forward once the target has run (rule 2)', () => {
+  const quick = (o: Record<string, unknown> = {}) => settingsFrom({ targetHost: 'host02', environments: ['e'], nodeReadyTimeout: '2s', ...o });
+
+  it('a node that never comes Ready on the target: the VM stays there, Degraded; the source is never started and keeps its files', async () => {
+    const { ctx, calls, source, target, guest } = await context('running', 'absent');
+    ctx.settings = quick();
+    guest.waitNodeReady = async () => { calls.push('ready?'); throw new Error('node not Ready within 2 s'); };
+    const err = await moveVm(ctx).catch((e: unknown) => e);
+    expect(err).toMatchObject({ step: 'nodeReady', outcome: 'stuck-on-target' });
+    expect((err as Error).message).toMatch(/node not Ready/);
+    expect(calls.filter((c) => c === 'host01:start')).toEqual([]);
+    expect(calls).not.toContain('host02:stop');
+    expect(calls).not.toContain('host02:remove');
+    expect(calls.filter((c) => c === 'ready?').length).toBeGreaterThan(1);
+    expect(target.state).toBe('running');
+    expect(source.state).toBe('stopped');
+  }, 15_000);
+
+  it('a node-Ready failure that clears: the retry finishes the move on the target', async () => {
+    const { ctx, calls, source, target, guest } = await context('running', 'absent');
+    ctx.settings = quick({ nodeReadyTimeout: '10s' });
+    let n = 0;
+    guest.waitNodeReady = async () => { if (n++ === 0) throw new Error('node not Ready yet'); };
+    const r = await moveVm(ctx);
+    expect(r.mode).toBe('cold');
+    expect(calls).not.toContain('host01:start');
+    expect(target.state).toBe('running');
+    expect(source.state).toBe('absent');
+  }, 15_000);
+
+  it('a cleanup that fails half-way after commit is retried, never rolled back', async () => {
+    const { ctx, calls, source, target, store } = await context('running', 'absent');
+    ctx.settings = quick({ nodeReadyTimeout: '10s' });
+    let n = 0;
+    source.removeVmDir = async () => {
+      calls.push('host01:remove');
+      // rm -rf removed some files, then failed: the directory is still there
+      if (n++ === 0) throw new Error('rm: cannot remove disk0.qcow2: Input/output error');
+      source.state = 'absent';
+    };
+    await moveVm(ctx);
+    expect(calls.filter((c) => c === 'host01:remove')).toHaveLength(2);
+    expect(calls).not.toContain('host01:start');
+    expect(target.state).toBe('running');
+    expect((await store.journalEntries('uid')).some((j) => j.step === 'rollback')).toBe(false);
+  }, 15_000);
+
+  it('a cleanup that keeps failing leaves the VM on the target, Degraded, with the source image kept', async () => {
+    const { ctx, calls, source, target } = await context('running', 'absent');
+    ctx.settings = quick();
+    source.removeVmDir = async () => { calls.push('host01:remove'); throw new Error('rm: Read-only file system'); };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ step: 'cleanup', outcome: 'stuck-on-target' });
+    expect(calls).not.toContain('host01:start');
+    expect(target.state).toBe('running');
+    expect(source.state).toBe('stopped');
+  }, 15_000);
+
+  it('a crash after the VM ran on the target (its QEMU gone since): starts it on the target again, never copies the stale source over it', async () => {
+    const { ctx, calls, store, target } = await context('stopped', 'stopped');
+    ctx.settings = quick();
+    await journalled(store, [['cordon', 'begin'], ['cordon', 'end'], ['drain', 'begin'], ['drain', 'end'], ['stop', 'begin'], ['stop', 'end'],
+      ['fence', 'begin'], ['fence', 'end'], ['transfer', 'begin'], ['transfer', 'end'], ['start', 'begin'], ['start', 'end'], ['nodeReady', 'begin']]);
+    await moveVm(ctx);
+    expect(calls).not.toContain('transfer');
+    expect(calls).not.toContain('host01:start');
+    expect(calls[0]).toBe('host02:start');
+    expect(target.state).toBe('running');
+  });
+
+  it('live: a lost reply to the final cont while the target runs: no rollback, the move finishes on the target', async () => {
+    const { ctx, calls, source, target, engines } = await context('running', 'absent');
+    ctx.settings = quick({ strategy: 'LiveMigrate' });
+    const real = engines.live.bind(engines);
+    engines.live = async (o) => {
+      const s = await real(o);
+      return { ...s, resumeTarget: async () => { calls.push('resume-target'); target.state = 'running'; throw new Error('QMP connection closed before the reply to cont'); } };
+    };
+    await moveVm(ctx);
+    expect(calls).not.toContain('host02:stop');
+    expect(calls).not.toContain('host02:remove');
+    expect(calls).not.toContain('live-abort');
+    expect(target.state).toBe('running');
+    expect(source.state).toBe('absent');
+  }, 15_000);
+
+  it('live: a crash after the source was fenced but before cont (target paused) resumes the target, it is not taken for running', async () => {
+    const { ctx, calls, store, target } = await context('stopped', 'paused');
+    ctx.settings = quick({ strategy: 'LiveMigrate' });
+    await journalled(store, [['live', 'begin'], ['live', 'end'], ['stop', 'begin'], ['stop', 'end'], ['fence', 'begin'], ['fence', 'end']]);
+    const r = await moveVm(ctx);
+    expect(calls).toContain('resume-target');
+    expect(calls.indexOf('resume-target')).toBeLessThan(calls.indexOf('ready:e-controller-1'));
+    expect(target.state).toBe('running');
+    expect(r.mode).toBe('live');
+  });
+
+  it('a cancel (deletion) after the target ran never rolls back', async () => {
+    const { ctx, calls, guest, target } = await context('running', 'absent');
+    ctx.settings = quick();
+    const ac = new AbortController();
+    ctx.signal = ac.signal;
+    guest.waitNodeReady = async () => { ac.abort(new Error('VMMigration deleted')); throw new Error('aborted'); };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ outcome: 'stuck-on-target' });
+    expect(calls).not.toContain('host01:start');
+    expect(target.state).toBe('running');
+  });
+});
+
+describe('moveVm: every strategy verifies before the source goes', () => {
+  it('live: the guest data is compared while both QEMUs are stopped, before the target resumes', async () => {
+    const { ctx, calls } = await context('running', 'absent');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], strategy: 'LiveMigrate' });
+    await moveVm(ctx);
+    expect(calls.indexOf('verify')).toBeGreaterThan(calls.indexOf('quit-source'));
+    expect(calls.indexOf('verify')).toBeLessThan(calls.indexOf('resume-target'));
+    expect(calls.indexOf('verify')).toBeLessThan(calls.indexOf('host01:remove'));
+  });
+
+  it('live: a mismatch before the target ran rolls back and never removes the source', async () => {
+    const { ctx, calls, engines, target } = await context('running', 'absent');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], strategy: 'LiveMigrate' });
+    engines.verify = async () => { throw new Error('guest data differs between source and target: disk0.qcow2'); };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ step: 'verify', outcome: 'rolled-back' });
+    expect(calls).not.toContain('host01:remove');
+    expect(calls).not.toContain('resume-target');
+    expect(target.state).not.toBe('running');
+  });
+});
+
+describe('moveVm: rollback brings back a halted source, and says so only when it runs', () => {
+  it('a source left in shutdown by an interrupted ACPI cutover is reset and resumed', async () => {
+    const { ctx, calls, source, store } = await context('paused', 'absent');
+    source.qmpStatus = 'shutdown';
+    (source as MoveHost).resumeVm = async () => { calls.push('host01:resume'); source.state = 'running'; source.qmpStatus = undefined; };
+    await journalled(store, [['stop', 'begin'], ['stop', 'end']]);
+    source.stopVm = async () => { throw new Error('QMP unreachable'); };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ step: 'stop', outcome: 'rolled-back' });
+    expect(calls).toContain('host01:resume');
+    expect(source.state).toBe('running');
+  });
+
+  it('a source that does not come back is reported stuck, not rolled back', async () => {
+    const { ctx, source, store } = await context('paused', 'absent');
+    source.qmpStatus = 'shutdown';
+    (source as MoveHost).resumeVm = async () => { throw new Error('cont: guest is panicked'); };
+    await journalled(store, [['stop', 'begin'], ['stop', 'end']]);
+    source.stopVm = async () => { throw new Error('QMP unreachable'); };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ outcome: 'stuck' });
+  });
+});
+
+describe('moveVm: leadership loss inside a step stops before the next irreversible action', () => {
+  it('lost during the fence check of `start`: the target is not started', async () => {
+    const { ctx, calls, source } = await context('running', 'absent');
+    const ac = new AbortController();
+    ctx.signal = ac.signal;
+    const status = source.vmStatus;
+    let transferred = false;
+    ctx.engines.copyAll = async () => { calls.push('transfer'); transferred = true; return 1; };
+    source.vmStatus = async (e, v) => {
+      if (transferred) ac.abort(new Handover('lost leadership'));
+      return status(e, v);
+    };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ outcome: 'interrupted' });
+    expect(calls).not.toContain('host02:start');
+  });
+
+  it('lost while cleanup looks at the source: nothing is removed', async () => {
+    const { ctx, calls, source, guest } = await context('running', 'absent');
+    const ac = new AbortController();
+    ctx.signal = ac.signal;
+    const status = source.vmStatus;
+    let committed = false;
+    guest.uncordon = async () => { committed = true; };
+    source.vmStatus = async (e, v) => {
+      if (committed) ac.abort(new Handover('lost leadership'));
+      return status(e, v);
+    };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ outcome: 'interrupted' });
+    expect(calls).not.toContain('host01:remove');
+  });
+});
