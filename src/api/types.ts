@@ -10,7 +10,8 @@ export const KIND = 'VMMigration';
 export type Strategy = 'Rolling' | 'LiveMigrate';
 export type LiveFallback = 'PreCopy' | 'Cold' | 'None';
 export type MigrationPhase = 'Pending' | 'Running' | 'Paused' | 'Succeeded' | 'Failed';
-export type VMPhase = 'Pending' | 'Running' | 'Succeeded' | 'Failed' | 'RolledBack';
+/** Degraded: the VM ran on the target and stays there after a later step kept failing; its source image is kept (rule 2). */
+export type VMPhase = 'Pending' | 'Running' | 'Succeeded' | 'Failed' | 'RolledBack' | 'Degraded';
 
 export interface VMMigrationSpec {
   environments?: string[];

@@ -278,10 +278,13 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
           writer.update((s) => patchEnvironment(s, entry.environment, { phase: 'Waiting', message: moveErr.message }));
           return { kind: 'wait', verdict: moveErr.verdict ?? { reason: 'Waiting', message: moveErr.message } };
         }
-        const where = { untouched: 'nothing was changed', 'rolled-back': `rolled back: VM runs on ${entry.from} again`, stuck: 'rollback FAILED, manual attention needed', waiting: '', interrupted: '' }[moveErr.outcome];
+        const where = {
+          untouched: 'nothing was changed', 'rolled-back': `rolled back: VM runs on ${entry.from} again`, stuck: 'rollback FAILED, manual attention needed',
+          'stuck-on-target': `Degraded: stays on ${entry.to}; source image kept on ${entry.from}, release it with \`vm-migration-operator release-source\` once checked`, waiting: '', interrupted: '',
+        }[moveErr.outcome];
         const message = `${name} failed at step ${moveErr.step}: ${moveErr.message} (${where})`;
-        const phase = moveErr.outcome === 'rolled-back' ? 'RolledBack' : 'Failed';
-        metrics.recordVmMove(moveErr.outcome === 'rolled-back' ? 'rolled_back' : moveErr.outcome === 'stuck' ? 'stuck' : 'failure');
+        const phase = moveErr.outcome === 'rolled-back' ? 'RolledBack' : moveErr.outcome === 'stuck-on-target' ? 'Degraded' : 'Failed';
+        metrics.recordVmMove(moveErr.outcome === 'rolled-back' ? 'rolled_back' : moveErr.outcome === 'stuck' || moveErr.outcome === 'stuck-on-target' ? 'stuck' : 'failure');
         await store.updateMove(uid, entry.environment, entry.vm, { phase, finishedAt: now(), message });
         vmStatus({ phase, finishedAt: now(), message });
         writer.update((s) => patchEnvironment(s, entry.environment, { phase: 'Failed', message }));

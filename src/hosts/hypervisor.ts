@@ -8,6 +8,7 @@ import { TIMEOUTS } from '../api/types.js';
 import { log as rootLog, type Logger } from '../util/log.js';
 import { sleep } from '../util/sleep.js';
 import { buildQemuArgv } from './qemuArgv.js';
+import { resumeSource } from './qemuIncoming.js';
 import { QmpClient } from './qmp.js';
 import type { HostConnection } from './ssh.js';
 
@@ -240,6 +241,21 @@ export class Hypervisor {
     if (p.state === 'absent') return;
     if (p.state === 'alive') throw new Error(`refusing to remove ${dir} on ${this.host.name}: QEMU pid ${p.pid} is alive`);
     await this.conn.execOk(['rm', '-rf', '--', dir]);
+  }
+
+  /**
+   * Runs a halted guest again (a rollback of a cutover): paused → cont; shut down by ACPI with the
+   * shutdown action "pause" → system_reset + cont. Returns once QMP reports running.
+   */
+  async resumeVm(environment: string, vm: VMSpec): Promise<void> {
+    const qmp = await this.openQmp(environment, vm);
+    try {
+      await resumeSource(qmp);
+      const s = (await qmp.execute<{ status: string }>('query-status')).status;
+      if (s !== 'running') throw new Error(`VM ${qemuName(environment, vm.name)} is ${s} on ${this.host.name} after cont`);
+    } finally {
+      qmp.close();
+    }
   }
 
   async exists(path: string): Promise<boolean> {

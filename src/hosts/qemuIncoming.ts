@@ -233,6 +233,14 @@ export class GuestDataMismatchError extends Error {
   }
 }
 
+/**
+ * Writes a paused QEMU's cached image data and metadata out to its files, so an outside reader
+ * (guestContentSha256) sees what the guest would: for a migrated target before the comparison.
+ */
+export async function flushDisks(qmp: QmpClient, dir: string, vm: VMSpec): Promise<void> {
+  for (const d of await queryDisks(qmp, dir, vm)) await qmp.execute('human-monitor-command', { 'command-line': `qemu-io ${d.device} "flush"` });
+}
+
 /** Hashes every disk's guest content on both hosts (in parallel) and throws GuestDataMismatchError on any difference. */
 export async function verifyGuestData(source: Hypervisor, target: Hypervisor, environment: string, vm: VMSpec): Promise<DiskVerification[]> {
   const srcDir = source.vmDir(environment, vm);

@@ -6,7 +6,7 @@
 import type { HostSpec, VMSpec } from '../api/inventory.js';
 import type { MigrationSettings } from '../api/types.js';
 import type { Hypervisor } from '../hosts/hypervisor.js';
-import { openQmpAt, pauseSourceForCutover, quitQemu, resumeIncoming, resumeSource, verifyGuestData } from '../hosts/qemuIncoming.js';
+import { flushDisks, openQmpAt, pauseSourceForCutover, quitQemu, resumeIncoming, resumeSource, verifyGuestData } from '../hosts/qemuIncoming.js';
 import type { HostConnection } from '../hosts/ssh.js';
 import { LiveMigrationAbortedError, liveMigrateUntilHandover } from '../transfer/live.js';
 import { copyNonDiskFiles, startPrecopy } from '../transfer/mirror.js';
@@ -88,11 +88,25 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
         stoppedAt: h.stoppedAt,
         sourceRunState: async () => (await h.sourceQmp.execute<{ status: string }>('query-status')).status,
         quitSource: () => quitQemu(source, environment, vm, h.sourceQmp),
+        async verify() {
+          // the session's client is the target's only QMP client (QEMU serves one at a time)
+          await flushDisks(h.targetQmp, target.vmDir(environment, vm), vm);
+          await verifyGuestData(source, target, environment, vm);
+        },
         resumeTarget: () => resumeIncoming(h.targetQmp).finally(() => h.targetQmp.close()),
         abort: (reason) => h.abort(reason).catch(() => undefined),
       };
     },
     verify: async () => {
+      // a resumed live handover verifies against a paused target QEMU: make its caches visible first
+      if ((await target.vmStatus(environment, vm)).state === 'paused') {
+        const qmp = await openQmpAt(target, target.vmDir(environment, vm));
+        try {
+          await flushDisks(qmp, target.vmDir(environment, vm), vm);
+        } finally {
+          qmp.close();
+        }
+      }
       await verifyGuestData(source, target, environment, vm);
     },
     async resumeTarget() {

@@ -56,7 +56,7 @@ export interface FlowStep {
 export interface FlowInput {
   location: Location;
   /** facts read from this migration's journal for this VM */
-  journal: { converged: boolean };
+  journal: { converged: boolean; targetRan?: boolean };
   settings: Pick<MigrationSettings, 'strategy' | 'precopy' | 'live'>;
   role: VMRole;
   capabilities: { loadBalancer: boolean };
@@ -94,7 +94,8 @@ export function flowSteps(input: FlowInput): FlowPlan {
       if (mode === 'live') {
         // No cordon, no drain: the node stays Ready. Quorum is re-checked right before the switchover.
         beforeStop();
-        add('live', 'stop', 'fence', 'start');
+        // verify while both QEMUs are stopped (source quit, target paused): every strategy compares before the source goes
+        add('live', 'stop', 'fence', 'verify', 'start');
       } else {
         add(controller && 'quorum', mode === 'precopy' && 'mirror', 'cordon', 'drain', mode === 'precopy' && 'mirrorSync');
         beforeStop();
@@ -120,11 +121,13 @@ export function flowSteps(input: FlowInput): FlowPlan {
       }
       break;
     case 'handover-pending':
-      plan = { mode: 'live', resume: { from: 'fence', why: 'a live migration completed before the interruption: the paused target holds the guest state and the source is postmigrate; quitting the source, resuming on the target' } };
-      add('fence', 'start');
+      plan = { mode: 'live', resume: { from: 'fence', why: 'a live migration completed before the interruption: the paused target holds the guest state and the source is postmigrate or quit; quitting the source, verifying the guest data, resuming on the target' } };
+      add('fence', 'verify', 'start');
       break;
     case 'target-stopped':
-      plan = { mode, resume: { from: 'start', why: 'the source files are gone after a verified copy; starting the VM on the target' } };
+      plan = input.journal.targetRan
+        ? { mode, resume: { from: 'start', why: 'the VM ran on the target before the interruption (journal: start began) and is not running now; starting it there again — its disk holds the newest guest writes, the source copy is stale (rule 2)' } }
+        : { mode, resume: { from: 'start', why: 'the source files are gone after a verified copy; starting the VM on the target' } };
       add('fence', 'start');
       break;
     case 'target-running':

@@ -5,8 +5,12 @@
  * side effect and `end`/`fail` after it, and every step is idempotent, so a re-run after a crash
  * neither loses nor doubles a VM; a resumed move says what it resumes and why.
  *
- * A failure before the VM runs on the target rolls back to the source; the source image is only
- * removed once the VM runs on the target, its copy was verified and its node is Ready. A not-yet-safe
+ * A failure before the VM may have run on the target rolls back to the source. From the first instant
+ * it may have run there (`start` began) the target's disk is the truth (DESIGN rule 2): a failure is
+ * retried forward — re-locate, re-plan, run the remaining steps — until nodeReadyTimeout has passed,
+ * and then the move stops there as `stuck-on-target` (Degraded); the source is never started again
+ * and its image stays until an administrator releases it. The source image is only removed once the
+ * VM runs on the target, its copy was verified and its node is Ready. A not-yet-safe
  * verdict before any side effect ends the attempt as `waiting` (the runner re-queues it); a later
  * safety gate waits in place until the verdict turns safe or safetyWaitTimeout passes.
  */
@@ -16,7 +20,7 @@ import type { DrainOptions, DrainResult, NodeState } from '../guest/guestCluster
 import type { VmStatus } from '../hosts/hypervisor.js';
 import type { JournalEvent } from '../store/store.js';
 import type { Logger } from '../util/log.js';
-import { backoffMs, sleep } from '../util/sleep.js';
+import { abortReason, backoffMs, sleep } from '../util/sleep.js';
 import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from './guestSafety.js';
 import { flowSteps, type FlowPlan, type Location, type MoveMode, type StepName } from './steps.js';
 
@@ -29,6 +33,8 @@ export interface MoveHost {
   startVm(environment: string, vm: VMSpec): Promise<unknown>;
   stopVm(environment: string, vm: VMSpec, opts: { powerdownTimeoutMs: number }): Promise<unknown>;
   removeVmDir(environment: string, vm: VMSpec): Promise<void>;
+  /** a live but halted QEMU (paused, or shut down by ACPI with action pause) runs its guest again */
+  resumeVm?(environment: string, vm: VMSpec): Promise<void>;
 }
 
 /** The guest cluster operations a move uses (src/guest/guestCluster.ts implements them). */
@@ -75,6 +81,8 @@ export interface LiveSession {
   /** the source QEMU's run state, asked over the session's own QMP client (QEMU serves one client at a time) */
   sourceRunState(): Promise<string>;
   quitSource(): Promise<void>;
+  /** verify: guest data compared on both hosts while both QEMUs are stopped (target caches flushed first) */
+  verify(): Promise<void>;
   /** start: the target runs the migrated guest; returns when it did */
   resumeTarget(): Promise<number>;
   /** rollback before the target ran: target QEMU gone, source resumed */
@@ -90,6 +98,7 @@ export interface MoveEngines {
   startMirror(opts: { signal: AbortSignal; onProgress: (p: CopyProgress) => void }): Promise<MirrorSession>;
   /** rejects with LiveFellBack when the migration aborted cleanly and the VM still runs on the source */
   live(opts: { signal: AbortSignal; onProgress: (message: string, bytes: number) => void }): Promise<LiveSession>;
+  /** guest data on both hosts equal; a paused target QEMU's caches are flushed first */
   verify(): Promise<void>;
   /** start after an interrupted live handover: resume the paused target QEMU */
   resumeTarget(): Promise<number>;
@@ -137,11 +146,12 @@ export interface MoveResult {
 
 /**
  * untouched: failed before any side effect; waiting: not safe yet, nothing touched, try again later;
- * rolled-back: back on the source; stuck: rollback failed, needs a human; interrupted: stopped on
- * purpose mid-way (leadership lost, shutdown) and left for the next run to resume from the journal —
- * rolling back then would race the new leader.
+ * rolled-back: back on the source; stuck: rollback failed, needs a human; stuck-on-target: the VM ran
+ * on the target and a later step kept failing — it stays there (Degraded), the source image is kept
+ * and never started; interrupted: stopped on purpose mid-way (leadership lost, shutdown) and left for
+ * the next run to resume from the journal — rolling back then would race the new leader.
  */
-export type MoveOutcome = 'untouched' | 'waiting' | 'rolled-back' | 'stuck' | 'interrupted';
+export type MoveOutcome = 'untouched' | 'waiting' | 'rolled-back' | 'stuck' | 'stuck-on-target' | 'interrupted';
 
 /** Abort reason that means "stop, someone will resume" rather than "cancel and roll back". */
 export class Handover extends Error {
@@ -180,8 +190,9 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
     throw err instanceof MoveError ? err : new MoveError('precheck', err.message, 'untouched');
   });
   const converged = await journalSaysConverged(ctx);
-  const planFor = (loc: Location, liveFellBack = false): FlowPlan => flowSteps({
-    location: loc, journal: { converged }, settings: ctx.settings, role: ctx.vm.role,
+  const ranBefore = await journalSaysTargetRan(ctx);
+  const planFor = (loc: Location, liveFellBack = false, targetRan = ranBefore): FlowPlan => flowSteps({
+    location: loc, journal: { converged, targetRan }, settings: ctx.settings, role: ctx.vm.role,
     capabilities: { loadBalancer: ctx.safety.loadBalancer !== undefined }, liveFellBack,
   });
   let plan = planFor(location);
@@ -193,8 +204,8 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
   const resumedFrom = plan.steps.find((s) => !CHECKS.has(s.name) && s.name !== 'leaderMove' && s.name !== 'lbOut')?.name ?? 'nodeReady';
 
   const st: MoveState = { mode: plan.mode, touched: false, nodeReadyMs: 0, bytes: 0, sourceFenced: false, targetStarted: location === 'target-running', lbOut: false };
-  const queue = [...plan.steps];
-  try {
+  const runSteps = async (steps: FlowPlan['steps']): Promise<MoveResult> => {
+    const queue = [...steps];
     while (queue.length > 0) {
       const step = queue.shift()!;
       if (!CHECKS.has(step.name)) st.touched = true;
@@ -210,20 +221,65 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
       }
     }
     return { downtimeMs: st.downtimeMs ?? 0, nodeReadyMs: st.nodeReadyMs, bytes: st.bytes, resumedFrom, mode: st.mode };
+  };
+  try {
+    return await runSteps(plan.steps);
   } catch (err) {
     const failedStep = (err as { step?: MoveStep }).step ?? 'precheck';
     if (err instanceof MoveError && err.outcome === 'waiting') throw err;
-    if (ctx.signal.aborted && ctx.signal.reason instanceof Handover) {
-      throw new MoveError(failedStep, `interrupted: ${ctx.signal.reason.message}`, 'interrupted');
-    }
+    if (interruptedBy(ctx)) throw new MoveError(failedStep, `interrupted: ${interruptedBy(ctx)}`, 'interrupted');
     const reason = (err as Error).message;
     if (!st.touched) throw new MoveError(failedStep, reason, 'untouched');
+    // A lost reply (e.g. to the live handover's `cont`) can hide a target that runs: look before deciding.
+    if (!st.targetStarted && (await targetRuns(ctx))) st.targetStarted = true;
+    if (st.targetStarted) return rollForward(ctx, st, { step: failedStep, reason }, async () => runSteps(planFor(await locate(ctx), false, true).steps));
     const outcome = await rollback(ctx, st).then((): MoveOutcome => 'rolled-back', (rbErr: Error): MoveOutcome => {
       ctx.log.error({ err: rbErr.message }, 'rollback failed');
       ctx.observer.progress({ message: `rollback failed: ${rbErr.message}` });
       return 'stuck';
     });
     throw new MoveError(failedStep, reason, outcome);
+  }
+}
+
+/** The abort reason when the run was handed over (leadership lost, shutdown): the next run resumes, nobody rolls back. */
+function interruptedBy(ctx: MoveContext): string | undefined {
+  return ctx.signal.aborted && ctx.signal.reason instanceof Handover ? ctx.signal.reason.message : undefined;
+}
+
+/** True only when the target's QEMU answers `running`; unreachable or unsure counts as not known to run. */
+async function targetRuns(ctx: MoveContext): Promise<boolean> {
+  const s = await ctx.target.vmStatus(ctx.environment.name, ctx.vm).catch(() => undefined);
+  return s?.qmpStatus === 'running';
+}
+
+/**
+ * Rule 2: the VM may have run on the target, so its disk holds the newest guest writes. Retry the
+ * rest of the move there — re-locate (the failure may have changed where things are), re-plan,
+ * run — with backoff until nodeReadyTimeout has passed since the first failure. Then stop there:
+ * `stuck-on-target`. Never start the source, never stop or delete the target.
+ */
+async function rollForward(ctx: MoveContext, st: MoveState, first: { step: MoveStep; reason: string }, attempt: () => Promise<MoveResult>): Promise<MoveResult> {
+  const deadline = Date.now() + ctx.settings.nodeReadyTimeoutMs;
+  let last = first;
+  // sessions of the first attempt are spent (their QMP clients closed); retries open fresh ones
+  st.live = undefined;
+  st.mirror = undefined;
+  for (let n = 0; ; n++) {
+    const stuck = (why: string) => new MoveError(last.step, `${last.reason}${why} — the VM ran on ${ctx.target.host.name} and stays there (its disk holds the guest's newest writes); the source image on ${ctx.source.host.name} is kept and was never started again`, 'stuck-on-target');
+    if (interruptedBy(ctx)) throw new MoveError(last.step, `interrupted: ${interruptedBy(ctx)}`, 'interrupted');
+    if (ctx.signal.aborted) throw stuck(' (cancelled)');
+    const left = deadline - Date.now();
+    if (left <= 0) throw stuck(` (still failing after ${n} retr${n === 1 ? 'y' : 'ies'} for ${Math.round(ctx.settings.nodeReadyTimeoutMs / 1000)} s)`);
+    ctx.log.warn({ step: last.step, err: last.reason, retry: n + 1 }, 'step failed after the VM ran on the target: rolling forward');
+    ctx.observer.progress({ message: `rolling forward on ${ctx.target.host.name} (never back: the VM ran there): ${last.step} failed: ${last.reason}; retry ${n + 1}` });
+    try {
+      await sleep(Math.min(left, backoffMs(n, 500, 15_000)), ctx.signal);
+      return await attempt();
+    } catch (err) {
+      if (err instanceof MoveError && err.outcome === 'stuck-on-target') throw err;
+      last = { step: (err as { step?: MoveStep }).step ?? last.step, reason: (err as Error).message };
+    }
   }
 }
 
@@ -259,7 +315,7 @@ const live = (s: string) => s === 'running' || s === 'paused' || s === 'other';
 async function locate(ctx: MoveContext): Promise<Location> {
   const { source, target, vm, environment } = ctx;
   const env = environment.name;
-  const [src, dst] = await Promise.all([source.vmStatus(env, vm), target.vmStatus(env, vm)]);
+  const [src, dst, ran] = await Promise.all([source.vmStatus(env, vm), target.vmStatus(env, vm), journalSaysTargetRan(ctx)]);
   if (live(src.state) && live(dst.state)) {
     // An interrupted live migration leaves two QEMUs, but only one of them ever ran the guest:
     // a target still waiting for the incoming stream never ran it, a source that finished handing over never will again.
@@ -277,7 +333,15 @@ async function locate(ctx: MoveContext): Promise<Location> {
     if (src.qmpStatus === 'postmigrate' && dst.qmpStatus === 'paused') return 'handover-pending';
     throw new Error(`VM ${vm.name} has a live QEMU on both ${source.host.name} (${src.qmpStatus ?? src.state}) and ${target.host.name} (${dst.qmpStatus ?? dst.state}); refusing to touch it`);
   }
-  if (live(dst.state)) return 'target-running';
+  // a paused target beside a stopped source holds a migrated guest that was never resumed (or whose
+  // resume was interrupted): it has to be resumed, not waited for
+  if (live(dst.state)) return dst.qmpStatus === 'paused' ? 'handover-pending' : 'target-running';
+  // Rule 2: once `start` began the target may have run; its disk is the truth, even when the source
+  // files are still there and the target QEMU is gone (crashed, host rebooted). Never copy over it.
+  if (ran) {
+    if (dst.state === 'absent') throw new Error(`VM ${vm.name} ran on ${target.host.name} (journal: start began) but its files are gone there; refusing to fall back to the stale copy on ${source.host.name}`);
+    return 'target-stopped';
+  }
   if (live(src.state)) return src.qmpStatus === 'running' || src.qmpStatus === undefined || !(await haltedForCutover(ctx)) ? 'source-running' : 'source-halted';
   if (src.state === 'absent' && dst.state === 'stopped') {
     // Source already cleaned: only possible after a verified copy.
@@ -285,6 +349,24 @@ async function locate(ctx: MoveContext): Promise<Location> {
   }
   if (src.state === 'absent') throw new Error(`VM ${vm.name} has no files on ${source.host.name} nor a complete copy on ${target.host.name}`);
   return 'source-stopped';
+}
+
+/** The journal shows a `start` that began (and no rollback since): the VM may have run on the target. */
+async function journalSaysTargetRan(ctx: MoveContext): Promise<boolean> {
+  let ran = false;
+  for (const e of await ctx.store.journalEntries(ctx.migrationUid, ctx.environment.name, ctx.vm.name)) {
+    if (e.step === 'rollback') ran = false;
+    if (e.step === 'start' && e.event === 'begin') ran = true;
+  }
+  return ran;
+}
+
+/**
+ * Leadership (or a cancel) is checked right before every irreversible sub-action, not only at step
+ * boundaries: a step whose probe outlasted the lease must not go on to stop, start or delete.
+ */
+function checkpoint(ctx: MoveContext, what: string): void {
+  if (ctx.signal.aborted) throw new Error(`not ${what}: ${abortReason(ctx.signal).message}`);
 }
 
 /** A halted (not running) source is a cutover in progress only if the journal shows our `stop` ended (and no rollback since). */
@@ -358,6 +440,7 @@ const ACTIONS: Record<MoveStep, Action> = {
       if (runState !== 'postmigrate') throw new Error(`source is ${runState} after the live migration, expected postmigrate`);
       return runState;
     }
+    checkpoint(ctx, 'stopping the source');
     st.stoppedAt = Date.now();
     if (st.mirror) return st.mirror.haltSource(settings.powerdownTimeoutMs);
     const how = await source.stopVm(environment.name, vm, { powerdownTimeoutMs: settings.powerdownTimeoutMs });
@@ -369,12 +452,14 @@ const ACTIONS: Record<MoveStep, Action> = {
   },
   fence: async (ctx, st) => {
     const { source, environment, vm } = ctx;
+    checkpoint(ctx, 'fencing the source');
     if (st.mirror) await st.mirror.quitSource();
     else if (st.live) await st.live.quitSource();
     else {
       const s = await source.vmStatus(environment.name, vm);
       // Fail closed: fencing never kills a guest that is still executing; that is `stop`'s job.
       if (s.qmpStatus === 'running') throw new Error(`refusing to fence: VM ${vm.name} is running on ${source.host.name}`);
+      checkpoint(ctx, 'fencing the source');
       if (live(s.state)) await source.stopVm(environment.name, vm, { powerdownTimeoutMs: 0 });
     }
     st.sourceFenced = true;
@@ -389,14 +474,21 @@ const ACTIONS: Record<MoveStep, Action> = {
     st.bytes = await ctx.engines.copyAll({ signal: ctx.signal, onProgress: (p) => ctx.observer.progress(p) });
     ctx.observer.progress({ bytesTransferred: st.bytes, bytesTotal: st.bytes, bytesPerSecond: 0, etaSeconds: 0 });
   },
-  verify: (ctx) => ctx.engines.verify(),
+  verify: (ctx, st) => (st.live ? st.live.verify() : ctx.engines.verify()),
   start: async (ctx, st) => {
     const { source, target, environment, vm } = ctx;
     // Fencing: the source must be proven stopped right before the target runs.
     await assertStopped(source, environment.name, vm);
+    // the live session knows its target is paused; otherwise look: a retry or a resume may find it
+    // running already (lost reply), paused (handover not done) or without QEMU (boot it)
+    const onTarget = st.live ? undefined : await target.vmStatus(environment.name, vm);
+    checkpoint(ctx, 'starting the target');
     st.stoppedAt ??= Date.now();
+    // from here on the target may run: a failure rolls forward, never back (rule 2)
     st.targetStarted = true;
-    if (st.mode === 'live') st.runningAt = st.live ? await st.live.resumeTarget() : await ctx.engines.resumeTarget();
+    if (st.live) st.runningAt = await st.live.resumeTarget();
+    else if (onTarget?.qmpStatus === 'running') st.runningAt ??= Date.now();
+    else if (onTarget && live(onTarget.state)) st.runningAt = await ctx.engines.resumeTarget();
     else {
       await target.startVm(environment.name, vm);
       st.runningAt = Date.now();
@@ -421,6 +513,8 @@ const ACTIONS: Record<MoveStep, Action> = {
     // The copy was verified and the VM is healthy on the target: only now may the source go.
     const onSource = await source.vmStatus(environment.name, vm);
     if (live(onSource.state)) throw new Error(`refusing to clean up: VM ${vm.name} still has a live QEMU on ${source.host.name}`);
+    checkpoint(ctx, 'removing the source image');
+    // rm -rf is idempotent: a half-done removal is finished by the retry (roll forward), never undone
     if (onSource.state !== 'absent') await source.removeVmDir(environment.name, vm);
   },
   rollback: async () => undefined,
@@ -452,7 +546,15 @@ async function rollback(ctx: MoveContext, st: MoveState): Promise<void> {
     if (onSource.state === 'stopped') {
       await assertStopped(target, env, vm);
       await source.startVm(env, vm);
+    } else if (onSource.qmpStatus !== 'running') {
+      // paused for a cutover, or shut down by an interrupted ACPI cutover (shutdown action pause)
+      if (!source.resumeVm) throw new Error(`source QEMU of ${vm.name} is ${onSource.qmpStatus ?? onSource.state} and cannot be resumed here`);
+      await assertStopped(target, env, vm);
+      await source.resumeVm(env, vm);
     }
+    // the status will say "runs again": only if it does
+    const after = await source.vmStatus(env, vm);
+    if (after.state !== 'running') throw new Error(`VM ${vm.name} is ${after.qmpStatus ?? after.state} on ${source.host.name} after the rollback, not running`);
     if (onTarget.state !== 'absent') await target.removeVmDir(env, vm);
     if (st.lbOut) await ctx.safety.loadBalancer?.addBackend(vm, ctx.signal);
     await guest.uncordon(vm.nodeName);

@@ -21,7 +21,7 @@
 import type { VMSpec } from '../api/inventory.js';
 import { TIMEOUTS } from '../api/types.js';
 import type { Hypervisor } from '../hosts/hypervisor.js';
-import { createDisks, openQmpAt, queryDisks, quitQemu, startIncomingQemu, verifyGuestData, type DiskVerification, type IncomingQemu, type QemuDisk } from '../hosts/qemuIncoming.js';
+import { createDisks, flushDisks, openQmpAt, queryDisks, quitQemu, startIncomingQemu, verifyGuestData, type DiskVerification, type IncomingQemu, type QemuDisk } from '../hosts/qemuIncoming.js';
 import type { QmpClient } from '../hosts/qmp.js';
 import { log as rootLog, type Logger } from '../util/log.js';
 import { sleep } from '../util/sleep.js';
@@ -285,7 +285,7 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
     await dst.execute('nbd-server-stop');
     if (opts.verifyBeforeResume) {
       // flush the target's qcow2 caches so an outside reader sees the data (source: postmigrate already flushed)
-      for (const d of disks) await dst.execute('human-monitor-command', { 'command-line': `qemu-io ${d.device} "flush"` });
+      await flushDisks(dst, dstDir, vm);
       verification = await verifyGuestData(source, target, environment, vm);
     }
   } catch (err) {

@@ -23,7 +23,7 @@ describe('flowSteps: a worker, every (location, strategy) pair', () => {
     'source-running': {
       cold: ['cordon', 'drain', 'stop', 'fence', 'transfer', 'start', ...POST],
       precopy: ['mirror', 'cordon', 'drain', 'mirrorSync', 'stop', 'converge', 'fence', 'transfer', 'verify', 'start', ...POST],
-      live: ['live', 'stop', 'fence', 'start', ...POST],
+      live: ['live', 'stop', 'fence', 'verify', 'start', ...POST],
     },
     'source-halted': {
       cold: ['stop', 'fence', 'transfer', 'start', ...POST],
@@ -36,9 +36,9 @@ describe('flowSteps: a worker, every (location, strategy) pair', () => {
       live: ['transfer', 'fence', 'start', ...POST],
     },
     'handover-pending': {
-      cold: ['fence', 'start', ...POST],
-      precopy: ['fence', 'start', ...POST],
-      live: ['fence', 'start', ...POST],
+      cold: ['fence', 'verify', 'start', ...POST],
+      precopy: ['fence', 'verify', 'start', ...POST],
+      live: ['fence', 'verify', 'start', ...POST],
     },
     'target-stopped': {
       cold: ['fence', 'start', ...POST],
@@ -81,6 +81,12 @@ describe('flowSteps: resume decisions read from the journal', () => {
     expect(p.mode).toBe('live');
     expect(p.steps.map((s) => s.name)).not.toContain('live');
     expect(p.resume?.from).toBe('fence');
+  });
+
+  it('a stopped target whose VM already ran (journal: start began) is started again, with that reason', () => {
+    const p = flowSteps({ location: 'target-stopped', journal: { converged: false, targetRan: true }, role: 'worker', capabilities: { loadBalancer: false }, settings: settingsFrom({ targetHost: 'h2' }) });
+    expect(p.steps.map((s) => s.name)).toEqual(['fence', 'start', ...POST]);
+    expect(p.resume?.why).toMatch(/ran on the target.*rule 2/);
   });
 
   it('a fresh move says nothing about resuming', () => {
