@@ -1,0 +1,130 @@
+/**
+ * Rule 2 on real parts: two sshd hosts, real QEMU, the real per-VM flow (moveVm with the real
+ * Hypervisor, byte movers and SQLite journal). Only the guest cluster is a double — its node never
+ * comes Ready. After the handover a guest-visible write lands on the target's disk (through the
+ * target QEMU's own block layer, as a guest write would); the move must stop there (stuck-on-target),
+ * keep that write, keep the source image unchanged and never start the source again.
+ */
+import { mkdir } from 'node:fs/promises';
+import path from 'node:path';
+import { execFile } from 'node:child_process';
+import { promisify } from 'node:util';
+import { pino } from 'pino';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { vmDirectory, type EnvironmentSpec, type VMSpec } from '../../src/api/inventory.js';
+import { settingsFrom, type VMMigrationSpec } from '../../src/api/types.js';
+import type { Hypervisor } from '../../src/hosts/hypervisor.js';
+import { guestContentSha256, openQmpAt } from '../../src/hosts/qemuIncoming.js';
+import { hypervisorEngines } from '../../src/migrate/engines.js';
+import { readinessGuard } from '../../src/migrate/readinessGuard.js';
+import { moveVm, MoveError, type MoveGuest, type MoveHost } from '../../src/migrate/vmMove.js';
+import { Store } from '../../src/store/store.js';
+import { startTwoHosts, type TwoHosts } from '../world/hosts.js';
+import { createDiskImage } from '../world/images.js';
+
+const execFileP = promisify(execFile);
+const ENV = 'env-rf';
+const log = pino({ level: 'silent' });
+
+/** Records lifecycle calls on a real hypervisor (the calls still go to the real host). */
+function recording(hv: Hypervisor, calls: string[]): MoveHost {
+  return {
+    host: hv.host,
+    vmStatus: (e, v) => hv.vmStatus(e, v),
+    startVm: (e, v) => { calls.push(`${hv.host.name}:start`); return hv.startVm(e, v); },
+    stopVm: (e, v, o) => { calls.push(`${hv.host.name}:stop`); return hv.stopVm(e, v, o); },
+    removeVmDir: (e, v) => { calls.push(`${hv.host.name}:remove`); return hv.removeVmDir(e, v); },
+    resumeVm: (e, v) => { calls.push(`${hv.host.name}:resume`); return hv.resumeVm(e, v); },
+  };
+}
+
+describe('roll forward once the VM ran on the target (real hosts, real QEMU)', () => {
+  let two: TwoHosts;
+  const used: VMSpec[] = [];
+
+  beforeAll(async () => {
+    two = await startTwoHosts({ tmpPrefix: 'vmop-rf-', firstAddress: 32 });
+  });
+
+  afterEach(async () => {
+    for (const vm of used.splice(0)) {
+      await two.hv1.stopVm(ENV, vm, { powerdownTimeoutMs: 0 }).catch(() => undefined);
+      await two.hv2.stopVm(ENV, vm, { powerdownTimeoutMs: 0 }).catch(() => undefined);
+    }
+  });
+
+  afterAll(async () => {
+    await two?.stop();
+  });
+
+  for (const [label, spec] of [['cold', {}], ['live', { strategy: 'LiveMigrate' }]] as [string, Partial<VMMigrationSpec>][]) {
+    it(`${label}: node never Ready on the target → stuck-on-target; the guest's write on the target survives, the source is never started`, async () => {
+      const vm: VMSpec = { name: `rf-${label}`, role: 'worker', nodeName: `rf-${label}`, host: 'host01', memoryMiB: 64, cpus: 1, files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }] };
+      used.push(vm);
+      const env: EnvironmentSpec = { name: ENV, kubeconfigSecret: { namespace: 'ns', name: 's', key: 'k' }, vms: [vm] };
+      const { hv1, hv2, h1, h2 } = two;
+      const srcDir = vmDirectory(h1, ENV, vm.name);
+      const dstDir = vmDirectory(h2, ENV, vm.name);
+      await mkdir(srcDir, { recursive: true });
+      await createDiskImage(path.join(srcDir, 'disk0.qcow2'), { sizeMiB: 32, format: 'qcow2', seed: 5, regions: 8 });
+      const before = await guestContentSha256(hv1, `${srcDir}/disk0.qcow2`, 'qcow2');
+      await hv1.startVm(ENV, vm);
+
+      const calls: string[] = [];
+      const guestWrites: string[] = [];
+      const guest: MoveGuest & { controlPlaneQuorum: () => Promise<{ ok: boolean; controllers: number; healthy: number; reason: string }> } = {
+        apiHealthy: async () => true,
+        nodeState: async () => ({ exists: true, ready: true, unschedulable: false }),
+        controlPlaneQuorum: async () => ({ ok: true, controllers: 0, healthy: 0, reason: 'ok' }),
+        cordon: async () => undefined,
+        uncordon: async () => undefined,
+        drain: async () => ({ evicted: 0, pdbRetries: 0 }),
+        waitNodeReady: async () => {
+          if (guestWrites.length === 0) {
+            // the guest runs on the target and writes: through the target QEMU's block layer
+            const qmp = await openQmpAt(hv2, dstDir);
+            try {
+              const blocks = await qmp.execute<{ device: string }[]>('query-block');
+              const dev = blocks[0]!.device;
+              await qmp.execute('human-monitor-command', { 'command-line': `qemu-io ${dev} "write -P 0xa7 1M 256k"` });
+              await qmp.execute('human-monitor-command', { 'command-line': `qemu-io ${dev} "flush"` });
+              guestWrites.push(dev);
+            } finally {
+              qmp.close();
+            }
+          }
+          throw new Error(`node ${vm.nodeName} not Ready within 1 s`);
+        },
+      };
+      const settings = settingsFrom({ targetHost: 'host02', environments: [ENV], nodeReadyTimeout: '3s', shutdown: { powerdownTimeout: '0s' }, ...spec });
+      const store = await Store.open(':memory:');
+      const err = await moveVm({
+        migrationUid: `uid-${label}`, environment: env, vm, source: recording(hv1, calls), target: recording(hv2, calls), guest,
+        safety: { guard: readinessGuard(guest) }, store, settings, log, signal: new AbortController().signal,
+        engines: hypervisorEngines({ source: hv1, target: hv2, environment: ENV, vm, settings, log }),
+        observer: { step: () => undefined, progress: () => undefined },
+      }).catch((e: unknown) => e);
+
+      expect(err).toBeInstanceOf(MoveError);
+      expect(err).toMatchObject({ step: 'nodeReady', outcome: 'stuck-on-target' });
+      expect((err as Error).message).toMatch(/stays there.*source image on host01 is kept/);
+      expect(guestWrites).toHaveLength(1);
+      // the VM still runs on the target, nowhere else; the source was never started or resumed
+      expect((await hv2.vmStatus(ENV, vm)).qmpStatus).toBe('running');
+      expect((await hv1.vmStatus(ENV, vm)).state).toBe('stopped');
+      expect(calls.filter((c) => c.startsWith('host01:') && c !== 'host01:stop')).toEqual([]);
+      expect(calls).not.toContain('host02:stop');
+      expect(calls).not.toContain('host02:remove');
+      // the journal never shows a rollback
+      expect((await store.journalEntries(`uid-${label}`)).some((j) => j.step === 'rollback')).toBe(false);
+
+      // the guest's write is on the target's disk; the kept source image is exactly what it was
+      await hv2.stopVm(ENV, vm, { powerdownTimeoutMs: 0 });
+      const read = await execFileP('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 0xa7 1M 256k', `${dstDir}/disk0.qcow2`]);
+      expect(read.stdout).toMatch(/read 262144\/262144 bytes/);
+      expect(read.stdout + read.stderr).not.toMatch(/Pattern verification failed/);
+      expect(await guestContentSha256(hv1, `${srcDir}/disk0.qcow2`, 'qcow2')).toBe(before);
+      expect(await guestContentSha256(hv2, `${dstDir}/disk0.qcow2`, 'qcow2')).not.toBe(before);
+    }, 180_000);
+  }
+});
