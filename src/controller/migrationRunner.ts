@@ -16,7 +16,7 @@ import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from '../m
 import { readinessGuard } from '../migrate/readinessGuard.js';
 import { runFleet, type FleetOutcome } from '../migrate/fleet.js';
 import { boundVmList, environmentSummaries, initialVmList, patchEnvironment, patchVm, targetsText } from '../migrate/fleetStatus.js';
-import { afterMove, safetyWait } from '../migrate/rules.js';
+import { afterMove, resumePlan, safetyWait } from '../migrate/rules.js';
 import { moveVm, MoveError, type MoveContext, type MoveResult, type MoveStep } from '../migrate/vmMove.js';
 import { planMigration } from '../planner/plan.js';
 import { vmFits, type HostCapacity } from '../planner/placement.js';
@@ -116,9 +116,21 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     throw new RetryLater(next.retryAfterMs);
   };
 
-  let plan: PlanEntry[] | undefined = vmm.status?.plan;
-  const resuming = plan !== undefined && vmm.status?.phase === 'Running';
-  if (!resuming) {
+  let plan: PlanEntry[] | undefined;
+  const stored = await store.moves(uid);
+  const resuming = vmm.status?.phase === 'Running' && (stored.length > 0 || vmm.status.plan !== undefined);
+  if (resuming) {
+    // the operator's own store is the truth; status is read back only without one, and validated
+    const r = resumePlan({ status: vmm.status?.plan, stored, hosts: (await store.hosts()).map((h) => h.name), environments: await store.environments() });
+    if (r.problems.length > 0) return finishFailed('InvalidStatusPlan', `cannot resume: ${r.problems.join('; ')}`);
+    if (r.statusIgnored) {
+      log.warn({ reason: r.statusIgnored }, 'status.plan ignored');
+      deps.events.emit(vmm, 'Warning', 'StatusPlanIgnored', r.statusIgnored);
+    }
+    plan = r.entries;
+    const entries = plan;
+    writer.update((s) => { s.plan = entries; });
+  } else {
     const hosts = await store.hosts();
     const capacity = deps.capacity ? await measureHosts(hosts, deps.capacity, log) : undefined;
     const result = planMigration(hosts, await store.environments(), settings, capacity?.readings, capacity?.unreachable);
@@ -135,6 +147,8 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
       s.progress = `0/${entries.length}`;
     });
     if (settings.dryRun) return state('dryRun', 'DryRun', `dry run: ${entries.length} VM(s) of ${reasons.size} environment(s) would move (${targetsText(entries)})`);
+    // the whole plan goes into the store before the first move: a resume reads it from there
+    for (const e of entries) await store.ensureMove({ migrationUid: uid, environment: e.environment, vm: e.vm, fromHost: e.from, toHost: e.to });
   }
   const entries = plan!;
   const busy = deps.claimEnvironments(uid, [...new Set(entries.map((e) => e.environment))]);

@@ -2,6 +2,8 @@
  * Migration-level rules, kept out of the controller (which only maps them to Kubernetes): how a
  * move's outcome ends the migration, and how long a not-yet-safe verdict may hold it.
  */
+import type { EnvironmentSpec } from '../api/inventory.js';
+import type { PlanEntry } from '../api/types.js';
 import type { MoveOutcome } from './vmMove.js';
 
 /** What the migration does after a VM move ended with this outcome. */
@@ -27,4 +29,53 @@ export function safetyWait(sinceMs: number, nowMs: number, timeoutMs: number): {
   const waitedMs = nowMs - sinceMs;
   if (waitedMs >= timeoutMs) return { fail: true, waitedMs };
   return { fail: false, retryAfterMs: Math.min(30_000, Math.max(2000, waitedMs / 4)) };
+}
+
+/** A move as the operator's own store recorded it when the migration was planned. */
+export interface StoredMove {
+  environment: string;
+  vm: string;
+  fromHost: string;
+  toHost: string;
+}
+
+/**
+ * The plan a resumed migration runs. The store's moves (written before the first move) are the
+ * truth; status is only read back when the store has no record of the migration (a new database),
+ * and then every entry is checked against the inventory — status is writable by anyone with
+ * patch rights on the status subresource and has no schema constraints worth trusting.
+ */
+export function resumePlan(input: { status?: PlanEntry[]; stored: StoredMove[]; hosts: string[]; environments: EnvironmentSpec[] }): { entries: PlanEntry[]; problems: string[]; statusIgnored?: string } {
+  const problems: string[] = [];
+  const vmOf = (env: string, vm: string) => input.environments.find((e) => e.name === env)?.vms.find((v) => v.name === vm);
+  const key = (e: { environment: string; vm: string; from: string; to: string }) => `${e.environment}/${e.vm}:${e.from}->${e.to}`;
+  if (input.stored.length > 0) {
+    const entries: PlanEntry[] = [];
+    for (const [i, m] of input.stored.entries()) {
+      const spec = vmOf(m.environment, m.vm);
+      if (!spec) {
+        problems.push(`VM ${m.environment}/${m.vm} of the stored plan is no longer in the inventory`);
+        continue;
+      }
+      entries.push({ order: i + 1, environment: m.environment, vm: m.vm, role: spec.role, node: spec.nodeName, from: m.fromHost, to: m.toHost });
+    }
+    const fromStatus = (input.status ?? []).map(key).join(', ');
+    const fromStore = entries.map(key).join(', ');
+    const statusIgnored = input.status && fromStatus !== fromStore ? `status.plan (${fromStatus || 'empty'}) differs from the operator's stored plan (${fromStore}); resuming the stored plan` : undefined;
+    return { entries, problems, statusIgnored };
+  }
+  const entries = input.status ?? [];
+  if (entries.length === 0) problems.push('status.plan is empty and the operator has no stored plan for this migration');
+  const seen = new Set<string>();
+  for (const e of entries) {
+    const name = `${e.environment}/${e.vm}`;
+    if (e.from === e.to) problems.push(`${name}: from and to are both ${e.from}`);
+    for (const h of [e.from, e.to]) if (!input.hosts.includes(h)) problems.push(`${name}: host ${h} is not in the inventory`);
+    const spec = vmOf(e.environment, e.vm);
+    if (!spec) problems.push(`VM ${name} is not in the inventory`);
+    else if (spec.role !== e.role || spec.nodeName !== e.node) problems.push(`${name}: role/node in status.plan (${e.role}/${e.node}) differ from the inventory (${spec.role}/${spec.nodeName})`);
+    if (seen.has(name)) problems.push(`${name} appears twice in status.plan`);
+    seen.add(name);
+  }
+  return { entries, problems };
 }
