@@ -41,6 +41,8 @@ export interface SandboxOptions {
    * 'none' (default while the e2e tests compare disk checksums across moves): no OS, SeaBIOS only
    */
   guest?: 'linux' | 'none';
+  /** only these VMs of the student environment (default: all seven) */
+  vms?: string[];
   log?: (line: string) => void;
   /** the operator's store: SQLite file (default) or a private PostgreSQL server; default from VMOPS_TEST_DB */
   db?: 'sqlite' | 'postgres';
@@ -74,6 +76,8 @@ export interface OperatorOptions {
   kubeconfigPath?: string;
   /** RBAC from manifests/rbac.yaml, a TokenRequest token mounted where pods have it, no kubeconfig (test/world/inCluster.ts) */
   inCluster?: boolean;
+  /** false: no Lease election, so a restarted operator does not wait out a SIGKILLed one's Lease (test/e2e/faults.test.ts) */
+  leaderElect?: boolean;
 }
 
 export interface OperatorProcess {
@@ -147,7 +151,8 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
 
     const host01 = hosts.hosts[0]!;
     const guest = opts.guest ?? 'none';
-    const environment = studentEnvironment(opts.environment ?? 'student-42', host01.name, guest);
+    const full = studentEnvironment(opts.environment ?? 'student-42', host01.name, guest);
+    const environment = opts.vms ? { ...full, vms: full.vms.filter((v) => opts.vms!.includes(v.name)) } : full;
     const conns: HostConnection[] = [];
     cleanups.push(() => conns.forEach((c) => c.close()));
     const hypervisor = async (name: string) => {
@@ -263,7 +268,7 @@ export async function startOperatorProcess(o: OperatorOptions & { dir: string; k
   let argv = [process.execPath, '--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run',
     ...(o.inCluster ? [] : ['--kubeconfig', o.kubeconfigPath]), '--inventory', o.inventoryPath, '--db', o.dbPath,
     '--ssh-key', o.sshKeyPath, '--namespace', SECRET_NAMESPACE,
-    '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1', '--leader-elect'];
+    '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1', ...(o.leaderElect === false ? [] : ['--leader-elect'])];
   let env: NodeJS.ProcessEnv = { ...process.env, LOG_LEVEL: process.env.LOG_LEVEL ?? 'info' };
   if (o.inCluster) {
     const admin = o.adminKubeconfigPath ?? o.kubeconfigPath;
