@@ -5,6 +5,7 @@
  * vm-migration-operator inventory  – hosts, environments and where each VM runs now
  * vm-migration-operator history X  – each VM's journaled steps with timings for migration X (uid or name)
  * vm-migration-operator status N   – a VMMigration's progress from its status
+ * vm-migration-operator release-source X ENV/VM – delete the kept source image of a move that stayed on its target (Degraded)
  */
 import { accessSync, constants, readFileSync, statSync } from 'node:fs';
 import { hostname } from 'node:os';
@@ -20,6 +21,7 @@ import { guestSafetyHook } from '../controller/guestSafetyWiring.js';
 import { startMetricsServer } from '../metrics/server.js';
 import { planMigration } from '../planner/plan.js';
 import { Store } from '../store/store.js';
+import { releaseSource } from '../migrate/releaseSource.js';
 import { log } from '../util/log.js';
 import { history } from './history.js';
 import { moveHistory, planTable } from './planTable.js';
@@ -56,6 +58,13 @@ const HELP: Record<string, string> = {
   --namespace NS        default vm-migration-system (VMOPS_NAMESPACE)
   --kubeconfig F        default: $KUBECONFIG, ~/.kube/config, or the in-cluster ServiceAccount
   -w, --watch           follow it until it finishes; exit 0 Succeeded, 1 Failed`,
+  'release-source': `vm-migration-operator release-source MIGRATION ENVIRONMENT/VM --db F --ssh-key F [--inventory F]
+  Deletes the source image a move kept because it ended Degraded on its target (it ran there and
+  stays there). Refused unless the move is Degraded, the target holds a live QEMU of the VM and the
+  source holds none. Journaled; the VM's placement becomes the target.
+  --db F                the store (VMOPS_DB)
+  --ssh-key F           the operator's private SSH key (VMOPS_SSH_KEY)
+  --inventory F         load this inventory into the store first (VMOPS_INVENTORY)`,
 };
 const USAGE = `usage:\n${Object.values(HELP).map((h) => `  ${h.split('\n')[0]}`).join('\n')}
 Run "vm-migration-operator COMMAND --help" for a command's flags. Every flag of run can also be given
@@ -218,7 +227,34 @@ async function showHistory(): Promise<void> {
   }
 }
 
-const commands: Record<string, () => Promise<void>> = { run, plan, inventory, history: showHistory, status };
+async function releaseKeptSource(): Promise<void> {
+  const [ref, target] = [positionals[1], positionals[2]];
+  const [env, vmName] = target?.split('/') ?? [];
+  if (!ref || !env || !vmName) {
+    console.error(`error: release-source needs MIGRATION and ENVIRONMENT/VM\n\n${HELP['release-source']}`);
+    process.exit(2);
+  }
+  const store = await Store.open(need('db'));
+  if (values.inventory) await store.loadInventory(loadInventoryFile(values.inventory));
+  const pool = new HostPool({ privateKey: readFileSync(need('ssh-key')) });
+  try {
+    const uids = (await store.moves(ref)).length > 0 ? [ref] : await store.migrationUidsNamed(ref);
+    if (uids.length !== 1) throw new Error(uids.length === 0 ? `no migration ${ref} in the database` : `${ref} names ${uids.length} migrations; give the uid`);
+    const uid = uids[0]!;
+    const rec = await store.move(uid, env, vmName);
+    const vm = (await store.environment(env))?.vms.find((v) => v.name === vmName);
+    if (!rec || !vm) throw new Error(`migration ${ref} has no move of ${env}/${vmName}`);
+    const [from, to] = await Promise.all([store.host(rec.fromHost), store.host(rec.toHost)]);
+    if (!from || !to) throw new Error(`host ${!from ? rec.fromHost : rec.toHost} is not in the inventory`);
+    const [source, target] = await Promise.all([pool.hypervisor(from), pool.hypervisor(to)]);
+    console.log(await releaseSource({ store, migrationUid: uid, environment: env, vm, source, target }));
+  } finally {
+    pool.closeAll();
+    await store.close();
+  }
+}
+
+const commands: Record<string, () => Promise<void>> = { run, plan, inventory, history: showHistory, status, 'release-source': releaseKeptSource };
 const cmd = positionals[0];
 if (values.help) {
   console.log(cmd && HELP[cmd] ? HELP[cmd] : USAGE);

@@ -33,6 +33,41 @@ export interface VmFileInfo {
 export const PROC_ALIVE_FN = "alive() { st=$(sed 's/.*) //' \"/proc/$1/stat\" 2>/dev/null | cut -d' ' -f1); [ -n \"$st\" ] && [ \"$st\" != Z ] && [ \"$st\" != X ]; }";
 
 /**
+ * Ends a qemu-nbd started by us: pid from its pidfile, identity checked through /proc/<pid>/cmdline
+ * (must be qemu-nbd serving that socket), SIGTERM (qemu-nbd flushes and exits), SIGKILL after 10 s.
+ */
+export const NBD_STOP_FN = [
+  PROC_ALIVE_FN,
+  'nbd_stop() {',
+  '  pid=$(tr -dc 0-9 < "$1" 2>/dev/null || true)',
+  '  [ -n "$pid" ] || return 0',
+  '  tr "\\0" "\\n" < "/proc/$pid/cmdline" 2>/dev/null | grep -qxF -- "$2" || return 0',
+  '  kill -TERM "$pid" 2>/dev/null || return 0',
+  '  i=0',
+  '  while alive "$pid"; do',
+  '    i=$((i+1)); if [ $i -gt 200 ]; then kill -KILL "$pid"; return 3; fi',
+  '    sleep 0.05',
+  '  done',
+  '  rm -f -- "$1"',
+  '}',
+].join('\n');
+/**
+ * Leftovers of a mirror or live migration whose operator died: every qemu-nbd with a pidfile in the
+ * VM directory (identity checked, see NBD_STOP_FN) is stopped, its socket and pidfile and the live
+ * migration's sockets removed. Relay `.partial` files stay: a cold copy resumes from them.
+ */
+const CLEAR_EXPORTS_SCRIPT = [
+  NBD_STOP_FN,
+  '[ -d "$1" ] || exit 0',
+  'for p in "$1"/*.nbd.pid; do',
+  '  [ -e "$p" ] || continue',
+  '  nbd_stop "$p" "--socket=${p%.nbd.pid}.nbd.sock" || exit $?',
+  '  rm -f -- "$p" "${p%.nbd.pid}.nbd.sock"',
+  'done',
+  'rm -f -- "$1"/*.nbd.sock "$1/nbd.sock" "$1/migrate.sock"',
+].join('\n');
+
+/**
  * Fixed script, data only via positional parameters: prints "absent", "stopped", or
  * "pid <n> <state>" followed by the NUL-separated cmdline.
  */
@@ -241,6 +276,14 @@ export class Hypervisor {
     if (p.state === 'absent') return;
     if (p.state === 'alive') throw new Error(`refusing to remove ${dir} on ${this.host.name}: QEMU pid ${p.pid} is alive`);
     await this.conn.execOk(['rm', '-rf', '--', dir]);
+  }
+
+  /** Stops qemu-nbd exports and removes migration sockets an interrupted move left in the VM directory. */
+  async clearStaleExports(environment: string, vm: VMSpec): Promise<void> {
+    const dir = this.vmDir(environment, vm);
+    assertSafePath('directory', dir);
+    const r = await this.conn.exec(['sh', '-c', CLEAR_EXPORTS_SCRIPT, 'clear-exports', dir]);
+    if (r.code !== 0) throw new Error(`clearing stale exports in ${dir} on ${this.host.name} failed (${r.code}): ${r.stderr.toString().trim()}`);
   }
 
   /**

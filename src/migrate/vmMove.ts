@@ -35,6 +35,8 @@ export interface MoveHost {
   removeVmDir(environment: string, vm: VMSpec): Promise<void>;
   /** a live but halted QEMU (paused, or shut down by ACPI with action pause) runs its guest again */
   resumeVm?(environment: string, vm: VMSpec): Promise<void>;
+  /** stop qemu-nbd exports / remove migration sockets an interrupted earlier run left in the VM directory */
+  clearStaleExports?(environment: string, vm: VMSpec): Promise<void>;
 }
 
 /** The guest cluster operations a move uses (src/guest/guestCluster.ts implements them). */
@@ -290,6 +292,8 @@ async function precheck(ctx: MoveContext): Promise<Location> {
     throw new MoveError('precheck', verdict.message, 'waiting', verdict);
   }
   const where = await locate(ctx);
+  // nothing of this run exists yet: any export in the target's VM directory is an interrupted run's
+  await ctx.target.clearStaleExports?.(environment.name, vm);
   const node = await guest.nodeState(vm.nodeName);
   if (!node.exists) throw new Error(`node ${vm.nodeName} of VM ${vm.name} does not exist in the guest cluster of ${environment.name}`);
   return where;

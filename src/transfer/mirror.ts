@@ -18,7 +18,7 @@
  */
 import type { VMSpec } from '../api/inventory.js';
 import { TIMEOUTS } from '../api/types.js';
-import { PROC_ALIVE_FN, type Hypervisor } from '../hosts/hypervisor.js';
+import { NBD_STOP_FN, type Hypervisor } from '../hosts/hypervisor.js';
 import { createDisks, openQmpAt, queryDisks, type QemuDisk } from '../hosts/qemuIncoming.js';
 import type { QmpClient, QmpEvent } from '../hosts/qmp.js';
 import { relayFile } from './relay.js';
@@ -94,6 +94,7 @@ export class MirrorJobs {
    */
   static async start(qmp: QmpClient, targets: MirrorTarget[], opts: { prefix: string; copyMode?: 'background' | 'write-blocking'; speedBytesPerSec?: number }): Promise<MirrorJobs> {
     const jobs = new MirrorJobs(qmp, targets, opts.prefix);
+    await jobs.clearStale();
     const started: string[] = [];
     try {
       for (const [i, t] of targets.entries()) {
@@ -119,6 +120,24 @@ export class MirrorJobs {
       throw err;
     }
     return jobs;
+  }
+
+  /**
+   * Jobs with our ids left by an earlier run that died (auto-dismiss is off, and a READY mirror of a
+   * paused guest never notices its vanished target): cancelled and dismissed, or the new drive-mirror
+   * would be refused as a duplicate job id.
+   */
+  private async clearStale(): Promise<void> {
+    for (let i = 0; i < 100; i++) {
+      const stale = (await this.qmp.execute<BlockJobInfo[]>('query-block-jobs')).filter((j) => this.jobIds.includes(j.device));
+      if (stale.length === 0) return;
+      for (const j of stale) {
+        if (j.status === 'concluded') await this.qmp.execute('job-dismiss', { id: j.device }).catch(() => undefined);
+        else if (j.status !== 'aborting' && j.status !== 'null') await this.qmp.execute('block-job-cancel', { device: j.device, force: true }).catch(() => undefined);
+      }
+      await sleep(50);
+    }
+    throw new Error(`stale block jobs ${this.jobIds.join(', ')} of an earlier run would not go away`);
   }
 
   async poll(): Promise<MirrorProgress> {
@@ -257,25 +276,6 @@ interface NbdExport {
 
 const PARTIAL = '.partial';
 
-/**
- * Ends a qemu-nbd started by us: pid from its pidfile, identity checked through /proc/<pid>/cmdline
- * (must be qemu-nbd serving that socket), SIGTERM (qemu-nbd flushes and exits), SIGKILL after 10 s.
- */
-const NBD_STOP_FN = [
-  PROC_ALIVE_FN,
-  'nbd_stop() {',
-  '  pid=$(tr -dc 0-9 < "$1" 2>/dev/null || true)',
-  '  [ -n "$pid" ] || return 0',
-  '  tr "\\0" "\\n" < "/proc/$pid/cmdline" 2>/dev/null | grep -qxF -- "$2" || return 0',
-  '  kill -TERM "$pid" 2>/dev/null || return 0',
-  '  i=0',
-  '  while alive "$pid"; do',
-  '    i=$((i+1)); if [ $i -gt 200 ]; then kill -KILL "$pid"; return 3; fi',
-  '    sleep 0.05',
-  '  done',
-  '  rm -f -- "$1"',
-  '}',
-].join('\n');
 const NBD_STOP_SCRIPT = `${NBD_STOP_FN}\nnbd_stop "$1" "$2"`;
 
 async function stopNbd(target: Hypervisor, e: NbdExport): Promise<void> {

@@ -13,10 +13,13 @@ import { pino } from 'pino';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { vmDirectory, type EnvironmentSpec, type VMSpec } from '../../src/api/inventory.js';
 import { settingsFrom, type VMMigrationSpec } from '../../src/api/types.js';
-import type { Hypervisor } from '../../src/hosts/hypervisor.js';
-import { guestContentSha256, openQmpAt } from '../../src/hosts/qemuIncoming.js';
+import { Hypervisor } from '../../src/hosts/hypervisor.js';
+import { guestContentSha256, openQmpAt, pauseSourceForCutover, verifyGuestData } from '../../src/hosts/qemuIncoming.js';
+import { HostConnection } from '../../src/hosts/ssh.js';
+import { startPrecopy } from '../../src/transfer/mirror.js';
 import { hypervisorEngines } from '../../src/migrate/engines.js';
 import { readinessGuard } from '../../src/migrate/readinessGuard.js';
+import { releaseSource } from '../../src/migrate/releaseSource.js';
 import { moveVm, MoveError, type MoveGuest, type MoveHost } from '../../src/migrate/vmMove.js';
 import { Store } from '../../src/store/store.js';
 import { startTwoHosts, type TwoHosts } from '../world/hosts.js';
@@ -119,12 +122,55 @@ describe('roll forward once the VM ran on the target (real hosts, real QEMU)', (
       expect((await store.journalEntries(`uid-${label}`)).some((j) => j.step === 'rollback')).toBe(false);
 
       // the guest's write is on the target's disk; the kept source image is exactly what it was
+      const readBack = await execFileP('qemu-io', ['-r', '-U', '-f', 'qcow2', '-c', 'read -P 0xa7 1M 256k', `${dstDir}/disk0.qcow2`]);
+      expect(readBack.stdout).toMatch(/read 262144\/262144 bytes/);
+      expect(await guestContentSha256(hv1, `${srcDir}/disk0.qcow2`, 'qcow2')).toBe(before);
+
+      // an administrator releases the kept source image: refused while the move is not Degraded, then done
+      await store.ensureMove({ migrationUid: `uid-${label}`, environment: ENV, vm: vm.name, fromHost: 'host01', toHost: 'host02' });
+      const release = () => releaseSource({ store, migrationUid: `uid-${label}`, environment: ENV, vm, source: hv1, target: hv2 });
+      await expect(release()).rejects.toThrow(/is Pending, not Degraded/);
+      await store.updateMove(`uid-${label}`, ENV, vm.name, { phase: 'Degraded' });
+      expect(await release()).toMatch(/released by an administrator/);
+      expect((await hv1.vmStatus(ENV, vm)).state).toBe('absent');
+      expect((await hv2.vmStatus(ENV, vm)).qmpStatus).toBe('running');
+
       await hv2.stopVm(ENV, vm, { powerdownTimeoutMs: 0 });
       const read = await execFileP('qemu-io', ['-r', '-f', 'qcow2', '-c', 'read -P 0xa7 1M 256k', `${dstDir}/disk0.qcow2`]);
       expect(read.stdout).toMatch(/read 262144\/262144 bytes/);
       expect(read.stdout + read.stderr).not.toMatch(/Pattern verification failed/);
-      expect(await guestContentSha256(hv1, `${srcDir}/disk0.qcow2`, 'qcow2')).toBe(before);
       expect(await guestContentSha256(hv2, `${dstDir}/disk0.qcow2`, 'qcow2')).not.toBe(before);
     }, 180_000);
   }
+
+  it('a pre-copy whose operator died mid-mirror leaves a qemu-nbd and a block job behind; the next run clears both and mirrors again', async () => {
+    const vm: VMSpec = { name: 'rf-stale', role: 'worker', nodeName: 'rf-stale', host: 'host01', memoryMiB: 64, cpus: 1, files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }] };
+    used.push(vm);
+    const { hv1, hv2, h1, h2 } = two;
+    const srcDir = vmDirectory(h1, ENV, vm.name);
+    const dstDir = vmDirectory(h2, ENV, vm.name);
+    await mkdir(srcDir, { recursive: true });
+    await createDiskImage(path.join(srcDir, 'disk0.qcow2'), { sizeMiB: 32, format: 'qcow2', seed: 9, regions: 8 });
+    await hv1.startVm(ENV, vm);
+
+    // the "operator" that dies: its own SSH connections, closed without any cleanup
+    const [d1, d2] = await Promise.all([HostConnection.connect(h1, two.world.identity), HostConnection.connect(h2, two.world.identity)]);
+    const dying = await startPrecopy({ source: new Hypervisor(h1, d1), target: new Hypervisor(h2, d2), environment: ENV, vm, log });
+    await dying.ready;
+    d1.close();
+    d2.close();
+    await new Promise((r) => setTimeout(r, 500));
+    const nbdAlive = async () => (await execFileP('pgrep', ['-f', `qemu-nbd.*${dstDir}/`]).catch(() => ({ stdout: '' }))).stdout.trim();
+    expect(await nbdAlive(), 'the dead run left its qemu-nbd').not.toBe('');
+
+    // the next run (precheck clears the target's stale exports; the new mirror replaces the stale job)
+    await hv2.clearStaleExports(ENV, vm);
+    expect(await nbdAlive()).toBe('');
+    const again = await startPrecopy({ source: hv1, target: hv2, environment: ENV, vm, log });
+    await again.ready;
+    await pauseSourceForCutover(again.sourceQmp, { powerdownTimeoutMs: 0 });
+    await again.complete();
+    expect((await verifyGuestData(hv1, hv2, ENV, vm)).every((v) => v.sourceSha256 === v.targetSha256)).toBe(true);
+    again.sourceQmp.close();
+  }, 180_000);
 });
