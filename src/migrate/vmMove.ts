@@ -205,7 +205,8 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
   if (ctx.vm.role === 'controller' && !ctx.safety.loadBalancer) ctx.observer.noLoadBalancer?.();
   const resumedFrom = plan.steps.find((s) => !CHECKS.has(s.name) && s.name !== 'leaderMove' && s.name !== 'lbOut')?.name ?? 'nodeReady';
 
-  const st: MoveState = { mode: plan.mode, touched: false, nodeReadyMs: 0, bytes: 0, sourceFenced: false, targetStarted: location === 'target-running', lbOut: false };
+  // an earlier run's `start` counts too: once the target may have run, this run never rolls back
+  const st: MoveState = { mode: plan.mode, touched: false, nodeReadyMs: 0, bytes: 0, sourceFenced: false, targetStarted: location === 'target-running' || ranBefore, lbOut: false };
   const runSteps = async (steps: FlowPlan['steps']): Promise<MoveResult> => {
     const queue = [...steps];
     while (queue.length > 0) {
@@ -292,8 +293,6 @@ async function precheck(ctx: MoveContext): Promise<Location> {
     throw new MoveError('precheck', verdict.message, 'waiting', verdict);
   }
   const where = await locate(ctx);
-  // nothing of this run exists yet: any export in the target's VM directory is an interrupted run's
-  await ctx.target.clearStaleExports?.(environment.name, vm);
   const node = await guest.nodeState(vm.nodeName);
   if (!node.exists) throw new Error(`node ${vm.nodeName} of VM ${vm.name} does not exist in the guest cluster of ${environment.name}`);
   return where;
@@ -319,6 +318,8 @@ const live = (s: string) => s === 'running' || s === 'paused' || s === 'other';
 async function locate(ctx: MoveContext): Promise<Location> {
   const { source, target, vm, environment } = ctx;
   const env = environment.name;
+  // nothing of this run exists yet: any qemu-nbd export in the target's VM directory is an interrupted run's
+  await target.clearStaleExports?.(env, vm);
   const [src, dst, ran] = await Promise.all([source.vmStatus(env, vm), target.vmStatus(env, vm), journalSaysTargetRan(ctx)]);
   if (live(src.state) && live(dst.state)) {
     // An interrupted live migration leaves two QEMUs, but only one of them ever ran the guest:
@@ -346,7 +347,13 @@ async function locate(ctx: MoveContext): Promise<Location> {
     if (dst.state === 'absent') throw new Error(`VM ${vm.name} ran on ${target.host.name} (journal: start began) but its files are gone there; refusing to fall back to the stale copy on ${source.host.name}`);
     return 'target-stopped';
   }
-  if (live(src.state)) return src.qmpStatus === 'running' || src.qmpStatus === undefined || !(await haltedForCutover(ctx)) ? 'source-running' : 'source-halted';
+  if (live(src.state)) {
+    if (src.qmpStatus !== 'running' && src.qmpStatus !== undefined && (await haltedForCutover(ctx))) return 'source-halted';
+    if (ran && dst.state !== 'absent') throw new Error(`VM ${vm.name} ran on ${target.host.name} (journal: start began) but a QEMU runs it on ${source.host.name} too; refusing to touch either copy`);
+    // files on the target that never ran (a rolled-back or interrupted copy): stale, the move starts over
+    if (dst.state === 'stopped') await target.removeVmDir(env, vm);
+    return 'source-running';
+  }
   if (src.state === 'absent' && dst.state === 'stopped') {
     // Source already cleaned: only possible after a verified copy.
     return 'target-stopped';
@@ -538,7 +545,14 @@ async function rollback(ctx: MoveContext, st: MoveState): Promise<void> {
     if (st.mirror && !st.sourceFenced) await st.mirror.abortAndResume();
     if (st.live && !st.sourceFenced && !st.targetStarted) await st.live.abort(new Error('rolling back'));
     const onSource = await source.vmStatus(env, vm);
-    const onTarget = await target.vmStatus(env, vm);
+    let targetUnreachable: string | undefined;
+    const onTarget = await target.vmStatus(env, vm).catch((err: Error): VmStatus => {
+      // Cold/pre-copy before `start`: no QEMU of this VM was ever started on the target, so an
+      // unreachable target cannot be running it. Live: its paused QEMU holds the guest — fail closed.
+      if (st.mode === 'live' || st.targetStarted) throw err;
+      targetUnreachable = err.message;
+      return { state: 'stopped' };
+    });
     if (onSource.state === 'absent') {
       // The source files are gone only after a complete, verified move: nothing to roll back to.
       throw new Error(`source files of ${vm.name} are gone; leaving the VM on ${target.host.name}`);
@@ -547,19 +561,21 @@ async function rollback(ctx: MoveContext, st: MoveState): Promise<void> {
       await target.stopVm(env, vm, { powerdownTimeoutMs: ctx.settings.powerdownTimeoutMs });
       await assertStopped(target, env, vm);
     }
+    const targetStopped = () => (targetUnreachable ? Promise.resolve() : assertStopped(target, env, vm));
     if (onSource.state === 'stopped') {
-      await assertStopped(target, env, vm);
+      await targetStopped();
       await source.startVm(env, vm);
     } else if (onSource.qmpStatus !== 'running') {
       // paused for a cutover, or shut down by an interrupted ACPI cutover (shutdown action pause)
       if (!source.resumeVm) throw new Error(`source QEMU of ${vm.name} is ${onSource.qmpStatus ?? onSource.state} and cannot be resumed here`);
-      await assertStopped(target, env, vm);
+      await targetStopped();
       await source.resumeVm(env, vm);
     }
     // the status will say "runs again": only if it does
     const after = await source.vmStatus(env, vm);
     if (after.state !== 'running') throw new Error(`VM ${vm.name} is ${after.qmpStatus ?? after.state} on ${source.host.name} after the rollback, not running`);
-    if (onTarget.state !== 'absent') await target.removeVmDir(env, vm);
+    if (targetUnreachable) ctx.observer.progress({ message: `target ${target.host.name} unreachable during the rollback (${targetUnreachable}); its never-started copy is removed by the next attempt` });
+    else if (onTarget.state !== 'absent') await target.removeVmDir(env, vm);
     if (st.lbOut) await ctx.safety.loadBalancer?.addBackend(vm, ctx.signal);
     await guest.uncordon(vm.nodeName);
   });

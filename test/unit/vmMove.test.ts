@@ -501,3 +501,53 @@ describe('moveVm: leadership loss inside a step stops before the next irreversib
     expect(calls).not.toContain('host01:remove');
   });
 });
+
+describe('moveVm: an unreachable host and stale copies', () => {
+  it('cold: the target unreachable right before start rolls back — the source runs again, the never-started target copy is left for later', async () => {
+    const { ctx, calls, source, target } = await context('running', 'absent');
+    const status = target.vmStatus;
+    let down = false;
+    ctx.engines.copyAll = async () => { calls.push('transfer'); target.state = 'stopped'; down = true; return 1; };
+    target.vmStatus = async (e, v) => { if (down) throw new Error('connect ECONNREFUSED 127.0.0.3:22'); return status(e, v); };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ step: 'start', outcome: 'rolled-back' });
+    expect(source.state).toBe('running');
+    expect(calls).not.toContain('host02:start');
+    expect(calls).not.toContain('host02:remove');
+  });
+
+  it('live: the target unreachable after the migration fails closed (its paused QEMU holds the guest): stuck, nothing restarted', async () => {
+    const { ctx, calls, target, engines } = await context('running', 'absent');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], strategy: 'LiveMigrate' });
+    const real = engines.live.bind(engines);
+    let down = false;
+    engines.live = async (o) => {
+      const s = await real(o);
+      down = true;
+      return { ...s, abort: async () => { throw new Error('target unreachable'); }, verify: async () => { throw new Error('connect ECONNREFUSED'); } };
+    };
+    const status = target.vmStatus;
+    target.vmStatus = async (e, v) => { if (down) throw new Error('connect ECONNREFUSED 127.0.0.3:22'); return status(e, v); };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ outcome: 'stuck' });
+    expect(calls).not.toContain('host01:start');
+  });
+
+  it('a fence failure in a run after an earlier run had begun start does not roll back (rule 2 across runs)', async () => {
+    const { ctx, calls, store, source } = await context('stopped', 'stopped');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], nodeReadyTimeout: '2s' });
+    await journalled(store, [['stop', 'begin'], ['stop', 'end'], ['fence', 'begin'], ['fence', 'end'], ['transfer', 'begin'], ['transfer', 'end'], ['start', 'begin']]);
+    const status = source.vmStatus;
+    let n = 0;
+    source.vmStatus = async (e, v) => { if (n++ === 2) throw new Error('source probe failed'); return status(e, v); };
+    await moveVm(ctx).catch(() => undefined);
+    expect(calls).not.toContain('host01:start');
+    expect(calls).not.toContain('host02:remove');
+  }, 15_000);
+
+  it('files on the target that never ran, beside a running source, are stale: removed and the move starts over', async () => {
+    const { ctx, calls, target } = await context('running', 'stopped');
+    const r = await moveVm(ctx);
+    expect(calls[0]).toBe('host02:remove');
+    expect(r.resumedFrom).toBe('cordon');
+    expect(target.state).toBe('running');
+  });
+});
