@@ -54,7 +54,8 @@ export const NBD_STOP_FN = [
 /**
  * Leftovers of a mirror or live migration whose operator died: every qemu-nbd with a pidfile in the
  * VM directory (identity checked, see NBD_STOP_FN) is stopped, its socket and pidfile and the live
- * migration's sockets removed. Relay `.partial` files stay: a cold copy resumes from them.
+ * migration's sockets and verification temp files removed. Relay `.partial` files stay: a cold copy
+ * resumes from them.
  */
 const CLEAR_EXPORTS_SCRIPT = [
   NBD_STOP_FN,
@@ -64,7 +65,8 @@ const CLEAR_EXPORTS_SCRIPT = [
   '  nbd_stop "$p" "--socket=${p%.nbd.pid}.nbd.sock" || exit $?',
   '  rm -f -- "$p" "${p%.nbd.pid}.nbd.sock"',
   'done',
-  'rm -f -- "$1"/*.nbd.sock "$1/nbd.sock" "$1/migrate.sock"',
+  // temp files of a guest-data verification whose SSH session died with the operator
+  'rm -f -- "$1"/*.nbd.sock "$1/nbd.sock" "$1/migrate.sock" "$1"/*.verify.??????',
 ].join('\n');
 
 /**

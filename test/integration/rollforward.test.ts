@@ -143,6 +143,75 @@ describe('roll forward once the VM ran on the target (real hosts, real QEMU)', (
     }, 180_000);
   }
 
+  /** A VM running on host01 with a 32 MiB disk; its guest content hash. */
+  async function runningOnHost01(name: string): Promise<{ vm: VMSpec; env: EnvironmentSpec; before: string }> {
+    const vm: VMSpec = { name, role: 'worker', nodeName: name, host: 'host01', memoryMiB: 64, cpus: 1, files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }] };
+    used.push(vm);
+    const dir = vmDirectory(two.h1, ENV, vm.name);
+    await mkdir(dir, { recursive: true });
+    await createDiskImage(path.join(dir, 'disk0.qcow2'), { sizeMiB: 32, format: 'qcow2', seed: 13, regions: 8 });
+    const before = await guestContentSha256(two.hv1, `${dir}/disk0.qcow2`, 'qcow2');
+    await two.hv1.startVm(ENV, vm);
+    return { vm, env: { name: ENV, kubeconfigSecret: { namespace: 'ns', name: 's', key: 'k' }, vms: [vm] }, before };
+  }
+
+  const readyGuest = () => {
+    const g = {
+      apiHealthy: async () => true, nodeState: async () => ({ exists: true, ready: true, unschedulable: false }),
+      controlPlaneQuorum: async () => ({ ok: true, controllers: 0, healthy: 0, reason: 'ok' }),
+      cordon: async () => undefined, uncordon: async () => undefined, drain: async () => ({ evicted: 0, pdbRetries: 0 }), waitNodeReady: async () => undefined,
+    };
+    return g;
+  };
+
+  function cold(o: { uid: string; env: EnvironmentSpec; vm: VMSpec; store: Store; source: Hypervisor; target: Hypervisor; calls: string[]; onStep?: (step: string) => void }) {
+    const guest = readyGuest();
+    const settings = settingsFrom({ targetHost: 'host02', environments: [ENV], shutdown: { powerdownTimeout: '0s' } });
+    return moveVm({
+      migrationUid: o.uid, environment: o.env, vm: o.vm, source: recording(o.source, o.calls), target: recording(o.target, o.calls), guest,
+      safety: { guard: readinessGuard(guest) }, store: o.store, settings, log, signal: new AbortController().signal,
+      engines: hypervisorEngines({ source: o.source, target: o.target, environment: ENV, vm: o.vm, settings, log }),
+      observer: { step: (step, ev) => { if (ev === 'begin') o.onStep?.(step); }, progress: () => undefined },
+    });
+  }
+
+  it('the target host unreachable right before start: rolled back, the source runs again; the next run discards the stale copy and finishes', async () => {
+    const { vm, env, before } = await runningOnHost01('rf-tdown');
+    const store = await Store.open(':memory:');
+    const calls: string[] = [];
+    const d2 = await HostConnection.connect(two.h2, two.world.identity);
+    const err = await cold({ uid: 'uid-tdown', env, vm, store, source: two.hv1, target: new Hypervisor(two.h2, d2), calls, onStep: (s) => { if (s === 'start') d2.close(); } }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ step: 'start', outcome: 'rolled-back' });
+    expect((await two.hv1.vmStatus(ENV, vm)).qmpStatus).toBe('running');
+    expect((await two.hv2.vmStatus(ENV, vm)).state).toBe('stopped'); // the copy, never started
+    expect(calls).not.toContain('host02:start');
+
+    await cold({ uid: 'uid-tdown', env, vm, store, source: two.hv1, target: two.hv2, calls: [] });
+    expect((await two.hv2.vmStatus(ENV, vm)).qmpStatus).toBe('running');
+    expect((await two.hv1.vmStatus(ENV, vm)).state).toBe('absent');
+    await two.hv2.stopVm(ENV, vm, { powerdownTimeoutMs: 0 });
+    expect(await guestContentSha256(two.hv2, `${vmDirectory(two.h2, ENV, vm.name)}/disk0.qcow2`, 'qcow2')).toBe(before);
+  }, 180_000);
+
+  it('the source host unreachable after the stop: the VM is started nowhere (stuck) until the source is proven stopped; then the move finishes', async () => {
+    const { vm, env, before } = await runningOnHost01('rf-sdown');
+    const store = await Store.open(':memory:');
+    const calls: string[] = [];
+    const d1 = await HostConnection.connect(two.h1, two.world.identity);
+    const err = await cold({ uid: 'uid-sdown', env, vm, store, source: new Hypervisor(two.h1, d1), target: two.hv2, calls, onStep: (s) => { if (s === 'fence') d1.close(); } }).catch((e: unknown) => e);
+    expect(err).toMatchObject({ step: 'fence', outcome: 'stuck' });
+    expect(calls.filter((c) => c.endsWith(':start'))).toEqual([]);
+    expect((await two.hv1.vmStatus(ENV, vm)).state).toBe('stopped');
+    expect((await two.hv2.vmStatus(ENV, vm)).state).toBe('absent');
+
+    // reachable again: the next run finds the source stopped, copies, fences, starts on the target
+    const r = await cold({ uid: 'uid-sdown', env, vm, store, source: two.hv1, target: two.hv2, calls: [] });
+    expect(r.resumedFrom).toBe('transfer');
+    expect((await two.hv2.vmStatus(ENV, vm)).qmpStatus).toBe('running');
+    await two.hv2.stopVm(ENV, vm, { powerdownTimeoutMs: 0 });
+    expect(await guestContentSha256(two.hv2, `${vmDirectory(two.h2, ENV, vm.name)}/disk0.qcow2`, 'qcow2')).toBe(before);
+  }, 180_000);
+
   it('a pre-copy whose operator died mid-mirror leaves a qemu-nbd and a block job behind; the next run clears both and mirrors again', async () => {
     const vm: VMSpec = { name: 'rf-stale', role: 'worker', nodeName: 'rf-stale', host: 'host01', memoryMiB: 64, cpus: 1, files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }] };
     used.push(vm);
