@@ -193,11 +193,11 @@ export class Hypervisor {
   }
 
   /** Polls until the pid is gone or the deadline passes; true = gone. */
-  private async waitGone(pid: number, timeoutMs: number): Promise<boolean> {
+  private async waitGone(pid: number, timeoutMs: number, signal?: AbortSignal): Promise<boolean> {
     const deadline = Date.now() + timeoutMs;
     while (true) {
       if (!(await this.isPidAlive(pid))) return true;
-      if (Date.now() >= deadline) return false;
+      if (Date.now() >= deadline || signal?.aborted) return false;
       await sleep(100);
     }
   }
@@ -206,7 +206,7 @@ export class Hypervisor {
    * Stops the VM and returns only once its QEMU process is proven gone: the disks may be copied
    * and started elsewhere afterwards, so a survivor would mean two writers on one disk.
    */
-  async stopVm(environment: string, vm: VMSpec, opts: { powerdownTimeoutMs: number; quitTimeoutMs?: number }): Promise<'powerdown' | 'quit' | 'already-stopped'> {
+  async stopVm(environment: string, vm: VMSpec, opts: { powerdownTimeoutMs: number; quitTimeoutMs?: number; signal?: AbortSignal }): Promise<'powerdown' | 'quit' | 'already-stopped'> {
     const p = await this.probe(environment, vm);
     if (p.state !== 'alive') return 'already-stopped';
     const pid = p.pid;
@@ -220,7 +220,10 @@ export class Hypervisor {
       this.log.warn({ ...ctx, err: (err as Error).message }, 'system_powerdown failed; will quit');
     }
     try {
-      if (await this.waitGone(pid, opts.powerdownTimeoutMs)) return 'powerdown';
+      if (await this.waitGone(pid, opts.powerdownTimeoutMs, opts.signal)) return 'powerdown';
+      // leadership lost (or cancelled) during the guest's shutdown: no quit from a replica that may no
+      // longer act — the next leader finds the VM running or stopped and stops it itself
+      opts.signal?.throwIfAborted();
 
       try {
         if (!qmp || qmp.isClosed) {

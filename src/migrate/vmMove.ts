@@ -31,7 +31,8 @@ export interface MoveHost {
   readonly host: { name: string };
   vmStatus(environment: string, vm: VMSpec): Promise<VmStatus>;
   startVm(environment: string, vm: VMSpec): Promise<unknown>;
-  stopVm(environment: string, vm: VMSpec, opts: { powerdownTimeoutMs: number }): Promise<unknown>;
+  /** `signal` ends the wait for the guest's own shutdown early (no quit after it fired) */
+  stopVm(environment: string, vm: VMSpec, opts: { powerdownTimeoutMs: number; signal?: AbortSignal }): Promise<unknown>;
   removeVmDir(environment: string, vm: VMSpec): Promise<void>;
   /** a live but halted QEMU (paused, or shut down by ACPI with action pause) runs its guest again */
   resumeVm?(environment: string, vm: VMSpec): Promise<void>;
@@ -454,7 +455,7 @@ const ACTIONS: Record<MoveStep, Action> = {
     checkpoint(ctx, 'stopping the source');
     st.stoppedAt = Date.now();
     if (st.mirror) return st.mirror.haltSource(settings.powerdownTimeoutMs);
-    const how = await source.stopVm(environment.name, vm, { powerdownTimeoutMs: settings.powerdownTimeoutMs });
+    const how = await source.stopVm(environment.name, vm, { powerdownTimeoutMs: settings.powerdownTimeoutMs, signal: ctx.signal });
     await assertStopped(source, environment.name, vm);
     return how;
   },

@@ -212,6 +212,17 @@ describe('roll forward once the VM ran on the target (real hosts, real QEMU)', (
     expect(await guestContentSha256(two.hv2, `${vmDirectory(two.h2, ENV, vm.name)}/disk0.qcow2`, 'qcow2')).toBe(before);
   }, 180_000);
 
+  it('leadership lost during the guest\'s ACPI shutdown: stopVm gives up without the quit, the VM is left for the next leader', async () => {
+    const { vm } = await runningOnHost01('rf-lease');
+    const ac = new AbortController();
+    setTimeout(() => ac.abort(new Error('lost leadership')), 300);
+    const t = Date.now();
+    await expect(two.hv1.stopVm(ENV, vm, { powerdownTimeoutMs: 30_000, signal: ac.signal })).rejects.toThrow(/lost leadership/);
+    // well inside the 5 s between renew deadline and lease expiry, and no quit was sent
+    expect(Date.now() - t).toBeLessThan(5000);
+    expect((await two.hv1.vmStatus(ENV, vm)).qmpStatus).toBe('running');
+  }, 60_000);
+
   it('a pre-copy whose operator died mid-mirror leaves a qemu-nbd and a block job behind; the next run clears both and mirrors again', async () => {
     const vm: VMSpec = { name: 'rf-stale', role: 'worker', nodeName: 'rf-stale', host: 'host01', memoryMiB: 64, cpus: 1, files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }] };
     used.push(vm);
