@@ -121,7 +121,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
   const resuming = vmm.status?.phase === 'Running' && (stored.length > 0 || vmm.status.plan !== undefined);
   if (resuming) {
     // the operator's own store is the truth; status is read back only without one, and validated
-    const r = resumePlan({ status: vmm.status?.plan, stored, hosts: (await store.hosts()).map((h) => h.name), environments: await store.environments() });
+    const r = resumePlan({ status: vmm.status?.plan, stored, hosts: (await store.hosts()).map((h) => h.name), environments: await store.environments(), spec: settings });
     if (r.problems.length > 0) return finishFailed('InvalidStatusPlan', `cannot resume: ${r.problems.join('; ')}`);
     if (r.statusIgnored) {
       log.warn({ reason: r.statusIgnored }, 'status.plan ignored');

@@ -45,19 +45,29 @@ export interface StoredMove {
  * and then every entry is checked against the inventory — status is writable by anyone with
  * patch rights on the status subresource and has no schema constraints worth trusting.
  */
-export function resumePlan(input: { status?: PlanEntry[]; stored: StoredMove[]; hosts: string[]; environments: EnvironmentSpec[] }): { entries: PlanEntry[]; problems: string[]; statusIgnored?: string } {
+export function resumePlan(input: {
+  status?: PlanEntry[];
+  stored: StoredMove[];
+  hosts: string[];
+  environments: EnvironmentSpec[];
+  /** the spec's scope: moves an earlier spec of the same migration planned elsewhere are not this run's */
+  spec: { targetHost: string; sourceHost?: string; environments?: string[] };
+}): { entries: PlanEntry[]; problems: string[]; statusIgnored?: string } {
+  const inScope = (m: { environment: string; from: string; to: string }) => m.to === input.spec.targetHost
+    && (!input.spec.sourceHost || m.from === input.spec.sourceHost) && (!input.spec.environments || input.spec.environments.includes(m.environment));
   const problems: string[] = [];
   const vmOf = (env: string, vm: string) => input.environments.find((e) => e.name === env)?.vms.find((v) => v.name === vm);
   const key = (e: { environment: string; vm: string; from: string; to: string }) => `${e.environment}/${e.vm}:${e.from}->${e.to}`;
   if (input.stored.length > 0) {
     const entries: PlanEntry[] = [];
-    for (const [i, m] of input.stored.entries()) {
+    for (const m of input.stored) {
+      if (!inScope({ environment: m.environment, from: m.fromHost, to: m.toHost })) continue;
       const spec = vmOf(m.environment, m.vm);
       if (!spec) {
         problems.push(`VM ${m.environment}/${m.vm} of the stored plan is no longer in the inventory`);
         continue;
       }
-      entries.push({ order: i + 1, environment: m.environment, vm: m.vm, role: spec.role, node: spec.nodeName, from: m.fromHost, to: m.toHost });
+      entries.push({ order: entries.length + 1, environment: m.environment, vm: m.vm, role: spec.role, node: spec.nodeName, from: m.fromHost, to: m.toHost });
     }
     const fromStatus = (input.status ?? []).map(key).join(', ');
     const fromStore = entries.map(key).join(', ');
@@ -70,6 +80,7 @@ export function resumePlan(input: { status?: PlanEntry[]; stored: StoredMove[]; 
   for (const e of entries) {
     const name = `${e.environment}/${e.vm}`;
     if (e.from === e.to) problems.push(`${name}: from and to are both ${e.from}`);
+    else if (!inScope(e)) problems.push(`${name}: ${e.from} → ${e.to} is outside the spec (targetHost ${input.spec.targetHost})`);
     for (const h of [e.from, e.to]) if (!input.hosts.includes(h)) problems.push(`${name}: host ${h} is not in the inventory`);
     const spec = vmOf(e.environment, e.vm);
     if (!spec) problems.push(`VM ${name} is not in the inventory`);

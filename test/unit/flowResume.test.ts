@@ -94,3 +94,12 @@ describe('a move that stays on the target', () => {
     expect(status.message).toMatch(/stays on h2; source image kept on h1/);
   });
 });
+
+describe('resume: moves of an earlier spec of the same migration are not resumed', () => {
+  it('a stored move to another target (the spec changed after a failure) is left out', async () => {
+    await store.ensureMove({ migrationUid: 'uid-1', environment: 'e', vm: 'node-1', fromHost: 'h1', toHost: 'h3' });
+    await store.ensureMove({ migrationUid: 'uid-1', environment: 'e', vm: 'node-2', fromHost: 'h1', toHost: 'h2' });
+    await runMigration(vmm({ phase: 'Running' }), deps(), new AbortController().signal);
+    expect(moved).toEqual([{ from: 'h1', to: 'h2' }]);
+  });
+});
