@@ -345,12 +345,12 @@ async function locate(ctx: MoveContext): Promise<Location> {
   // Rule 2: once `start` began the target may have run; its disk is the truth, even when the source
   // files are still there and the target QEMU is gone (crashed, host rebooted). Never copy over it.
   if (ran) {
+    if (live(src.state)) throw new Error(`VM ${vm.name} ran on ${target.host.name} (journal: start began) but a QEMU of it runs on ${source.host.name} again; refusing to touch either copy`);
     if (dst.state === 'absent') throw new Error(`VM ${vm.name} ran on ${target.host.name} (journal: start began) but its files are gone there; refusing to fall back to the stale copy on ${source.host.name}`);
     return 'target-stopped';
   }
   if (live(src.state)) {
     if (src.qmpStatus !== 'running' && src.qmpStatus !== undefined && (await haltedForCutover(ctx))) return 'source-halted';
-    if (ran && dst.state !== 'absent') throw new Error(`VM ${vm.name} ran on ${target.host.name} (journal: start began) but a QEMU runs it on ${source.host.name} too; refusing to touch either copy`);
     // files on the target that never ran (a rolled-back or interrupted copy): stale, the move starts over
     if (dst.state === 'stopped') await target.removeVmDir(env, vm);
     return 'source-running';
