@@ -190,6 +190,7 @@ interface MoveState {
 export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
   const run = stepRunner(ctx);
   const location = await run('precheck', () => precheck(ctx)).catch((err: Error) => {
+    if (interruptedBy(ctx)) throw new MoveError('precheck', `interrupted: ${interruptedBy(ctx)}`, 'interrupted');
     throw err instanceof MoveError ? err : new MoveError('precheck', err.message, 'untouched');
   });
   const converged = await journalSaysConverged(ctx);

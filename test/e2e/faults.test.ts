@@ -40,7 +40,8 @@ async function getVmm(name: string): Promise<VMMigration | undefined> {
   return (await api.getNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, name }).catch(() => undefined)) as VMMigration | undefined;
 }
 
-const live = (s: string) => s === 'running' || s === 'paused' || s === 'other';
+/** the guest executes there (a postmigrate source or a paused/incoming target holds it without running it) */
+const runs = (s: { qmpStatus?: string }) => s.qmpStatus === 'running';
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** Guest-visible content of every disk and the bytes of every other file, on the host that has the VM. */
@@ -66,32 +67,34 @@ async function moveWithKills(name: string, from: string, to: string, spec: Recor
   const db = new BetterSqlite3(sb.dbPath, { readonly: true, fileMustExist: true });
   const kills: string[] = [];
   const missed: string[] = [];
+  const skipped: string[] = [];
   try {
     let after = 0;
-    for (const step of killAt) {
-      const deadline = Date.now() + 300_000;
-      for (;;) {
-        const row = db.prepare('SELECT id FROM journal WHERE migration_uid = ? AND step = ? AND event = ? AND id > ? ORDER BY id LIMIT 1').get(uid, step, 'begin', after) as { id: number } | undefined;
-        if (row) {
-          operator.child.kill('SIGKILL');
-          await new Promise((res) => (operator.child.exitCode !== null || operator.child.signalCode !== null ? res(undefined) : operator.child.once('exit', res)));
-          const last = db.prepare('SELECT id, step, event FROM journal WHERE migration_uid = ? ORDER BY id DESC LIMIT 1').get(uid) as { id: number; step: string; event: string };
-          after = last.id;
-          kills.push(`${step} (journal at the kill: ${last.step}:${last.event})`);
-          // no operator runs now: fencing must already hold
-          const [a, b] = await Promise.all([h1.vmStatus(ENV, vm), h2.vmStatus(ENV, vm)]);
-          expect(live(a.state) && live(b.state), `${name}: live on both hosts after the kill at ${step}`).toBe(false);
-          operator = await sb.startOperator({ leaderElect: false });
-          break;
-        }
-        const phase = (await getVmm(name))?.status?.phase;
-        if (phase === 'Succeeded' || phase === 'Failed') {
-          missed.push(step);
-          break;
-        }
-        if (Date.now() > deadline) throw new Error(`${name}: step ${step} never began`);
-        await sleep(20);
+    const remaining = [...killAt];
+    while (remaining.length > 0) {
+      const rows = db.prepare('SELECT id, step FROM journal WHERE migration_uid = ? AND event = ? AND id > ? ORDER BY id').all(uid, 'begin', after) as { id: number; step: string }[];
+      const hit = rows.find((r) => remaining.includes(r.step));
+      if (hit) {
+        operator.child.kill('SIGKILL');
+        await new Promise((res) => (operator.child.exitCode !== null || operator.child.signalCode !== null ? res(undefined) : operator.child.once('exit', res)));
+        // a kill point the resumed plan went past (e.g. no converge after a cold fallback) is reported, not waited for
+        skipped.push(...remaining.splice(0, remaining.indexOf(hit.step)));
+        remaining.shift();
+        const last = db.prepare('SELECT id, step, event FROM journal WHERE migration_uid = ? ORDER BY id DESC LIMIT 1').get(uid) as { id: number; step: string; event: string };
+        after = last.id;
+        kills.push(`${hit.step} (journal at the kill: ${last.step}:${last.event})`);
+        // no operator runs now: fencing must already hold
+        const [a, b] = await Promise.all([h1.vmStatus(ENV, vm), h2.vmStatus(ENV, vm)]);
+        expect(runs(a) && runs(b), `${name}: running on both hosts after the kill at ${hit.step}`).toBe(false);
+        operator = await sb.startOperator({ leaderElect: false });
+        continue;
       }
+      const phase = (await getVmm(name))?.status?.phase;
+      if (phase === 'Succeeded' || phase === 'Failed') {
+        missed.push(...remaining.splice(0));
+        break;
+      }
+      await sleep(20);
     }
   } finally {
     db.close();
@@ -117,7 +120,7 @@ async function moveWithKills(name: string, from: string, to: string, spec: Recor
   expect(await fingerprint(to), `${name}: guest data changed`).toEqual(before);
   const node = JSON.parse((await sb.kubectl(['get', 'node', vm.nodeName, '-o', 'json'])).stdout) as V1Node;
   expect(node.spec?.unschedulable ?? false, `${name}: node left cordoned`).toBe(false);
-  matrix.push(`| ${name} | SIGKILL at the begin of: ${kills.join(', ')}${missed.length ? `; not reached after resume: ${missed.join(', ')}` : ''} | Succeeded in ${secs} s, attempts ${o.status?.vms?.[0]?.attempts} | guest data + files equal | running on ${to} only, ${from} empty |`);
+  matrix.push(`| ${name} | SIGKILL at the begin of: ${kills.join(', ')}${skipped.length ? `; not in the resumed plan: ${skipped.join(', ')}` : ''}${missed.length ? `; never reached: ${missed.join(', ')}` : ''} | Succeeded in ${secs} s, attempts ${o.status?.vms?.[0]?.attempts} | guest data + files equal | running on ${to} only, ${from} empty |`);
 }
 
 describe('SIGKILL at every step boundary, one VM, each strategy', () => {
