@@ -106,21 +106,27 @@ async function moveWithKills(name: string, from: string, to: string, spec: Recor
     if (Date.now() > deadline) throw new Error(`${name} did not finish: ${JSON.stringify(o?.status)}`);
   }
   const secs = ((Date.now() - started) / 1000).toFixed(0);
-  expect(o.status?.phase, `${name} killed at ${kills.join(', ')}: ${JSON.stringify(o.status?.vms)}`).toBe('Succeeded');
-  // exactly one host runs it, nothing is left on the other
-  const [a, b] = await Promise.all([h1.vmStatus(ENV, vm), h2.vmStatus(ENV, vm)]);
-  expect(a.state, `${name}: left on ${from}`).toBe('absent');
-  expect(b.qmpStatus, `${name}: not running on ${to}`).toBe('running');
-  // only the VM's own files and what its QEMU made: no partial disk, export socket, pidfile of a qemu-nbd
-  const allowed = new Set([...vm.files.map((f) => f.name), 'qemu.pid', 'qmp.sock', 'serial.log']);
-  const entries = (await h2.conn.execOk(['ls', '-A', h2.vmDir(ENV, vm)])).toString().trim().split('\n');
-  expect(entries.filter((f) => !allowed.has(f)), `${name}: stray files on ${to}`).toEqual([]);
-  const nbd = await h2.conn.exec(['pgrep', '-f', `qemu-nbd.*${h2.vmDir(ENV, vm)}`]);
-  expect(nbd.stdout.toString().trim(), `${name}: qemu-nbd left running on ${to}`).toBe('');
-  expect(await fingerprint(to), `${name}: guest data changed`).toEqual(before);
-  const node = JSON.parse((await sb.kubectl(['get', 'node', vm.nodeName, '-o', 'json'])).stdout) as V1Node;
-  expect(node.spec?.unschedulable ?? false, `${name}: node left cordoned`).toBe(false);
-  matrix.push(`| ${name} | SIGKILL at the begin of: ${kills.join(', ')}${skipped.length ? `; not in the resumed plan: ${skipped.join(', ')}` : ''}${missed.length ? `; never reached: ${missed.join(', ')}` : ''} | Succeeded in ${secs} s, attempts ${o.status?.vms?.[0]?.attempts} | guest data + files equal | running on ${to} only, ${from} empty |`);
+  console.log(`[faults] ${name}: ${o.status?.phase} after ${secs} s; killed at ${kills.join(', ')}; skipped ${skipped.join(', ') || '-'}; missed ${missed.join(', ') || '-'}`);
+  let verdict = 'FAILED';
+  try {
+    expect(o.status?.phase, `${name} killed at ${kills.join(', ')}: ${JSON.stringify(o.status?.vms)}`).toBe('Succeeded');
+    // exactly one host runs it, nothing is left on the other
+    const [a, b] = await Promise.all([h1.vmStatus(ENV, vm), h2.vmStatus(ENV, vm)]);
+    expect(a.state, `${name}: left on ${from}`).toBe('absent');
+    expect(b.qmpStatus, `${name}: not running on ${to}`).toBe('running');
+    // only the VM's own files and what its QEMU made: no partial disk, export socket, pidfile of a qemu-nbd
+    const allowed = new Set([...vm.files.map((f) => f.name), 'qemu.pid', 'qmp.sock', 'serial.log', 'heartbeat.sock']);
+    const entries = (await h2.conn.execOk(['ls', '-A', h2.vmDir(ENV, vm)])).toString().trim().split('\n');
+    expect(entries.filter((f) => !allowed.has(f)), `${name}: stray files on ${to}`).toEqual([]);
+    const nbd = await h2.conn.exec(['pgrep', '-f', `qemu-nbd.*${h2.vmDir(ENV, vm)}`]);
+    expect(nbd.stdout.toString().trim(), `${name}: qemu-nbd left running on ${to}`).toBe('');
+    expect(await fingerprint(to), `${name}: guest data changed`).toEqual(before);
+    const node = JSON.parse((await sb.kubectl(['get', 'node', vm.nodeName, '-o', 'json'])).stdout) as V1Node;
+    expect(node.spec?.unschedulable ?? false, `${name}: node left cordoned`).toBe(false);
+    verdict = 'guest data + files equal; running on ' + to + ' only, nothing left on ' + from + ', no qemu-nbd, node schedulable';
+  } finally {
+    matrix.push(`| ${name} | SIGKILL at the begin of: ${kills.join(', ')}${skipped.length ? `; not in the resumed plan: ${skipped.join(', ')}` : ''}${missed.length ? `; never reached: ${missed.join(', ')}` : ''} | ${o.status?.phase} in ${secs} s, attempts ${o.status?.vms?.[0]?.attempts} | ${verdict} |`);
+  }
 }
 
 describe('SIGKILL at every step boundary, one VM, each strategy', () => {
