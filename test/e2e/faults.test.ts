@@ -118,7 +118,8 @@ async function moveWithKills(name: string, from: string, to: string, spec: Recor
     const allowed = new Set([...vm.files.map((f) => f.name), 'qemu.pid', 'qmp.sock', 'serial.log', 'heartbeat.sock']);
     const entries = (await h2.conn.execOk(['ls', '-A', h2.vmDir(ENV, vm)])).toString().trim().split('\n');
     expect(entries.filter((f) => !allowed.has(f)), `${name}: stray files on ${to}`).toEqual([]);
-    const nbd = await h2.conn.exec(['pgrep', '-f', `qemu-nbd.*${h2.vmDir(ENV, vm)}`]);
+    // [q]: the remote shell that runs pgrep carries the pattern in its own command line
+    const nbd = await h2.conn.exec(['pgrep', '-f', `[q]emu-nbd.*${h2.vmDir(ENV, vm)}`]);
     expect(nbd.stdout.toString().trim(), `${name}: qemu-nbd left running on ${to}`).toBe('');
     expect(await fingerprint(to), `${name}: guest data changed`).toEqual(before);
     const node = JSON.parse((await sb.kubectl(['get', 'node', vm.nodeName, '-o', 'json'])).stdout) as V1Node;
