@@ -51,10 +51,12 @@ export function resumePlan(input: {
   hosts: string[];
   environments: EnvironmentSpec[];
   /** the spec's scope: moves an earlier spec of the same migration planned elsewhere are not this run's */
-  spec: { targetHost: string; sourceHost?: string; environments?: string[] };
+  spec: { targetHost?: string; targetHosts?: string[]; sourceHost?: string; environments?: string[] };
 }): { entries: PlanEntry[]; problems: string[]; statusIgnored?: string } {
-  const inScope = (m: { environment: string; from: string; to: string }) => m.to === input.spec.targetHost
-    && (!input.spec.sourceHost || m.from === input.spec.sourceHost) && (!input.spec.environments || input.spec.environments.includes(m.environment));
+  const { targetHost, targetHosts, sourceHost, environments } = input.spec;
+  const targetOk = (to: string) => (targetHost ? to === targetHost : targetHosts ? targetHosts.includes(to) : true);
+  const inScope = (m: { environment: string; from: string; to: string }) => targetOk(m.to)
+    && (!sourceHost || m.from === sourceHost) && (!environments || environments.includes(m.environment));
   const problems: string[] = [];
   const vmOf = (env: string, vm: string) => input.environments.find((e) => e.name === env)?.vms.find((v) => v.name === vm);
   const key = (e: { environment: string; vm: string; from: string; to: string }) => `${e.environment}/${e.vm}:${e.from}->${e.to}`;
@@ -80,7 +82,7 @@ export function resumePlan(input: {
   for (const e of entries) {
     const name = `${e.environment}/${e.vm}`;
     if (e.from === e.to) problems.push(`${name}: from and to are both ${e.from}`);
-    else if (!inScope(e)) problems.push(`${name}: ${e.from} → ${e.to} is outside the spec (targetHost ${input.spec.targetHost})`);
+    else if (!inScope(e)) problems.push(`${name}: ${e.from} → ${e.to} is outside the spec (target ${targetHost ?? targetHosts?.join('|') ?? 'any'}, source ${sourceHost ?? 'any'})`);
     for (const h of [e.from, e.to]) if (!input.hosts.includes(h)) problems.push(`${name}: host ${h} is not in the inventory`);
     const spec = vmOf(e.environment, e.vm);
     if (!spec) problems.push(`VM ${name} is not in the inventory`);
