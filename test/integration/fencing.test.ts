@@ -3,10 +3,12 @@
  * QEMU process for it exists in /proc (by -name or by a path in its VM directory) AND its QMP socket
  * does not answer. The pidfile is a hint at most: deleted or corrupted, the VM is still found.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
 import { mkdir, rm, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
+import { promisify } from 'node:util';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { qemuName, vmDirectory, type HostSpec, type VMSpec } from '../../src/api/inventory.js';
 import type { Hypervisor } from '../../src/hosts/hypervisor.js';
@@ -15,6 +17,7 @@ import { adoptHostFile, HOST_USER, startTwoHosts, type TwoHosts } from '../world
 import { createDiskImage } from '../world/images.js';
 
 const ENV = 'env-fence';
+const execFileP = promisify(execFile);
 
 function vmSpec(name: string): VMSpec {
   return { name, role: 'worker', nodeName: name, host: 'host01', memoryMiB: 32, cpus: 1, files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }] };
@@ -38,7 +41,7 @@ describe('fencing on a real host', () => {
     for (const c of extra.splice(0)) c.kill('SIGKILL');
     for (const vm of used.splice(0)) {
       // the pidfile may be gone: kill by the identity the probe uses
-      await two.c1.exec(['pkill', '-KILL', '-f', `qemu-system.*-name ${qemuName(ENV, vm.name)},`]).catch(() => undefined);
+      await execFileP('pkill', ['-KILL', '-f', `^qemu-system[^ ]* .*-name ${qemuName(ENV, vm.name)},`]).catch(() => undefined);
     }
   });
 
@@ -120,7 +123,7 @@ describe('fencing on a real host', () => {
     argv.splice(drive, 2);
     const child = spawn('runuser', ['-u', HOST_USER, '--', ...argv], { stdio: 'ignore' });
     extra.push(child);
-    await expect.poll(async () => (await two.c1.exec(['pgrep', '-c', '-f', `qemu-system.*-name ${qemuName(ENV, vm.name)},`])).stdout.toString().trim(), { timeout: 10_000 }).toBe('2');
+    await expect.poll(() => existsSync(path.join(otherDir, 'qmp.sock')), { timeout: 10_000 }).toBe(true);
     await expect(hv.vmStatus(ENV, vm)).rejects.toThrow(/cannot prove .*2 QEMU processes/);
     await expect(hv.startVm(ENV, vm)).rejects.toThrow(/cannot prove/);
   });
