@@ -105,6 +105,40 @@ describe('operator tunnel under stress (real sshd on both ends)', () => {
     }
   });
 
+  it('delivers everything to a client that reads only after the destination has finished and closed', async () => {
+    // The echo is complete and B's channel closed while most of the reply still waits in the
+    // operator behind A's SSH window (the client is not reading): releasing the pair on that close
+    // used to drop the queued bytes (ssh2 discards writes to a channel it has sent CLOSE on).
+    const echo = await serve('echo-slow.sock', (s) => s.pipe(s));
+    const tun = await openTunnel({ a: two.c1, b: two.c2, socketPathOnA: tunnelSocketPath(dirA, 'r'), destination: { unixPath: echo.path } });
+    try {
+      const results = await Promise.all(
+        Array.from({ length: 4 }, async () => {
+          const payload = randomBytes(3 << 20);
+          const got = await new Promise<Buffer>((resolve, reject) => {
+            const s = net.connect({ path: tun.socketPathOnA, allowHalfOpen: true });
+            const chunks: Buffer[] = [];
+            s.pause();
+            s.on('error', reject);
+            s.end(payload);
+            // 3 MiB fits in the buffers along the way (two SSH windows, the operator's stream
+            // buffers): by the time the client reads, the echo has finished and B's channel closed.
+            setTimeout(() => {
+              s.on('data', (d: Buffer) => chunks.push(d));
+              s.on('end', () => resolve(Buffer.concat(chunks)));
+              s.resume();
+            }, 3000);
+          });
+          return { sent: payload.length, got: got.length, same: got.equals(payload) };
+        }),
+      );
+      for (const r of results) expect(r).toEqual({ sent: 3 << 20, got: 3 << 20, same: true });
+      expect(tun.stats.lastError).toBeUndefined();
+    } finally {
+      await tun.close();
+    }
+  });
+
   it('delivers a destination that speaks first and closes first (server greeting, then its own end) completely', async () => {
     const greeting = randomBytes(3 << 20);
     // like qemu-nbd: sends first; then reads the client's bytes and answers with their hash; ends its side first
