@@ -40,7 +40,7 @@ export const PROC_ALIVE_FN = "alive() { st=$(sed 's/.*) //' \"/proc/$1/stat\" 2>
  * cannot be trusted (no procfs, hidepid hiding other users' processes, a cmdline that cannot be
  * read, more than one QEMU for the VM): fencing fails closed. A zombie counts as gone: it cannot touch the disks.
  */
-const PROBE_SCRIPT = String.raw`
+export const PROBE_SCRIPT = String.raw`
 use strict;
 my ($dir, $name, $tail) = @ARGV;
 sub unsure { print "unsure $_[0]\n"; exit 0; }
