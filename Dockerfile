@@ -28,6 +28,8 @@ RUN apt-get update \
  && chown 10001:10001 /var/lib/vmops
 COPY --from=build /app/node_modules ./node_modules
 COPY --from=build /app/dist/src ./dist/src
+# `plan` validates manifests with the CRD's own schema and CEL rules (src/api/validate.ts).
+COPY crds ./crds
 COPY package.json ./
 USER 10001:10001
 EXPOSE 8080

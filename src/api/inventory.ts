@@ -115,15 +115,20 @@ export interface Inventory {
 export const SAFE_NAME = /^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$/;
 export const SAFE_ABS_PATH = /^\/[A-Za-z0-9._/-]+$/;
 
+/** A value quoted in an error message: bounded, so a hostile 300-character string is not echoed whole. */
+export function quoted(value: string, max = 40): string {
+  return JSON.stringify(value.length > max ? `${value.slice(0, max)}…` : value);
+}
+
 export function assertSafeName(kind: string, value: string): void {
   if (!SAFE_NAME.test(value) || value.includes('..')) {
-    throw new Error(`${kind} ${JSON.stringify(value)} is not a valid name (lower-case letters, digits, '.', '_', '-')`);
+    throw new Error(`${kind} ${quoted(value)} is not a valid name (at most 63 lower-case letters, digits, '.', '_', '-', starting and ending with a letter or digit)`);
   }
 }
 
 export function assertSafePath(kind: string, value: string): void {
   if (!SAFE_ABS_PATH.test(value) || value.split('/').includes('..')) {
-    throw new Error(`${kind} ${JSON.stringify(value)} is not a valid absolute path`);
+    throw new Error(`${kind} ${quoted(value)} is not a valid absolute path`);
   }
 }
 

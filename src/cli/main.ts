@@ -13,7 +13,8 @@ import { parseArgs } from 'node:util';
 import { KubeConfig } from '@kubernetes/client-node';
 import { parse } from 'yaml';
 import { loadInventoryFile } from '../api/inventoryFile.js';
-import { settingsFrom, type VMMigration } from '../api/types.js';
+import { settingsFrom } from '../api/types.js';
+import { validateMigrationManifest } from '../api/validate.js';
 import { MigrationController } from '../controller/operator.js';
 import { HostPool } from '../hosts/pool.js';
 import { initLabelledCounters, reportInformerSynced } from '../metrics/metrics.js';
@@ -168,12 +169,17 @@ async function run(): Promise<void> {
 
 async function plan(): Promise<void> {
   const file = needFile('file');
-  const doc = fromFile('file', file, () => parse(readFileSync(file, 'utf8')) as VMMigration);
-  if (!doc?.spec) throw new Error(`--file ${file}: not a VMMigration manifest (no spec)`);
+  const doc = fromFile('file', file, () => parse(readFileSync(file, 'utf8')) as unknown);
+  // The CRD's own schema and CEL rules: the dry run refuses what the API server would refuse.
+  const checked = validateMigrationManifest(doc);
+  if (!checked.ok) {
+    for (const p of checked.problems) console.error(`error: ${p}`);
+    process.exit(1);
+  }
   const store = await Store.open(values.db ?? ':memory:');
   const inventoryPath = values.inventory ? needFile('inventory') : undefined;
   if (inventoryPath) await store.loadInventory(fromFile('inventory', inventoryPath, () => loadInventoryFile(inventoryPath)), `inventory ${inventoryPath}`);
-  const result = planMigration(await store.hosts(), await store.environments(), settingsFrom(doc.spec));
+  const result = planMigration(await store.hosts(), await store.environments(), settingsFrom(checked.migration.spec));
   const history = await moveHistory(store);
   await store.close();
   if (result.problems.length > 0) {

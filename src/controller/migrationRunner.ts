@@ -8,8 +8,10 @@ import pRetry from 'p-retry';
 import type { EnvironmentSpec, HostSpec } from '../api/inventory.js';
 import { settingsFrom, strategyName, type PlanEntry, type VMMigration, type VMStatus } from '../api/types.js';
 import { GuestCluster } from '../guest/guestCluster.js';
+import { loadGuestKubeconfig } from '../guest/kubeconfig.js';
 import { measureHosts } from '../hosts/capacity.js';
 import type { HostPool } from '../hosts/pool.js';
+import { HostKeyMismatchError } from '../hosts/ssh.js';
 import * as metrics from '../metrics/metrics.js';
 import { hypervisorEngines } from '../migrate/engines.js';
 import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from '../migrate/guestSafety.js';
@@ -198,6 +200,8 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         const [sourceHost, targetHost] = await Promise.all([store.host(entry.from), store.host(entry.to)]);
         if (!sourceHost || !targetHost) throw new MoveError('precheck', `host ${!sourceHost ? entry.from : entry.to} is no longer in the inventory`, 'untouched');
         const connect = async (h: typeof sourceHost) => (await deps.pool.hypervisor(h).catch((err: Error) => {
+          // Another host key is a refusal, not an outage: waiting would not fix the inventory or the host.
+          if (err instanceof HostKeyMismatchError) throw new MoveError('precheck', err.message, 'untouched');
           throw new MoveError('precheck', `hypervisor ${h.name} is unreachable: ${err.message}`, 'waiting', { safe: false, reason: 'WaitingForHost', message: `hypervisor ${h.name} is unreachable: ${err.message}` });
         })).withLogger(vmLog);
         const [source, target] = await Promise.all([connect(sourceHost), connect(targetHost)]);
@@ -373,6 +377,10 @@ async function openGuestCluster(kc: KubeConfig, env: EnvironmentSpec): Promise<G
   });
   const data = secret.data?.[key];
   if (!data) throw new MoveError('precheck', `Secret ${namespace}/${name} has no key "${key}" (kubeconfig of environment ${env.name})`, 'untouched');
-  return GuestCluster.fromKubeconfigYaml(Buffer.from(data, 'base64').toString('utf8'));
+  try {
+    return new GuestCluster(loadGuestKubeconfig(Buffer.from(data, 'base64').toString('utf8'), env.kubeconfigSecret));
+  } catch (err) {
+    throw new MoveError('precheck', (err as Error).message, 'untouched');
+  }
 }
 

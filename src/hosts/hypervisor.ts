@@ -70,18 +70,58 @@ const CLEAR_EXPORTS_SCRIPT = [
 ].join('\n');
 
 /**
- * Fixed script, data only via positional parameters: prints "absent", "stopped", or
- * "pid <n> <state>" followed by the NUL-separated cmdline.
+ * Fixed Perl script (perl-base is Essential on Debian), data only via @ARGV (VM directory, QEMU -name,
+ * "/<environment>/<vm>/"). Liveness never rests on the pidfile: every process in /proc is examined,
+ * and a QEMU belongs to the VM if an argument or its working directory points into the VM directory,
+ * or if its -name matches and it does not run from the same VM's directory under another vmDir. Prints "absent", "stopped",
+ * "pid <n> <state>" followed by the NUL-separated cmdline, or "unsure <reason>" whenever the scan
+ * cannot be trusted (no procfs, hidepid hiding other users' processes, a cmdline that cannot be
+ * read, more than one QEMU for the VM): fencing fails closed. A zombie counts as gone: it cannot touch the disks.
  */
-const PROBE_SCRIPT = [
-  PROC_ALIVE_FN,
-  '[ -d "$1" ] || { echo absent; exit 0; }',
-  'pid=$(tr -dc 0-9 < "$1/qemu.pid" 2>/dev/null)',
-  '[ -n "$pid" ] && alive "$pid" || { echo stopped; exit 0; }',
-  'printf "pid %s %s\\n" "$pid" "$st"',
-  'cat "/proc/$pid/cmdline" 2>/dev/null',
-  'exit 0',
-].join('\n');
+export const PROBE_SCRIPT = String.raw`
+use strict;
+my ($dir, $name, $tail) = @ARGV;
+sub unsure { print "unsure $_[0]\n"; exit 0; }
+opendir(my $dh, '/proc') or unsure('cannot read /proc');
+my @pids = grep { /^[0-9]+$/ } readdir($dh);
+closedir($dh);
+unsure('/proc is not a procfs (own process not listed)') unless grep { $_ == $$ } @pids;
+if ($> != 0 && open(my $m, '<', '/proc/self/mountinfo')) {
+  while (<$m>) { unsure('/proc is mounted with hidepid: processes of other users are invisible') if / - proc .*hidepid=(1|2|invisible|noaccess)/; }
+}
+my (@found, $unreadable);
+for my $p (@pids) {
+  next if $p == $$;
+  my $c;
+  if (open(my $f, '<', "/proc/$p/cmdline")) { local $/; $c = <$f>; close $f; }
+  elsif (-e "/proc/$p") { $unreadable++; next; }
+  next unless defined $c && length $c;
+  my @a = split /\0/, $c;
+  next unless $a[0] =~ m{(^|/)qemu-system[^/]*$};
+  my ($inDir, $named, $elsewhere) = (0, 0, 0);
+  for my $i (0 .. $#a) {
+    $named = 1 if $a[$i] eq '-name' && defined $a[$i + 1] && (split /,/, $a[$i + 1])[0] eq $name;
+    $inDir = 1 if index($a[$i], "$dir/") >= 0;
+    $elsewhere = 1 if index($a[$i], $tail) >= 0 && index($a[$i], "$dir/") < 0;
+  }
+  my $cwd = readlink("/proc/$p/cwd");
+  $inDir = 1 if defined $cwd && ($cwd eq $dir || index($cwd, "$dir/") == 0);
+  # Same -name but running from this VM's directory of another inventory host on the same machine
+  # (test world: hosts are loopback addresses of one machine): not a user of this directory's disks.
+  next unless $inDir || ($named && !$elsewhere);
+  open(my $s, '<', "/proc/$p/stat") or next;
+  my $st = <$s>;
+  close $s;
+  $st =~ s/.*\) //;
+  my $state = (split / /, $st)[0];
+  next if $state eq 'Z' || $state eq 'X';
+  push @found, [$p, $state, $c];
+}
+unsure("cannot read the command line of $unreadable process(es)") if $unreadable;
+unsure(scalar(@found) . ' QEMU processes for this VM (pids ' . join(' ', map { $_->[0] } @found) . ')') if @found > 1;
+if (@found == 1) { print "pid $found[0][0] $found[0][1]\n$found[0][2]"; exit 0; }
+print -d $dir ? "stopped\n" : "absent\n";
+`;
 
 /** PROC_ALIVE_FN for a known pid: exit 0 = still alive. */
 const ALIVE_SCRIPT = `${PROC_ALIVE_FN}\nalive "$1"`;
@@ -107,30 +147,50 @@ export class Hypervisor {
     return vmDirectory(this.host, environment, vm.name);
   }
 
-  /** Finds the live QEMU of this VM, if any: pid from the pidfile, confirmed by its -name argument. */
+  /**
+   * Finds the live QEMU of this VM, if any, by scanning /proc (see PROBE_SCRIPT). "Stopped" also
+   * requires that nothing answers on the VM's QMP socket: a QEMU in another PID namespace is
+   * invisible in this /proc but still holds the disks. Anything unsure throws: fencing fails closed.
+   */
   private async probe(environment: string, vm: VMSpec): Promise<{ state: 'absent' | 'stopped' } | { state: 'alive'; pid: number }> {
     const dir = this.vmDir(environment, vm);
-    const out = await this.conn.execOk(['sh', '-c', PROBE_SCRIPT, 'probe', dir]);
+    const name = qemuName(environment, vm.name);
+    const unsure = (why: string) => new Error(`on ${this.host.name}: cannot prove that VM ${name} is stopped: ${why}; refusing to act on it`);
+    const out = await this.conn.execOk(['perl', '-e', PROBE_SCRIPT, dir, name, `/${environment}/${vm.name}/`]);
     const nl = out.indexOf(0x0a);
     const head = out.subarray(0, nl < 0 ? out.length : nl).toString('utf8').trim();
+    if (head.startsWith('unsure ')) throw unsure(head.slice('unsure '.length));
     if (head === 'absent') return { state: 'absent' };
-    if (head === 'stopped') return { state: 'stopped' };
+    if (head === 'stopped') {
+      if (await this.qmpSocketAnswers(`${dir}/qmp.sock`)) throw unsure('its QMP socket answers but no QEMU process for it is visible');
+      return { state: 'stopped' };
+    }
     const m = /^pid (\d+) \S+$/.exec(head);
-    if (!m || nl < 0) throw new Error(`on ${this.host.name}: unexpected probe output ${JSON.stringify(head)}`);
+    if (!m || nl < 0) throw new Error(`on ${this.host.name}: unexpected probe output ${JSON.stringify(head.slice(0, 80))}`);
     const argv = out
       .subarray(nl + 1)
       .toString('utf8')
       .split('\0')
       .filter((a) => a.length > 0);
-    return this.isOurQemu(argv, environment, vm) ? { state: 'alive', pid: Number(m[1]) } : { state: 'stopped' };
+    // The script matched by -name or by a path in the VM directory; either way this QEMU holds (or may hold) the VM's disks.
+    if (!(argv[0]?.split('/').pop() ?? '').startsWith('qemu-system')) throw unsure(`probe matched a non-QEMU process (pid ${m[1]})`);
+    return { state: 'alive', pid: Number(m[1]) };
   }
 
-  private isOurQemu(argv: string[], environment: string, vm: VMSpec): boolean {
-    const exe = argv[0]?.split('/').pop() ?? '';
-    if (!exe.startsWith('qemu-system')) return false;
-    const i = argv.indexOf('-name');
-    const nameArg = i >= 0 ? argv[i + 1] : undefined;
-    return nameArg !== undefined && nameArg.split(',')[0] === qemuName(environment, vm.name);
+  /**
+   * True if something accepts connections on the socket. sshd answers "open failed" when the connect
+   * itself fails (no file, a stale socket nobody listens on); any other failure (connection lost,
+   * forwarding prohibited) means the question was not answered, which is not a "no".
+   */
+  private async qmpSocketAnswers(path: string): Promise<boolean> {
+    try {
+      const ch = await this.conn.openUnixSocket(path);
+      ch.destroy();
+      return true;
+    } catch (err) {
+      if (/Channel open failure: open failed/.test((err as Error).message)) return false;
+      throw new Error(`on ${this.host.name}: cannot check the QMP socket ${path}: ${(err as Error).message}`);
+    }
   }
 
   private async isPidAlive(pid: number): Promise<boolean> {

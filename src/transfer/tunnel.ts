@@ -166,6 +166,13 @@ export async function openTunnel(opts: TunnelOptions): Promise<Tunnel> {
       destroy: (): void => {
         if (finished) return;
         finished = true;
+        // ssh2 silently discards writes to a channel once it has sent CLOSE: bytes still queued here
+        // are lost, so say so (outside a deliberate teardown, where the caller discards the connection).
+        const pending = chA.writableLength + (chB?.writableLength ?? 0);
+        if (pending > 0 && !closed) {
+          stats.lastError ??= `connection released with ${pending} bytes not delivered`;
+          logger.warn({ ...ctx, pending }, 'tunnel connection released with bytes not delivered');
+        }
         stats.active--;
         open.delete(pair);
         chA.destroy();
@@ -204,17 +211,31 @@ export async function openTunnel(opts: TunnelOptions): Promise<Tunnel> {
         };
         chA.once('finish', onFinish);
         s.once('finish', onFinish);
-        // One side closing must not discard what is still queued towards the other side (the SSH
-        // window may hold back the last bytes): end the other side gracefully and release the pair
-        // once it has flushed, with a bound in case the peer stops reading.
-        const closeAfterFlush = (other: Duplex): void => {
+        // One side closing must not discard what is still queued towards the other side: ssh2's
+        // Channel.destroy() sends CLOSE at once and drops every later write, and the reply may
+        // still be waiting for SSH window (a client that reads slowly). This was the rare echo
+        // mismatch of the tunnel test (test/integration/tunnel.test.ts, slow reader). End the other
+        // side gracefully and release the pair once it has flushed; give up only on a peer that
+        // made no progress reading for 30 s.
+        const closeAfterFlush = (other: Duplex, side: string): void => {
           if (other.writableFinished || other.destroyed) return pair.destroy();
           other.once('finish', () => pair.destroy());
           other.end();
-          setTimeout(() => pair.destroy(), 30_000).unref();
+          let left = other.writableLength;
+          const watchdog = setInterval(() => {
+            if (finished) return clearInterval(watchdog);
+            if (other.writableLength < left) {
+              left = other.writableLength;
+              return;
+            }
+            clearInterval(watchdog);
+            stats.lastError = `${side}: peer stopped reading for 30 s with ${left} bytes not delivered`;
+            pair.destroy();
+          }, 30_000);
+          watchdog.unref();
         };
-        chA.once('close', () => closeAfterFlush(s));
-        s.once('close', () => closeAfterFlush(chA));
+        chA.once('close', () => closeAfterFlush(s, 'B'));
+        s.once('close', () => closeAfterFlush(chA, 'A'));
         chA.pipe(s);
         s.pipe(chA);
         chA.resume();

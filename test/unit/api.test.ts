@@ -22,7 +22,7 @@ describe('parseDuration', () => {
 
 describe('inventory file', () => {
   const good = {
-    hosts: [{ name: 'host01', address: '127.0.0.2', port: 2222, hostKey: 'ssh-ed25519 AAAAC3Nza', vmDir: '/srv/vms' }],
+    hosts: [{ name: 'host01', address: '127.0.0.2', port: 2222, hostKey: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFBpIex7HY9vWbTLfeE5oyMyctlLWHf5PDLlZBVKDaro', vmDir: '/srv/vms' }],
     environments: [{ name: 'student-1', kubeconfigSecret: { namespace: 'ns', name: 'kc' }, vms: [{ name: 'node-1', role: 'worker', host: 'host01', files: [{ name: 'disk0.qcow2', format: 'qcow2' }] }] }],
   };
   it('parses and fills defaults', () => {

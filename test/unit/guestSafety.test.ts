@@ -60,10 +60,10 @@ upstream kube_apiservers {
 
 describe('inventory: controlPlane and loadBalancer', () => {
   const base = (env: Record<string, unknown>, ctrl: Record<string, unknown> = { address: '10.0.0.11' }) => ({
-    hosts: [{ name: 'h1', address: '127.0.0.2', hostKey: 'ssh-ed25519 AAAA', vmDir: '/srv/vms' }],
+    hosts: [{ name: 'h1', address: '127.0.0.2', hostKey: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFBpIex7HY9vWbTLfeE5oyMyctlLWHf5PDLlZBVKDaro', vmDir: '/srv/vms' }],
     environments: [{ name: 'e', kubeconfigSecret: { namespace: 'ns', name: 's' }, vms: [{ name: 'controller-1', role: 'controller', host: 'h1', files: [], ...ctrl }], ...env }],
   });
-  const lb = { kind: 'nginx', address: '10.0.0.10', user: 'lb', hostKey: 'ssh-ed25519 AAAA', configPath: '/etc/nginx/conf.d/k.conf', upstream: 'kube_apiservers' };
+  const lb = { kind: 'nginx', address: '10.0.0.10', user: 'lb', hostKey: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFBpIex7HY9vWbTLfeE5oyMyctlLWHf5PDLlZBVKDaro', configPath: '/etc/nginx/conf.d/k.conf', upstream: 'kube_apiservers' };
   it('parses both with defaults', () => {
     const inv = parseInventory(base({ controlPlane: { etcdClientSecret: { namespace: 'ns', name: 'etcd-client' } }, loadBalancer: lb }));
     const e = inv.environments[0]!;
@@ -84,7 +84,7 @@ describe('inventory: controlPlane and loadBalancer', () => {
 describe('guestSafetyParts', () => {
   const env = (extra: Record<string, unknown> = {}) =>
     parseInventory({
-      hosts: [{ name: 'h1', address: '127.0.0.2', hostKey: 'ssh-ed25519 AAAA', vmDir: '/srv/vms' }],
+      hosts: [{ name: 'h1', address: '127.0.0.2', hostKey: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFBpIex7HY9vWbTLfeE5oyMyctlLWHf5PDLlZBVKDaro', vmDir: '/srv/vms' }],
       environments: [{ name: 'e', kubeconfigSecret: { namespace: 'ns', name: 'kc' }, vms: [{ name: 'controller-1', role: 'controller', host: 'h1', files: [], address: '10.0.0.11' }], ...extra }],
     }).environments[0]!;
   const deps = (secrets: Record<string, Record<string, string>>) => ({

@@ -11,7 +11,7 @@ const guest = (over: Partial<VMSpec> = {}): VMSpec => ({
   ...over,
 });
 
-const host = (qemu?: unknown): unknown => ({ name: 'h1', address: '10.0.0.1', hostKey: 'ssh-ed25519 AAAA', vmDir: '/var/lib/vms', ...(qemu === undefined ? {} : { qemu }) });
+const host = (qemu?: unknown): unknown => ({ name: 'h1', address: '10.0.0.1', hostKey: 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIFBpIex7HY9vWbTLfeE5oyMyctlLWHf5PDLlZBVKDaro', vmDir: '/var/lib/vms', ...(qemu === undefined ? {} : { qemu }) });
 const inv = (h: unknown, vm: unknown): unknown => ({ hosts: [h], environments: [{ name: 'env', kubeconfigSecret: { namespace: 'ns', name: 's' }, vms: [vm] }] });
 
 describe('QEMU argv from the inventory', () => {
