@@ -154,14 +154,19 @@ export function fits(i: FitInput): Fit {
 /**
  * The stable preference among hosts that fit: a host already holding VMs of the environment (fewer
  * bytes to move, and the environment ends up whole), then the fewest environments afterwards
- * (smallest blast radius), then the most free memory afterwards, then the host name.
+ * (smallest blast radius), then the most free memory afterwards (by at least MEMORY_NOISE_BYTES),
+ * then the host name.
  */
+/** free-memory differences below this are measurement noise, not a preference */
+export const MEMORY_NOISE_BYTES = 1024 ** 3;
+
 export function compareCandidates(a: { host: string; holdsEnv: boolean; fit: Extract<Fit, { ok: true }> }, b: typeof a): number {
   if (a.holdsEnv !== b.holdsEnv) return a.holdsEnv ? -1 : 1;
   if (a.fit.envsAfter !== b.fit.envsAfter) return a.fit.envsAfter - b.fit.envsAfter;
   const ma = a.fit.memFreeAfter ?? 0;
   const mb = b.fit.memFreeAfter ?? 0;
-  if (ma !== mb) return mb - ma;
+  // MemAvailable moves by hundreds of MiB between two reads; a difference that small must not decide.
+  if (Math.abs(ma - mb) >= MEMORY_NOISE_BYTES) return mb - ma;
   return a.host < b.host ? -1 : a.host > b.host ? 1 : 0;
 }
 
