@@ -8,5 +8,7 @@ export default defineConfig({
     testTimeout: 120_000,
     hookTimeout: 600_000,
     reporters: ['default'],
+    // Operator logs below warn go to this file, not the terminal (src/util/log.ts).
+    env: { VMOPS_LOG_FILE: `${process.cwd()}/.sandbox/test-logs/operator.log` },
   },
 });

@@ -22,7 +22,7 @@ import { createGuestNodes, VmLivenessBridge } from '../world/guestCluster.js';
 import { adoptHostFile, startHosts, type TestHosts } from '../world/hosts.js';
 import { createDiskImage, sha256File } from '../world/images.js';
 import { kubectlRun } from '../world/kubectl.js';
-import { freePort, REPO_ROOT, SECRET_NAMESPACE, studentEnvironment } from '../world/sandbox.js';
+import { freePort, REPO_ROOT, SECRET_NAMESPACE, studentEnvironment, operatorEnv } from '../world/sandbox.js';
 
 const ENVS = ['fleet-a', 'fleet-b', 'fleet-c', 'fleet-d'];
 let dir: string;
@@ -136,7 +136,7 @@ beforeAll(async () => {
   const metricsPort = await freePort();
   operator = spawn(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run', '--kubeconfig', cp.kubeconfigPath, '--inventory', inventoryPath,
     '--db', join(dir, 'operator.db'), '--ssh-key', hosts.identity.privateKeyPath, '--namespace', SECRET_NAMESPACE, '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1'],
-  { cwd: REPO_ROOT, stdio: ['ignore', openSync(join(dir, 'operator.log'), 'a'), openSync(join(dir, 'operator.log'), 'a')], env: { ...process.env, LOG_LEVEL: 'info' } });
+  { cwd: REPO_ROOT, stdio: ['ignore', openSync(join(dir, 'operator.log'), 'a'), openSync(join(dir, 'operator.log'), 'a')], env: operatorEnv({ LOG_LEVEL: 'info' }) });
   for (let i = 0; !(await fetch(`http://127.0.0.1:${metricsPort}/readyz`).then((r) => r.ok, () => false)); i++) {
     if (operator.exitCode !== null || i > 300) throw new Error(`operator did not start; see ${dir}/operator.log`);
     await new Promise((r) => setTimeout(r, 200));

@@ -18,7 +18,7 @@ import { startControlPlane, type ControlPlane } from '../world/controlPlane.js';
 import { inClusterIdentity, type InClusterIdentity } from '../world/inCluster.js';
 import { monitoringCrdFiles } from '../world/monitoringCrds.js';
 import { startPrometheus, type TestPrometheus } from '../world/prometheus.js';
-import { freePort, REPO_ROOT } from '../world/sandbox.js';
+import { freePort, REPO_ROOT, operatorEnv } from '../world/sandbox.js';
 
 const execFileP = promisify(execFile);
 const NS = 'vm-migration-system';
@@ -239,7 +239,7 @@ describe('the operator in cluster mode, scraped by a real Prometheus with the sh
       '--inventory', join(DIR, 'inventory.yaml'), '--db', join(DIR, 'operator.db'), '--ssh-key', join(DIR, 'id_ed25519'),
       '--namespace', NS, '--metrics-port', String(port), '--metrics-host', '127.0.0.1', '--leader-elect', '--lease-namespace', NS]);
     const log = openSync(join(DIR, 'operator.log'), 'a');
-    operator = spawn(argv[0]!, argv.slice(1), { cwd: REPO_ROOT, stdio: ['ignore', log, log], env: id.env({ ...process.env, LOG_LEVEL: 'info' }) });
+    operator = spawn(argv[0]!, argv.slice(1), { cwd: REPO_ROOT, stdio: ['ignore', log, log], env: id.env(operatorEnv({ LOG_LEVEL: 'info' })) });
     await until('operator /readyz', 60_000, async () => {
       if (operator!.exitCode !== null) throw new Error(`operator exited ${operator!.exitCode}: ${readFileSync(join(DIR, 'operator.log'), 'utf8').slice(-2000)}`);
       return (await fetch(`${metricsUrl}/readyz`)).ok || undefined;

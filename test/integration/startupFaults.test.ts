@@ -17,7 +17,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { stringify } from 'yaml';
 import type { Inventory } from '../../src/api/inventory.js';
 import { Store } from '../../src/store/store.js';
-import { REPO_ROOT } from '../world/sandbox.js';
+import { REPO_ROOT, operatorEnv } from '../world/sandbox.js';
 
 const execFileP = promisify(execFile);
 const dir = mkdtempSync(join(tmpdir(), 'vmops-startup-'));
@@ -49,7 +49,7 @@ async function runOperator(db: string, inventoryPath: string, opts: { env?: Reco
     '--ssh-key', keyPath, '--metrics-port', '0', '--metrics-host', '127.0.0.1', ...(db ? ['--db', db] : [])];
   return new Promise((resolve) => {
     const child = spawn(process.execPath, args, {
-      cwd: REPO_ROOT, env: { ...process.env, LOG_LEVEL: 'info', ...opts.env }, ...(opts.uid !== undefined ? { uid: opts.uid, gid: opts.uid } : {}),
+      cwd: REPO_ROOT, env: operatorEnv({ LOG_LEVEL: 'info', ...opts.env }), ...(opts.uid !== undefined ? { uid: opts.uid, gid: opts.uid } : {}),
     });
     let stdout = '';
     let stderr = '';

@@ -257,6 +257,16 @@ export function kubectlRunner(kubeconfigPath: string): Kubectl {
 
 /** The operator as a child process (`src/cli/main.ts run`), ready once its /readyz answers; stop() = SIGTERM, then SIGKILL. */
 /**
+ * Environment for an operator child process: its log goes to its own stdout (the test's operator.log),
+ * so the test process's VMOPS_LOG_FILE (vitest.config.ts) is not passed on.
+ */
+export function operatorEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = { ...process.env, LOG_LEVEL: process.env.LOG_LEVEL ?? 'info', ...extra };
+  delete env.VMOPS_LOG_FILE;
+  return env;
+}
+
+/**
  * The operator as a child process, ready (/readyz) when this returns. `kubeconfigPath` is what it runs
  * with; `inCluster` instead applies manifests/rbac.yaml and mounts a TokenRequest token where pods have
  * it (test/world/inCluster.ts), using `adminKubeconfigPath` for that setup only.
@@ -269,7 +279,8 @@ export async function startOperatorProcess(o: OperatorOptions & { dir: string; k
     ...(o.inCluster ? [] : ['--kubeconfig', o.kubeconfigPath]), '--inventory', o.inventoryPath, '--db', o.dbPath,
     '--ssh-key', o.sshKeyPath, '--namespace', SECRET_NAMESPACE,
     '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1', ...(o.leaderElect === false ? [] : ['--leader-elect'])];
-  let env: NodeJS.ProcessEnv = { ...process.env, LOG_LEVEL: process.env.LOG_LEVEL ?? 'info' };
+  // the operator's own log (stdout) is its log file here; VMOPS_LOG_FILE is the test process's
+  let env: NodeJS.ProcessEnv = operatorEnv();
   if (o.inCluster) {
     const admin = o.adminKubeconfigPath ?? o.kubeconfigPath;
     await kubectlRunner(admin)(['apply', '-f', 'manifests/rbac.yaml']);
