@@ -161,8 +161,8 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     const waitingBefore = writer.current.waitingSince;
     writer.update((s) => {
       s.startedAt ??= new Date().toISOString();
-      setState(s, generation, 'running', 'InProgress', startedMessage);
-      s.waitingSince = waitingBefore;
+      // A re-check during a wait keeps the waiting condition until a step changes something again.
+      if (!waitingBefore) setState(s, generation, 'running', 'InProgress', startedMessage);
     });
     await writer.flush();
     if (!resuming) {

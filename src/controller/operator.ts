@@ -53,6 +53,8 @@ export class MigrationController {
   private readonly queue = new WorkQueue<string>({ name: 'vmmigrations', concurrency: 4, metrics: metrics.workQueueMetricsHooks() });
   private readonly runs = new Map<string, ActiveRun>();
   private readonly claims = new Map<string, string>();
+  /** a run that must wait (RetryLater) is not re-run before this time by its own status writes' watch events */
+  private readonly notBefore = new Map<string, { at: number; generation: number }>();
   private readonly events: EventRecorder;
   private readonly finalizers: Finalizers;
   private elector: LeaseLeaderElector | undefined;
@@ -139,6 +141,9 @@ export class MigrationController {
     const uid = obj.metadata.uid;
     if (this.runs.has(uid)) return;
     if (!needsWork(obj)) return;
+    const wait = this.notBefore.get(uid);
+    if (wait && Date.now() < wait.at - 100 && wait.generation === (obj.metadata.generation ?? 1)) return; // the delayed re-queue comes
+    this.notBefore.delete(uid);
     // Before any side effect: from now on a delete waits for us.
     await this.finalizers.add(obj);
     this.startRun(obj, key);
@@ -199,7 +204,10 @@ export class MigrationController {
     }, controller.signal).then(
       () => undefined,
       (err: Error) => {
-        if (err instanceof RetryLater) this.queue.addAfter(key, err.afterMs);
+        if (err instanceof RetryLater) {
+          this.notBefore.set(uid, { at: Date.now() + err.afterMs, generation: obj.metadata.generation ?? 1 });
+          this.queue.addAfter(key, err.afterMs);
+        }
         else if (err instanceof Aborted || controller.signal.aborted) log.warn({ reason: err.message }, 'migration run stopped');
         else {
           log.error({ err: err.message }, 'migration run crashed; retrying with backoff');
