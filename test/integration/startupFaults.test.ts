@@ -22,14 +22,17 @@ import { REPO_ROOT, operatorEnv } from '../world/sandbox.js';
 const execFileP = promisify(execFile);
 const dir = mkdtempSync(join(tmpdir(), 'vmops-startup-'));
 let listener: Server;
+let listener2: Server;
 let port = 0;
+/** host02's own endpoint: the inventory refuses two hosts on one address and port */
+let port2 = 0;
 let connections = 0;
 let hostKey = '';
 const keyPath = join(dir, 'id_ed25519');
 const kubeconfigPath = join(dir, 'kubeconfig');
 
 function inventory(h02: Partial<Inventory['hosts'][number]> = {}, withHost02 = true): Inventory {
-  const host = (name: string) => ({ name, address: '127.0.0.1', port, user: 'vmhost', hostKey, vmDir: `/srv/${name}` });
+  const host = (name: string) => ({ name, address: name === 'host02' ? '127.0.0.2' : '127.0.0.1', port: name === 'host02' ? port2 : port, user: 'vmhost', hostKey, vmDir: `/srv/${name}` });
   return {
     hosts: [host('host01'), ...(withHost02 ? [{ ...host('host02'), ...h02 }] : [])],
     environments: [{ name: 'e1', kubeconfigSecret: { namespace: 'ns', name: 's', key: 'kubeconfig' }, vms: [{ name: 'node-1', role: 'worker', nodeName: 'e1-node-1', host: 'host01', memoryMiB: 64, cpus: 1, files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }] }] }],
@@ -66,12 +69,16 @@ async function runOperator(db: string, inventoryPath: string, opts: { env?: Reco
 const sha = (p: string) => createHash('sha256').update(readFileSync(p)).digest('hex');
 
 beforeAll(async () => {
-  listener = createServer((s) => {
+  const counting = () => createServer((s) => {
     connections++;
     s.destroy();
   });
+  listener = counting();
+  listener2 = counting();
   await new Promise<void>((r) => listener.listen(0, '127.0.0.1', () => r()));
+  await new Promise<void>((r) => listener2.listen(0, '127.0.0.2', () => r()));
   port = (listener.address() as { port: number }).port;
+  port2 = (listener2.address() as { port: number }).port;
   await execFileP('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', keyPath]);
   hostKey = readFileSync(`${keyPath}.pub`, 'utf8').trim().split(' ').slice(0, 2).join(' ');
   // A syntactically valid kubeconfig whose server is the counting listener: any API call would show up.
@@ -85,6 +92,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await new Promise((r) => listener?.close(r));
+  await new Promise((r) => listener2?.close(r));
   rmSync(dir, { recursive: true, force: true });
 });
 
