@@ -51,7 +51,7 @@ describe('a drain blocked by a PodDisruptionBudget, through the operator', () =>
     const name = 'blocked-by-pdb';
     const doc = JSON.stringify({
       apiVersion: `${GROUP}/${VERSION}`, kind: 'VMMigration', metadata: { name, namespace: SECRET_NAMESPACE },
-      spec: { environments: [ENV], targetHost: 'host02', drain: { timeout: '5s' } },
+      spec: { environments: [ENV], targetHost: 'host02', drain: { timeout: '10s' } },
     });
     const { spawn } = await import('node:child_process');
     await new Promise<void>((res, rej) => {
