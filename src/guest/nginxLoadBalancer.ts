@@ -5,7 +5,7 @@
  * when the test or the reload fails. Taking a backend out waits until no connection to it is left:
  * old workers finish their sessions and exit (bounded by the config's `worker_shutdown_timeout`).
  */
-import type { VMSpec } from '../api/inventory.js';
+import type { LoadBalancerSpec, VMSpec } from '../api/inventory.js';
 import type { LoadBalancerControl } from '../migrate/guestSafety.js';
 import { sleep } from '../util/sleep.js';
 
@@ -14,15 +14,10 @@ export interface RemoteShell {
   exec(argv: string[], opts?: { stdin?: Buffer | string; timeoutMs?: number }): Promise<{ stdout: Buffer; stderr: string; code: number }>;
 }
 
-export interface NginxLoadBalancerOptions {
+/** The inventory's description of the NGINX (LoadBalancerSpec), plus how to reach it and its backends. */
+export interface NginxLoadBalancerOptions extends Pick<LoadBalancerSpec, 'configPath' | 'upstream' | 'nginxBinary' | 'mainConfig' | 'prefix' | 'sourceAddress'> {
   /** an SSH connection to the load balancer's machine (opened or reused by the caller) */
   connect: () => Promise<RemoteShell>;
-  configPath: string;
-  upstream: string;
-  nginxBinary: string;
-  mainConfig?: string;
-  prefix?: string;
-  sourceAddress?: string;
   /** the upstream server (address:port) of a controller VM */
   backendOf: (vm: VMSpec) => string;
   drainTimeoutMs: number;
