@@ -142,7 +142,9 @@ export class MigrationController {
     if (this.runs.has(uid)) return;
     if (!needsWork(obj)) return;
     const wait = this.notBefore.get(uid);
-    if (wait && Date.now() < wait.at - 100 && wait.generation === (obj.metadata.generation ?? 1)) return; // the delayed re-queue comes
+    // Too early (an event, e.g. our own status write, re-queued the key, and the queue's add() drops a
+    // pending delayed add): look again when the wait is over, or the wait lasts until the next relist.
+    if (wait && Date.now() < wait.at - 100 && wait.generation === (obj.metadata.generation ?? 1)) return { requeueAfterMs: wait.at - Date.now() };
     this.notBefore.delete(uid);
     // Before any side effect: from now on a delete waits for us.
     await this.finalizers.add(obj);

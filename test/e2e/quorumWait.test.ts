@@ -10,6 +10,7 @@ import { promisify } from 'node:util';
 import { CoreV1Api, CustomObjectsApi, type V1Node } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
+import { Store } from '../../src/store/store.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
 
 let sb: Sandbox;
@@ -72,8 +73,19 @@ describe('a controller move waits for quorum instead of failing', () => {
     const c1 = waiting.status?.vms?.find((v) => v.name === 'controller-1');
     expect(c1?.phase).toBe('Pending');
     expect((await h01.vmStatus(env, sb.environment.vms.find((v) => v.name === 'controller-1')!)).state).toBe('running');
-    // still waiting a few seconds later (re-checked with backoff, not failed)
-    await new Promise((r) => setTimeout(r, 5000));
+    // re-checked with backoff (2 s at first), not failed: more quorum checks are journaled while it waits.
+    // The bound is far above the backoff and below the informer's 120 s relist, which once was the only
+    // thing that woke a wait up (a status write's event cancelled the delayed re-queue).
+    const uid = waiting.metadata.uid;
+    const quorumFails = async () => {
+      const store = await Store.open(sb.dbPath);
+      try {
+        return (await store.journalEntries(uid, env, 'controller-1')).filter((e) => e.step === 'quorum' && e.event === 'fail').length;
+      } finally {
+        await store.close();
+      }
+    };
+    await until('controller-1 quorum re-checked twice more', 60_000, async () => ((await quorumFails()) >= 3 ? true : undefined));
     const still = await getVmm('quorum-wait');
     expect(still?.status?.phase).toBe('Running');
     expect(still?.status?.conditions?.find((c) => c.type === 'Progressing')?.reason).toBe('WaitingForQuorum');

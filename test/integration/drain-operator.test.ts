@@ -51,7 +51,8 @@ describe('a drain blocked by a PodDisruptionBudget, through the operator', () =>
     const name = 'blocked-by-pdb';
     const doc = JSON.stringify({
       apiVersion: `${GROUP}/${VERSION}`, kind: 'VMMigration', metadata: { name, namespace: SECRET_NAMESPACE },
-      spec: { environments: [ENV], targetHost: 'host02', drain: { timeout: '10s' } },
+      // no OS in these VMs answers ACPI: a short powerdown timeout instead of the 60 s default before the quit
+      spec: { environments: [ENV], targetHost: 'host02', drain: { timeout: '10s' }, shutdown: { powerdownTimeout: '1s' } },
     });
     const { spawn } = await import('node:child_process');
     await new Promise<void>((res, rej) => {

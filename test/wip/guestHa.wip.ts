@@ -139,8 +139,9 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
     await sleep(1500);
     watching = false;
     await watcher;
-    // a member that is not the leader: moveLeadershipAway is a no-op
-    expect(await guard.moveLeadershipAway(vm(moved.movedTo!), never)).toEqual({});
+    // a running member that is not the leader (neither the old leader nor the new one): a no-op
+    const bystander = before.map((s) => s.vm).find((v) => v !== leaderVm && v !== moved.movedTo)!;
+    expect(await guard.moveLeadershipAway(vm(bystander), never)).toEqual({});
 
     const lastBeforeStop = samples.filter((s) => s.at < offAt).at(-1)!;
     const newLeaderId = lastBeforeStop.st.find((s) => s.vm === moved.movedTo)!.memberId;

@@ -7,7 +7,7 @@
 import { spawn } from 'node:child_process';
 import { readdir, readFile } from 'node:fs/promises';
 import { writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { dirname, join } from 'node:path';
 import { CustomObjectsApi } from '@kubernetes/client-node';
 import { parse, stringify } from 'yaml';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
@@ -50,21 +50,28 @@ export async function kubectlStdin(sb: Sandbox, args: string[], stdin: string): 
   });
 }
 
-/** Live qemu-system processes per `-name` on this machine (every test host shares it). */
+/**
+ * Hosts on which each VM (`-name`) has a live qemu-system process, on this machine (every test host
+ * shares it). Counted by the directory of the process's `-pidfile` (one per host and VM), not by
+ * process: QEMU's `-daemonize` keeps the parent alive with the same argv until the child has started,
+ * so one start on one host briefly shows two processes.
+ */
 export async function qemuCensus(): Promise<Map<string, number>> {
-  const counts = new Map<string, number>();
+  const hostsOf = new Map<string, Set<string>>();
   for (const pid of await readdir('/proc').catch(() => [] as string[])) {
     if (!/^\d+$/.test(pid)) continue;
     const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '')).split('\0');
     if (!(argv[0]?.split('/').pop() ?? '').startsWith('qemu-system')) continue;
     const i = argv.indexOf('-name');
     const name = i >= 0 ? argv[i + 1]?.split(',')[0] : undefined;
-    if (name) counts.set(name, (counts.get(name) ?? 0) + 1);
+    const p = argv.indexOf('-pidfile');
+    const where = p >= 0 ? dirname(argv[p + 1] ?? '') : `pid ${pid}`;
+    if (name) hostsOf.set(name, (hostsOf.get(name) ?? new Set()).add(where));
   }
-  return counts;
+  return new Map([...hostsOf].map(([name, where]) => [name, where.size]));
 }
 
-/** Samples the census until stopped; `worst` is the highest number of live QEMUs any one VM ever had. */
+/** Samples the census until stopped; `worst` is the highest number of hosts any one VM was ever live on at once. */
 export function watchSplitBrain(everyMs = 150): { stop(): Promise<{ worst: number; samples: number; offenders: string[] }> } {
   let worst = 0;
   let samples = 0;
