@@ -16,6 +16,7 @@ interface QemuProc {
   socket: string;
   client?: QmpClient;
   connecting?: Promise<void>;
+  connectFailed?: boolean;
   status?: string;
 }
 
@@ -96,8 +97,11 @@ export class VmRunStateObserver {
           sock.once('error', rej);
         });
         p.client = await QmpClient.open(sock, { timeoutMs: 2000 });
-      } catch {
+      } catch (err) {
         p.client = undefined; // not up yet; next tick retries
+        // said once per process: a monitor that never answers must show in the world's log
+        if (!p.connectFailed) this.opts.onError?.(new Error(`QMP observer of ${p.vm} (pid ${p.pid}) not connected: ${(err as Error).message}`));
+        p.connectFailed = true;
       } finally {
         p.connecting = undefined;
       }
@@ -106,7 +110,9 @@ export class VmRunStateObserver {
 
   /** One observation pass; transitions are reported in order, each awaited. */
   async tick(): Promise<void> {
-    const seen = await qemuProcesses(this.environment, this.opts.dirPrefix);
+    // only this observer's VMs: QEMU serves one client per monitor socket, so a connection held to
+    // another observer's VM starves that observer (two observers once split one environment this way)
+    const seen = (await qemuProcesses(this.environment, this.opts.dirPrefix)).filter((s) => this.vms.includes(s.vm));
     const live = new Set(seen.map((s) => s.pid));
     for (const [pid, p] of this.procs) {
       if (!live.has(pid)) {
