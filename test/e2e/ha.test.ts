@@ -17,6 +17,7 @@ import { join } from 'node:path';
 import { CustomObjectsApi } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
+import { Store } from '../../src/store/store.js';
 import type { MemberStatus } from '../world/haGuest.js';
 import { startHaSandbox, type HaSandbox } from '../world/haSandbox.js';
 import { KubectlStudent, summarize, type StudentSample } from '../world/haStudent.js';
@@ -210,7 +211,18 @@ describe('HA environment: rolling move with the student\'s kubectl through the b
     const cond = waiting.status?.conditions?.find((c) => c.type === 'Progressing');
     expect(cond?.message).toMatch(/controller-2/);
     expect(cond?.message).not.toMatch(/PRIVATE KEY|BEGIN CERT/);
-    await sleep(4000);
+    // re-checked with backoff (2 s at first), not failed: more quorum checks are journaled while it waits.
+    // The bound is far above the backoff and below the informer's 120 s relist, which once was the only
+    // thing that woke a wait up (a status write's event cancelled the delayed re-queue).
+    const quorumFails = async () => {
+      const store = await Store.open(sb.dbPath);
+      try {
+        return (await store.journalEntries(waiting.metadata.uid, env, 'controller-1')).filter((e) => e.step === 'quorum' && e.event === 'fail').length;
+      } finally {
+        await store.close();
+      }
+    };
+    await until('controller-1 quorum re-checked twice more', 60_000, async () => ((await quorumFails()) >= 3 ? true : undefined));
     // nothing stopped: controllers 1 and 3 still run, and their LB entries were never touched
     expect(sb.ha.runState('controller-1')).toBe('running');
     expect(sb.ha.runState('controller-3')).toBe('running');
