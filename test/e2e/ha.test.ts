@@ -14,8 +14,10 @@
  */
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import { CustomObjectsApi } from '@kubernetes/client-node';
+import { CoreV1Api, CustomObjectsApi } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { until } from '../world/until.js';
+import { getVmm as getVmmOf } from '../world/vmm.js';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
 import { Store } from '../../src/store/store.js';
 import type { MemberStatus } from '../world/haGuest.js';
@@ -38,20 +40,7 @@ afterAll(async () => {
   console.log(`[ha] wall time of the HA e2e: ${((Date.now() - t0) / 1000).toFixed(0)} s`);
 });
 
-async function getVmm(name: string): Promise<VMMigration | undefined> {
-  const api = sb.kc.makeApiClient(CustomObjectsApi);
-  return (await api.getNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, name }).catch(() => undefined)) as VMMigration | undefined;
-}
-
-async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await sleep(300);
-  }
-}
+const getVmm = (name: string) => getVmmOf(sb, name);
 
 async function apply(name: string, targetHost: string, opts: { precopy?: boolean } = {}): Promise<void> {
   const body = {
@@ -232,7 +221,8 @@ describe('HA environment: rolling move with the student\'s kubectl through the b
     // NGINX's passive check forgets controller-2's failures after fail_timeout; measure the operator's moves from there
     await sleep(11_000);
     const measureFrom = Date.now();
-    await succeeded('ha-back');
+    const done = await succeeded('ha-back');
+    expect(done.status?.waitingSince).toBeUndefined();
     await sleep(2000);
     const samples = await student.stop();
     const windows = CONTROLLERS.flatMap((c) => downWindows(c, measureFrom));
@@ -247,5 +237,9 @@ describe('HA environment: rolling move with the student\'s kubectl through the b
     console.log(`[ha] LB awareness off, controller moves: sent ${s.sent}, failed ${s.failed}, slow(>2s) ${s.slow}, p99 ${s.p99Ms} ms, worst ${s.worstMs} ms; whole move without beachhead: sent ${all.sent}, failed ${all.failed}, p99 ${all.p99Ms} ms, worst ${all.worstMs} ms`);
     expect(s.failed + s.slow).toBeGreaterThan(0);
     expect(maxControllersDown(from)).toBe(1);
+    // the wait was announced as an Event, and the gauge of running migrations is back to 0
+    const events = await sb.kc.makeApiClient(CoreV1Api).listNamespacedEvent({ namespace: SECRET_NAMESPACE, fieldSelector: 'involvedObject.name=ha-back' });
+    expect(events.items.map((e) => e.reason)).toEqual(expect.arrayContaining(['WaitingForQuorum', 'Succeeded']));
+    expect(await (await fetch(`${operator!.metricsUrl}/metrics`)).text()).toMatch(/^vmops_migrations_active 0$/m);
   }, 1_200_000);
 });

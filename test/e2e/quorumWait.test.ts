@@ -9,7 +9,9 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { CoreV1Api, CustomObjectsApi, type V1Node } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
+import { until } from '../world/until.js';
+import { getVmm as getVmmOf } from '../world/vmm.js';
+import { GROUP, PLURAL, VERSION } from '../../src/api/types.js';
 import { Store } from '../../src/store/store.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
 
@@ -28,20 +30,7 @@ afterAll(async () => {
   await sb?.stop();
 });
 
-async function getVmm(name: string): Promise<VMMigration | undefined> {
-  const api = sb.kc.makeApiClient(CustomObjectsApi);
-  return (await api.getNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, name }).catch(() => undefined)) as VMMigration | undefined;
-}
-
-async function until<T>(what: string, timeoutMs: number, probe: () => Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 300));
-  }
-}
+const getVmm = (name: string) => getVmmOf(sb, name);
 
 async function nodeReady(name: string): Promise<boolean> {
   const n: V1Node = await sb.kc.makeApiClient(CoreV1Api).readNode({ name });

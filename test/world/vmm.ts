@@ -13,7 +13,7 @@ import { parse, stringify } from 'yaml';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
 import { REPO_ROOT, SECRET_NAMESPACE, type Sandbox } from './sandbox.js';
 
-export async function getVmm(sb: Sandbox, name: string): Promise<VMMigration | undefined> {
+export async function getVmm(sb: Pick<Sandbox, 'kc'>, name: string): Promise<VMMigration | undefined> {
   const api = sb.kc.makeApiClient(CustomObjectsApi);
   try {
     return (await api.getNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, name })) as VMMigration;
