@@ -1,17 +1,46 @@
 #!/usr/bin/env bash
 # The whole suite: lint, type check, unit, integration and end-to-end tests.
+#   npm test                       everything
+#   npm test -- test/e2e/ha.test.ts   one file (or any vitest filter), after lint and type check
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-echo "[test] eslint"; npx eslint .
-echo "[test] tsc"; npx tsc -p tsconfig.json --noEmit
-echo "[test] vitest"
+echo "[test] eslint and tsc"
+npx eslint . &
+lint=$!
+tsc_status=0
+npx tsc -p tsconfig.json --noEmit || tsc_status=$?
+wait "$lint"
+[ "$tsc_status" -eq 0 ] || exit "$tsc_status"
 mkdir -p .sandbox
+rm -f .sandbox/test-results*.json
 status=0
-npx vitest run --reporter=default --reporter=json --outputFile.json=.sandbox/test-results.json "$@" || status=$?
-# One plain closing line with the counts, whatever the reporter printed above.
+vitest() {
+  local out="$1"
+  shift
+  npx vitest run --reporter=default --reporter=json --outputFile.json="$out" "$@" || status=$?
+}
+if [ $# -gt 0 ]; then
+  echo "[test] vitest $*"
+  vitest .sandbox/test-results.json "$@"
+else
+  # Unit tests touch no shared machine state: their files run in parallel. Integration and
+  # end-to-end files share the loopback hosts, QEMU and control planes: one file at a time
+  # (vitest.config.ts).
+  echo "[test] vitest: unit tests (files in parallel)"
+  vitest .sandbox/test-results-unit.json test/unit --fileParallelism=true --maxWorkers=2
+  echo "[test] vitest: integration and end-to-end tests (one file at a time)"
+  vitest .sandbox/test-results.json test/integration test/e2e
+fi
+# One plain closing line with the counts, whatever the reporters printed above.
 node -e '
-  const r = JSON.parse(require("fs").readFileSync(".sandbox/test-results.json", "utf8"));
-  console.log(`${r.numPassedTests} passed, ${r.numFailedTests} failed` + (r.numPendingTests ? `, ${r.numPendingTests} skipped` : ""));
+  const fs = require("fs");
+  const files = [".sandbox/test-results-unit.json", ".sandbox/test-results.json"].filter((f) => fs.existsSync(f));
+  const t = { passed: 0, failed: 0, pending: 0 };
+  for (const f of files) {
+    const r = JSON.parse(fs.readFileSync(f, "utf8"));
+    t.passed += r.numPassedTests; t.failed += r.numFailedTests; t.pending += r.numPendingTests;
+  }
+  console.log(`${t.passed} passed, ${t.failed} failed` + (t.pending ? `, ${t.pending} skipped` : ""));
 ' || true
 exit $status

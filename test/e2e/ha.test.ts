@@ -12,8 +12,10 @@
  *    stalls during the controller moves, which is what the test must be able to see.
  * The beachhead's own move interrupts the load balancer itself; it is measured and reported separately.
  */
+import { execFile } from 'node:child_process';
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { promisify } from 'node:util';
 import { CoreV1Api, CustomObjectsApi } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { until } from '../world/until.js';
@@ -168,6 +170,17 @@ describe('HA environment: rolling move with the student\'s kubectl through the b
     // every controller went out of NGINX (and came back: nothing is down at the end)
     expect(Object.keys(lbOut).sort()).toEqual(CONTROLLERS);
     expect(watchers.lb.at(-1)?.down).toEqual([]);
+    // etcd leadership was moved away first: in the last sample before each controller went down, every
+    // member that answered named a leader other than that controller's member
+    for (const c of CONTROLLERS) {
+      for (const w of downWindows(c, from)) {
+        const before = watchers.etcd.filter((x) => x.at < w.start).at(-1)!;
+        const mine = before.st.find((x) => x.vm === c)?.memberId;
+        expect(mine, `${c}'s etcd member id`).toBeDefined();
+        const leaders = new Set(before.st.filter((x) => x.ok).map((x) => x.leader));
+        expect([...leaders], `${c} led etcd when its VM went down`).not.toContain(mine);
+      }
+    }
     // and each controller's VM stopped only while it was out of the load balancer
     for (const c of CONTROLLERS) {
       for (const w of downWindows(c, from)) {
@@ -241,5 +254,12 @@ describe('HA environment: rolling move with the student\'s kubectl through the b
     const events = await sb.kc.makeApiClient(CoreV1Api).listNamespacedEvent({ namespace: SECRET_NAMESPACE, fieldSelector: 'involvedObject.name=ha-back' });
     expect(events.items.map((e) => e.reason)).toEqual(expect.arrayContaining(['WaitingForQuorum', 'Succeeded']));
     expect(await (await fetch(`${operator!.metricsUrl}/metrics`)).text()).toMatch(/^vmops_migrations_active 0$/m);
+    // `history` reads the journal back: controller-1's quorum gate held, then passed, and its steps ran
+    const { stdout } = await promisify(execFile)(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'history', 'ha-back', '--db', sb.dbPath], { cwd: REPO_ROOT });
+    const at = stdout.indexOf(`${env}/controller-1`);
+    const section = stdout.slice(at, stdout.indexOf(`${env}/controller-2`, at));
+    expect(section).toMatch(/quorum +failed .*controller-2/);
+    expect(section).toMatch(/quorum +done/);
+    expect(section).toMatch(/start +done/);
   }, 1_200_000);
 });

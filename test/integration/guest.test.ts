@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { AppsV1Api, CoreV1Api, KubeConfig, PolicyV1Api, type V1Pod } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EnvironmentSpec, VMSpec } from '../../src/api/inventory.js';
-import { DrainError, GuestCluster } from '../../src/guest/guestCluster.js';
+import { GuestCluster } from '../../src/guest/guestCluster.js';
 import { startControlPlane, type ControlPlane } from '../world/controlPlane.js';
 import { createGuestNodes, deployStudentWorkload, startBareQemu, VmLivenessBridge, type BareQemu } from '../world/guestCluster.js';
 
@@ -150,20 +150,7 @@ describe('GuestCluster against a real control plane with KWOK nodes', () => {
     await core.deleteNamespacedPod({ name: 'scratch', namespace: NS, gracePeriodSeconds: 0 });
   });
 
-  it('times out instead of violating a PDB that allows no disruption', async () => {
-    const ns = `${ENV}-strict`;
-    const node = `${ENV}-node-2`;
-    await deployStudentWorkload(kc, { namespace: ns, name: 'db', replicas: 1, minAvailable: 1, nodeNames: [node] });
-    await until('db available', 60_000, async () => (await apps.readNamespacedDeployment({ name: 'db', namespace: ns })).status?.availableReplicas === 1);
-    const err = await guest.drain(node, { timeoutMs: 6_000, gracePeriodSeconds: 5, deleteEmptyDirData: false }).catch((e: unknown) => e);
-    expect(err).toBeInstanceOf(DrainError);
-    expect((err as Error).message).toMatch(/timed out.*db-/);
-    const db = (await core.listNamespacedPod({ namespace: ns })).items;
-    expect(db).toHaveLength(1);
-    expect(db[0]!.metadata?.deletionTimestamp).toBeUndefined();
-    expect(isReadyPod(db[0]!)).toBe(true);
-    await guest.uncordon(node);
-  });
+  // A PDB allowing no disruption: test/integration/drain.test.ts (library) and drain-operator.test.ts (operator).
 
   it('quorum check: OK with all controllers Ready, refuses while another controller is NotReady', async () => {
     const c1 = `${ENV}-controller-1`;
