@@ -115,7 +115,7 @@ async function moveWithKills(name: string, from: string, to: string, spec: Recor
     expect(a.state, `${name}: left on ${from}`).toBe('absent');
     expect(b.qmpStatus, `${name}: not running on ${to}`).toBe('running');
     // only the VM's own files and what its QEMU made: no partial disk, export socket, pidfile of a qemu-nbd
-    const allowed = new Set([...vm.files.map((f) => f.name), 'qemu.pid', 'qmp.sock', 'serial.log', 'heartbeat.sock']);
+    const allowed = new Set([...vm.files.map((f) => f.name), 'qemu.pid', 'qmp.sock', 'qmp-observe.sock', 'serial.log', 'heartbeat.sock']);
     const entries = (await h2.conn.execOk(['ls', '-A', h2.vmDir(ENV, vm)])).toString().trim().split('\n');
     expect(entries.filter((f) => !allowed.has(f)), `${name}: stray files on ${to}`).toEqual([]);
     // [q]: the remote shell that runs pgrep carries the pattern in its own command line
