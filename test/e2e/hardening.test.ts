@@ -8,7 +8,8 @@
 import { existsSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { generateKeyPairSync } from 'node:crypto';
 import { join } from 'node:path';
-import { CoreV1Api, CustomObjectsApi, type V1Node } from '@kubernetes/client-node';
+import { CoreV1Api, CustomObjectsApi } from '@kubernetes/client-node';
+import { expectSandboxUntouched } from '../world/vmm.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parse, stringify } from 'yaml';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
@@ -62,16 +63,7 @@ async function setKubeconfigSecret(content: string): Promise<void> {
   await core.replaceNamespacedSecret({ name, namespace: SECRET_NAMESPACE, body: { metadata: { name }, type: 'Opaque', stringData: { kubeconfig: content } } });
 }
 
-async function expectUntouched(): Promise<void> {
-  const h01 = await sb.hypervisor('host01');
-  const h02 = await sb.hypervisor('host02');
-  for (const vm of sb.environment.vms) {
-    expect((await h01.vmStatus(sb.environment.name, vm)).state).toBe('running');
-    expect((await h02.vmStatus(sb.environment.name, vm)).state).toBe('absent');
-  }
-  const nodes = JSON.parse((await sb.kubectl(['get', 'nodes', '-o', 'json'])).stdout) as { items: V1Node[] };
-  for (const n of nodes.items) expect(n.spec?.unschedulable ?? false).toBe(false);
-}
+const expectUntouched = () => expectSandboxUntouched(sb);
 
 /** Everything a user or a log collector could see: the resource, every Event in the namespace, the operator's output. */
 async function everythingVisible(name: string): Promise<string> {

@@ -5,6 +5,7 @@
 import { AppsV1Api, CustomObjectsApi, Watch, type V1Deployment, type V1Node } from '@kubernetes/client-node';
 import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { expectSandboxUntouched, kubectlStdin } from '../world/vmm.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
 import { argoHealth } from '../world/argoHealth.js';
@@ -50,18 +51,7 @@ function manifest(name: string, spec: Record<string, unknown>): string {
   return JSON.stringify({ apiVersion: 'vmops.dev/v1alpha1', kind: 'VMMigration', metadata: { name, namespace: SECRET_NAMESPACE }, spec });
 }
 
-async function applyStdin(doc: string): Promise<{ code: number; stdout: string; stderr: string }> {
-  const { spawn } = await import('node:child_process');
-  return new Promise((resolve) => {
-    const p = spawn('kubectl', ['--kubeconfig', sb.controlPlane.kubeconfigPath, 'apply', '-f', '-'], { cwd: REPO_ROOT });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d) => (stdout += d));
-    p.stderr.on('data', (d) => (stderr += d));
-    p.on('close', (code) => resolve({ code: code ?? 1, stdout, stderr }));
-    p.stdin.end(doc);
-  });
-}
+const applyStdin = (doc: string) => kubectlStdin(sb, ['apply', '-f', '-'], doc);
 
 describe('VMMigration validation by the API server (real kubectl)', () => {
   it('rejects a target equal to the source with a readable CEL message', async () => {
@@ -110,16 +100,7 @@ describe('references only the operator can check', () => {
   });
 });
 
-async function expectUntouched(): Promise<void> {
-  const h01 = await sb.hypervisor('host01');
-  const h02 = await sb.hypervisor('host02');
-  for (const vm of sb.environment.vms) {
-    expect((await h01.vmStatus(sb.environment.name, vm)).state).toBe('running');
-    expect((await h02.vmStatus(sb.environment.name, vm)).state).toBe('absent');
-  }
-  const nodes = JSON.parse((await sb.kubectl(['get', 'nodes', '-o', 'json'])).stdout) as { items: V1Node[] };
-  for (const n of nodes.items) expect(n.spec?.unschedulable ?? false).toBe(false);
-}
+const expectUntouched = () => expectSandboxUntouched(sb);
 
 describe('rolling migration of a 7-VM environment', () => {
   it('moves every VM to host02 with one node down at a time, the PDB honoured and data intact', async () => {

@@ -8,7 +8,8 @@ import { spawn } from 'node:child_process';
 import { readdir, readFile } from 'node:fs/promises';
 import { writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
-import { CustomObjectsApi } from '@kubernetes/client-node';
+import { CustomObjectsApi, type V1Node } from '@kubernetes/client-node';
+import { expect } from 'vitest';
 import { parse, stringify } from 'yaml';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
 import { REPO_ROOT, SECRET_NAMESPACE, type Sandbox } from './sandbox.js';
@@ -109,4 +110,16 @@ export async function serviceAccountKubeconfig(sb: Sandbox): Promise<string> {
   const path = join(sb.dir, 'operator-sa.kubeconfig');
   writeFileSync(path, stringify(kc), { mode: 0o600 });
   return path;
+}
+
+/** Nothing moved: every VM of the sandbox still runs on host01, none on host02, no node left cordoned. */
+export async function expectSandboxUntouched(sb: Sandbox): Promise<void> {
+  const h01 = await sb.hypervisor('host01');
+  const h02 = await sb.hypervisor('host02');
+  for (const vm of sb.environment.vms) {
+    expect((await h01.vmStatus(sb.environment.name, vm)).state).toBe('running');
+    expect((await h02.vmStatus(sb.environment.name, vm)).state).toBe('absent');
+  }
+  const nodes = JSON.parse((await sb.kubectl(['get', 'nodes', '-o', 'json'])).stdout) as { items: V1Node[] };
+  for (const n of nodes.items) expect(n.spec?.unschedulable ?? false).toBe(false);
 }
