@@ -6,23 +6,26 @@
  * vm-migration-operator history X  – each VM's journaled steps with timings for migration X (uid or name)
  * vm-migration-operator status N   – a VMMigration's progress from its status
  * vm-migration-operator release-source X ENV/VM – delete the kept source image of a move that stayed on its target (Degraded)
+ * vm-migration-operator unlock-source X ENV/VM  – clear the source lock a failed move left on a source that is still the VM's copy
  */
 import { accessSync, constants, readFileSync, statSync } from 'node:fs';
 import { hostname } from 'node:os';
 import { parseArgs } from 'node:util';
 import { KubeConfig } from '@kubernetes/client-node';
 import { parse } from 'yaml';
+import type { VMSpec } from '../api/inventory.js';
 import { loadInventoryFile } from '../api/inventoryFile.js';
 import { settingsFrom } from '../api/types.js';
 import { validateMigrationManifest } from '../api/validate.js';
 import { MigrationController } from '../controller/operator.js';
+import type { Hypervisor } from '../hosts/hypervisor.js';
 import { HostPool } from '../hosts/pool.js';
 import { initLabelledCounters, reportInformerSynced } from '../metrics/metrics.js';
 import { guestSafetyHook } from '../controller/guestSafetyWiring.js';
 import { startMetricsServer } from '../metrics/server.js';
 import { planMigration } from '../planner/plan.js';
 import { Store } from '../store/store.js';
-import { releaseSource } from '../migrate/releaseSource.js';
+import { releaseSource, unlockSource } from '../migrate/releaseSource.js';
 import { log } from '../util/log.js';
 import { history } from './history.js';
 import { moveHistory, planTable } from './planTable.js';
@@ -63,6 +66,15 @@ const HELP: Record<string, string> = {
   Deletes the source image a move kept because it ended Degraded on its target (it ran there and
   stays there). Refused unless the move is Degraded, the target holds a live QEMU of the VM and the
   source holds none. Journaled; the VM's placement becomes the target.
+  --db F                the store (VMOPS_DB)
+  --ssh-key F           the operator's private SSH key (VMOPS_SSH_KEY)
+  --inventory F         load this inventory into the store first (VMOPS_INVENTORY)`,
+  'unlock-source': `vm-migration-operator unlock-source MIGRATION ENVIRONMENT/VM --db F --ssh-key F [--inventory F]
+  Clears the source lock (migration.lock in the VM directory) that a move left on its source host
+  because it failed without rolling back (e.g. the rollback could not start the VM, or the source
+  host was unreachable). Refused while the move is Pending or Running, while the target holds a live
+  QEMU of the VM, and whenever the journal shows the VM may have run on the target (its disk there
+  is the truth: use release-source). Journaled.
   --db F                the store (VMOPS_DB)
   --ssh-key F           the operator's private SSH key (VMOPS_SSH_KEY)
   --inventory F         load this inventory into the store first (VMOPS_INVENTORY)`,
@@ -233,34 +245,37 @@ async function showHistory(): Promise<void> {
   }
 }
 
-async function releaseKeptSource(): Promise<void> {
-  const [ref, target] = [positionals[1], positionals[2]];
-  const [env, vmName] = target?.split('/') ?? [];
-  if (!ref || !env || !vmName) {
-    console.error(`error: release-source needs MIGRATION and ENVIRONMENT/VM\n\n${HELP['release-source']}`);
-    process.exit(2);
-  }
-  const store = await Store.open(need('db'));
-  if (values.inventory) await store.loadInventory(loadInventoryFile(values.inventory));
-  const pool = new HostPool({ privateKey: readFileSync(need('ssh-key')) });
-  try {
-    const uids = (await store.moves(ref)).length > 0 ? [ref] : await store.migrationUidsNamed(ref);
-    if (uids.length !== 1) throw new Error(uids.length === 0 ? `no migration ${ref} in the database` : `${ref} names ${uids.length} migrations; give the uid`);
-    const uid = uids[0]!;
-    const rec = await store.move(uid, env, vmName);
-    const vm = (await store.environment(env))?.vms.find((v) => v.name === vmName);
-    if (!rec || !vm) throw new Error(`migration ${ref} has no move of ${env}/${vmName}`);
-    const [from, to] = await Promise.all([store.host(rec.fromHost), store.host(rec.toHost)]);
-    if (!from || !to) throw new Error(`host ${!from ? rec.fromHost : rec.toHost} is not in the inventory`);
-    const [source, target] = await Promise.all([pool.hypervisor(from), pool.hypervisor(to)]);
-    console.log(await releaseSource({ store, migrationUid: uid, environment: env, vm, source, target }));
-  } finally {
-    pool.closeAll();
-    await store.close();
-  }
+/** release-source and unlock-source: one VM of one migration, both of its hosts over SSH. */
+function adminDecision(name: 'release-source' | 'unlock-source', decide: (o: { store: Store; migrationUid: string; environment: string; vm: VMSpec; source: Hypervisor; target: Hypervisor }) => Promise<string>): () => Promise<void> {
+  return async () => {
+    const [ref, target] = [positionals[1], positionals[2]];
+    const [env, vmName] = target?.split('/') ?? [];
+    if (!ref || !env || !vmName) {
+      console.error(`error: ${name} needs MIGRATION and ENVIRONMENT/VM\n\n${HELP[name]}`);
+      process.exit(2);
+    }
+    const store = await Store.open(need('db'));
+    if (values.inventory) await store.loadInventory(loadInventoryFile(values.inventory));
+    const pool = new HostPool({ privateKey: readFileSync(need('ssh-key')) });
+    try {
+      const uids = (await store.moves(ref)).length > 0 ? [ref] : await store.migrationUidsNamed(ref);
+      if (uids.length !== 1) throw new Error(uids.length === 0 ? `no migration ${ref} in the database` : `${ref} names ${uids.length} migrations; give the uid`);
+      const uid = uids[0]!;
+      const rec = await store.move(uid, env, vmName);
+      const vm = (await store.environment(env))?.vms.find((v) => v.name === vmName);
+      if (!rec || !vm) throw new Error(`migration ${ref} has no move of ${env}/${vmName}`);
+      const [from, to] = await Promise.all([store.host(rec.fromHost), store.host(rec.toHost)]);
+      if (!from || !to) throw new Error(`host ${!from ? rec.fromHost : rec.toHost} is not in the inventory`);
+      const [source, target] = await Promise.all([pool.hypervisor(from), pool.hypervisor(to)]);
+      console.log(await decide({ store, migrationUid: uid, environment: env, vm, source, target }));
+    } finally {
+      pool.closeAll();
+      await store.close();
+    }
+  };
 }
 
-const commands: Record<string, () => Promise<void>> = { run, plan, inventory, history: showHistory, status, 'release-source': releaseKeptSource };
+const commands: Record<string, () => Promise<void>> = { run, plan, inventory, history: showHistory, status, 'release-source': adminDecision('release-source', releaseSource), 'unlock-source': adminDecision('unlock-source', unlockSource) };
 const cmd = positionals[0];
 if (values.help) {
   console.log(cmd && HELP[cmd] ? HELP[cmd] : USAGE);

@@ -123,6 +123,43 @@ if (@found == 1) { print "pid $found[0][0] $found[0][1]\n$found[0][2]"; exit 0; 
 print -d $dir ? "stopped\n" : "absent\n";
 `;
 
+/**
+ * The source lock: a file in the VM directory that a move creates (O_EXCL, via noclobber) before its
+ * first side effect and that stays until the move finished (the directory goes with cleanup), rolled
+ * back (the rollback's own start is the holder's) or an administrator cleared it. While it exists the
+ * operator starts or resumes that copy for nobody but the holding migration: a retry of another
+ * migration or a second replica cannot bring up the stale copy. QEMU started by hand ignores it:
+ * the file is what tells a human (README, "The source lock").
+ * Prints "absent" (no VM directory), "locked" (created now) or the existing lock's content.
+ */
+export const SOURCE_LOCK_FILE = 'migration.lock';
+const LOCK_SCRIPT = [
+  '[ -d "$1" ] || { echo absent; exit 0; }',
+  `if (set -C; printf '%s\\n' "$2" > "$1/${SOURCE_LOCK_FILE}") 2>/dev/null; then echo locked; exit 0; fi`,
+  `cat -- "$1/${SOURCE_LOCK_FILE}"`,
+].join('\n');
+
+/** Who holds a VM's source copy (see SOURCE_LOCK_FILE); no secrets, shown to administrators as is. */
+export interface SourceLock {
+  /** the holding VMMigration's uid */
+  uid: string;
+  /** its namespace/name, when known */
+  migration?: string;
+  /** the host the move takes the VM to */
+  target: string;
+  since: string;
+}
+
+function parseLock(text: string): SourceLock {
+  try {
+    const v = JSON.parse(text) as Partial<SourceLock>;
+    if (typeof v.uid === 'string' && typeof v.target === 'string') return { uid: v.uid, target: v.target, since: String(v.since ?? '?'), ...(typeof v.migration === 'string' ? { migration: v.migration } : {}) };
+  } catch {
+    // fall through: an unreadable lock is still a lock (fail closed)
+  }
+  return { uid: '(unreadable lock file)', target: '?', since: '?' };
+}
+
 /** PROC_ALIVE_FN for a known pid: exit 0 = still alive. */
 const ALIVE_SCRIPT = `${PROC_ALIVE_FN}\nalive "$1"`;
 
@@ -226,11 +263,54 @@ export class Hypervisor {
     }
   }
 
-  async startVm(environment: string, vm: VMSpec, opts: { startTimeoutMs?: number } = {}): Promise<VmStatus> {
+  /** The VM directory's source lock, if one is there. */
+  async sourceLock(environment: string, vm: VMSpec): Promise<SourceLock | undefined> {
+    const file = `${this.vmDir(environment, vm)}/${SOURCE_LOCK_FILE}`;
+    const r = await this.conn.exec(['cat', '--', file]);
+    if (r.code === 0) return parseLock(r.stdout.toString('utf8'));
+    if (/No such file or directory/.test(r.stderr.toString())) return undefined;
+    throw new Error(`on ${this.host.name}: cannot read ${file} (${r.code}): ${r.stderr.toString().trim()}`);
+  }
+
+  /**
+   * Takes the source lock for a move (idempotent for its holder). Refused when another migration
+   * holds it. "absent": the VM directory is gone (cleaned up after a verified move), nothing to hold.
+   */
+  async lockSource(environment: string, vm: VMSpec, holder: Omit<SourceLock, 'since'>): Promise<'locked' | 'held' | 'absent'> {
+    const dir = this.vmDir(environment, vm);
+    const content = JSON.stringify({ ...holder, since: new Date().toISOString() });
+    const out = (await this.conn.execOk(['sh', '-c', LOCK_SCRIPT, 'lock-source', dir, content])).toString('utf8').trim();
+    if (out === 'absent' || out === 'locked') return out;
+    const lock = parseLock(out);
+    if (lock.uid === holder.uid) return 'held';
+    throw new Error(this.lockedMessage(environment, vm, lock));
+  }
+
+  /** Removes the source lock if `uid` holds it; another holder's lock stays (and is reported). */
+  async unlockSource(environment: string, vm: VMSpec, uid: string): Promise<void> {
+    const lock = await this.sourceLock(environment, vm);
+    if (!lock) return;
+    if (lock.uid !== uid) throw new Error(this.lockedMessage(environment, vm, lock));
+    await this.conn.execOk(['rm', '-f', '--', `${this.vmDir(environment, vm)}/${SOURCE_LOCK_FILE}`]);
+  }
+
+  private lockedMessage(environment: string, vm: VMSpec, lock: SourceLock): string {
+    return `VM ${qemuName(environment, vm.name)} on ${this.host.name} is locked by migration ${lock.migration ? `${lock.migration} (uid ${lock.uid})` : lock.uid}, moving it to ${lock.target} since ${lock.since} (${this.vmDir(environment, vm)}/${SOURCE_LOCK_FILE}); this copy may be stale. If that move is over, clear it with \`vm-migration-operator unlock-source ${lock.uid} ${environment}/${vm.name}\``;
+  }
+
+  /** Refuses while a migration other than `holder` holds the VM's source lock. */
+  private async assertNotLocked(environment: string, vm: VMSpec, holder: string | undefined): Promise<void> {
+    const lock = await this.sourceLock(environment, vm);
+    if (lock && lock.uid !== holder) throw new Error(this.lockedMessage(environment, vm, lock));
+  }
+
+  /** `lockHolder`: the migration whose source lock may be on this copy (its rollback starts it again). */
+  async startVm(environment: string, vm: VMSpec, opts: { startTimeoutMs?: number; lockHolder?: string } = {}): Promise<VmStatus> {
     const dir = this.vmDir(environment, vm);
     const p = await this.probe(environment, vm);
     if (p.state === 'alive') throw new Error(`VM ${qemuName(environment, vm.name)} already has a live QEMU (pid ${p.pid}) on ${this.host.name}`);
     if (p.state === 'absent') throw new Error(`VM directory ${dir} does not exist on ${this.host.name}`);
+    await this.assertNotLocked(environment, vm, opts.lockHolder);
     const argv = buildQemuArgv(dir, environment, vm, { qemu: this.host.qemu });
     const name = qemuName(environment, vm.name);
     const t0 = Date.now();
@@ -355,7 +435,8 @@ export class Hypervisor {
    * Runs a halted guest again (a rollback of a cutover): paused → cont; shut down by ACPI with the
    * shutdown action "pause" → system_reset + cont. Returns once QMP reports running.
    */
-  async resumeVm(environment: string, vm: VMSpec): Promise<void> {
+  async resumeVm(environment: string, vm: VMSpec, opts: { lockHolder?: string } = {}): Promise<void> {
+    await this.assertNotLocked(environment, vm, opts.lockHolder);
     const qmp = await this.openQmp(environment, vm);
     try {
       await resumeSource(qmp);

@@ -9,7 +9,10 @@
  * it may have run there (`start` began) the target's disk is the truth (DESIGN rule 2): a failure is
  * retried forward — re-locate, re-plan, run the remaining steps — until nodeReadyTimeout has passed,
  * and then the move stops there as `stuck-on-target` (Degraded); the source is never started again
- * and its image stays until an administrator releases it. The source image is only removed once the
+ * and its image stays until an administrator releases it. Right before its first side effect a move
+ * takes the source lock (nobody but this migration may start the source copy again); a rollback
+ * releases it once the source runs again, cleanup removes it with the source directory, and a move
+ * that ended stuck keeps it for an administrator. The source image is only removed once the
  * VM runs on the target, its copy was verified and its node is Ready. A not-yet-safe
  * verdict before any side effect ends the attempt as `waiting` (the runner re-queues it); a later
  * safety gate waits in place until the verdict turns safe or safetyWaitTimeout passes.
@@ -30,12 +33,21 @@ export type MoveStep = StepName;
 export interface MoveHost {
   readonly host: { name: string };
   vmStatus(environment: string, vm: VMSpec): Promise<VmStatus>;
-  startVm(environment: string, vm: VMSpec): Promise<unknown>;
+  /** refused while a migration other than `lockHolder` holds the VM's source lock */
+  startVm(environment: string, vm: VMSpec, opts?: { lockHolder?: string }): Promise<unknown>;
   /** `signal` ends the wait for the guest's own shutdown early (no quit after it fired) */
   stopVm(environment: string, vm: VMSpec, opts: { powerdownTimeoutMs: number; signal?: AbortSignal }): Promise<unknown>;
   removeVmDir(environment: string, vm: VMSpec): Promise<void>;
   /** a live but halted QEMU (paused, or shut down by ACPI with action pause) runs its guest again */
-  resumeVm?(environment: string, vm: VMSpec): Promise<void>;
+  resumeVm?(environment: string, vm: VMSpec, opts?: { lockHolder?: string }): Promise<void>;
+  /**
+   * The source lock (src/hosts/hypervisor.ts SOURCE_LOCK_FILE): taken before a move's first side
+   * effect, idempotent for its holder, refused when another migration holds it; "absent" when the
+   * VM directory is gone.
+   */
+  lockSource(environment: string, vm: VMSpec, holder: { uid: string; migration?: string; target: string }): Promise<'locked' | 'held' | 'absent'>;
+  /** removes the lock if `uid` holds it */
+  unlockSource(environment: string, vm: VMSpec, uid: string): Promise<void>;
   /** stop qemu-nbd exports / remove migration sockets an interrupted earlier run left in the VM directory */
   clearStaleExports?(environment: string, vm: VMSpec): Promise<void>;
 }
@@ -185,6 +197,8 @@ interface MoveState {
   sourceFenced: boolean;
   targetStarted: boolean;
   lbOut: boolean;
+  /** this run holds the source lock (taken right before the first side effect) */
+  sourceHeld: boolean;
 }
 
 export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
@@ -208,11 +222,16 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
   const resumedFrom = plan.steps.find((s) => !CHECKS.has(s.name) && s.name !== 'leaderMove' && s.name !== 'lbOut')?.name ?? 'nodeReady';
 
   // an earlier run's `start` counts too: once the target may have run, this run never rolls back
-  const st: MoveState = { mode: plan.mode, touched: false, nodeReadyMs: 0, bytes: 0, sourceFenced: false, targetStarted: location === 'target-running' || ranBefore, lbOut: false };
+  const st: MoveState = { mode: plan.mode, touched: false, nodeReadyMs: 0, bytes: 0, sourceFenced: false, targetStarted: location === 'target-running' || ranBefore, lbOut: false, sourceHeld: false };
   const runSteps = async (steps: FlowPlan['steps']): Promise<MoveResult> => {
     const queue = [...steps];
     while (queue.length > 0) {
       const step = queue.shift()!;
+      if (!CHECKS.has(step.name) && !st.sourceHeld) {
+        // before the first side effect: held by another migration means untouched, not rolled back
+        await holdSource(ctx).catch((err: Error) => { throw Object.assign(err, { step: step.name }); });
+        st.sourceHeld = true;
+      }
       if (!CHECKS.has(step.name)) st.touched = true;
       try {
         await run(step.name, () => ACTIONS[step.name](ctx, st));
@@ -245,6 +264,13 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
     });
     throw new MoveError(failedStep, reason, outcome);
   }
+}
+
+/** Takes the source lock: from now on no stray start (another migration, a second replica) brings up the source copy. */
+async function holdSource(ctx: MoveContext): Promise<void> {
+  const holder = { uid: ctx.migrationUid, ...(ctx.migrationName ? { migration: ctx.migrationName } : {}), target: ctx.target.host.name };
+  const r = await ctx.source.lockSource(ctx.environment.name, ctx.vm, holder);
+  if (r === 'locked') ctx.log.info({ host: ctx.source.host.name }, 'source lock taken');
 }
 
 /** The abort reason when the run was handed over (leadership lost, shutdown): the next run resumes, nobody rolls back. */
@@ -366,8 +392,13 @@ async function locate(ctx: MoveContext): Promise<Location> {
 
 /** The journal shows a `start` that began (and no rollback since): the VM may have run on the target. */
 async function journalSaysTargetRan(ctx: MoveContext): Promise<boolean> {
+  return targetMayHaveRun(await ctx.store.journalEntries(ctx.migrationUid, ctx.environment.name, ctx.vm.name));
+}
+
+/** One VM's journal → true when a `start` began and no rollback came after it (rule 2 applies). */
+export function targetMayHaveRun(entries: readonly { step: string; event: string }[]): boolean {
   let ran = false;
-  for (const e of await ctx.store.journalEntries(ctx.migrationUid, ctx.environment.name, ctx.vm.name)) {
+  for (const e of entries) {
     if (e.step === 'rollback') ran = false;
     if (e.step === 'start' && e.event === 'begin') ran = true;
   }
@@ -566,16 +597,18 @@ async function rollback(ctx: MoveContext, st: MoveState): Promise<void> {
     const targetStopped = () => (targetUnreachable ? Promise.resolve() : assertStopped(target, env, vm));
     if (onSource.state === 'stopped') {
       await targetStopped();
-      await source.startVm(env, vm);
+      await source.startVm(env, vm, { lockHolder: ctx.migrationUid });
     } else if (onSource.qmpStatus !== 'running') {
       // paused for a cutover, or shut down by an interrupted ACPI cutover (shutdown action pause)
       if (!source.resumeVm) throw new Error(`source QEMU of ${vm.name} is ${onSource.qmpStatus ?? onSource.state} and cannot be resumed here`);
       await targetStopped();
-      await source.resumeVm(env, vm);
+      await source.resumeVm(env, vm, { lockHolder: ctx.migrationUid });
     }
     // the status will say "runs again": only if it does
     const after = await source.vmStatus(env, vm);
     if (after.state !== 'running') throw new Error(`VM ${vm.name} is ${after.qmpStatus ?? after.state} on ${source.host.name} after the rollback, not running`);
+    // the source runs again and is the VM's only copy: nothing left to guard
+    await source.unlockSource(env, vm, ctx.migrationUid);
     if (targetUnreachable) ctx.observer.progress({ message: `target ${target.host.name} unreachable during the rollback (${targetUnreachable}); its never-started copy is removed by the next attempt` });
     else if (onTarget.state !== 'absent') await target.removeVmDir(env, vm);
     if (st.lbOut) await ctx.safety.loadBalancer?.addBackend(vm, ctx.signal);

@@ -19,7 +19,7 @@ import { HostConnection } from '../../src/hosts/ssh.js';
 import { startPrecopy } from '../../src/transfer/mirror.js';
 import { hypervisorEngines } from '../../src/migrate/engines.js';
 import { readinessGuard } from '../../src/migrate/readinessGuard.js';
-import { releaseSource } from '../../src/migrate/releaseSource.js';
+import { releaseSource, unlockSource } from '../../src/migrate/releaseSource.js';
 import { moveVm, MoveError, type MoveGuest, type MoveHost } from '../../src/migrate/vmMove.js';
 import { Store } from '../../src/store/store.js';
 import { startTwoHosts, type TwoHosts } from '../world/hosts.js';
@@ -34,10 +34,12 @@ function recording(hv: Hypervisor, calls: string[]): MoveHost {
   return {
     host: hv.host,
     vmStatus: (e, v) => hv.vmStatus(e, v),
-    startVm: (e, v) => { calls.push(`${hv.host.name}:start`); return hv.startVm(e, v); },
+    startVm: (e, v, o) => { calls.push(`${hv.host.name}:start`); return hv.startVm(e, v, o); },
     stopVm: (e, v, o) => { calls.push(`${hv.host.name}:stop`); return hv.stopVm(e, v, o); },
     removeVmDir: (e, v) => { calls.push(`${hv.host.name}:remove`); return hv.removeVmDir(e, v); },
-    resumeVm: (e, v) => { calls.push(`${hv.host.name}:resume`); return hv.resumeVm(e, v); },
+    resumeVm: (e, v, o) => { calls.push(`${hv.host.name}:resume`); return hv.resumeVm(e, v, o); },
+    lockSource: (e, v, h) => hv.lockSource(e, v, h),
+    unlockSource: (e, v, u) => hv.unlockSource(e, v, u),
   };
 }
 
@@ -126,6 +128,11 @@ describe('roll forward once the VM ran on the target (real hosts, real QEMU)', (
       expect(readBack.stdout).toMatch(/read 262144\/262144 bytes/);
       expect(await guestContentSha256(hv1, `${srcDir}/disk0.qcow2`, 'qcow2')).toBe(before);
 
+      // the kept source image is locked for this move: a stray start (a retry, a second replica) is refused
+      expect(await hv1.sourceLock(ENV, vm)).toMatchObject({ uid: `uid-${label}`, target: 'host02' });
+      await expect(hv1.startVm(ENV, vm)).rejects.toThrow(new RegExp(`locked by migration uid-${label}.*moving it to host02`));
+      expect((await hv1.vmStatus(ENV, vm)).state).toBe('stopped');
+
       // an administrator releases the kept source image: refused while the move is not Degraded, then done
       await store.ensureMove({ migrationUid: `uid-${label}`, environment: ENV, vm: vm.name, fromHost: 'host01', toHost: 'host02' });
       const release = () => releaseSource({ store, migrationUid: `uid-${label}`, environment: ENV, vm, source: hv1, target: hv2 });
@@ -185,6 +192,8 @@ describe('roll forward once the VM ran on the target (real hosts, real QEMU)', (
     expect((await two.hv1.vmStatus(ENV, vm)).qmpStatus).toBe('running');
     expect((await two.hv2.vmStatus(ENV, vm)).state).toBe('stopped'); // the copy, never started
     expect(calls).not.toContain('host02:start');
+    // the rollback released the source lock it held
+    expect(await two.hv1.sourceLock(ENV, vm)).toBeUndefined();
 
     await cold({ uid: 'uid-tdown', env, vm, store, source: two.hv1, target: two.hv2, calls: [] });
     expect((await two.hv2.vmStatus(ENV, vm)).qmpStatus).toBe('running');
@@ -203,6 +212,27 @@ describe('roll forward once the VM ran on the target (real hosts, real QEMU)', (
     expect(calls.filter((c) => c.endsWith(':start'))).toEqual([]);
     expect((await two.hv1.vmStatus(ENV, vm)).state).toBe('stopped');
     expect((await two.hv2.vmStatus(ENV, vm)).state).toBe('absent');
+
+    // the stopped source stays locked for this move: nothing but the move (or an administrator) may start it
+    const lock = await two.hv1.sourceLock(ENV, vm);
+    expect(lock).toMatchObject({ uid: 'uid-sdown', target: 'host02' });
+    await expect(two.hv1.startVm(ENV, vm)).rejects.toThrow(/locked by migration uid-sdown.*moving it to host02.*unlock-source/);
+    await expect(two.hv1.startVm(ENV, vm, { lockHolder: 'uid-other' })).rejects.toThrow(/locked by migration uid-sdown/);
+    // a second migration of the same VM is refused before it touches anything
+    const other = await cold({ uid: 'uid-other', env, vm, store, source: two.hv1, target: two.hv2, calls: [] }).catch((e: unknown) => e);
+    expect(other).toMatchObject({ outcome: 'untouched' });
+    expect((other as Error).message).toMatch(/locked by migration uid-sdown/);
+    expect((await two.hv1.vmStatus(ENV, vm)).state).toBe('stopped');
+
+    // an administrator's unlock: refused while the move may still act, journaled when done
+    await store.ensureMove({ migrationUid: 'uid-sdown', environment: ENV, vm: vm.name, fromHost: 'host01', toHost: 'host02' });
+    await store.updateMove('uid-sdown', ENV, vm.name, { phase: 'Running' });
+    const unlock = () => unlockSource({ store, migrationUid: 'uid-sdown', environment: ENV, vm, source: two.hv1, target: two.hv2 });
+    await expect(unlock()).rejects.toThrow(/is Running/);
+    await store.updateMove('uid-sdown', ENV, vm.name, { phase: 'Failed' });
+    expect(await unlock()).toMatch(/lock of migration uid-sdown removed from host01/);
+    expect(await two.hv1.sourceLock(ENV, vm)).toBeUndefined();
+    expect((await store.journalEntries('uid-sdown', ENV, vm.name)).some((j) => j.step === 'unlock')).toBe(true);
 
     // reachable again: the next run finds the source stopped, copies, fences, starts on the target
     const r = await cold({ uid: 'uid-sdown', env, vm, store, source: two.hv1, target: two.hv2, calls: [] });

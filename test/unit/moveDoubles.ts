@@ -17,6 +17,8 @@ export type State = 'absent' | 'stopped' | 'running' | 'paused';
 export interface FakeHost extends MoveHost {
   state: State;
   qmpStatus?: string;
+  /** the uid holding the source lock, like the lock file in the VM directory */
+  lock?: string;
 }
 
 export function fakeHost(name: string, initial: State, calls: string[]): FakeHost {
@@ -24,9 +26,23 @@ export function fakeHost(name: string, initial: State, calls: string[]): FakeHos
     host: { name },
     state: initial,
     vmStatus: async (): Promise<VmStatus> => ({ state: h.state, qmpStatus: h.qmpStatus ?? (h.state === 'running' ? 'running' : h.state === 'paused' ? 'paused' : undefined) }),
-    startVm: async () => { calls.push(`${name}:start`); h.state = 'running'; h.qmpStatus = undefined; },
+    startVm: async (_e, _v, o) => {
+      if (h.lock && h.lock !== o?.lockHolder) throw new Error(`${name}: locked by migration ${h.lock}`);
+      calls.push(`${name}:start`); h.state = 'running'; h.qmpStatus = undefined;
+    },
     stopVm: async () => { calls.push(`${name}:stop`); const was = h.state; h.state = 'stopped'; h.qmpStatus = undefined; return was === 'running' ? 'quit' : 'already-stopped'; },
-    removeVmDir: async () => { calls.push(`${name}:remove`); h.state = 'absent'; },
+    removeVmDir: async () => { calls.push(`${name}:remove`); h.state = 'absent'; h.lock = undefined; },
+    lockSource: async (_e, _v, holder) => {
+      if (h.state === 'absent') return 'absent';
+      if (h.lock && h.lock !== holder.uid) throw new Error(`${name}: locked by migration ${h.lock}`);
+      const was = h.lock;
+      h.lock = holder.uid;
+      return was ? 'held' : 'locked';
+    },
+    unlockSource: async (_e, _v, uid) => {
+      if (h.lock && h.lock !== uid) throw new Error(`${name}: locked by migration ${h.lock}`);
+      h.lock = undefined;
+    },
   };
   return h;
 }

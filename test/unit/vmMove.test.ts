@@ -456,3 +456,51 @@ describe('moveVm: an unreachable host and stale copies', () => {
     expect(target.state).toBe('running');
   });
 });
+
+describe('moveVm: the source lock', () => {
+  it('is taken before the first side effect and released by a rollback once the source runs again', async () => {
+    const { ctx, source, engines } = await context('running', 'absent');
+    let heldDuringCopy: string | undefined;
+    engines.copyAll = async () => { heldDuringCopy = source.lock; throw new Error('checksum mismatch'); };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ outcome: 'rolled-back' });
+    expect(heldDuringCopy).toBe('uid');
+    expect(source.state).toBe('running');
+    expect(source.lock).toBeUndefined();
+  });
+
+  it('stays when the move ends stuck on the target or stuck: nothing but this migration may start the stale copy', async () => {
+    const a = await context('running', 'absent');
+    a.ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], nodeReadyTimeout: '1s' });
+    a.guest.waitNodeReady = async () => { throw new Error('node not Ready'); };
+    await expect(moveVm(a.ctx)).rejects.toMatchObject({ outcome: 'stuck-on-target' });
+    expect(a.source.lock).toBe('uid');
+    await expect(a.source.startVm('e', a.ctx.vm)).rejects.toThrow(/locked by migration uid/);
+
+    const b = await context('paused', 'absent');
+    b.source.qmpStatus = 'shutdown';
+    (b.source as MoveHost).resumeVm = async () => { throw new Error('cont: guest is panicked'); };
+    await journalled(b.store, [['stop', 'begin'], ['stop', 'end']]);
+    b.source.stopVm = async () => { throw new Error('QMP unreachable'); };
+    await expect(moveVm(b.ctx)).rejects.toMatchObject({ outcome: 'stuck' });
+    expect(b.source.lock).toBe('uid');
+  }, 15_000);
+
+  it('held by another migration: this one ends untouched before any side effect', async () => {
+    const { ctx, calls, source } = await context('stopped', 'absent');
+    source.lock = 'uid-of-an-earlier-move';
+    const err = await moveVm(ctx).catch((e: unknown) => e);
+    expect(err).toMatchObject({ outcome: 'untouched', step: 'transfer' });
+    expect((err as Error).message).toMatch(/locked by migration uid-of-an-earlier-move/);
+    expect(calls).toEqual([]);
+    expect(source.lock).toBe('uid-of-an-earlier-move');
+  });
+
+  it('held by this migration (a resumed run): the move goes on and cleanup takes the lock with the source directory', async () => {
+    const { ctx, source, target } = await context('stopped', 'stopped');
+    source.lock = 'uid';
+    await moveVm(ctx);
+    expect(target.state).toBe('running');
+    expect(source.state).toBe('absent');
+    expect(source.lock).toBeUndefined();
+  });
+});
