@@ -75,7 +75,7 @@ export interface DrainReport extends DrainResult {
   warnings: string[];
 }
 
-export type DrainFailure = 'Refused' | 'Timeout' | 'EvictionFailed';
+export type DrainFailure = 'Refused' | 'Timeout' | 'EvictionFailed' | 'APIUnreachable';
 
 export class DrainError extends Error {
   constructor(
@@ -201,6 +201,15 @@ function hasCause(err: unknown, type: string): boolean {
   return ((body as { details?: { causes?: { type?: string }[] } } | undefined)?.details?.causes ?? []).some((c) => c.type === type);
 }
 
+/** Restoring a node's schedulability after the guest API stopped answering: one attempt, not a retry series. */
+const RESTORE_WHEN_API_DOWN_MS = 2000;
+
+/** No answer, or the API server's "not now" (408, 429, 5xx): worth asking again; anything else is an answer. */
+function noAnswer(err: unknown): boolean {
+  const code = statusCode(err);
+  return code === undefined || code === 408 || code === 429 || code >= 500;
+}
+
 /**
  * Cordons, evicts and waits, re-listing the node's pods every `pollMs` so that pods arriving
  * during the drain are judged too (a refusal then still fails the drain). On any failure except
@@ -217,7 +226,8 @@ export class NodeDrainer {
    */
   constructor(
     clients: { core: CoreV1Api; apps: AppsV1Api; policy: PolicyV1Api },
-    private readonly retry: <T>(fn: () => Promise<T>) => Promise<T> = (fn) => fn(),
+    /** `signal` ends the retrying (an attempt in flight is bounded by the client's request timeout) */
+    private readonly retry: <T>(fn: () => Promise<T>, signal?: AbortSignal) => Promise<T> = (fn) => fn(),
   ) {
     this.core = clients.core;
     this.apps = clients.apps;
@@ -243,11 +253,11 @@ export class NodeDrainer {
   }
 
   /** Undoes the operator's cordon, and only that: a node cordoned by someone else stays cordoned. Idempotent. */
-  async restore(node: string): Promise<{ uncordoned: boolean }> {
+  async restore(node: string, signal?: AbortSignal): Promise<{ uncordoned: boolean }> {
     for (;;) {
       let n;
       try {
-        n = await this.retry(() => this.core.readNode({ name: node }));
+        n = await this.retry(() => this.core.readNode({ name: node }), signal);
       } catch (err) {
         if (statusCode(err) === 404) return { uncordoned: false };
         throw err;
@@ -266,8 +276,8 @@ export class NodeDrainer {
     return this.retry(() => this.core.patchNode({ name: node, body }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch)));
   }
 
-  private async podsOn(node: string): Promise<V1Pod[]> {
-    return (await this.retry(() => this.core.listPodForAllNamespaces({ fieldSelector: `spec.nodeName=${node}` }))).items;
+  private async podsOn(node: string, signal?: AbortSignal): Promise<V1Pod[]> {
+    return (await this.retry(() => this.core.listPodForAllNamespaces({ fieldSelector: `spec.nodeName=${node}` }), signal)).items;
   }
 
   /** What a drain with this policy would do with each pod on the node now (kubectl drain --dry-run). */
@@ -304,7 +314,12 @@ export class NodeDrainer {
       return await this.evictAll(node, opts, deadline);
     } catch (err) {
       // an abort belongs to the caller (handover or cancel) and is rolled back, or not, by it
-      if (!opts.signal?.aborted) await this.restore(node);
+      if (opts.signal?.aborted) throw err;
+      // with the API gone one attempt is enough: the caller's rollback uncordons again, with its own retries
+      const apiDown = err instanceof DrainError && err.reason === 'APIUnreachable';
+      const failed = await this.restore(node, apiDown ? AbortSignal.timeout(RESTORE_WHEN_API_DOWN_MS) : undefined).then(() => undefined, (e: unknown) => e);
+      // the drain's own failure is the news; a failed restore is added to it, never put in its place
+      if (failed !== undefined && err instanceof Error) err.message += `; node ${node} could not be returned to its prior schedulability (${(failed as Error).message})`;
       throw err;
     }
   }
@@ -361,12 +376,31 @@ export class NodeDrainer {
       }
     };
 
+    // the guest API not answering (a controller powered off behind the load balancer, a dropped
+    // route): retried until the drain's deadline, then a failure that says so
+    let apiDown: { since: number; last: string } | undefined;
     try {
       for (;;) {
         if (signal?.aborted) throw abortReason(signal);
         if (fatal) throw fatal;
         const lookup = this.daemonSetLookup();
-        const pods = await this.podsOn(node);
+        let pods: V1Pod[];
+        const asked = Date.now();
+        try {
+          pods = await this.podsOn(node, AbortSignal.timeout(Math.max(deadline - Date.now(), 1)));
+          apiDown = undefined;
+        } catch (err) {
+          if (signal?.aborted) throw abortReason(signal);
+          if (!noAnswer(err)) throw err;
+          apiDown ??= { since: asked, last: '' };
+          apiDown.last = apiMessage(err);
+          if (Date.now() >= deadline) {
+            const left = [...tracked.values()].filter((t) => t.state !== 'gone').map((t) => podKey(t.pod));
+            throw new DrainError(`drain of ${node} failed: the guest API server did not answer for ${Math.round((Date.now() - apiDown.since) / 1000)} s (last: ${apiDown.last}); ${left.length} pod(s) known to be left${left.length ? `: ${left.join(', ')}` : ''}`, left, 'APIUnreachable');
+          }
+          await sleep(Math.min(opts.pollMs ?? 1000, Math.max(deadline - Date.now(), 0)), signal);
+          continue;
+        }
         const now = Date.now();
         const present = new Set<string>();
         const refused = new Map<string, string[]>();

@@ -67,6 +67,22 @@ export function isTransient(err: unknown): boolean {
   return code === 429 || code === 408 || code >= 500;
 }
 
+/** Default bound of one guest API request (a list of a node's pods answers in milliseconds when the API is up). */
+const REQUEST_TIMEOUT_MS = 10_000;
+
+/**
+ * The generated clients send no timeout: a request to an address that drops packets waits for the
+ * kernel's TCP timeout (minutes). KubeConfig is the hook every request passes through (it applies
+ * the credentials), so each request gets its abort signal there.
+ */
+function withRequestTimeout(kc: KubeConfig, ms: number): void {
+  const apply = kc.applySecurityAuthentication.bind(kc);
+  kc.applySecurityAuthentication = async (context) => {
+    await apply(context);
+    if (!context.getSignal()) context.setSignal(AbortSignal.timeout(ms));
+  };
+}
+
 function isReady(node: V1Node): boolean {
   return node.status?.conditions?.some((c) => c.type === 'Ready' && c.status === 'True') ?? false;
 }
@@ -76,20 +92,22 @@ export class GuestCluster {
   private readonly drainer: NodeDrainer;
   private readonly coordination: CoordinationV1Api;
 
-  constructor(private readonly kc: KubeConfig) {
+  /** `requestTimeoutMs` bounds every API request: a guest API that hangs (its controller powered off) fails the attempt, which is then retried */
+  constructor(private readonly kc: KubeConfig, opts: { requestTimeoutMs?: number } = {}) {
+    withRequestTimeout(kc, opts.requestTimeoutMs ?? REQUEST_TIMEOUT_MS);
     this.core = kc.makeApiClient(CoreV1Api);
     this.drainer = new NodeDrainer(
       { core: this.core, apps: kc.makeApiClient(AppsV1Api), policy: kc.makeApiClient(PolicyV1Api) },
-      (fn) => this.call(fn),
+      (fn, signal) => this.call(fn, signal),
     );
     this.coordination = kc.makeApiClient(CoordinationV1Api);
   }
 
-  static fromKubeconfigYaml(yaml: string): GuestCluster {
+  static fromKubeconfigYaml(yaml: string, opts: { requestTimeoutMs?: number } = {}): GuestCluster {
     const kc = new KubeConfig();
     kc.loadFromString(yaml);
     if (!kc.getCurrentCluster()) throw new Error('guest kubeconfig has no current cluster');
-    return new GuestCluster(kc);
+    return new GuestCluster(kc, opts);
   }
 
   /** An API call retried on transient errors (connection failures, 5xx, throttling). */

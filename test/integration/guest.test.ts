@@ -4,7 +4,8 @@ import { join } from 'node:path';
 import { AppsV1Api, CoreV1Api, KubeConfig, PolicyV1Api, type V1Pod } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EnvironmentSpec, VMSpec } from '../../src/api/inventory.js';
-import { GuestCluster } from '../../src/guest/guestCluster.js';
+import { DrainError, GuestCluster } from '../../src/guest/guestCluster.js';
+import { TcpProxy } from '../world/tcpProxy.js';
 import { startControlPlane, type ControlPlane } from '../world/controlPlane.js';
 import { createGuestNodes, deployStudentWorkload, startBareQemu, VmLivenessBridge, type BareQemu } from '../world/guestCluster.js';
 
@@ -132,6 +133,48 @@ describe('GuestCluster against a real control plane with KWOK nodes', () => {
     expect(pdb.status?.currentHealthy).toBeGreaterThanOrEqual(MIN_AVAILABLE);
     await guest.uncordon(node);
   });
+
+  it('the guest API unreachable during a drain (requests hang, as behind a powered-off controller): a short outage is ridden out; a longer one fails the drain cleanly at its timeout, naming the API', async () => {
+    const upstream = new URL(cp.server);
+    const proxy = await TcpProxy.start({ host: upstream.hostname, port: Number(upstream.port) });
+    try {
+      const cut = GuestCluster.fromKubeconfigYaml(cp.kubeconfigYaml.replace(cp.server, `https://127.0.0.1:${proxy.port}`), { requestTimeoutMs: 1500 });
+      const podsOn = async (n: string) => (await core.listNamespacedPod({ namespace: NS })).items.filter((p) => p.spec?.nodeName === n && !p.metadata?.deletionTimestamp);
+
+      // a 3 s outage while the PDB lets the node's pods go one at a time
+      const node = `${ENV}-node-3`;
+      const before = await podsOn(node);
+      expect(before.length).toBeGreaterThan(0);
+      let outage: Promise<void> | undefined;
+      const r = await cut.drain(node, {
+        timeoutMs: 60_000, gracePeriodSeconds: 5, deleteEmptyDirData: false,
+        onProgress: () => { outage ??= (async () => { proxy.blackhole(); await new Promise((res) => setTimeout(res, 3000)); proxy.restore(); })(); },
+      });
+      await outage;
+      expect(r.evicted).toBe(before.length);
+      expect(await podsOn(node)).toHaveLength(0);
+      await guest.uncordon(node);
+
+      // an outage that outlasts the drain's timeout: a DrainError naming the API soon after the deadline, not a hang
+      const node2 = `${ENV}-node-2`;
+      const t0 = Date.now();
+      const err = await cut.drain(node2, { timeoutMs: 5000, gracePeriodSeconds: 5, deleteEmptyDirData: false, onProgress: () => proxy.blackhole() }).catch((e: unknown) => e);
+      const ms = Date.now() - t0;
+      proxy.restore();
+      console.log(`drain with the API cut: failed after ${ms} ms: ${(err as Error).message}`);
+      expect(err).toBeInstanceOf(DrainError);
+      expect(err).toMatchObject({ reason: 'APIUnreachable' });
+      expect((err as Error).message).toMatch(/drain of gst-node-2 failed: the guest API server did not answer for [0-9]+ s/);
+      expect((err as Error).message).toMatch(/could not be returned to its prior schedulability/);
+      // not a hang: the deadline + the attempt in flight + the one attempt to uncordon (2 s), plus slack for a busy machine
+      expect(ms).toBeLessThan(5000 + 1500 + 2000 + 5000);
+      // the operator's rollback uncordons once the API answers again
+      await guest.uncordon(node2);
+      expect((await guest.nodeState(node2)).unschedulable).toBe(false);
+    } finally {
+      await proxy.close();
+    }
+  }, 120_000);
 
   it('refuses pods with emptyDir data unless allowed, before evicting anything', async () => {
     const node = `${ENV}-node-3`;
