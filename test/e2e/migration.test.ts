@@ -3,17 +3,22 @@
  * the operator as a separate process, and the real kubectl.
  */
 import { AppsV1Api, CustomObjectsApi, Watch, type V1Deployment, type V1Node } from '@kubernetes/client-node';
-import { writeFileSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { readFileSync, writeFileSync } from 'node:fs';
+import { promisify } from 'node:util';
 import { join } from 'node:path';
 import { expectSandboxUntouched, kubectlStdin } from '../world/vmm.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
 import { argoHealth } from '../world/argoHealth.js';
 import { sha256File } from '../world/images.js';
+import { kubeconfigCredentials, leakedFragments, secretFragments } from '../world/secrets.js';
 import { startPrometheus, type TestPrometheus } from '../world/prometheus.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
 
 let sb: Sandbox;
+/** everything the CLI printed during this file (searched for credentials at the end) */
+let cliSeen = '';
 let operator: OperatorProcess;
 let prom: TestPrometheus;
 
@@ -141,7 +146,7 @@ describe('rolling migration of a 7-VM environment', () => {
     const { spawn } = await import('node:child_process');
     const cli = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'status', 'move-student-42', '--watch', '--kubeconfig', sb.controlPlane.kubeconfigPath], { cwd: REPO_ROOT });
     let cliOut = '';
-    cli.stdout.on('data', (d) => (cliOut += d));
+    cli.stdout.on('data', (d) => { cliOut += d; cliSeen += d; });
     const cliExit = new Promise<number>((r) => cli.once('exit', (code) => r(code ?? -1)));
     // Fail fast on a Failed migration; then prove `kubectl wait` sees the Ready condition.
     await waitForPhase('move-student-42', ['Succeeded', 'Failed'], 900_000);
@@ -279,6 +284,32 @@ describe('downtime strategies through the operator (real QEMU, real kubectl)', (
     for (const vm of sb.environment.vms) expect((await h02.vmStatus(sb.environment.name, vm)).state, vm.name).toBe('running');
     console.log(`[e2e] pre-copy downtime per VM: ${o.status!.vms!.map((v) => `${v.name}=${v.downtimeSeconds?.toFixed(3)}s`).join(' ')}`);
   }, 700_000);
+});
+
+describe('nothing secret in anything this file\'s run showed', () => {
+  it('the operator\'s log, every Event, every VMMigration, the metrics and the CLI output hold no guest credential, SSH key or ServiceAccount token', async () => {
+    const cli = (args: string[]) => promisify(execFile)(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), ...args], { cwd: REPO_ROOT }).then((r) => r.stdout + r.stderr);
+    const visible = [
+      readFileSync(operator.logPath, 'utf8'),
+      (await sb.kubectl(['get', 'events', '-A', '-o', 'json'])).stdout,
+      (await sb.kubectl(['get', 'vmm', '-A', '-o', 'json'])).stdout,
+      await (await fetch(`${operator.metricsUrl}/metrics`)).text(),
+      cliSeen,
+      await cli(['history', 'move-student-42', '--db', sb.dbPath]),
+      await cli(['status', 'precopy-again', '--kubeconfig', sb.controlPlane.kubeconfigPath]),
+    ].join('\n');
+    const secrets = [...kubeconfigCredentials(sb.controlPlane.kubeconfigYaml), readFileSync(sb.hosts.identity.privateKeyPath, 'utf8'), operator.serviceAccountToken ?? ''];
+    if (sb.dbPath.startsWith('postgres')) secrets.push(decodeURIComponent(new URL(sb.dbPath).password));
+    // the search is meaningful: a whole run's worth of text, and the credentials cut into many pieces
+    expect(visible).toContain('move-student-42');
+    expect(visible.length).toBeGreaterThan(50_000);
+    expect(operator.serviceAccountToken).toBeTruthy();
+    expect(secretFragments(secrets).length).toBeGreaterThan(50);
+    expect(leakedFragments(visible, secrets)).toEqual([]);
+    // and it would see one: a 30-character piece from the middle of the SSH key
+    const keyLine = readFileSync(sb.hosts.identity.privateKeyPath, 'utf8').split('\n')[3]!;
+    expect(leakedFragments(`${visible} ${keyLine.slice(17, 47)}`, secrets)).not.toEqual([]);
+  }, 120_000);
 });
 
 // SIGKILL of the operator mid-move: test/e2e/faults.test.ts (every step boundary of one VM's cold, pre-copy

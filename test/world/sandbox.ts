@@ -85,6 +85,10 @@ export interface OperatorProcess {
   /** the Lease identity and journal actor of this process */
   identity: string;
   metricsUrl: string;
+  /** its stdout and stderr */
+  logPath: string;
+  /** in cluster: the ServiceAccount token it runs with */
+  serviceAccountToken?: string;
   stop(): Promise<void>;
 }
 
@@ -281,18 +285,20 @@ export async function startOperatorProcess(o: OperatorOptions & { dir: string; k
     '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1', ...(o.leaderElect === false ? [] : ['--leader-elect'])];
   // the operator's own log (stdout) is its log file here; VMOPS_LOG_FILE is the test process's
   let env: NodeJS.ProcessEnv = operatorEnv();
+  let serviceAccountToken: string | undefined;
   if (o.inCluster) {
     const admin = o.adminKubeconfigPath ?? o.kubeconfigPath;
     await kubectlRunner(admin)(['apply', '-f', 'manifests/rbac.yaml']);
     const id = await inClusterIdentity({ kubeconfigPath: admin, dir: join(o.dir, 'in-cluster'), namespace: SECRET_NAMESPACE, serviceAccount: 'vm-migration-operator' });
     argv = id.wrap(argv);
+    serviceAccountToken = id.token;
     env = id.env(env);
   }
   const child = spawn(argv[0]!, argv.slice(1), { cwd: REPO_ROOT, stdio: ['ignore', logFd, logFd], env });
   const metricsUrl = `http://127.0.0.1:${metricsPort}`;
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
   const proc: OperatorProcess = {
-    child, metricsUrl, identity: `${hostname()}-${child.pid}`,
+    child, metricsUrl, logPath, identity: `${hostname()}-${child.pid}`, ...(serviceAccountToken ? { serviceAccountToken } : {}),
     stop: async () => {
       const running = () => child.exitCode === null && child.signalCode === null;
       if (running()) child.kill('SIGTERM');
