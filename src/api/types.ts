@@ -24,8 +24,8 @@ export interface VMMigrationSpec {
   maxParallelEnvironments?: number;
   /** environments with a VM down at the same instant, across the whole migration (0 = maxParallelEnvironments) */
   maxDisruptedEnvironments?: number;
-  hostLimits?: { maxOutboundPerHost?: number; maxInboundPerHost?: number };
-  /** cutovers (the moment a VM stops) only inside [notBefore, notAfter]; pre-copy mirrors may run earlier */
+  hostLimits?: { maxOutboundPerHost?: number; maxInboundPerHost?: number; bandwidthMiBpsPerHost?: number };
+  /** VM moves only inside [notBefore, notAfter] (a move expected to outlast notAfter is not started); mirrors do not start earlier yet */
   window?: { notBefore?: string; notAfter?: string };
   /** environments to leave alone from now on: the VM in flight finishes or rolls back, nothing new starts */
   cancel?: string[];
@@ -130,6 +130,8 @@ export interface MigrationSettings {
   maxDisruptedEnvironments: number;
   maxOutboundPerHost: number;
   maxInboundPerHost: number;
+  /** relay copies leaving or arriving at one host share this many bytes per second (undefined: no budget) */
+  bandwidthPerHostBytesPerSec: number | undefined;
   window: { notBeforeMs: number | undefined; notAfterMs: number | undefined };
   cancel: string[];
   strategy: Strategy;
@@ -249,6 +251,7 @@ export function settingsFrom(spec: VMMigrationSpec): MigrationSettings {
     maxDisruptedEnvironments: spec.maxDisruptedEnvironments || (spec.maxParallelEnvironments ?? F.maxParallelEnvironments),
     maxOutboundPerHost: spec.hostLimits?.maxOutboundPerHost ?? F.hostLimits.maxOutboundPerHost,
     maxInboundPerHost: spec.hostLimits?.maxInboundPerHost ?? F.hostLimits.maxInboundPerHost,
+    bandwidthPerHostBytesPerSec: spec.hostLimits?.bandwidthMiBpsPerHost ? spec.hostLimits.bandwidthMiBpsPerHost * 1048576 : undefined,
     window: { notBeforeMs: parseTime(spec.window?.notBefore, 'window.notBefore'), notAfterMs: parseTime(spec.window?.notAfter, 'window.notAfter') },
     cancel: spec.cancel ?? [],
     strategy: spec.strategy ?? d.strategy,

@@ -14,6 +14,7 @@ import type { HostPool } from '../hosts/pool.js';
 import { HostKeyMismatchError } from '../hosts/ssh.js';
 import * as metrics from '../metrics/metrics.js';
 import { hypervisorEngines } from '../migrate/engines.js';
+import { HostBandwidth } from '../transfer/throttle.js';
 import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from '../migrate/guestSafety.js';
 import { readinessGuard } from '../migrate/readinessGuard.js';
 import { runFleet, type FleetOutcome } from '../migrate/fleet.js';
@@ -178,6 +179,8 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     }
     let done = finished.size;
     let warnedNoLb = false;
+    // one budget per host for this run's relay copies, however many move at once
+    const bandwidth = settings.bandwidthPerHostBytesPerSec ? new HostBandwidth(settings.bandwidthPerHostBytesPerSec) : undefined;
     const moveOne = async (entry: PlanEntry): Promise<FleetOutcome> => {
       const record = records.get(entry)!;
       const name = `${entry.environment}/${entry.vm}`;
@@ -216,7 +219,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         const result = await (deps.move ?? moveVm)({
           migrationUid: uid, migrationName: `${vmm.metadata.namespace}/${vmm.metadata.name}`, environment: env, vm: vmSpec,
           source, target, guest, safety, store, settings, signal, log: vmLog,
-          engines: hypervisorEngines({ source, target, environment: env.name, vm: vmSpec, settings, log: vmLog, reconnect: (h) => deps.pool.connectFresh(h) }),
+          engines: hypervisorEngines({ source, target, environment: env.name, vm: vmSpec, settings, log: vmLog, reconnect: (h) => deps.pool.connectFresh(h), sharedBandwidth: bandwidth?.forCopy(entry.from, entry.to) }),
           observer: {
             step(step, event, info) {
               if (event === 'begin') stepTimers.set(step, metrics.startStepTimer(step));

@@ -11,7 +11,7 @@ import type { HostConnection } from '../hosts/ssh.js';
 import { LiveMigrationAbortedError, liveMigrateUntilHandover } from '../transfer/live.js';
 import { copyNonDiskFiles, startPrecopy } from '../transfer/mirror.js';
 import { relayVmFiles } from '../transfer/relay.js';
-import { RateMeter } from '../transfer/throttle.js';
+import { RateMeter, type TokenBucket } from '../transfer/throttle.js';
 import type { Logger } from '../util/log.js';
 import { LiveFellBack, type MoveEngines } from './vmMove.js';
 
@@ -24,6 +24,8 @@ export interface EngineOptions {
   log: Logger;
   /** a fresh SSH connection for a relay retry after a dropped connection */
   reconnect?: (host: HostSpec) => Promise<HostConnection>;
+  /** the per-host budgets this move's relay copies share with the migration's other moves */
+  sharedBandwidth?: readonly TokenBucket[];
 }
 
 export function hypervisorEngines(o: EngineOptions): MoveEngines {
@@ -37,7 +39,7 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
       const meter = new RateMeter();
       const results = await relayVmFiles({
         ...hosts, stallTimeoutMs: settings.stallTimeoutMs, signal, compression: settings.compression,
-        bandwidthLimit: settings.bandwidthLimitBytesPerSec, reconnect: o.reconnect,
+        bandwidthLimit: settings.bandwidthLimitBytesPerSec, sharedBandwidth: o.sharedBandwidth, reconnect: o.reconnect,
         onProgress: (file, d, t) => {
           done.set(file, d);
           totals.set(file, t);

@@ -110,6 +110,8 @@ export interface RelayOptions {
   compression?: Compression | 'auto';
   /** bytes per second through the operator (wire bytes); unlimited if unset */
   bandwidthLimit?: number;
+  /** budgets shared with other copies in flight (per host, see HostBandwidth): every one of them is honoured */
+  sharedBandwidth?: readonly TokenBucket[];
   /** verification and resume granularity (default 32 MiB) */
   segmentBytes?: number;
   /** attempts after the first (default 3) */
@@ -351,13 +353,13 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
         decomp.stderr.resume();
         decomp.stdin.on('error', () => undefined);
       }
-      const bucket = opts.bandwidthLimit ? new TokenBucket(opts.bandwidthLimit) : undefined;
+      const buckets = [...(opts.bandwidthLimit ? [new TokenBucket(opts.bandwidthLimit)] : []), ...(opts.sharedBandwidth ?? [])];
       const d = decomp;
       const meter = new Transform({
         transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback) {
           void (async () => {
             armStall();
-            if (bucket) await bucket.take(chunk.length, signal);
+            for (const b of buckets) await b.take(chunk.length, signal);
             stats.wireBytes += chunk.length;
             wireTotal += chunk.length;
             if (d) {
@@ -463,7 +465,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
 export type VmFileRelayResult = Pick<RelayResult, 'bytes' | 'sha256' | 'seconds'> & Partial<RelayResult> & { file: string };
 
 /** The per-copy knobs of relayFile that a whole-VM copy passes through unchanged. */
-type RelayTuning = Pick<RelayOptions, 'signal' | 'stallTimeoutMs' | 'compression' | 'bandwidthLimit' | 'segmentBytes' | 'retries' | 'reconnect' | 'beforeVerify'>;
+type RelayTuning = Pick<RelayOptions, 'signal' | 'stallTimeoutMs' | 'compression' | 'bandwidthLimit' | 'sharedBandwidth' | 'segmentBytes' | 'retries' | 'reconnect' | 'beforeVerify'>;
 
 export interface RelayVmOptions extends RelayTuning {
   source: Hypervisor;

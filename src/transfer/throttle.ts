@@ -34,6 +34,26 @@ export class TokenBucket {
   }
 }
 
+/**
+ * One budget per host, shared by every copy in flight that leaves or arrives there: a copy takes
+ * its bytes from its source's and its target's bucket, so the sum over a host's copies stays
+ * within the budget (spec.hostLimits.bandwidthMiBpsPerHost).
+ */
+export class HostBandwidth {
+  private readonly buckets = new Map<string, TokenBucket>();
+
+  constructor(readonly bytesPerSecondPerHost: number) {}
+
+  /** The buckets a copy from `source` to `target` draws from. */
+  forCopy(source: string, target: string): TokenBucket[] {
+    return [source, target].map((h) => {
+      let b = this.buckets.get(h);
+      if (!b) this.buckets.set(h, (b = new TokenBucket(this.bytesPerSecondPerHost)));
+      return b;
+    });
+  }
+}
+
 /** Rate and ETA from progress samples over a sliding window (for status lines and the demo). */
 export class RateMeter {
   private samples: Array<{ t: number; done: number }> = [];

@@ -38,7 +38,7 @@ describe('VMMigration fleet fields (real kube-apiserver)', () => {
     expect(o.spec).toMatchObject({
       maxParallelEnvironments: 1, maxDisruptedEnvironments: 0,
       placement: { maxEnvironmentsPercentPerHost: 15, cpuOvercommitRatio: 4, memoryReserveMiB: 512, diskReserveMiB: 1024 },
-      hostLimits: { maxOutboundPerHost: 2, maxInboundPerHost: 2 },
+      hostLimits: { maxOutboundPerHost: 2, maxInboundPerHost: 2, bandwidthMiBpsPerHost: 0 },
     });
     const cols = await kubectl(['get', 'vmm', '-n', NS, 'evacuate']);
     expect(cols.stdout.split('\n')[0]).toMatch(/^NAME\s+PHASE\s+ENVS\s+PROGRESS\s+CURRENT\s+TARGET\s+AGE/);
@@ -58,6 +58,8 @@ describe('VMMigration fleet fields (real kube-apiserver)', () => {
     expect(e.stderr).toMatch(/spec.placement.maxEnvironmentsPercentPerHost: Invalid value: 0: .*greater than or equal to 1/);
     expect(e.stderr).toMatch(/spec.maxParallelEnvironments: Invalid value: 0/);
     expect(e.stderr).toMatch(/spec.cancel\[0\]: Invalid value: "Bad Name"/);
+    const f = await apply('bad-budget', { sourceHost: 'host01', hostLimits: { bandwidthMiBpsPerHost: -5 } });
+    expect(f.stderr).toMatch(/spec.hostLimits.bandwidthMiBpsPerHost: Invalid value: -5: .*greater than or equal to 0/);
   });
 
   it('keeps targetHost equal to sourceHost refused, and targets immutable once created', async () => {

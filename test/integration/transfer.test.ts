@@ -7,6 +7,7 @@ import { vmDirectory, type HostSpec, type VMSpec } from '../../src/api/inventory
 import { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { HostConnection } from '../../src/hosts/ssh.js';
 import { relayFile, relayVmFiles, SourceChangedError } from '../../src/transfer/relay.js';
+import { HostBandwidth } from '../../src/transfer/throttle.js';
 import { adoptHostFile, startTwoHosts, type TwoHosts } from '../world/hosts.js';
 import { createDiskImage, sha256File } from '../world/images.js';
 
@@ -136,6 +137,24 @@ describe('relay between two real hosts', () => {
     expect(existsSync(dst)).toBe(false);
     expect(existsSync(`${dst}.partial`)).toBe(false);
     expect(c1.isAlive && c2.isAlive).toBe(true);
+  });
+
+  it('copies in flight between the same hosts share the per-host bandwidth budget (spec.hostLimits.bandwidthMiBpsPerHost)', async () => {
+    const MiB = 1048576;
+    const files = ['budget-a.bin', 'budget-b.bin'];
+    for (const f of files) execFileSync('dd', ['if=/dev/urandom', `of=${path.join(h1.vmDir, f)}`, 'bs=1M', 'count=6', 'status=none']);
+    const budget = new HostBandwidth(4 * MiB);
+    const t0 = Date.now();
+    const results = await Promise.all(files.map((f) => relayFile({ source: c1, sourcePath: `${h1.vmDir}/${f}`, target: c2, targetPath: `${h2.vmDir}/${f}`, sharedBandwidth: budget.forCopy('host01', 'host02') })));
+    const ms = Date.now() - t0;
+    const wire = results.reduce((n, r) => n + r.wireBytes, 0);
+    for (const f of files) expect(await sha256File(path.join(h2.vmDir, f))).toBe(await sha256File(path.join(h1.vmDir, f)));
+    console.log(`two copies under one 4 MiB/s host budget: ${(wire / MiB).toFixed(1)} MiB on the wire in ${ms} ms = ${(wire / MiB / (ms / 1000)).toFixed(2)} MiB/s together`);
+    // a lower bound only (a slow machine makes it slower, never faster): together they stayed within
+    // the budget, less the two buckets' initial burst
+    const burst = 2 * (4 * MiB) / 20;
+    expect(wire).toBeGreaterThanOrEqual(12 * MiB);
+    expect(ms).toBeGreaterThanOrEqual(((wire - burst) / (4 * MiB)) * 1000 * 0.95);
   });
 
   it('fails clearly on a missing source and rejects unsafe paths', async () => {
