@@ -9,11 +9,13 @@
  * - at most maxDisruptedEnvironments VMs in flight (every in-flight move counts as a disruption:
  *   the VM is down or about to be, the conservative reading);
  * - per-host outbound/inbound limits on concurrent moves;
- * - cutovers only inside the window, and only when the move is expected to finish before it closes.
+ * - cutovers only inside the window, and only when the move is expected to finish before it closes
+ *   (pre-copy moves may start before it: their mirror runs, the flow's `window` step holds the cut-over).
  * (Two migrations never share an environment: the runner claims all of its environments first.)
  */
 import type { MigrationSettings, PlanEntry } from '../api/types.js';
 import type { SafetyVerdict } from './guestSafety.js';
+import { moveMode } from './steps.js';
 
 export interface FleetLimits {
   maxParallelEnvironments: number;
@@ -46,6 +48,8 @@ export interface ScheduleInput {
   nowMs: number;
   /** how long one VM move is expected to take (e.g. the longest so far); 0 = unknown */
   estimatedMoveMs: number;
+  /** pre-copy: a move may start before the window opens; its own gate holds the cut-over (warm migration) */
+  warmBeforeWindow?: boolean;
 }
 
 export interface Waiting {
@@ -101,7 +105,8 @@ export function nextMoves(input: ScheduleInput): ScheduleDecision {
     if (moving.has(q.environment)) continue;
     const next = q.pending[0]!;
     const wait = (reason: string) => decision.waiting.push({ environment: q.environment, reason });
-    if (!win.open) {
+    // before the window (not after it): a warm start mirrors now and cuts over once it opens
+    if (!win.open && !(input.warmBeforeWindow && win.opensAtMs !== undefined)) {
       wait(win.reason);
       continue;
     }
@@ -150,7 +155,7 @@ export interface RunFleetInput {
   entries: PlanEntry[];
   /** moved already (from the store); runFleet adds to it */
   finished: Set<PlanEntry>;
-  settings: Pick<MigrationSettings, 'maxParallelEnvironments' | 'maxDisruptedEnvironments' | 'maxOutboundPerHost' | 'maxInboundPerHost' | 'window'>;
+  settings: Pick<MigrationSettings, 'maxParallelEnvironments' | 'maxDisruptedEnvironments' | 'maxOutboundPerHost' | 'maxInboundPerHost' | 'window' | 'strategy' | 'precopy' | 'live'>;
   signal: AbortSignal;
   moveOne: (entry: PlanEntry) => Promise<FleetOutcome>;
   /** awaited before each scheduling round (spec.paused: moves in flight go on, nothing new starts) */
@@ -186,6 +191,7 @@ export async function runFleet(input: RunFleetInput): Promise<FleetStop> {
       });
       const d = nextMoves({
         queues, inFlight: flying, cancelled: new Set([...cancel, ...parked.keys()]), window: settings.window, nowMs: Date.now(), estimatedMoveMs: longestMs,
+        warmBeforeWindow: moveMode(settings) === 'precopy',
         limits: { maxParallelEnvironments: settings.maxParallelEnvironments, maxDisruptedEnvironments: settings.maxDisruptedEnvironments, maxOutboundPerHost: settings.maxOutboundPerHost, maxInboundPerHost: settings.maxInboundPerHost },
       });
       input.onWaiting(d.waiting);

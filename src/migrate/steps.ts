@@ -23,13 +23,13 @@ import type { VMRole } from '../api/inventory.js';
 import type { MigrationSettings } from '../api/types.js';
 
 export type StepName =
-  | 'precheck' | 'quorum' | 'mirror' | 'cordon' | 'drain' | 'mirrorSync' | 'leaderMove' | 'lbOut'
+  | 'precheck' | 'quorum' | 'mirror' | 'window' | 'cordon' | 'drain' | 'mirrorSync' | 'leaderMove' | 'lbOut'
   | 'live' | 'stop' | 'converge' | 'fence' | 'transfer' | 'verify' | 'start'
   | 'nodeReady' | 'memberHealthy' | 'lbIn' | 'uncordon' | 'commit' | 'cleanup' | 'rollback';
 
 /** Every step name, in flow order (metrics use it as the bounded label set). */
 export const STEP_NAMES: readonly StepName[] = [
-  'precheck', 'quorum', 'mirror', 'cordon', 'drain', 'mirrorSync', 'leaderMove', 'lbOut', 'live', 'stop', 'converge',
+  'precheck', 'quorum', 'mirror', 'window', 'cordon', 'drain', 'mirrorSync', 'leaderMove', 'lbOut', 'live', 'stop', 'converge',
   'fence', 'transfer', 'verify', 'start', 'nodeReady', 'memberHealthy', 'lbIn', 'uncordon', 'commit', 'cleanup', 'rollback',
 ];
 
@@ -57,7 +57,7 @@ export interface FlowInput {
   location: Location;
   /** facts read from this migration's journal for this VM */
   journal: { converged: boolean; targetRan?: boolean };
-  settings: Pick<MigrationSettings, 'strategy' | 'precopy' | 'live'>;
+  settings: Pick<MigrationSettings, 'strategy' | 'precopy' | 'live'> & { window?: MigrationSettings['window'] };
   role: VMRole;
   capabilities: { loadBalancer: boolean };
   /** a live migration aborted cleanly: plan the fallback strategy from the still-running source */
@@ -97,7 +97,10 @@ export function flowSteps(input: FlowInput): FlowPlan {
         // verify while both QEMUs are stopped (source quit, target paused): every strategy compares before the source goes
         add('live', 'stop', 'fence', 'verify', 'start');
       } else {
-        add(controller && 'quorum', mode === 'precopy' && 'mirror', 'cordon', 'drain', mode === 'precopy' && 'mirrorSync');
+        // warm migration: with a window, the mirror starts as soon as the VM's turn comes and the cut-over
+        // (cordon on) waits for the window, the disks kept in sync meanwhile
+        const windowed = input.settings.window?.notBeforeMs !== undefined || input.settings.window?.notAfterMs !== undefined;
+        add(controller && 'quorum', mode === 'precopy' && 'mirror', mode === 'precopy' && windowed && 'window', 'cordon', 'drain', mode === 'precopy' && 'mirrorSync');
         beforeStop();
         add('stop', mode === 'precopy' && 'converge', 'fence', 'transfer', mode === 'precopy' && 'verify', 'start');
       }

@@ -25,6 +25,7 @@ import type { JournalEvent } from '../store/store.js';
 import type { Logger } from '../util/log.js';
 import { abortReason, backoffMs, sleep } from '../util/sleep.js';
 import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from './guestSafety.js';
+import { windowState } from './fleet.js';
 import { flowSteps, type FlowPlan, type Location, type MoveMode, type StepName } from './steps.js';
 
 export type MoveStep = StepName;
@@ -447,12 +448,33 @@ async function gate(ctx: MoveContext, st: MoveState): Promise<void> {
   }
 }
 
+/**
+ * Warm migration: the pre-copy mirror runs (the VM too, undisturbed) while the cut-over waits for
+ * spec.window to open. A window that closed meanwhile ends the move before anything is disrupted:
+ * the rollback drops the mirror and the VM never stopped.
+ */
+async function windowGate(ctx: MoveContext): Promise<void> {
+  for (let waited = false; ; waited = true) {
+    const w = windowState(ctx.settings.window, Date.now());
+    if (w.open) {
+      if (waited) ctx.observer.waiting?.(undefined);
+      return;
+    }
+    if (w.opensAtMs === undefined) throw new Error(`not cutting over: ${w.reason}`);
+    const message = `pre-copy mirror running, the VM undisturbed; the cut-over waits: ${w.reason}`;
+    ctx.observer.waiting?.({ safe: false, reason: 'WaitingForWindow', message });
+    ctx.observer.progress({ message });
+    await sleep(Math.min(Math.max(w.opensAtMs - Date.now(), 0), 60_000), ctx.signal);
+  }
+}
+
 const ACTIONS: Record<MoveStep, Action> = {
   precheck: async () => undefined,
   quorum: gate,
   mirror: async (ctx, st) => {
     st.mirror = await ctx.engines.startMirror({ signal: ctx.signal, onProgress: (p) => ctx.observer.progress(p) });
   },
+  window: windowGate,
   cordon: (ctx) => ctx.guest.cordon(ctx.vm.nodeName),
   drain: (ctx) => ctx.guest.drain(ctx.vm.nodeName, {
     timeoutMs: ctx.settings.drainTimeoutMs, gracePeriodSeconds: ctx.settings.drainGracePeriodSeconds,

@@ -12,7 +12,9 @@ import BetterSqlite3 from 'better-sqlite3';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
+import { connect } from 'node:net';
 import { guestContentSha256 } from '../../src/hosts/qemuIncoming.js';
+import { QmpClient } from '../../src/hosts/qmp.js';
 import { sha256File } from '../world/images.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
 
@@ -55,7 +57,7 @@ async function fingerprint(hostName: string): Promise<Record<string, string>> {
 }
 
 /** Moves the VM with `spec`, SIGKILLing the operator as soon as each of `killAt` begins. */
-async function moveWithKills(name: string, from: string, to: string, spec: Record<string, unknown>, killAt: string[]): Promise<{ kills: string[]; skipped: string[]; missed: string[] }> {
+async function moveWithKills(name: string, from: string, to: string, spec: Record<string, unknown>, killAt: string[], afterKills?: (uid: string) => Promise<void>): Promise<{ uid: string; kills: string[]; skipped: string[]; missed: string[] }> {
   const vm = sb.environment.vms[0]!;
   const before = await fingerprint(from);
   const started = Date.now();
@@ -99,6 +101,7 @@ async function moveWithKills(name: string, from: string, to: string, spec: Recor
   } finally {
     db.close();
   }
+  await afterKills?.(uid);
   let o: VMMigration | undefined;
   for (const deadline = Date.now() + 600_000; ; await sleep(300)) {
     o = await getVmm(name);
@@ -128,7 +131,7 @@ async function moveWithKills(name: string, from: string, to: string, spec: Recor
   } finally {
     matrix.push(`| ${name} | SIGKILL at the begin of: ${kills.join(', ')}${skipped.length ? `; not in the resumed plan: ${skipped.join(', ')}` : ''}${missed.length ? `; never reached: ${missed.join(', ')}` : ''} | ${o.status?.phase} in ${secs} s, attempts ${o.status?.vms?.[0]?.attempts} | ${verdict} |`);
   }
-  return { kills, skipped, missed };
+  return { uid: uid!, kills, skipped, missed };
 }
 
 describe('SIGKILL at every step boundary, one VM, each strategy', () => {
@@ -149,4 +152,50 @@ describe('SIGKILL at every step boundary, one VM, each strategy', () => {
   it('live: killed at each of its 10 steps (live migration, handover, verify included)', async () => {
     await moveWithKills('f-live', 'host02', 'host01', { strategy: 'LiveMigrate' }, ['precheck', 'live', 'stop', 'fence', 'verify', 'start', 'nodeReady', 'uncordon', 'commit', 'cleanup']);
   }, 1_200_000);
+});
+
+describe('warm migration: pre-copy before the window opens', () => {
+  it('the mirror starts before notBefore with nothing disrupted; a SIGKILL while it waits resumes the wait; the cut-over comes after notBefore', async () => {
+    const notBefore = Math.ceil((Date.now() + 15_000) / 1000) * 1000;
+    const vm = sb.environment.vms[0]!;
+    const r = await moveWithKills('f-window', 'host01', 'host02', { transfer: { precopy: true }, window: { notBefore: new Date(notBefore).toISOString() } }, ['window'], async (uid) => {
+      // the restarted operator mirrors again and waits: the VM runs on its source, its node schedulable, the wait in status
+      const db = new BetterSqlite3(sb.dbPath, { readonly: true, fileMustExist: true });
+      try {
+        for (;;) {
+          const waits = db.prepare('SELECT count(*) AS n FROM journal WHERE migration_uid = ? AND step = ? AND event = ?').get(uid, 'window', 'begin') as { n: number };
+          const o = await getVmm('f-window');
+          if (waits.n >= 2 && o?.status?.conditions?.some((c) => c.reason === 'WaitingForWindow')) break;
+          expect(Date.now(), 'the resumed move reached its window step before the window opened').toBeLessThan(notBefore);
+          await sleep(100);
+        }
+      } finally {
+        db.close();
+      }
+      // the mirror holds the VM's QMP monitor; its second monitor answers for the run state
+      const h01 = await sb.hypervisor('host01');
+      const qmp = await QmpClient.open(connect(`${h01.vmDir(ENV, vm)}/qmp-observe.sock`), { timeoutMs: 10_000 });
+      try {
+        expect((await qmp.execute<{ status: string }>('query-status')).status).toBe('running');
+      } finally {
+        qmp.close();
+      }
+      expect((await (await sb.hypervisor('host02')).vmStatus(ENV, vm)).state).not.toMatch(/running|paused|other/);
+      const node = JSON.parse((await sb.kubectl(['get', 'node', vm.nodeName, '-o', 'json'])).stdout) as V1Node;
+      expect(node.spec?.unschedulable ?? false).toBe(false);
+      const o = await getVmm('f-window');
+      expect(o?.status?.conditions?.find((c) => c.reason === 'WaitingForWindow')?.message).toMatch(/pre-copy mirror running, the VM undisturbed; the cut-over waits: the window opens at/);
+    });
+    expect([...r.skipped, ...r.missed]).toEqual([]);
+    const db = new BetterSqlite3(sb.dbPath, { readonly: true, fileMustExist: true });
+    try {
+      const first = (step: string) => Date.parse((db.prepare('SELECT min(at) AS at FROM journal WHERE migration_uid = ? AND step = ? AND event = ?').get(r.uid, step, 'begin') as { at: string }).at);
+      console.log(`[faults] f-window: window opens ${new Date(notBefore).toISOString()}; mirror began ${((first('mirror') - notBefore) / 1000).toFixed(1)} s, cordon ${((first('cordon') - notBefore) / 1000).toFixed(1)} s, stop ${((first('stop') - notBefore) / 1000).toFixed(1)} s relative to it`);
+      expect(first('mirror')).toBeLessThan(notBefore);
+      expect(first('cordon')).toBeGreaterThanOrEqual(notBefore);
+      expect(first('stop')).toBeGreaterThanOrEqual(notBefore);
+    } finally {
+      db.close();
+    }
+  }, 600_000);
 });

@@ -85,6 +85,19 @@ describe('nextMoves: which environment may start its next VM', () => {
     expect(d.waiting).toEqual([]);
   });
 
+  it('pre-copy starts before the window (warm migration: the flow holds the cut-over), never after it closed; cold waits', () => {
+    const p = plan([{ env: 'a', from: 'h1', to: 'h2' }, { env: 'b', from: 'h1', to: 'h3' }, { env: 'c', from: 'h1', to: 'h2' }]);
+    const opens = Date.parse('2026-11-27T06:00:00Z');
+    const closed = { notBeforeMs: opens, notAfterMs: opens + 600_000 };
+    const warm = nextMoves(base(p, { window: closed, nowMs: opens - 5000, warmBeforeWindow: true }));
+    expect(warm.start.map((e) => `${e.environment}/${e.vm}`)).toEqual(['a/beachhead', 'b/beachhead']);
+    expect(warm.windowMessage).toBeUndefined();
+    expect(nextMoves(base(p, { window: closed, nowMs: opens - 5000 })).start).toEqual([]);
+    const after = nextMoves(base(p, { window: closed, nowMs: opens + 600_001, warmBeforeWindow: true }));
+    expect(after.start).toEqual([]);
+    expect(after.windowMessage).toMatch(/the window closed at 2026-11-27T06:10:00.000Z/);
+  });
+
   it('keeps cutovers inside the window and says when it opens', () => {
     const p = plan([{ env: 'a', from: 'h1', to: 'h2' }]);
     const opens = Date.parse('2026-11-27T06:00:00Z');

@@ -131,3 +131,18 @@ describe('flowSteps: the point of no return', () => {
     expect(flowSteps({ location: 'target-running', journal: { converged: false }, role: 'worker', capabilities: { loadBalancer: false }, settings: settingsFrom({ targetHost: 'h2' }) }).steps.every((x) => x.afterNoReturn)).toBe(true);
   });
 });
+
+describe('flowSteps: warm migration', () => {
+  const settings = (window: Partial<VMMigrationSpec>) => settingsFrom({ targetHost: 'h2', environments: ['e'], transfer: { precopy: true }, ...window });
+  const input = (o: Partial<FlowInput>): FlowInput => ({ location: 'source-running', journal: { converged: false }, role: 'worker', capabilities: { loadBalancer: false }, settings: settings({}), ...o });
+
+  it('with a window, pre-copy holds the cut-over in a `window` step right after the mirror started; without one there is no such step', () => {
+    const windowed = flowSteps(input({ settings: settings({ window: { notBefore: '2026-11-27T06:00:00Z' } }) })).steps.map((s) => s.name);
+    expect(windowed.slice(0, 4)).toEqual(['mirror', 'window', 'cordon', 'drain']);
+    expect(flowSteps(input({})).steps.map((s) => s.name)).not.toContain('window');
+    // cold and live are held by the scheduler (nothing starts before the window), not by a step
+    for (const spec of [{}, { strategy: 'LiveMigrate' as const }]) {
+      expect(flowSteps(input({ settings: settingsFrom({ targetHost: 'h2', environments: ['e'], window: { notBefore: '2026-11-27T06:00:00Z' }, ...spec }) })).steps.map((s) => s.name)).not.toContain('window');
+    }
+  });
+});

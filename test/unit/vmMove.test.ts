@@ -504,3 +504,35 @@ describe('moveVm: the source lock', () => {
     expect(source.lock).toBeUndefined();
   });
 });
+
+describe('moveVm: warm migration (pre-copy before the window)', () => {
+  it('the mirror runs while the cut-over waits for the window (WaitingForWindow); once it opens the move goes on', async () => {
+    const { ctx, calls } = await context('running', 'absent');
+    const opens = Date.now() + 400;
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], transfer: { precopy: true }, window: { notBefore: new Date(opens).toISOString() } });
+    const waits: (string | undefined)[] = [];
+    ctx.observer.waiting = (v) => waits.push(v?.reason);
+    const stopAt: number[] = [];
+    const halt = ctx.engines.startMirror;
+    ctx.engines.startMirror = async (o) => {
+      const m = await halt(o);
+      return { ...m, haltSource: async (t) => { stopAt.push(Date.now()); return m.haltSource(t); } };
+    };
+    await moveVm(ctx);
+    expect(calls.slice(0, 2)).toEqual(['mirror', 'cordon:e-controller-1']);
+    expect(waits[0]).toBe('WaitingForWindow');
+    expect(waits.at(-1)).toBeUndefined();
+    expect(stopAt[0]).toBeGreaterThanOrEqual(opens - 1000); // window times have second precision
+  });
+
+  it('a window that closed before the cut-over: the mirror is dropped, the VM never stopped (rolled back)', async () => {
+    const { ctx, calls, source } = await context('running', 'absent');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], transfer: { precopy: true }, window: { notBefore: '2026-11-27T05:00:00Z', notAfter: '2026-11-27T06:00:00Z' } });
+    const err = await moveVm(ctx).catch((e: unknown) => e);
+    expect(err).toMatchObject({ step: 'window', outcome: 'rolled-back' });
+    expect((err as Error).message).toMatch(/not cutting over: the window closed at 2026-11-27T06:00:00.000Z/);
+    expect(calls.slice(0, 2)).toEqual(['mirror', 'mirror-abort']);
+    expect(calls.filter((c) => c.startsWith('cordon') || c === 'halt' || c.endsWith(':stop'))).toEqual([]);
+    expect(source.state).toBe('running');
+  });
+});

@@ -326,13 +326,17 @@ export function inventoryForFile(inv: Inventory): unknown {
   };
 }
 
-/** Last-resort cleanup: no QEMU of this sandbox (its disks live under `dir`) may outlive it; other sandboxes' VMs are left alone. */
+/**
+ * Last-resort cleanup: no QEMU or qemu-nbd of this sandbox (its disks live under `dir`) may outlive
+ * it — a test that failed mid-mirror leaves a qemu-nbd that the next run in the same directory would
+ * count as its own leftover; other sandboxes' processes are left alone.
+ */
 export async function killSandboxQemu(dir: string): Promise<void> {
   const { readdir, readFile } = await import('node:fs/promises');
   for (const pid of await readdir('/proc').catch(() => [] as string[])) {
     if (!/^\d+$/.test(pid)) continue;
     const cmd = await readFile(`/proc/${pid}/cmdline`, 'utf8').catch(() => '');
-    if (cmd.startsWith('qemu-system') || cmd.includes('/qemu-system')) {
+    if (cmd.startsWith('qemu-system') || cmd.includes('/qemu-system') || cmd.startsWith('qemu-nbd\0')) {
       if (cmd.includes(`${dir}/`)) {
         try {
           process.kill(Number(pid), 'SIGKILL');
