@@ -11,7 +11,7 @@ export type Strategy = 'Rolling' | 'LiveMigrate';
 export type LiveFallback = 'PreCopy' | 'Cold' | 'None';
 export type MigrationPhase = 'Pending' | 'Running' | 'Paused' | 'Succeeded' | 'Failed';
 /** Degraded: the VM ran on the target and stays there after a later step kept failing; its source image is kept (rule 2). */
-export type VMPhase = 'Pending' | 'Running' | 'Succeeded' | 'Failed' | 'RolledBack' | 'Degraded';
+export type VMPhase = 'Pending' | 'Running' | 'Succeeded' | 'Failed' | 'RolledBack' | 'Degraded' | 'Cancelled';
 
 export interface VMMigrationSpec {
   environments?: string[];
@@ -27,7 +27,7 @@ export interface VMMigrationSpec {
   hostLimits?: { maxOutboundPerHost?: number; maxInboundPerHost?: number; bandwidthMiBpsPerHost?: number };
   /** VM moves only inside [notBefore, notAfter] (a move expected to outlast notAfter is not started); mirrors do not start earlier yet */
   window?: { notBefore?: string; notAfter?: string };
-  /** environments to leave alone from now on: the VM in flight finishes or rolls back, nothing new starts */
+  /** environments ("student-42") or single VMs ("student-42/node-1") to leave alone from now on: a VM in flight finishes or rolls back, nothing new of them starts */
   cancel?: string[];
   strategy?: Strategy;
   transfer?: { mode?: 'Relay'; precopy?: boolean; compression?: 'None' | 'Zstd' | 'Auto'; bandwidthLimitMiBps?: number; stallTimeoutSeconds?: number };

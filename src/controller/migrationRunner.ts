@@ -327,7 +327,14 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         for (const w of waiting) if (s.environments?.find((e) => e.name === w.environment)?.phase !== 'Failed') patchEnvironment(s, w.environment, { message: w.reason });
       }),
     });
-    for (const env of stop.cancelled) writer.update((s) => patchEnvironment(s, env, { phase: 'Cancelled', message: 'spec.cancel: left where it is' }));
+    const leftVms = new Map<string, string[]>();
+    for (const key of stop.cancelled) {
+      const [env, vm] = key.split('/') as [string, string | undefined];
+      if (vm) leftVms.set(env, [...(leftVms.get(env) ?? []), vm]);
+      writer.update((s) => (vm ? patchVm(s, env, vm, { phase: 'Cancelled', message: 'spec.cancel: left where it is' }) : patchEnvironment(s, env, { phase: 'Cancelled', message: 'spec.cancel: left where it is' })));
+    }
+    // an environment with VMs cancelled one by one is not moved whole: it says so instead of Succeeded
+    for (const [env, vms] of leftVms) writer.update((s) => patchEnvironment(s, env, { phase: 'Cancelled', message: `spec.cancel: ${vms.join(', ')} left where ${vms.length === 1 ? 'it is' : 'they are'}; the environment's other VMs moved or stay as their status says` }));
     if (stop.kind === 'aborted') {
       await writer.flush().catch(() => undefined);
       throw stop.error;
@@ -340,7 +347,9 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
       throw new RetryLater(stop.retryAfterMs);
     }
     writer.update((s) => { s.progress = `${done}/${entries.length}`; });
-    const skipped = stop.cancelled.length > 0 ? `; ${stop.cancelled.length} environment(s) cancelled: ${stop.cancelled.join(', ')}` : '';
+    const cancelledEnvs = stop.cancelled.filter((k) => !k.includes('/'));
+    const cancelledVms = stop.cancelled.filter((k) => k.includes('/'));
+    const skipped = `${cancelledEnvs.length > 0 ? `; ${cancelledEnvs.length} environment(s) cancelled: ${cancelledEnvs.join(', ')}` : ''}${cancelledVms.length > 0 ? `; ${cancelledVms.length} VM(s) cancelled: ${cancelledVms.join(', ')}` : ''}`;
     const message = `${done} VM(s) moved (${targetsText(entries)})${skipped}`;
     await state('succeeded', 'Succeeded', message);
     deps.events.emit(vmm, 'Normal', 'Succeeded', message);

@@ -179,7 +179,12 @@ export async function runFleet(input: RunFleetInput): Promise<FleetStop> {
   let aborted: { error: unknown } | undefined;
   let longestMs = 0;
   let cancel: ReadonlySet<string> = new Set();
-  const cancelledLeft = () => envs.filter((e) => cancel.has(e) && entries.some((x) => x.environment === e && !finished.has(x)));
+  const vmKey = (e: PlanEntry) => `${e.environment}/${e.vm}`;
+  // cancelled environments with a VM not moved, then single cancelled VMs (of environments not cancelled whole) not moved
+  const cancelledLeft = () => [
+    ...envs.filter((e) => cancel.has(e) && entries.some((x) => x.environment === e && !finished.has(x))),
+    ...entries.filter((x) => cancel.has(vmKey(x)) && !cancel.has(x.environment) && !finished.has(x)).map(vmKey),
+  ];
   for (;;) {
     if (failed === undefined && aborted === undefined && !input.signal.aborted) {
       await input.beforeRound();
@@ -187,7 +192,7 @@ export async function runFleet(input: RunFleetInput): Promise<FleetStop> {
       const flying = [...inFlight.keys()];
       const queues = envs.map((environment) => {
         const mine = entries.filter((e) => e.environment === environment);
-        return { environment, pending: mine.filter((e) => !finished.has(e) && !inFlight.has(e)), started: mine.some((e) => finished.has(e) || inFlight.has(e)) };
+        return { environment, pending: mine.filter((e) => !finished.has(e) && !inFlight.has(e) && !cancel.has(vmKey(e))), started: mine.some((e) => finished.has(e) || inFlight.has(e)) };
       });
       const d = nextMoves({
         queues, inFlight: flying, cancelled: new Set([...cancel, ...parked.keys()]), window: settings.window, nowMs: Date.now(), estimatedMoveMs: longestMs,

@@ -7,6 +7,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startFleetWorld, type FleetWorld } from '../world/fleetWorld.js';
+import { SECRET_NAMESPACE } from '../world/sandbox.js';
 
 let w: FleetWorld;
 
@@ -29,12 +30,21 @@ describe('fleet evacuation (4 × 7 VMs, real operator, real QEMU, real sshd, rea
     for (const [, where] of await w.placement()) expect([...where]).toEqual(['host01']);
 
     const watch = await w.watchDisruption();
-    const p2 = await w.migrate('evacuate-p2', { sourceHost: 'host01', maxParallelEnvironments: 2, placement: policy });
+    // one VM is cancelled while the evacuation runs (fleet-d starts after a or b finished): it stays, the rest moves
+    const p2 = await w.migrate('evacuate-p2', { sourceHost: 'host01', maxParallelEnvironments: 2, placement: policy }, {
+      afterApply: async (kubectl) => {
+        const r = await kubectl(['patch', 'vmm', 'evacuate-p2', '-n', SECRET_NAMESPACE, '--type', 'merge', '-p', JSON.stringify({ spec: { cancel: ['fleet-d/node-3'] } })]);
+        expect(r.code, r.stderr).toBe(0);
+      },
+    });
     watch.stop();
     expect(watch.maxDownPerEnv()).toBe(1);
     expect(watch.maxEnvsDisrupted()).toBeLessThanOrEqual(2);
-    expect(p2.o.status?.environmentProgress).toBe('4/4');
-    expect(p2.o.status?.progress).toBe('28/28');
+    expect(p2.o.status?.environmentProgress).toBe('3/4');
+    expect(p2.o.status?.progress).toBe('27/28');
+    expect(p2.o.status?.vms?.find((v) => v.environment === 'fleet-d' && v.name === 'node-3')).toMatchObject({ phase: 'Cancelled' });
+    expect(p2.o.status?.environments?.find((e) => e.name === 'fleet-d')).toMatchObject({ phase: 'Cancelled', vmsDone: 6 });
+    expect(p2.o.status?.message).toContain('1 VM(s) cancelled: fleet-d/node-3');
     // parallelism really happened: VM moves of two environments overlapped in time
     const spans = p2.o.status!.vms!.map((v) => ({ env: v.environment, a: Date.parse(v.startedAt!), b: Date.parse(v.finishedAt!) }));
     expect(spans.some((x) => spans.some((y) => y.env !== x.env && y.a < x.b && x.a < y.b))).toBe(true);
@@ -42,8 +52,10 @@ describe('fleet evacuation (4 × 7 VMs, real operator, real QEMU, real sshd, rea
     const where = await w.placement();
     const perHost = new Map<string, number>();
     for (const [e, set] of where) {
-      expect(set.size, `${e} whole on one host`).toBe(1);
-      const h = [...set][0]!;
+      // the cancelled VM stayed on host01; everything else of its environment moved
+      if (e === 'fleet-d') expect(set.has('host01') && set.size === 2, 'fleet-d: node-3 left on host01, the rest on one target').toBe(true);
+      else expect(set.size, `${e} whole on one host`).toBe(1);
+      const h = [...set].find((x) => x !== 'host01')!;
       expect(h).not.toBe('host01');
       perHost.set(h, (perHost.get(h) ?? 0) + 1);
     }

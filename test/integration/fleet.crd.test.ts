@@ -32,7 +32,7 @@ afterAll(async () => {
 
 describe('VMMigration fleet fields (real kube-apiserver)', () => {
   it('accepts an evacuation without targetHost and applies the fleet defaults', async () => {
-    const r = await apply('evacuate', { sourceHost: 'host01', targetHosts: ['host02', 'host03'], window: { notBefore: '2026-11-27T06:00:00Z', notAfter: '2026-11-27T08:00:00Z' } });
+    const r = await apply('evacuate', { sourceHost: 'host01', targetHosts: ['host02', 'host03'], cancel: ['student-42', 'student-43/node-1'], window: { notBefore: '2026-11-27T06:00:00Z', notAfter: '2026-11-27T08:00:00Z' } });
     expect(r.code, r.stderr).toBe(0);
     const o = JSON.parse((await kubectl(['get', 'vmm', '-n', NS, 'evacuate', '-o', 'json'])).stdout) as { spec: Record<string, unknown> };
     expect(o.spec).toMatchObject({
@@ -58,6 +58,9 @@ describe('VMMigration fleet fields (real kube-apiserver)', () => {
     expect(e.stderr).toMatch(/spec.placement.maxEnvironmentsPercentPerHost: Invalid value: 0: .*greater than or equal to 1/);
     expect(e.stderr).toMatch(/spec.maxParallelEnvironments: Invalid value: 0/);
     expect(e.stderr).toMatch(/spec.cancel\[0\]: Invalid value: "Bad Name"/);
+    const g = await apply('bad-cancel', { sourceHost: 'host01', cancel: ['student-42/node-1/x', 'student-42/'] });
+    expect(g.stderr).toMatch(/spec.cancel\[0\]: Invalid value: "student-42\/node-1\/x"/);
+    expect(g.stderr).toMatch(/spec.cancel\[1\]: Invalid value: "student-42\/"/);
     const f = await apply('bad-budget', { sourceHost: 'host01', hostLimits: { bandwidthMiBpsPerHost: -5 } });
     expect(f.stderr).toMatch(/spec.hostLimits.bandwidthMiBpsPerHost: Invalid value: -5: .*greater than or equal to 0/);
   });

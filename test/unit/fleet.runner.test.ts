@@ -147,6 +147,20 @@ describe('runner: a fleet evacuation', () => {
     expect(status.environments?.find((e) => e.name === 'a')).toMatchObject({ phase: 'Cancelled', vmsDone: 1 });
   });
 
+  it('a single cancelled VM is left where it is; the rest of its environment and the others move', async () => {
+    spec = { sourceHost: 'h1', maxParallelEnvironments: 2, placement: { maxEnvironmentsPercentPerHost: 50 }, cancel: ['b/node-2'] };
+    const t = tracker();
+    await runMigration(vmm(spec), deps(t.move), new AbortController().signal);
+    expect(t.order).not.toContain('b/node-2');
+    expect(t.order.filter((k) => k.startsWith('b/'))).toHaveLength(2);
+    expect(status.phase).toBe('Succeeded');
+    expect(status.vms?.find((v) => v.environment === 'b' && v.name === 'node-2')).toMatchObject({ phase: 'Cancelled', message: 'spec.cancel: left where it is' });
+    expect(status.environments?.find((e) => e.name === 'b')).toMatchObject({ phase: 'Cancelled', vmsDone: 2 });
+    expect(status.environments?.find((e) => e.name === 'b')?.message).toMatch(/node-2 left where it is/);
+    expect(status.message).toContain('1 VM(s) cancelled: b/node-2');
+    expect(status.message).not.toContain('environment(s) cancelled');
+  });
+
   it('outside the window nothing stops; it waits with WaitingForWindow and starts once the window opens', async () => {
     const opens = new Date(Date.now() + 60_000).toISOString();
     spec = { sourceHost: 'h1', placement: { maxEnvironmentsPercentPerHost: 50 }, window: { notBefore: opens } };

@@ -41,7 +41,8 @@ export interface FleetWorld {
   /** sha256 of every VM file before any move, by `env/vm/file` */
   checksums: Map<string, string>;
   /** Applies a VMMigration and waits for it to end (throws unless Succeeded); returns it and the wall time. */
-  migrate(name: string, spec: Record<string, unknown>): Promise<{ o: VMMigration; seconds: number }>;
+  /** applies the VMMigration and waits until it Succeeded; `afterApply` runs right after the apply (e.g. to edit it while it runs) */
+  migrate(name: string, spec: Record<string, unknown>, opts?: { afterApply?: (kubectl: (args: string[], stdin?: string) => Promise<{ code: number; stderr: string }>) => Promise<void> }): Promise<{ o: VMMigration; seconds: number }>;
   watchDisruption(): Promise<Disruption>;
   /** Where each environment's VMs run, read from the hosts (QEMU processes); throws if a VM runs on ≠ 1 host. */
   placement(): Promise<Map<string, Set<string>>>;
@@ -126,11 +127,12 @@ export async function startFleetWorld(opts: { environments: string[]; firstAddre
     const getVmm = async (name: string) =>
       (await kc.makeApiClient(CustomObjectsApi).getNamespacedCustomObject({ group: GROUP, version: VERSION, plural: PLURAL, namespace: SECRET_NAMESPACE, name })) as VMMigration;
 
-    const migrate: FleetWorld['migrate'] = async (name, spec) => {
+    const migrate: FleetWorld['migrate'] = async (name, spec, opts) => {
       const doc = { apiVersion: `${GROUP}/${VERSION}`, kind: 'VMMigration', metadata: { name, namespace: SECRET_NAMESPACE }, spec: { shutdown: { powerdownTimeout: '1s' }, ...spec } };
       const t0 = Date.now();
       const r = await kubectl(['apply', '-f', '-'], JSON.stringify(doc));
       if (r.code !== 0) throw new Error(`kubectl apply of ${name} failed: ${r.stderr}`);
+      await opts?.afterApply?.(kubectl);
       for (;;) {
         const o = await getVmm(name);
         if (o.status?.phase === 'Failed') throw new Error(`${name} failed: ${JSON.stringify(o.status, null, 1)}`);
