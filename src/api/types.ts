@@ -74,9 +74,21 @@ export interface VMStatus {
   /** while copying: current rate and time left at that rate */
   bytesPerSecond?: number;
   etaSeconds?: number;
+  /** while (and after) a live migration: QEMU's own figures from query-migrate, last sample */
+  live?: LiveFigures;
   startedAt?: string;
   finishedAt?: string;
   message?: string;
+}
+
+/** QEMU's view of a live migration in flight (query-migrate). */
+export interface LiveFigures {
+  /** QEMU's estimate of the stop-and-copy downtime at the current dirty rate and bandwidth */
+  expectedDowntimeMs?: number;
+  remainingBytes: number;
+  transferredBytes: number;
+  totalBytes: number;
+  dirtyPagesPerSecond?: number;
 }
 
 export type EnvironmentPhase = 'Pending' | 'Running' | 'Waiting' | 'Succeeded' | 'Failed' | 'Cancelled';

@@ -224,6 +224,8 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
             step(step, event, info) {
               if (event === 'begin') stepTimers.set(step, metrics.startStepTimer(step));
               else stepTimers.get(step)?.();
+              // QEMU's live figures describe the RAM migration only: gone with its step
+              if (step === 'live' && event !== 'begin') metrics.recordLiveFigures(undefined);
               if (event === 'begin') vmLog.info({ step }, 'step started');
               else if (event === 'end') vmLog.info({ step, durationMs: info.durationMs }, 'step done');
               else vmLog.warn({ step, message: info.message }, 'step failed');
@@ -243,6 +245,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
                 reportedBytes = update.bytesTransferred;
               }
               if (update.bytesPerSecond !== undefined) metrics.transferRate.set(update.bytesPerSecond);
+              if (update.live) metrics.recordLiveFigures(update.live);
             },
             waiting: (verdict) => {
               if (verdict) {

@@ -138,6 +138,17 @@ export const leaderIsLeader = new Gauge({
 });
 
 // A stuck move shows as this timestamp no longer advancing (alert VMOpsVMMoveStuck).
+// QEMU's own figures for a live migration in flight (query-migrate), the last sample of any; 0 when none runs
+export const liveRemainingBytes = new Gauge({ name: 'vmops_live_migration_remaining_bytes', help: 'RAM the live migration in flight still has to send (QEMU query-migrate); 0 when none runs', registers: [registry] });
+export const liveExpectedDowntime = new Gauge({ name: 'vmops_live_migration_expected_downtime_seconds', help: "QEMU's expected stop-and-copy downtime for the live migration in flight; 0 when none runs", registers: [registry] });
+export const liveDirtyPages = new Gauge({ name: 'vmops_live_migration_dirty_pages_per_second', help: 'Guest pages dirtied per second during the live migration in flight (QEMU); 0 when none runs', registers: [registry] });
+
+export function recordLiveFigures(f: { remainingBytes: number; expectedDowntimeMs?: number; dirtyPagesPerSecond?: number } | undefined): void {
+  liveRemainingBytes.set(f?.remainingBytes ?? 0);
+  liveExpectedDowntime.set((f?.expectedDowntimeMs ?? 0) / 1000);
+  liveDirtyPages.set(f?.dirtyPagesPerSecond ?? 0);
+}
+
 export const moveLastProgress = new Gauge({
   name: 'vmops_vm_move_last_progress_timestamp_seconds',
   help: 'Unix time of the last step change or copied byte of the VM move in flight; 0 when no move is in flight',
@@ -177,6 +188,7 @@ let moveInFlight = false;
 export function moveProgressEnded(): void {
   moveInFlight = false;
   moveLastProgress.set(0);
+  recordLiveFigures(undefined);
 }
 function noteMoveProgress(begin = false): void {
   if (begin) moveInFlight = true;

@@ -80,7 +80,11 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
         ...hosts, signal, log, mirrorReadyTimeoutMs: settings.mirrorReadyTimeoutMs,
         downtimeLimitMs: settings.live.downtimeLimitMs, maxBandwidthBytesPerSec: settings.live.maxBandwidthBytesPerSec,
         convergenceTimeoutMs: settings.live.convergenceTimeoutMs,
-        onProgress: (p) => onProgress(p.phase, p.tunnelBytes),
+        onProgress: (p) => onProgress(p.phase, p.tunnelBytes, p.ram && {
+          remainingBytes: p.ram.remaining, transferredBytes: p.ram.transferred, totalBytes: p.ram.total,
+          ...(p.expectedDowntimeMs !== undefined ? { expectedDowntimeMs: p.expectedDowntimeMs } : {}),
+          ...(p.ram.dirtyPagesRate !== undefined ? { dirtyPagesPerSecond: p.ram.dirtyPagesRate } : {}),
+        }),
       }).catch((err: unknown) => {
         if (err instanceof LiveMigrationAbortedError && settings.live.fallback !== 'None') throw new LiveFellBack(err.message);
         throw err;

@@ -18,7 +18,7 @@
  * safety gate waits in place until the verdict turns safe or safetyWaitTimeout passes.
  */
 import type { EnvironmentSpec, VMSpec } from '../api/inventory.js';
-import type { MigrationSettings, VMStatus } from '../api/types.js';
+import type { LiveFigures, MigrationSettings, VMStatus } from '../api/types.js';
 import type { DrainOptions, DrainResult, NodeState } from '../guest/guestCluster.js';
 import type { VmStatus } from '../hosts/hypervisor.js';
 import type { JournalEvent } from '../store/store.js';
@@ -113,7 +113,7 @@ export interface MoveEngines {
   copyNonDisk(signal: AbortSignal): Promise<number>;
   startMirror(opts: { signal: AbortSignal; onProgress: (p: CopyProgress) => void }): Promise<MirrorSession>;
   /** rejects with LiveFellBack when the migration aborted cleanly and the VM still runs on the source */
-  live(opts: { signal: AbortSignal; onProgress: (message: string, bytes: number) => void }): Promise<LiveSession>;
+  live(opts: { signal: AbortSignal; onProgress: (message: string, bytes: number, figures?: LiveFigures) => void }): Promise<LiveSession>;
   /** guest data on both hosts equal; a paused target QEMU's caches are flushed first */
   verify(): Promise<void>;
   /** start after an interrupted live handover: resume the paused target QEMU */
@@ -431,6 +431,8 @@ async function assertStopped(h: MoveHost, env: string, vm: VMSpec): Promise<void
 
 type Action = (ctx: MoveContext, st: MoveState) => Promise<unknown>;
 
+const mib = (bytes: number) => `${(bytes / 1048576).toFixed(1)} MiB`;
+
 /** A safety gate: waits (status condition, backoff) while not safe; before any side effect it hands the wait to the runner. */
 async function gate(ctx: MoveContext, st: MoveState): Promise<void> {
   let deadline: number | undefined;
@@ -494,7 +496,13 @@ const ACTIONS: Record<MoveStep, Action> = {
     await ctx.safety.loadBalancer?.removeBackend(ctx.vm, ctx.signal);
   },
   live: async (ctx, st) => {
-    st.live = await ctx.engines.live({ signal: ctx.signal, onProgress: (message, bytes) => ctx.observer.progress({ bytesTransferred: bytes, message: `live: ${message}` }) });
+    st.live = await ctx.engines.live({
+      signal: ctx.signal,
+      onProgress: (message, bytes, figures) => ctx.observer.progress({
+        bytesTransferred: bytes, ...(figures ? { live: figures } : {}),
+        message: `live: ${message}${figures ? `, RAM ${mib(figures.remainingBytes)} of ${mib(figures.totalBytes)} left${figures.expectedDowntimeMs !== undefined ? `, QEMU expects ${figures.expectedDowntimeMs} ms downtime` : ''}` : ''}`,
+      }),
+    });
     st.bytes = st.live.bytes;
   },
   stop: async (ctx, st) => {

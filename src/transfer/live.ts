@@ -47,6 +47,8 @@ export interface LiveProgress {
   mirror?: MirrorProgress;
   /** query-migrate's ram section: transferred / remaining / total bytes, dirty pages rate */
   ram?: { transferred: number; remaining: number; total: number; dirtyPagesRate?: number };
+  /** QEMU's expected downtime (ms) at the current dirty rate and bandwidth */
+  expectedDowntimeMs?: number;
   tunnelBytes: number;
 }
 
@@ -108,6 +110,7 @@ interface MigrateInfo {
   downtime?: number;
   'total-time'?: number;
   'error-desc'?: string;
+  'expected-downtime'?: number;
   ram?: { transferred: number; remaining: number; total: number; 'dirty-pages-rate'?: number };
 }
 
@@ -248,6 +251,7 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
         phase: 'migrate',
         mirror: jobs.progress,
         ram: mig.ram ? { transferred: mig.ram.transferred, remaining: mig.ram.remaining, total: mig.ram.total, dirtyPagesRate: mig.ram['dirty-pages-rate'] } : undefined,
+        expectedDowntimeMs: mig['expected-downtime'],
         tunnelBytes: tunnelBytes(),
       });
       if (mig.status === 'completed') break;

@@ -269,6 +269,14 @@ describe('downtime strategies through the operator (real QEMU, real kubectl)', (
     for (const vm of sb.environment.vms) expect((await h01.vmStatus(sb.environment.name, vm)).state, vm.name).toBe('running');
     const downs = o.status!.vms!.map((v) => v.downtimeSeconds ?? Number.NaN);
     for (const d of downs) expect(d).toBeGreaterThan(0);
+    // QEMU's own figures of each RAM migration, as the status kept them
+    for (const v of o.status!.vms!) {
+      expect(v.live?.totalBytes, `${v.name}: live figures in status`).toBeGreaterThan(16 * 1048576);
+      expect(v.live?.transferredBytes).toBeGreaterThan(0);
+      expect(v.live?.remainingBytes).toBeGreaterThanOrEqual(0);
+    }
+    // and the gauges are back at 0 with no live migration running
+    expect(await (await fetch(`${operator.metricsUrl}/metrics`)).text()).toMatch(/^vmops_live_migration_remaining_bytes 0$/m);
     console.log(`[e2e] live downtime per VM (stop on source → running on target): ${o.status!.vms!.map((v) => `${v.name}=${v.downtimeSeconds?.toFixed(3)}s`).join(' ')}`);
   }, 700_000);
 

@@ -1,5 +1,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import {
+  moveProgressEnded,
+  recordLiveFigures,
   recordMigrationFinished,
   recordMigrationStarted,
   recordTransferBytes,
@@ -60,6 +62,18 @@ describe('metrics', () => {
     expect(body).toMatch(/^vmops_informer_restarts_total 1$/m);
     expect(body).toMatch(/^process_cpu_seconds_total /m);
     expect(body).toMatch(/^nodejs_heap_size_used_bytes /m);
+  });
+
+  it("exposes QEMU's live-migration figures while one runs, 0 once it ended", async () => {
+    recordLiveFigures({ remainingBytes: 5 * 1048576, expectedDowntimeMs: 120, dirtyPagesPerSecond: 340 });
+    let body = await registry.metrics();
+    expect(body).toMatch(/^vmops_live_migration_remaining_bytes 5242880$/m);
+    expect(body).toMatch(/^vmops_live_migration_expected_downtime_seconds 0.12$/m);
+    expect(body).toMatch(/^vmops_live_migration_dirty_pages_per_second 340$/m);
+    moveProgressEnded();
+    body = await registry.metrics();
+    expect(body).toMatch(/^vmops_live_migration_remaining_bytes 0$/m);
+    expect(body).toMatch(/^vmops_live_migration_expected_downtime_seconds 0$/m);
   });
 
   it('clamps free-form label values to bounded enums', () => {
