@@ -201,6 +201,9 @@ function hasCause(err: unknown, type: string): boolean {
   return ((body as { details?: { causes?: { type?: string }[] } } | undefined)?.details?.causes ?? []).some((c) => c.type === type);
 }
 
+/** How long a listing may still take when the drain's deadline has (nearly) come. */
+const LAST_LISTING_MS = 2000;
+
 /** Restoring a node's schedulability after the guest API stopped answering: one attempt, not a retry series. */
 const RESTORE_WHEN_API_DOWN_MS = 2000;
 
@@ -387,7 +390,9 @@ export class NodeDrainer {
         let pods: V1Pod[];
         const asked = Date.now();
         try {
-          pods = await this.podsOn(node, AbortSignal.timeout(Math.max(deadline - Date.now(), 1)));
+          // retried until the deadline, and past it long enough for one more answer: the last round
+          // before the deadline must not be cut short and taken for an API that does not answer
+          pods = await this.podsOn(node, AbortSignal.timeout(Math.max(deadline - Date.now(), 0) + LAST_LISTING_MS));
           apiDown = undefined;
         } catch (err) {
           if (signal?.aborted) throw abortReason(signal);

@@ -21,7 +21,7 @@
 import type { VMSpec } from '../api/inventory.js';
 import { TIMEOUTS } from '../api/types.js';
 import type { Hypervisor } from '../hosts/hypervisor.js';
-import { createDisks, flushDisks, openQmpAt, queryDisks, quitQemu, startIncomingQemu, verifyGuestData, type DiskVerification, type IncomingQemu, type QemuDisk } from '../hosts/qemuIncoming.js';
+import { createDisks, openQmpAt, queryDisks, quitQemu, startIncomingQemu, type IncomingQemu, type QemuDisk } from '../hosts/qemuIncoming.js';
 import type { QmpClient } from '../hosts/qmp.js';
 import { log as rootLog, type Logger } from '../util/log.js';
 import { sleep } from '../util/sleep.js';
@@ -65,8 +65,6 @@ export interface LiveMigrateOptions {
   mirrorReadyTimeoutMs?: number;
   /** RAM migration: give up (migrate_cancel, clean abort) if not completed in time (default 10 min) */
   convergenceTimeoutMs?: number;
-  /** hash the guest data on both hosts while both are stopped, before the target resumes (adds time ∝ disk size to the downtime) */
-  verifyBeforeResume?: boolean;
   onProgress?: (p: LiveProgress) => void;
   signal?: AbortSignal;
   pollMs?: number;
@@ -87,7 +85,6 @@ export interface LiveMigrateResult {
   /** query-migrate ram.transferred on the source */
   ramTransferred: number;
   phases: { prepareMs: number; mirrorMs: number; migrateMs: number; handoverMs: number };
-  verification?: DiskVerification[];
 }
 
 /**
@@ -270,7 +267,6 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
   // ── handover ── the guest state now lives in the (paused) target; the source is postmigrate.
   phase = 'handover';
   const dst = incoming.qmp;
-  let verification: DiskVerification[] | undefined;
   try {
     const s = await status(src);
     if (s !== 'postmigrate') throw new Error(`source is ${s} after migration, expected postmigrate`);
@@ -287,11 +283,6 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
     jobs.dispose();
     jobs = undefined;
     await dst.execute('nbd-server-stop');
-    if (opts.verifyBeforeResume) {
-      // flush the target's qcow2 caches so an outside reader sees the data (source: postmigrate already flushed)
-      await flushDisks(dst, dstDir, vm);
-      verification = await verifyGuestData(source, target, environment, vm);
-    }
   } catch (err) {
     // The target never ran: kill it (proven gone) and resume the source.
     src.removeListener('STOP', onStop);
@@ -311,7 +302,6 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
     bytes: { disks: bytesDisks, migration: bytesMig, total: bytesDisks + bytesMig },
     ramTransferred: mig.ram?.transferred ?? 0,
     phases: { prepareMs: tPrepared - t0, mirrorMs: tMirrored - tPrepared, migrateMs: tMigrated - tMirrored, handoverMs: tHandover - tMigrated },
-    verification,
   };
   logger.info({ qemuDowntimeMs: result.qemuDowntimeMs, bytes: result.bytes.total, phases: result.phases }, 'live migration done; target paused, waiting for the handover');
   return { result, stoppedAt: stopSeenAt ?? tMigrated, sourceQmp: src, targetQmp: dst, abort };

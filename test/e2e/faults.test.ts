@@ -2,13 +2,14 @@
  * Fault-injection matrix on real parts (control plane + KWOK, sshd hosts, QEMU, the operator as a
  * child process): for each strategy, one VM is moved while the operator is killed with SIGKILL at
  * every step boundary of its move — as soon as the journal shows that step began — and restarted.
- * Observed from outside: the test reads the operator's SQLite journal read-only (WAL) and never
- * hooks into the operator. After every kill, while no operator runs, the VM must not be live on
+ * Observed from outside: the test reads the operator's journal (SQLite read-only through its WAL, or
+ * PostgreSQL with VMOPS_TEST_DB=postgres) and never hooks into the operator. After every kill, while no operator runs, the VM must not be live on
  * both hosts; after the restart the migration must finish with the guest data unchanged, the VM
  * running on exactly one host and nothing left on the other.
  */
 import { CustomObjectsApi, type V1Node } from '@kubernetes/client-node';
 import BetterSqlite3 from 'better-sqlite3';
+import pg from 'pg';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
@@ -56,6 +57,24 @@ async function fingerprint(hostName: string): Promise<Record<string, string>> {
   return out;
 }
 
+interface JournalRow { id: number; step: string; event: string; at: string }
+
+/** A read-only look at the operator's journal, whichever store it runs on. */
+async function openJournal(dbPath: string): Promise<{ rows(uid: string): Promise<JournalRow[]>; close(): Promise<void> }> {
+  const sql = 'SELECT id, step, event, at FROM journal WHERE migration_uid = $uid ORDER BY id';
+  if (dbPath.startsWith('postgres')) {
+    const client = new pg.Client({ connectionString: dbPath });
+    await client.connect();
+    return {
+      rows: async (uid) => (await client.query<JournalRow>(sql.replace('$uid', '$1'), [uid])).rows.map((r) => ({ ...r, id: Number(r.id) })),
+      close: () => client.end(),
+    };
+  }
+  const db = new BetterSqlite3(dbPath, { readonly: true, fileMustExist: true });
+  const q = db.prepare(sql.replace('$uid', '?'));
+  return { rows: async (uid) => q.all(uid) as JournalRow[], close: async () => void db.close() };
+}
+
 /** Moves the VM with `spec`, SIGKILLing the operator as soon as each of `killAt` begins. */
 async function moveWithKills(name: string, from: string, to: string, spec: Record<string, unknown>, killAt: string[], afterKills?: (uid: string) => Promise<void>): Promise<{ uid: string; kills: string[]; skipped: string[]; missed: string[] }> {
   const vm = sb.environment.vms[0]!;
@@ -66,7 +85,7 @@ async function moveWithKills(name: string, from: string, to: string, spec: Recor
   let uid: string | undefined;
   for (; !uid; await sleep(50)) uid = (await getVmm(name))?.metadata.uid;
   const [h1, h2] = [await sb.hypervisor(from), await sb.hypervisor(to)];
-  const db = new BetterSqlite3(sb.dbPath, { readonly: true, fileMustExist: true });
+  const journal = await openJournal(sb.dbPath);
   const kills: string[] = [];
   const missed: string[] = [];
   const skipped: string[] = [];
@@ -74,7 +93,8 @@ async function moveWithKills(name: string, from: string, to: string, spec: Recor
     let after = 0;
     const remaining = [...killAt];
     while (remaining.length > 0) {
-      const rows = db.prepare('SELECT id, step FROM journal WHERE migration_uid = ? AND event = ? AND id > ? ORDER BY id').all(uid, 'begin', after) as { id: number; step: string }[];
+      const all = await journal.rows(uid!);
+      const rows = all.filter((r) => r.event === 'begin' && r.id > after);
       const hit = rows.find((r) => remaining.includes(r.step));
       if (hit) {
         operator.child.kill('SIGKILL');
@@ -82,7 +102,7 @@ async function moveWithKills(name: string, from: string, to: string, spec: Recor
         // a kill point the resumed plan went past (e.g. no converge after a cold fallback) is reported, not waited for
         skipped.push(...remaining.splice(0, remaining.indexOf(hit.step)));
         remaining.shift();
-        const last = db.prepare('SELECT id, step, event FROM journal WHERE migration_uid = ? ORDER BY id DESC LIMIT 1').get(uid) as { id: number; step: string; event: string };
+        const last = (await journal.rows(uid!)).at(-1)!;
         after = last.id;
         kills.push(`${hit.step} (journal at the kill: ${last.step}:${last.event})`);
         // no operator runs now: fencing must already hold
@@ -99,7 +119,7 @@ async function moveWithKills(name: string, from: string, to: string, spec: Recor
       await sleep(20);
     }
   } finally {
-    db.close();
+    await journal.close();
   }
   await afterKills?.(uid);
   let o: VMMigration | undefined;
@@ -156,21 +176,21 @@ describe('SIGKILL at every step boundary, one VM, each strategy', () => {
 
 describe('warm migration: pre-copy before the window opens', () => {
   it('the mirror starts before notBefore with nothing disrupted; a SIGKILL while it waits resumes the wait; the cut-over comes after notBefore', async () => {
-    const notBefore = Math.ceil((Date.now() + 15_000) / 1000) * 1000;
+    const notBefore = Math.ceil((Date.now() + 12_000) / 1000) * 1000;
     const vm = sb.environment.vms[0]!;
     const r = await moveWithKills('f-window', 'host01', 'host02', { transfer: { precopy: true }, window: { notBefore: new Date(notBefore).toISOString() } }, ['window'], async (uid) => {
       // the restarted operator mirrors again and waits: the VM runs on its source, its node schedulable, the wait in status
-      const db = new BetterSqlite3(sb.dbPath, { readonly: true, fileMustExist: true });
+      const journal = await openJournal(sb.dbPath);
       try {
         for (;;) {
-          const waits = db.prepare('SELECT count(*) AS n FROM journal WHERE migration_uid = ? AND step = ? AND event = ?').get(uid, 'window', 'begin') as { n: number };
+          const waits = (await journal.rows(uid)).filter((j) => j.step === 'window' && j.event === 'begin').length;
           const o = await getVmm('f-window');
-          if (waits.n >= 2 && o?.status?.conditions?.some((c) => c.reason === 'WaitingForWindow')) break;
+          if (waits >= 2 && o?.status?.conditions?.some((c) => c.reason === 'WaitingForWindow')) break;
           expect(Date.now(), 'the resumed move reached its window step before the window opened').toBeLessThan(notBefore);
           await sleep(100);
         }
       } finally {
-        db.close();
+        await journal.close();
       }
       // the mirror holds the VM's QMP monitor; its second monitor answers for the run state
       const h01 = await sb.hypervisor('host01');
@@ -187,15 +207,16 @@ describe('warm migration: pre-copy before the window opens', () => {
       expect(o?.status?.conditions?.find((c) => c.reason === 'WaitingForWindow')?.message).toMatch(/pre-copy mirror running, the VM undisturbed; the cut-over waits: the window opens at/);
     });
     expect([...r.skipped, ...r.missed]).toEqual([]);
-    const db = new BetterSqlite3(sb.dbPath, { readonly: true, fileMustExist: true });
+    const journal = await openJournal(sb.dbPath);
     try {
-      const first = (step: string) => Date.parse((db.prepare('SELECT min(at) AS at FROM journal WHERE migration_uid = ? AND step = ? AND event = ?').get(r.uid, step, 'begin') as { at: string }).at);
+      const rows = await journal.rows(r.uid);
+      const first = (step: string) => Date.parse(rows.find((j) => j.step === step && j.event === 'begin')!.at);
       console.log(`[faults] f-window: window opens ${new Date(notBefore).toISOString()}; mirror began ${((first('mirror') - notBefore) / 1000).toFixed(1)} s, cordon ${((first('cordon') - notBefore) / 1000).toFixed(1)} s, stop ${((first('stop') - notBefore) / 1000).toFixed(1)} s relative to it`);
       expect(first('mirror')).toBeLessThan(notBefore);
       expect(first('cordon')).toBeGreaterThanOrEqual(notBefore);
       expect(first('stop')).toBeGreaterThanOrEqual(notBefore);
     } finally {
-      db.close();
+      await journal.close();
     }
   }, 600_000);
 });

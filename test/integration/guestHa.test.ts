@@ -184,19 +184,8 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
     expect(s.worstMs).toBeLessThan(2000);
   });
 
-  it('without load-balancer awareness a stopped controller stalls or fails kubectl through NGINX (the seed\'s failure)', async () => {
-    const student = new KubectlStudent(ha.kubeconfigPath, { cacheDir: join(dir, 'kubectl-cache-neg') });
-    await student.start();
-    await sleep(2000);
-    await stopVm('controller-1');
-    await sleep(14_000);
-    const samples = await student.stop();
-    const s = summarize(samples);
-    console.log(`LB awareness off: sent ${s.sent}, failed ${s.failed}, p99 ${s.p99Ms} ms, worst ${s.worstMs} ms`);
-    expect(s.failed + s.slow).toBeGreaterThan(0);
-    await startVm('controller-1');
-    await guard.waitMemberHealthy(vm('controller-1'), { timeoutMs: 120_000, signal: never });
-  });
+  // Without load-balancer awareness (the seed's failure: NGINX's 10 s connect timeout to a powered-off
+  // controller) is shown through the operator by test/e2e/ha.test.ts's negative control.
 
   it('a paused VM (running state, not process, counts) serves nothing; resumed, it serves again', async () => {
     const addr = ha.addressOf('controller-3');
