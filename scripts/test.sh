@@ -24,13 +24,19 @@ if [ $# -gt 0 ]; then
   echo "[test] vitest $*"
   vitest .sandbox/test-results.json "$@"
 else
-  # Unit tests touch no shared machine state: their files run in parallel. Integration and
-  # end-to-end files share the loopback hosts, QEMU and control planes: one file at a time
-  # (vitest.config.ts).
-  echo "[test] vitest: unit tests (files in parallel)"
-  vitest .sandbox/test-results-unit.json test/unit --fileParallelism=true --maxWorkers=2
+  # Unit tests touch no shared machine state: their files run in parallel, at a lower CPU priority
+  # beside the integration run (which mostly waits on VMs, timeouts and control planes), their
+  # report printed once both are done. Integration and end-to-end files share the loopback hosts,
+  # QEMU and control planes: one file at a time (vitest.config.ts).
+  echo "[test] vitest: unit tests (files in parallel, beside the integration run; report below when both are done)"
+  nice -n 10 npx vitest run --reporter=default --reporter=json --outputFile.json=.sandbox/test-results-unit.json \
+    test/unit --fileParallelism=true --maxWorkers=2 > .sandbox/test-unit.log 2>&1 &
+  unit=$!
   echo "[test] vitest: integration and end-to-end tests (one file at a time)"
   vitest .sandbox/test-results.json test/integration test/e2e
+  wait "$unit" || status=$?
+  echo "[test] unit tests (report of the run beside the integration tests):"
+  cat .sandbox/test-unit.log
 fi
 # One plain closing line with the counts, whatever the reporters printed above.
 node -e '
