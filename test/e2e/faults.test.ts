@@ -75,7 +75,10 @@ async function openJournal(dbPath: string): Promise<{ rows(uid: string): Promise
   return { rows: async (uid) => q.all(uid) as JournalRow[], close: async () => void db.close() };
 }
 
-/** Moves the VM with `spec`, SIGKILLing the operator as soon as each of `killAt` begins. */
+/**
+ * Moves the VM with `spec`, SIGKILLing the operator as soon as each of `killAt` begins — or, for
+ * `step@ms`, that many milliseconds into the step (if it has not ended by then: reported otherwise).
+ */
 async function moveWithKills(name: string, from: string, to: string, spec: Record<string, unknown>, killAt: string[], afterKills?: (uid: string) => Promise<void>): Promise<{ uid: string; kills: string[]; skipped: string[]; missed: string[] }> {
   const vm = sb.environment.vms[0]!;
   const before = await fingerprint(from);
@@ -92,19 +95,31 @@ async function moveWithKills(name: string, from: string, to: string, spec: Recor
   try {
     let after = 0;
     const remaining = [...killAt];
+    const stepOf = (k: string) => k.split('@')[0]!;
     while (remaining.length > 0) {
       const all = await journal.rows(uid!);
       const rows = all.filter((r) => r.event === 'begin' && r.id > after);
-      const hit = rows.find((r) => remaining.includes(r.step));
+      const hit = rows.find((r) => remaining.map(stepOf).includes(r.step));
       if (hit) {
+        const point = remaining[remaining.map(stepOf).indexOf(hit.step)]!;
+        const intoMs = Number(point.split('@')[1] ?? 0);
+        if (intoMs > 0) {
+          await sleep(intoMs);
+          if ((await journal.rows(uid!)).some((r) => r.id > hit.id && r.step === hit.step && r.event !== 'begin')) {
+            missed.push(`${point} (the step ended first)`);
+            remaining.splice(0, remaining.indexOf(point) + 1);
+            after = hit.id;
+            continue;
+          }
+        }
         operator.child.kill('SIGKILL');
         await new Promise((res) => (operator.child.exitCode !== null || operator.child.signalCode !== null ? res(undefined) : operator.child.once('exit', res)));
         // a kill point the resumed plan went past (e.g. no converge after a cold fallback) is reported, not waited for
-        skipped.push(...remaining.splice(0, remaining.indexOf(hit.step)));
+        skipped.push(...remaining.splice(0, remaining.indexOf(point)));
         remaining.shift();
         const last = (await journal.rows(uid!)).at(-1)!;
         after = last.id;
-        kills.push(`${hit.step} (journal at the kill: ${last.step}:${last.event})`);
+        kills.push(`${intoMs > 0 ? `${hit.step} ${intoMs} ms in` : hit.step} (journal at the kill: ${last.step}:${last.event})`);
         // no operator runs now: fencing must already hold
         const [a, b] = await Promise.all([h1.vmStatus(ENV, vm), h2.vmStatus(ENV, vm)]);
         expect(runs(a) && runs(b), `${name}: running on both hosts after the kill at ${hit.step}`).toBe(false);
@@ -155,8 +170,10 @@ async function moveWithKills(name: string, from: string, to: string, spec: Recor
 }
 
 describe('SIGKILL at every step boundary, one VM, each strategy', () => {
-  it('cold (Rolling): killed at each of its 11 steps, resumes each time and finishes', async () => {
-    await moveWithKills('f-cold', 'host01', 'host02', {}, ['precheck', 'cordon', 'drain', 'stop', 'fence', 'transfer', 'start', 'nodeReady', 'uncordon', 'commit', 'cleanup']);
+  it('cold (Rolling): killed at each of its 11 steps and in the middle of the copy, resumes each time and finishes', async () => {
+    // the copy is held to 4 MiB/s so that a kill 700 ms into it lands mid-copy
+    const r = await moveWithKills('f-cold', 'host01', 'host02', { transfer: { bandwidthLimitMiBps: 4 } }, ['precheck', 'cordon', 'drain', 'stop', 'fence', 'transfer', 'transfer@700', 'start', 'nodeReady', 'uncordon', 'commit', 'cleanup']);
+    expect(r.kills.some((k) => k.startsWith('transfer 700 ms in (journal at the kill: transfer:begin)')), 'killed mid-copy').toBe(true);
   }, 1_200_000);
 
   it('pre-copy: killed at each of its 15 steps (after the kill at converge the rest runs cold, so verify is left to the next case)', async () => {
@@ -169,8 +186,11 @@ describe('SIGKILL at every step boundary, one VM, each strategy', () => {
     expect([...r.skipped, ...r.missed], 'every kill point of the cutover was hit').toEqual([]);
   }, 1_200_000);
 
-  it('live: killed at each of its 10 steps (live migration, handover, verify included)', async () => {
-    await moveWithKills('f-live', 'host02', 'host01', { strategy: 'LiveMigrate' }, ['precheck', 'live', 'stop', 'fence', 'verify', 'start', 'nodeReady', 'uncordon', 'commit', 'cleanup']);
+  it('live: killed at each of its 10 steps and in the middle of the live migration (handover, verify included)', async () => {
+    // the live step (incoming QEMU, disk mirror, RAM) takes ~1.3 s here; a bandwidth cap does not
+    // lengthen it (a no-OS guest's RAM is zero pages), so the kill comes 500 ms in
+    const r = await moveWithKills('f-live', 'host02', 'host01', { strategy: 'LiveMigrate' }, ['precheck', 'live', 'live@500', 'stop', 'fence', 'verify', 'start', 'nodeReady', 'uncordon', 'commit', 'cleanup']);
+    expect(r.kills.some((k) => k.startsWith('live 500 ms in (journal at the kill: live:begin)')), 'killed mid-migration').toBe(true);
   }, 1_200_000);
 });
 
