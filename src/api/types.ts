@@ -26,7 +26,7 @@ export interface VMMigrationSpec {
   maxDisruptedEnvironments?: number;
   hostLimits?: { maxOutboundPerHost?: number; maxInboundPerHost?: number; bandwidthMiBpsPerHost?: number };
   /** VM moves only inside [notBefore, notAfter] (a move expected to outlast notAfter is not started); mirrors do not start earlier yet */
-  window?: { notBefore?: string; notAfter?: string };
+  window?: { notBefore?: string; notAfter?: string; daily?: { start: string; end: string } };
   /** environments ("student-42") or single VMs ("student-42/node-1") to leave alone from now on: a VM in flight finishes or rolls back, nothing new of them starts */
   cancel?: string[];
   strategy?: Strategy;
@@ -144,7 +144,8 @@ export interface MigrationSettings {
   maxInboundPerHost: number;
   /** relay copies leaving or arriving at one host share this many bytes per second (undefined: no budget) */
   bandwidthPerHostBytesPerSec: number | undefined;
-  window: { notBeforeMs: number | undefined; notAfterMs: number | undefined };
+  /** daily: seconds after midnight UTC; endS < startS crosses midnight */
+  window: { notBeforeMs: number | undefined; notAfterMs: number | undefined; daily?: { startS: number; endS: number } };
   cancel: string[];
   strategy: Strategy;
   precopy: boolean;
@@ -237,6 +238,12 @@ function parseTime(value: string | undefined, field: string): number | undefined
   return ms;
 }
 
+/** "22:00" or "22:00:30" (UTC) → seconds after midnight. */
+function parseTimeOfDay(value: string, field: string): number {
+  const m = /^([01]\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?$/.exec(value);
+  if (!m) throw new Error(`invalid ${field} ${JSON.stringify(value)} (expected HH:MM or HH:MM:SS, UTC)`);
+  return Number(m[1]) * 3600 + Number(m[2]) * 60 + Number(m[3] ?? 0);
+}
 
 /** Effective settings: the spec with SPEC_DEFAULTS applied. */
 export function placementFrom(p: VMMigrationSpec['placement']): PlacementSettings {
@@ -264,7 +271,10 @@ export function settingsFrom(spec: VMMigrationSpec): MigrationSettings {
     maxOutboundPerHost: spec.hostLimits?.maxOutboundPerHost ?? F.hostLimits.maxOutboundPerHost,
     maxInboundPerHost: spec.hostLimits?.maxInboundPerHost ?? F.hostLimits.maxInboundPerHost,
     bandwidthPerHostBytesPerSec: spec.hostLimits?.bandwidthMiBpsPerHost ? spec.hostLimits.bandwidthMiBpsPerHost * 1048576 : undefined,
-    window: { notBeforeMs: parseTime(spec.window?.notBefore, 'window.notBefore'), notAfterMs: parseTime(spec.window?.notAfter, 'window.notAfter') },
+    window: {
+      notBeforeMs: parseTime(spec.window?.notBefore, 'window.notBefore'), notAfterMs: parseTime(spec.window?.notAfter, 'window.notAfter'),
+      ...(spec.window?.daily ? { daily: { startS: parseTimeOfDay(spec.window.daily.start, 'window.daily.start'), endS: parseTimeOfDay(spec.window.daily.end, 'window.daily.end') } } : {}),
+    },
     cancel: spec.cancel ?? [],
     strategy: spec.strategy ?? d.strategy,
     precopy: spec.transfer?.precopy ?? d.precopy,

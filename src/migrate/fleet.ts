@@ -35,6 +35,23 @@ export interface EnvironmentQueue {
 export interface Window {
   notBeforeMs: number | undefined;
   notAfterMs: number | undefined;
+  /** every day (UTC) from startS to endS seconds after midnight; endS < startS crosses midnight */
+  daily?: { startS: number; endS: number };
+}
+
+const DAY_MS = 86_400_000;
+
+/** The daily interval [start, end) that contains `t`, or else the next one. */
+function dailyInterval(d: { startS: number; endS: number }, t: number): { start: number; end: number } {
+  const midnight = Math.floor(t / DAY_MS) * DAY_MS;
+  const len = ((((d.endS - d.startS) % 86_400) + 86_400) % 86_400) * 1000;
+  // yesterday's interval may still run (it crosses midnight), else today's, else tomorrow's
+  for (const day of [-1, 0]) {
+    const start = midnight + day * DAY_MS + d.startS * 1000;
+    if (t < start + len) return { start, end: start + len };
+  }
+  const start = midnight + DAY_MS + d.startS * 1000;
+  return { start, end: start + len };
 }
 
 export interface ScheduleInput {
@@ -75,6 +92,16 @@ export function windowState(w: Window, nowMs: number, estimatedMs = 0): WindowSt
   if (w.notAfterMs !== undefined && nowMs + estimatedMs > w.notAfterMs) {
     const why = nowMs >= w.notAfterMs ? `the window closed at ${new Date(w.notAfterMs).toISOString()}` : `a move takes about ${Math.ceil(estimatedMs / 1000)} s and the window closes at ${new Date(w.notAfterMs).toISOString()}`;
     return { open: false, reason: `${why}; extend spec.window.notAfter to continue`, opensAtMs: undefined };
+  }
+  if (w.daily) {
+    const iv = dailyInterval(w.daily, nowMs);
+    // a move that would not end inside today's window waits for the next one
+    const next = nowMs < iv.start ? iv.start : nowMs + estimatedMs > iv.end ? iv.start + DAY_MS : undefined;
+    if (next !== undefined) {
+      const why = nowMs < iv.start ? `the daily window opens at ${new Date(next).toISOString()}` : `a move takes about ${Math.ceil(estimatedMs / 1000)} s and the daily window closes at ${new Date(iv.end).toISOString()}; the next opens at ${new Date(next).toISOString()}`;
+      if (w.notAfterMs !== undefined && next >= w.notAfterMs) return { open: false, reason: `${why}, after spec.window.notAfter ${new Date(w.notAfterMs).toISOString()}; extend it to continue`, opensAtMs: undefined };
+      return { open: false, reason: why, opensAtMs: next };
+    }
   }
   return { open: true };
 }

@@ -99,7 +99,8 @@ export function flowSteps(input: FlowInput): FlowPlan {
       } else {
         // warm migration: with a window, the mirror starts as soon as the VM's turn comes and the cut-over
         // (cordon on) waits for the window, the disks kept in sync meanwhile
-        const windowed = input.settings.window?.notBeforeMs !== undefined || input.settings.window?.notAfterMs !== undefined;
+        const w = input.settings.window;
+        const windowed = w?.notBeforeMs !== undefined || w?.notAfterMs !== undefined || w?.daily !== undefined;
         add(controller && 'quorum', mode === 'precopy' && 'mirror', mode === 'precopy' && windowed && 'window', 'cordon', 'drain', mode === 'precopy' && 'mirrorSync');
         beforeStop();
         add('stop', mode === 'precopy' && 'converge', 'fence', 'transfer', mode === 'precopy' && 'verify', 'start');

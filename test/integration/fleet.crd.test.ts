@@ -32,7 +32,7 @@ afterAll(async () => {
 
 describe('VMMigration fleet fields (real kube-apiserver)', () => {
   it('accepts an evacuation without targetHost and applies the fleet defaults', async () => {
-    const r = await apply('evacuate', { sourceHost: 'host01', targetHosts: ['host02', 'host03'], cancel: ['student-42', 'student-43/node-1'], window: { notBefore: '2026-11-27T06:00:00Z', notAfter: '2026-11-27T08:00:00Z' } });
+    const r = await apply('evacuate', { sourceHost: 'host01', targetHosts: ['host02', 'host03'], cancel: ['student-42', 'student-43/node-1'], window: { notBefore: '2026-11-27T06:00:00Z', notAfter: '2026-11-28T08:00:00Z', daily: { start: '22:00', end: '04:00' } } });
     expect(r.code, r.stderr).toBe(0);
     const o = JSON.parse((await kubectl(['get', 'vmm', '-n', NS, 'evacuate', '-o', 'json'])).stdout) as { spec: Record<string, unknown> };
     expect(o.spec).toMatchObject({
@@ -58,6 +58,11 @@ describe('VMMigration fleet fields (real kube-apiserver)', () => {
     expect(e.stderr).toMatch(/spec.placement.maxEnvironmentsPercentPerHost: Invalid value: 0: .*greater than or equal to 1/);
     expect(e.stderr).toMatch(/spec.maxParallelEnvironments: Invalid value: 0/);
     expect(e.stderr).toMatch(/spec.cancel\[0\]: Invalid value: "Bad Name"/);
+    const h = await apply('bad-daily', { sourceHost: 'host01', window: { daily: { start: '22:00', end: '22:00' } } });
+    expect(h.stderr).toContain('spec.window.daily.start and end must differ');
+    const i = await apply('bad-daily-format', { sourceHost: 'host01', window: { daily: { start: '25:00', end: '4:00' } } });
+    expect(i.stderr).toMatch(/spec.window.daily.start: Invalid value: "25:00"/);
+    expect(i.stderr).toMatch(/spec.window.daily.end: Invalid value: "4:00"/);
     const g = await apply('bad-cancel', { sourceHost: 'host01', cancel: ['student-42/node-1/x', 'student-42/'] });
     expect(g.stderr).toMatch(/spec.cancel\[0\]: Invalid value: "student-42\/node-1\/x"/);
     expect(g.stderr).toMatch(/spec.cancel\[1\]: Invalid value: "student-42\/"/);

@@ -98,6 +98,23 @@ describe('nextMoves: which environment may start its next VM', () => {
     expect(after.windowMessage).toMatch(/the window closed at 2026-11-27T06:10:00.000Z/);
   });
 
+  it('daily windows (UTC): open inside, the next opening otherwise, across midnight, and not past notAfter', () => {
+    const day = Date.parse('2026-11-27T00:00:00Z');
+    const at = (hhmm: string, plusDays = 0) => day + plusDays * 86_400_000 + (Number(hhmm.slice(0, 2)) * 60 + Number(hhmm.slice(3, 5))) * 60_000;
+    const nightly = { notBeforeMs: undefined, notAfterMs: undefined, daily: { startS: 22 * 3600, endS: 4 * 3600 } };
+    expect(windowState(nightly, at('23:00'))).toEqual({ open: true });
+    expect(windowState(nightly, at('03:00'))).toEqual({ open: true }); // yesterday's window, after midnight
+    expect(windowState(nightly, at('12:00'))).toEqual({ open: false, reason: 'the daily window opens at 2026-11-27T22:00:00.000Z', opensAtMs: at('22:00') });
+    // a 2-hour move at 03:00 would end after 04:00: the next window
+    expect(windowState(nightly, at('03:00'), 7_200_000)).toEqual({ open: false, reason: 'a move takes about 7200 s and the daily window closes at 2026-11-27T04:00:00.000Z; the next opens at 2026-11-27T22:00:00.000Z', opensAtMs: at('22:00') });
+    const lunch = { notBeforeMs: undefined, notAfterMs: undefined, daily: { startS: 12 * 3600, endS: 13 * 3600 } };
+    expect(windowState(lunch, at('13:30'))).toMatchObject({ open: false, opensAtMs: at('12:00', 1) });
+    expect(windowState(lunch, at('12:30'))).toEqual({ open: true });
+    // the next opening after notAfter: never by itself
+    const bounded = { ...lunch, notAfterMs: at('18:00') };
+    expect(windowState(bounded, at('13:30'))).toEqual({ open: false, reason: 'the daily window opens at 2026-11-28T12:00:00.000Z, after spec.window.notAfter 2026-11-27T18:00:00.000Z; extend it to continue', opensAtMs: undefined });
+  });
+
   it('keeps cutovers inside the window and says when it opens', () => {
     const p = plan([{ env: 'a', from: 'h1', to: 'h2' }]);
     const opens = Date.parse('2026-11-27T06:00:00Z');

@@ -140,6 +140,7 @@ describe('flowSteps: warm migration', () => {
     const windowed = flowSteps(input({ settings: settings({ window: { notBefore: '2026-11-27T06:00:00Z' } }) })).steps.map((s) => s.name);
     expect(windowed.slice(0, 4)).toEqual(['mirror', 'window', 'cordon', 'drain']);
     expect(flowSteps(input({})).steps.map((s) => s.name)).not.toContain('window');
+    expect(flowSteps(input({ settings: settings({ window: { daily: { start: '22:00', end: '04:00' } } }) })).steps.map((s) => s.name)).toContain('window');
     // cold and live are held by the scheduler (nothing starts before the window), not by a step
     for (const spec of [{}, { strategy: 'LiveMigrate' as const }]) {
       expect(flowSteps(input({ settings: settingsFrom({ targetHost: 'h2', environments: ['e'], window: { notBefore: '2026-11-27T06:00:00Z' }, ...spec }) })).steps.map((s) => s.name)).not.toContain('window');
