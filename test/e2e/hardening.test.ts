@@ -25,7 +25,8 @@ let operator: OperatorProcess;
 const operatorLog = join(DIR, 'operator-hardening.log');
 
 beforeAll(async () => {
-  sb = await startSandbox({ dir: DIR, environment: 'student-h', log: (l) => console.log(`[sandbox] ${l}`) });
+  // refusals before anything is touched: one VM shows it as well as seven
+  sb = await startSandbox({ dir: DIR, environment: 'student-h', vms: ['node-1'], diskMiB: 16, log: (l) => console.log(`[sandbox] ${l}`) });
   operator = await sb.startOperator({ logFile: operatorLog });
 }, 900_000);
 
