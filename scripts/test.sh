@@ -43,10 +43,23 @@ node -e '
   const fs = require("fs");
   const files = [".sandbox/test-results-unit.json", ".sandbox/test-results.json"].filter((f) => fs.existsSync(f));
   const t = { passed: 0, failed: 0, pending: 0 };
+  const failures = [];
   for (const f of files) {
     const r = JSON.parse(fs.readFileSync(f, "utf8"));
     t.passed += r.numPassedTests; t.failed += r.numFailedTests; t.pending += r.numPendingTests;
+    for (const file of r.testResults) {
+      for (const a of file.assertionResults) {
+        if (a.status !== "failed") continue;
+        const why = (a.failureMessages[0] ?? "").split("\n").slice(0, 6).join("\n    ");
+        failures.push(`FAILED ${file.name.replace(process.cwd() + "/", "")} > ${a.fullName}\n    ${why}`);
+      }
+      // A file that failed outside any test (import error, hook) has no failed assertion to name.
+      if (file.status === "failed" && !file.assertionResults.some((a) => a.status === "failed"))
+        failures.push(`FAILED ${file.name.replace(process.cwd() + "/", "")}: ${(file.message ?? "").split("\n")[0]}`);
+    }
   }
+  // Repeated at the very end so that a log cut to its last lines still names what failed.
+  for (const f of failures) console.log(f);
   console.log(`${t.passed} passed, ${t.failed} failed` + (t.pending ? `, ${t.pending} skipped` : ""));
 ' || true
 exit $status
