@@ -75,7 +75,11 @@ export async function runDowntime(opts: { baseDir: string; scale: number; strate
 
     // Two disk sizes: 1 GiB × scale (256 MiB × scale allocated) and 4× that. The guest's log ring
     // (8 MiB) is at the start of the disk; data chunks are random or log-like text.
-    const sizes = [1, 4].map((k) => ({ sizeBytes: Math.max(64, Math.round(1024 * scale * k)) * MiB, dataBytes: Math.round(256 * scale * k) * MiB }));
+    // BENCH_DOWNTIME_ALLOCATED_MIB=1024,8192 picks the allocated sizes instead (virtual size 4× that).
+    const allocated = process.env.BENCH_DOWNTIME_ALLOCATED_MIB?.split(',').map(Number).filter((n) => n > 0);
+    const sizes = allocated?.length
+      ? allocated.map((a) => ({ sizeBytes: 4 * a * MiB, dataBytes: a * MiB }))
+      : [1, 4].map((k) => ({ sizeBytes: Math.max(64, Math.round(1024 * scale * k)) * MiB, dataBytes: Math.round(256 * scale * k) * MiB }));
     const templates: Array<{ file: string; label: string }> = [];
     for (const [i, sz] of sizes.entries()) {
       const raw = path.join(baseDir, `template${i}.raw`);
@@ -158,13 +162,15 @@ export async function runDowntime(opts: { baseDir: string; scale: number; strate
         try {
           await pc.ready;
           const tReady = performance.now();
+          await pc.prepared;
+          const tPrepared = performance.now();
           // writes into the READY mirror (dirty blocks the cutover must carry), as during a node drain
           await sleep(2000);
           const t0 = performance.now();
           const res = await precopyCutover(pc, { source: hv1, target: hv2, environment: ENV, vm, powerdownTimeoutMs: 60_000, verify });
           const off = await obs.waitFor(/^POWEROFF clean/, { since: t0, timeoutMs: 5000 });
           const p = res.phases;
-          const tStart = t0 + p.pauseMs + p.convergeMs + p.quitSourceMs + p.filesMs;
+          const tStart = t0 + p.pauseMs + p.convergeMs + p.quitSourceMs + p.filesMs + p.verifyMs;
           const r = await afterColdStart(vm, obs, t0, off.t, acked(off), tStart);
           return {
             downtimeMs: r.gap,
@@ -174,7 +180,7 @@ export async function runDowntime(opts: { baseDir: string; scale: number; strate
             operatorFigureMs: res.downtimeMs,
             totalMs: performance.now() - tBegin,
             bytes: res.bytes,
-            note: `mirror ready ${((tReady - tBegin) / 1000).toFixed(2)} s; cutover (${res.how}): pause ${p.pauseMs} ms, converge ${p.convergeMs} ms, quit ${p.quitSourceMs} ms, files${verify ? '+verify' : ''} ${p.filesMs} ms, start ${p.startMs} ms; ${r.check}`,
+            note: `mirror ready ${((tReady - tBegin) / 1000).toFixed(2)} s, pre-pass and files ahead ${((tPrepared - tReady) / 1000).toFixed(2)} s; cutover (${res.how}): pause ${p.pauseMs} ms, converge ${p.convergeMs} ms, quit ${p.quitSourceMs} ms, files ${p.filesMs} ms, verify ${p.verifyMs} ms${res.verification ? ` (${res.verification.how}${res.verification.how === 'incremental' ? `: ${res.verification.ranges} ranges, ${((res.verification.bytes ?? 0) / MiB).toFixed(1)} MiB` : `: ${res.verification.why ?? ''}`})` : ''}, start ${p.startMs} ms; ${r.check}`,
           };
         } catch (err) {
           await pc.abort().catch(() => undefined);

@@ -6,7 +6,8 @@
  */
 import type { PlanEntry } from '../api/types.js';
 import type { Store } from '../store/store.js';
-import { duration, mib } from './status.js';
+import { duration } from './status.js';
+import { mib } from '../util/units.js';
 
 export interface MoveHistory {
   /** `${environment}/${vm}` → last completed move */

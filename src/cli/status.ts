@@ -4,6 +4,7 @@
  */
 import { CustomObjectsApi, KubeConfig, Watch } from '@kubernetes/client-node';
 import { GROUP, PLURAL, VERSION, type VMMigration, type VMStatus } from '../api/types.js';
+import { mib } from '../util/units.js';
 
 const BAR = 20;
 const TERMINAL = new Set(['Succeeded', 'Failed']);
@@ -14,10 +15,6 @@ function bar(fraction: number): string {
   return `${'█'.repeat(full)}${'░'.repeat(BAR - full)} ${String(Math.round(f * 100)).padStart(3)}%`;
 }
 
-export function mib(bytes: number): string {
-  if (bytes >= 1 << 30) return `${(bytes / (1 << 30)).toFixed(2)} GiB`;
-  return `${(bytes / (1 << 20)).toFixed(1)} MiB`;
-}
 
 export function duration(seconds: number): string {
   if (!Number.isFinite(seconds) || seconds < 0) return '-';

@@ -24,11 +24,13 @@ export interface QemuDisk {
   device: string;
   format: 'qcow2' | 'raw';
   virtualSize: number;
+  /** the format node QEMU reports for the drive (implicit filters such as a mirror's are skipped) */
+  nodeName?: string;
 }
 
 interface QueryBlockEntry {
   device: string;
-  inserted?: { file?: string; image?: { 'virtual-size'?: number; format?: string } };
+  inserted?: { file?: string; 'node-name'?: string; image?: { 'virtual-size'?: number; format?: string } };
 }
 
 /** The VM's disks (VMSpec.files of kind disk) as QEMU has them attached, matched by file path. */
@@ -41,7 +43,8 @@ export async function queryDisks(qmp: QmpClient, dir: string, vm: VMSpec): Promi
     const b = blocks.find((e) => e.inserted?.file === path);
     const size = b?.inserted?.image?.['virtual-size'];
     if (!b || typeof size !== 'number') throw new Error(`QEMU has no drive for ${path} (query-block: ${blocks.map((e) => e.inserted?.file ?? e.device).join(', ')})`);
-    disks.push({ file: f.name, device: b.device, format: f.format ?? 'qcow2', virtualSize: size });
+    const nodeName = b.inserted?.['node-name'];
+    disks.push({ file: f.name, device: b.device, format: f.format ?? 'qcow2', virtualSize: size, ...(nodeName ? { nodeName } : {}) });
   }
   return disks;
 }

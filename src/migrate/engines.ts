@@ -13,6 +13,7 @@ import { copyNonDiskFiles, startPrecopy } from '../transfer/mirror.js';
 import { relayVmFiles } from '../transfer/relay.js';
 import { RateMeter, type TokenBucket } from '../transfer/throttle.js';
 import type { Logger } from '../util/log.js';
+import { mib } from '../util/units.js';
 import { LiveFellBack, type MoveEngines } from './vmMove.js';
 
 export interface EngineOptions {
@@ -59,7 +60,15 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
         onProgress: (p) => onProgress({ bytesTransferred: p.offset, bytesTotal: p.len }),
       });
       return {
-        ready: handle.ready,
+        // the pre-pass and the non-disk files run while the guest still runs: the cut-over waits for them, not the guest
+        ready: handle.ready.then(() => handle.prepared),
+        copyFiles: (signal) => handle.copyRemainingFiles(signal),
+        async verify() {
+          const v = await handle.verify();
+          return v.how === 'incremental'
+            ? `guest data verified: ${v.ranges} changed range(s), ${mib(v.bytes ?? 0)} compared at the cut-over; the rest compared while the guest ran (${((v.prepassMs ?? 0) / 1000).toFixed(1)} s)`
+            : `guest data verified in full (${v.why ?? 'no pre-pass'})`;
+        },
         haltSource: (powerdownTimeoutMs) => pauseSourceForCutover(handle.sourceQmp, { powerdownTimeoutMs }),
         converge: async () => (await handle.complete()).bytes,
         quitSource: () => quitQemu(source, environment, vm, handle.sourceQmp),

@@ -6,21 +6,21 @@
  */
 import type { VMSpec } from '../api/inventory.js';
 import type { Hypervisor } from '../hosts/hypervisor.js';
-import { pauseSourceForCutover, quitQemu, resumeIncoming, resumeSource, verifyGuestData, type DiskVerification } from '../hosts/qemuIncoming.js';
+import { pauseSourceForCutover, quitQemu, resumeIncoming, resumeSource } from '../hosts/qemuIncoming.js';
 import { liveMigrateUntilHandover, type LiveMigrateOptions, type LiveMigrateResult } from '../transfer/live.js';
-import { copyNonDiskFiles, type PrecopyCompleteResult, type PrecopyHandle } from '../transfer/mirror.js';
+import { type PrecopyCompleteResult, type PrecopyHandle, type PrecopyVerification } from '../transfer/mirror.js';
 
 export interface PrecopyCutoverResult extends PrecopyCompleteResult {
   /** stop issued on the source → QMP status running on the target */
   downtimeMs: number;
   how: 'powerdown' | 'stop';
-  phases: { pauseMs: number; convergeMs: number; quitSourceMs: number; filesMs: number; startMs: number };
-  verification?: DiskVerification[];
+  phases: { pauseMs: number; convergeMs: number; quitSourceMs: number; filesMs: number; verifyMs: number; startMs: number };
+  verification?: PrecopyVerification;
 }
 
 /**
- * The cold cutover after startPrecopy's `ready`: pause the source, converge the mirrors, quit the
- * source QEMU (proven gone), relay the other files, optionally verify the guest data on both hosts,
+ * The cold cutover after startPrecopy's `ready` and `prepared`: pause the source, converge the mirrors, quit the
+ * source QEMU (proven gone), relay the other files that changed since they were copied ahead, optionally verify the guest data on both hosts,
  * start on the target. A failure before the source quit aborts the mirror and resumes the source.
  */
 export async function precopyCutover(
@@ -29,6 +29,7 @@ export async function precopyCutover(
 ): Promise<PrecopyCutoverResult> {
   const { source, target, environment, vm } = opts;
   await handle.ready;
+  await handle.prepared;
   const t0 = Date.now();
   let sourceQuit = false;
   try {
@@ -39,12 +40,13 @@ export async function precopyCutover(
     sourceQuit = true;
     await quitQemu(source, environment, vm, handle.sourceQmp);
     const t3 = Date.now();
-    await copyNonDiskFiles({ source, target, environment, vm });
-    const verification = opts.verify ? await verifyGuestData(source, target, environment, vm) : undefined;
+    await handle.copyRemainingFiles();
     const t4 = Date.now();
-    await target.startVm(environment, vm);
+    const verification = opts.verify ? await handle.verify() : undefined;
     const t5 = Date.now();
-    return { ...res, downtimeMs: t5 - t0, how, phases: { pauseMs: t1 - t0, convergeMs: t2 - t1, quitSourceMs: t3 - t2, filesMs: t4 - t3, startMs: t5 - t4 }, verification };
+    await target.startVm(environment, vm);
+    const t6 = Date.now();
+    return { ...res, downtimeMs: t6 - t0, how, phases: { pauseMs: t1 - t0, convergeMs: t2 - t1, quitSourceMs: t3 - t2, filesMs: t4 - t3, verifyMs: t5 - t4, startMs: t6 - t5 }, verification };
   } catch (err) {
     if (!sourceQuit) {
       await handle.abort().catch(() => undefined);

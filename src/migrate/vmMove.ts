@@ -27,6 +27,7 @@ import { abortReason, backoffMs, sleep } from '../util/sleep.js';
 import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from './guestSafety.js';
 import { windowState } from './fleet.js';
 import { flowSteps, type FlowPlan, type Location, type MoveMode, type StepName } from './steps.js';
+import { mib } from '../util/units.js';
 
 export type MoveStep = StepName;
 
@@ -85,6 +86,10 @@ export interface MirrorSession {
   converge(): Promise<number>;
   /** fence: quit the source QEMU through the mirror's QMP client, proven gone */
   quitSource(): Promise<void>;
+  /** transfer (after the fence): the non-disk files not already copied while the guest ran; bytes */
+  copyFiles(signal: AbortSignal): Promise<number>;
+  /** verify (after converge and fence): guest data equal on both hosts; says how it was compared */
+  verify(): Promise<string>;
   /** rollback before the fence: drop the mirror and run the guest on the source again */
   abortAndResume(): Promise<void>;
 }
@@ -431,7 +436,6 @@ async function assertStopped(h: MoveHost, env: string, vm: VMSpec): Promise<void
 
 type Action = (ctx: MoveContext, st: MoveState) => Promise<unknown>;
 
-const mib = (bytes: number) => `${(bytes / 1048576).toFixed(1)} MiB`;
 
 /** A safety gate: waits (status condition, backoff) while not safe; before any side effect it hands the wait to the runner. */
 async function gate(ctx: MoveContext, st: MoveState): Promise<void> {
@@ -541,14 +545,18 @@ const ACTIONS: Record<MoveStep, Action> = {
   },
   transfer: async (ctx, st) => {
     if (st.mode === 'precopy') {
-      st.bytes += await ctx.engines.copyNonDisk(ctx.signal);
+      st.bytes += await (st.mirror ? st.mirror.copyFiles(ctx.signal) : ctx.engines.copyNonDisk(ctx.signal));
       return;
     }
     st.stoppedAt ??= Date.now();
     st.bytes = await ctx.engines.copyAll({ signal: ctx.signal, onProgress: (p) => ctx.observer.progress(p) });
     ctx.observer.progress({ bytesTransferred: st.bytes, bytesTotal: st.bytes, bytesPerSecond: 0, etaSeconds: 0 });
   },
-  verify: (ctx, st) => (st.live ? st.live.verify() : ctx.engines.verify()),
+  verify: async (ctx, st) => {
+    if (st.live) return st.live.verify();
+    if (!st.mirror) return ctx.engines.verify();
+    ctx.observer.progress({ message: await st.mirror.verify() });
+  },
   start: async (ctx, st) => {
     const { source, target, environment, vm } = ctx;
     // Fencing: the source must be proven stopped right before the target runs.

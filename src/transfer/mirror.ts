@@ -19,8 +19,9 @@
 import type { VMSpec } from '../api/inventory.js';
 import { TIMEOUTS } from '../api/types.js';
 import { NBD_STOP_FN, type Hypervisor } from '../hosts/hypervisor.js';
-import { createDisks, openQmpAt, queryDisks, type QemuDisk } from '../hosts/qemuIncoming.js';
+import { createDisks, openQmpAt, queryDisks, verifyGuestData, type DiskVerification, type QemuDisk } from '../hosts/qemuIncoming.js';
 import type { QmpClient, QmpEvent } from '../hosts/qmp.js';
+import { changedSincePrepass, clearSourceState, prepassVerify, verifyChangedRanges, type ChangedRanges, type Prepass } from './mirrorVerify.js';
 import { relayFile } from './relay.js';
 import { openTunnel, tunnelSocketPath, type Tunnel } from './tunnel.js';
 import { log as rootLog, type Logger } from '../util/log.js';
@@ -239,6 +240,24 @@ export interface PrecopyOptions {
   signal?: AbortSignal;
   /** the move's logger (carries migration, environment and VM) */
   log?: Logger;
+  /**
+   * Hash both copies while the guest still runs once the mirror is READY, so the cutover only
+   * compares what the guest wrote since (src/transfer/mirrorVerify.ts). Default true.
+   */
+  prepass?: boolean;
+  /** test seam: runs after READY, right before the pre-pass, with each disk's NBD export on the target */
+  beforePrepass?: (exports: Array<{ disk: QemuDisk; socket: string }>) => Promise<void>;
+}
+
+export interface PrecopyVerification {
+  how: 'incremental' | 'full';
+  disks: DiskVerification[];
+  /** incremental: the ranges and bytes compared at the cutover, and how long the pre-pass took while the guest ran */
+  ranges?: number;
+  bytes?: number;
+  prepassMs?: number;
+  /** full: why the incremental comparison could not be used */
+  why?: string;
 }
 
 export interface PrecopyCompleteResult {
@@ -250,6 +269,11 @@ export interface PrecopyCompleteResult {
 export interface PrecopyHandle {
   /** resolves once every disk is mirrored and in sync (BLOCK_JOB_READY); rejects on error/timeout */
   readonly ready: Promise<MirrorProgress>;
+  /**
+   * Settles once what can be done while the guest still runs is done, successful or not (never
+   * rejects): the pre-pass, then a copy of the VM's non-disk files (started at READY).
+   */
+  readonly prepared: Promise<void>;
   /** latest progress (refreshed while waiting for ready and on poll()) */
   progress(): MirrorProgress;
   poll(): Promise<MirrorProgress>;
@@ -263,6 +287,16 @@ export interface PrecopyHandle {
    * into place. Throws if the source VM is still running. The source QEMU is left alive (paused).
    */
   complete(opts?: { timeoutMs?: number }): Promise<PrecopyCompleteResult>;
+  /**
+   * After complete() and with the source QEMU quit: compares the guest data on both hosts — only
+   * what changed since the pre-pass when there is one, in full otherwise. Throws GuestDataMismatchError.
+   */
+  verify(): Promise<PrecopyVerification>;
+  /**
+   * After the source QEMU quit: copies the non-disk files that changed (size, mtime, ctime or inode)
+   * since they were copied ahead, or all of them without an ahead copy; returns the bytes.
+   */
+  copyRemainingFiles(signal?: AbortSignal): Promise<number>;
   /** Drops the mirrors, stops the exports, removes the target's partial disks; the source is untouched. Idempotent. */
   abort(): Promise<void>;
 }
@@ -364,8 +398,42 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
 
   const bytes = (): number => tunnels.reduce((n, t) => n + t.stats.bytesAtoB + t.stats.bytesBtoA, 0);
 
+  let prepass: Prepass | undefined;
+  let prepassFailure = opts.prepass === false ? 'no pre-pass was asked for' : 'the pre-pass did not run';
+  let changed: ChangedRanges | undefined;
+  const verifyDisks = disks.flatMap((d, i) => (d.nodeName ? [{ ...d, nodeName: d.nodeName, targetSocket: exports[i]?.socket ?? '' }] : []));
+  const prepassed: Promise<void> = opts.prepass === false
+    ? Promise.resolve()
+    : ready.then(
+        async () => {
+          if (verifyDisks.length !== disks.length) throw new Error('QEMU reported no node name for a disk');
+          await opts.beforePrepass?.(exports.map((e) => ({ disk: e.disk, socket: e.socket })));
+          prepass = await prepassVerify({ qmp, source, target, srcDir, dstDir, disks: verifyDisks });
+          if (aborted) prepass = undefined;
+          else logger.info({ ms: prepass.ms, mismatchedChunks: prepass.disks.reduce((n, d) => n + d.mismatched.length, 0) }, 'pre-pass: both copies hashed while the guest runs');
+        },
+      ).catch((err: Error) => {
+        prepassFailure = `the pre-pass failed: ${err.message}`;
+        if (!aborted) logger.warn({ err: err.message }, 'pre-pass failed; the cutover will compare the disks in full');
+      });
+
+  // non-disk files are not held open by QEMU: copied while the guest runs, re-copied at the cutover only if they changed
+  let filesAhead: Map<string, string> | undefined;
+  let aheadCopy: Promise<void> | undefined;
+  const aheadAbort = new AbortController();
+  const aheadSignal = opts.signal ? AbortSignal.any([opts.signal, aheadAbort.signal]) : aheadAbort.signal;
+  const prepared = prepassed.then(() => {
+    if (aborted) return;
+    aheadCopy = copyNonDiskFilesAhead({ source, target, environment, vm, signal: aheadSignal }).then(
+      (sigs) => { filesAhead = sigs; },
+      (err: Error) => { if (!aborted) logger.warn({ err: err.message }, 'copying the non-disk files ahead failed; they are copied at the cutover'); },
+    );
+    return aheadCopy;
+  });
+
   return {
     ready,
+    prepared,
     progress: () => mj.progress,
     poll: () => mj.poll(),
     sourceQmp: qmp,
@@ -379,6 +447,17 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
       await mj.cancel({ force: false, timeoutMs: copts.timeoutMs ?? TIMEOUTS.mirrorConvergeMs });
       mj.dispose();
       jobs = undefined;
+      // a pre-pass still running would compete with the cutover for both hosts: it is not waited for
+      const pp = prepass;
+      prepass = undefined;
+      if (pp) {
+        try {
+          changed = await changedSincePrepass({ qmp, source, srcDir, prepass: pp });
+          if (!changed) prepassFailure = 'the guest changed more than half of the pre-passed data since the pre-pass';
+        } catch (err) {
+          prepassFailure = `reading the dirty bitmap failed: ${(err as Error).message}`;
+        }
+      }
       // one round trip on the target: stop every qemu-nbd (it flushes on SIGTERM), rename into place, make the renames durable
       const finish = target.conn.exec([
         'sh',
@@ -406,24 +485,70 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
       if (ownQmp) qmp.close();
       return { bytes: bytes(), disks: disks.map((d) => ({ file: d.file, virtualSize: d.virtualSize })) };
     },
+    async copyRemainingFiles(signal) {
+      return copyNonDiskFiles({ source, target, environment, vm, signal, unchangedSince: filesAhead });
+    },
+    async verify() {
+      if (!changed) return { how: 'full', disks: await verifyGuestData(source, target, environment, vm), why: prepassFailure };
+      const r = await verifyChangedRanges({ source, target, srcDir, dstDir, changed });
+      return { how: 'incremental', disks: r.disks, ranges: r.ranges, bytes: r.bytes, prepassMs: changed.prepassMs };
+    },
     async abort() {
       if (aborted) return;
       aborted = true;
+      aheadAbort.abort(new Error('pre-copy aborted'));
+      await aheadCopy;
       await cleanup(true);
+      // the target never ran (the source is still the truth): its copies of the non-disk files go with the partial disks
+      for (const name of nonDiskNames(vm)) await target.removeFile(`${dstDir}/${name}`).catch(() => undefined);
+      // the source runs on: no bitmap of ours should keep counting its writes
+      if (!qmp.isClosed) await clearSourceState(qmp, verifyDisks);
       if (ownQmp) qmp.close();
     },
   };
 }
 
-/** Relays the VM's files that are not disks (QEMU does not hold them open, so no mirror is needed); returns the bytes. */
-export async function copyNonDiskFiles(opts: { source: Hypervisor; target: Hypervisor; environment: string; vm: VMSpec; signal?: AbortSignal }): Promise<number> {
+type FileSignatures = Map<string, string>;
+
+/** size, mtime, ctime and inode of each file: a write, a replacement or a truncation changes one of them */
+async function fileSignatures(hv: Hypervisor, dir: string, names: string[]): Promise<FileSignatures> {
+  const m: FileSignatures = new Map();
+  if (names.length === 0) return m;
+  const out = await hv.conn.execOk(['stat', '-c', '%s %Y %Z %i', '--', ...names.map((n) => `${dir}/${n}`)]);
+  const lines = out.toString('utf8').split('\n').filter(Boolean);
+  if (lines.length !== names.length) throw new Error(`on ${hv.host.name}: stat gave ${lines.length} lines for ${names.length} files`);
+  names.forEach((n, i) => m.set(n, lines[i] as string));
+  return m;
+}
+
+const nonDiskNames = (vm: VMSpec): string[] => vm.files.filter((f) => f.kind !== 'disk').map((f) => f.name);
+
+/** Relays the VM's files that are not disks (QEMU does not hold them open, so no mirror is needed); returns their source signatures as they were before the copy. */
+async function copyNonDiskFilesAhead(opts: { source: Hypervisor; target: Hypervisor; environment: string; vm: VMSpec; signal?: AbortSignal }): Promise<FileSignatures> {
+  const before = await fileSignatures(opts.source, opts.source.vmDir(opts.environment, opts.vm), nonDiskNames(opts.vm));
+  await copyNonDiskFiles(opts);
+  return before;
+}
+
+/**
+ * Relays the VM's files that are not disks; returns the bytes. With `unchangedSince` (signatures
+ * taken before an earlier copy) a file whose source signature is the same and whose target copy is
+ * there with the same size is not copied again.
+ */
+export async function copyNonDiskFiles(opts: { source: Hypervisor; target: Hypervisor; environment: string; vm: VMSpec; signal?: AbortSignal; unchangedSince?: FileSignatures }): Promise<number> {
   const { source, target, environment, vm } = opts;
   const srcDir = source.vmDir(environment, vm);
   const dstDir = target.vmDir(environment, vm);
+  let names = nonDiskNames(vm);
+  if (opts.unchangedSince && names.length > 0) {
+    const now = await fileSignatures(source, srcDir, names);
+    const there = await target.listVmFiles(environment, vm);
+    const sizeOf = (sig: string | undefined) => sig?.split(' ')[0];
+    names = names.filter((n) => now.get(n) !== opts.unchangedSince?.get(n) || String(there.find((f) => f.name === n)?.size) !== sizeOf(now.get(n)));
+  }
   let bytes = 0;
-  for (const f of vm.files) {
-    if (f.kind === 'disk') continue;
-    const r = await relayFile({ source: source.conn, sourcePath: `${srcDir}/${f.name}`, target: target.conn, targetPath: `${dstDir}/${f.name}`, signal: opts.signal });
+  for (const name of names) {
+    const r = await relayFile({ source: source.conn, sourcePath: `${srcDir}/${name}`, target: target.conn, targetPath: `${dstDir}/${name}`, signal: opts.signal });
     bytes += r.bytes;
   }
   return bytes;

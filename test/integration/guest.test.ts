@@ -166,8 +166,10 @@ describe('GuestCluster against a real control plane with KWOK nodes', () => {
       expect(err).toMatchObject({ reason: 'APIUnreachable' });
       expect((err as Error).message).toMatch(/drain of gst-node-2 failed: the guest API server did not answer for [0-9]+ s/);
       expect((err as Error).message).toMatch(/could not be returned to its prior schedulability/);
-      // not a hang: the deadline + the last listing's 2 s + the attempt in flight + the one attempt to uncordon (2 s), plus slack for a busy machine
-      expect(ms).toBeLessThan(5000 + 2000 + 1500 + 2000 + 5000);
+      // not a hang (that would be the kernel's TCP timeout, minutes): the deadline + the last listing's 2 s +
+      // the request in flight + the one attempt to uncordon (2 s) is ~10.5 s; measured 9.4–11.7 s here. The
+      // bound leaves room for a loaded machine: it tells seconds from minutes, it is not a performance figure.
+      expect(ms).toBeLessThan(30_000);
       // the operator's rollback uncordons once the API answers again
       await guest.uncordon(node2);
       expect((await guest.nodeState(node2)).unschedulable).toBe(false);

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { vmDirectory, type HostSpec, type VMSpec } from '../../src/api/inventory.js';
 import { Hypervisor } from '../../src/hosts/hypervisor.js';
-import { buildQemuArgv, pauseSourceForCutover, resumeSource, verifyGuestData } from '../../src/hosts/qemuIncoming.js';
+import { buildQemuArgv, GuestDataMismatchError, pauseSourceForCutover, resumeSource, verifyGuestData } from '../../src/hosts/qemuIncoming.js';
 import { HostConnection } from '../../src/hosts/ssh.js';
 import { liveMigrate, precopyCutover } from '../../src/migrate/strategies.js';
 import { LiveMigrationAbortedError } from '../../src/transfer/live.js';
@@ -175,8 +175,10 @@ describe('downtime strategies between two real hosts', () => {
     console.log(`pre-copy idle: ready after ${readyMs} ms, tunnel bytes ${res.bytes}, operator downtime ${res.downtimeMs} ms ${JSON.stringify(res.phases)}, guest-observed ${gap.ms.toFixed(0)} ms (longest gap ${gap.longestMs.toFixed(0)} ms)`);
     expect(res.how).toBe('powerdown');
     expect(verdict).toMatchObject({ ok: true, last: acked, records: acked });
-    expect(res.verification?.map((v) => v.file)).toEqual(['disk0.qcow2', 'disk1.img']);
-    for (const v of res.verification ?? []) expect(v.targetSha256).toBe(v.sourceSha256);
+    // the pre-pass compared both copies while the guest ran; the cut-over compared only what changed since
+    expect(res.verification?.how, res.verification?.why).toBe('incremental');
+    expect(res.verification?.disks.map((v) => v.file)).toEqual(['disk0.qcow2', 'disk1.img']);
+    for (const v of res.verification?.disks ?? []) expect(v.targetSha256).toBe(v.sourceSha256);
     expect((await hv1.vmStatus(ENV, vm)).state).toBe('stopped');
     expect((await hv2.vmStatus(ENV, vm)).state).toBe('running');
     // no temporary files left on the target
@@ -200,10 +202,36 @@ describe('downtime strategies between two real hosts', () => {
     const acked = Number(/acked=(\d+)/.exec(off.text)?.[1]);
     const verdict = await obs.verdict({ since: off.t, timeoutMs: 120_000 });
     const gap = await guestDowntime(vm, tCut);
-    console.log(`pre-copy under writes: ${acked - ackedAtReady} records written after READY, tunnel bytes ${res.bytes}, operator downtime ${res.downtimeMs} ms ${JSON.stringify(res.phases)}, guest-observed ${gap.ms.toFixed(0)} ms (longest gap ${gap.longestMs.toFixed(0)} ms)`);
+    console.log(`pre-copy under writes: ${acked - ackedAtReady} records written after READY, tunnel bytes ${res.bytes}, operator downtime ${res.downtimeMs} ms ${JSON.stringify(res.phases)}, verification ${JSON.stringify({ ...res.verification, disks: undefined })}, guest-observed ${gap.ms.toFixed(0)} ms (longest gap ${gap.longestMs.toFixed(0)} ms)`);
     expect(acked - ackedAtReady).toBeGreaterThan(10);
+    // the guest's writes after the pre-pass began are in the dirty bitmap: compared again at the cut-over
+    expect(res.verification?.how, res.verification?.why).toBe('incremental');
+    expect(res.verification?.ranges).toBeGreaterThan(0);
     expect(verdict).toMatchObject({ ok: true, last: acked });
     expect((await hv2.vmStatus(ENV, vm)).state).toBe('running');
+  });
+
+  it('a mirror copy corrupted on its way is caught (pre-pass, then the cut-over compares that chunk again): never started; the source restarts with its log intact', async () => {
+    const vm = await runningVm('pc-corrupt');
+    const obs = obsOf.get(vm.name) as GuestObserver;
+    const pc = await startPrecopy({
+      source: hv1, target: hv2, environment: ENV, vm,
+      // bytes the source never had, written into the target's copy through its NBD export: what a faulty copy path would do
+      beforePrepass: async (exports) => {
+        const e = exports.find((x) => x.disk.file === 'disk0.qcow2');
+        await c2.execOk(['qemu-io', '-f', 'raw', '-c', 'write -P 0xa5 40M 64k', `nbd+unix:///${e?.disk.device ?? ''}?socket=${e?.socket ?? ''}`]);
+      },
+    });
+    const tCut = performance.now();
+    const err = await precopyCutover(pc, { source: hv1, target: hv2, environment: ENV, vm, powerdownTimeoutMs: 60_000, verify: true }).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(GuestDataMismatchError);
+    expect((err as Error).message).toContain('disk0.qcow2');
+    expect((await hv2.vmStatus(ENV, vm)).state).not.toBe('running');
+    const off = await obs.waitFor(/^POWEROFF clean acked=\d+$/, { since: tCut });
+    const acked = Number(/acked=(\d+)/.exec(off.text)?.[1]);
+    const t1 = performance.now();
+    await hv1.startVm(ENV, vm);
+    expect(await obs.verdict({ since: t1, timeoutMs: 120_000 })).toMatchObject({ ok: true, last: acked });
   });
 
   it('live-migrates an idle guest: source ends stopped, target running, short guest-observed downtime, identical data', async () => {

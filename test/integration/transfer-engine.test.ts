@@ -265,8 +265,10 @@ describe('transfer engine between two real hosts', () => {
     const t0 = performance.now();
     for (let i = 0; i < 32; i++) await b.take(64 * 1024);
     const secs = (performance.now() - t0) / 1000;
+    // (2 MiB − the 64 KiB burst) at 4 MiB/s ≈ 0.48 s: the lower bound proves the pacing; the upper one only
+    // that the bucket does not stall (timers on a loaded machine fire late, never early)
     expect(secs).toBeGreaterThan(0.4);
-    expect(secs).toBeLessThan(0.75);
+    expect(secs).toBeLessThan(2);
     const m = new RateMeter(10_000);
     m.update(0, 0);
     m.update(10 * MiB, 1000);

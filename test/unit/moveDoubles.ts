@@ -77,6 +77,8 @@ export function fakeEngines(source: FakeHost, target: FakeHost, calls: string[])
         haltSource: async () => { calls.push('halt'); source.state = 'paused'; return 'stop'; },
         converge: async () => { calls.push('converge'); return 64; },
         quitSource: async () => { calls.push('quit-source'); source.state = 'stopped'; },
+        copyFiles: (signal) => e.copyNonDisk(signal),
+        verify: async () => { await e.verify(); return 'guest data verified'; },
         abortAndResume: async () => { calls.push('mirror-abort'); target.state = 'absent'; source.state = 'running'; },
       };
     },
