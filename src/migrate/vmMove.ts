@@ -555,7 +555,9 @@ const ACTIONS: Record<MoveStep, Action> = {
   verify: async (ctx, st) => {
     if (st.live) return st.live.verify();
     if (!st.mirror) return ctx.engines.verify();
-    ctx.observer.progress({ message: await st.mirror.verify() });
+    const how = await st.mirror.verify();
+    ctx.observer.progress({ message: how });
+    return how;
   },
   start: async (ctx, st) => {
     const { source, target, environment, vm } = ctx;
@@ -667,8 +669,10 @@ function stepRunner(ctx: MoveContext) {
     try {
       const result = await fn();
       const durationMs = Date.now() - started;
-      await store.journal(migrationUid, environment.name, vm.name, step, 'end', { durationMs });
-      observer.step(step, 'end', { durationMs });
+      // a step that says how it went (stop: powerdown or quit; verify: how the data was compared) has it journaled
+      const outcome = typeof result === 'string' && result ? { message: result } : {};
+      await store.journal(migrationUid, environment.name, vm.name, step, 'end', { durationMs, ...outcome });
+      observer.step(step, 'end', { durationMs, ...outcome });
       return result;
     } catch (err) {
       if (err instanceof LiveFellBack) {
