@@ -450,14 +450,16 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
       // a pre-pass still running would compete with the cutover for both hosts: it is not waited for
       const pp = prepass;
       prepass = undefined;
-      if (pp) {
+      // the source's bitmap is read while the target finishes its exports (different hosts, both in the downtime)
+      const readChanged = async (): Promise<void> => {
+        if (!pp) return;
         try {
           changed = await changedSincePrepass({ qmp, source, srcDir, prepass: pp });
           if (!changed) prepassFailure = 'the guest changed more than half of the pre-passed data since the pre-pass';
         } catch (err) {
           prepassFailure = `reading the dirty bitmap failed: ${(err as Error).message}`;
         }
-      }
+      };
       // one round trip on the target: stop every qemu-nbd (it flushes on SIGTERM), rename into place, make the renames durable
       const finish = target.conn.exec([
         'sh',
@@ -479,7 +481,7 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
         dstDir,
         ...exports.flatMap((e) => [e.pidFile, e.socket, e.partial, `${dstDir}/${e.disk.file}`]),
       ]);
-      const [r] = await Promise.all([finish, ...tunnels.map((t) => t.close())]);
+      const [r] = await Promise.all([finish, readChanged(), ...tunnels.map((t) => t.close())]);
       if (r.code === 3) throw new Error(`a qemu-nbd on ${target.host.name} ignored SIGTERM and was killed; target data may be incomplete`);
       if (r.code !== 0) throw new Error(`finishing the NBD exports on ${target.host.name} failed (${r.code}): ${r.stderr}`);
       if (ownQmp) qmp.close();
