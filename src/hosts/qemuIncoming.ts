@@ -124,13 +124,31 @@ export async function quitQemu(hv: Hypervisor, environment: string, vm: VMSpec, 
  */
 export async function pauseSourceForCutover(qmp: QmpClient, opts: { powerdownTimeoutMs: number }): Promise<'powerdown' | 'stop'> {
   if (opts.powerdownTimeoutMs > 0) {
-    await qmp.execute('set-action', { shutdown: 'pause' });
-    await qmp.execute('system_powerdown');
-    const deadline = Date.now() + opts.powerdownTimeoutMs;
-    while (Date.now() < deadline) {
-      const s = await qmp.execute<{ status: string }>('query-status');
-      if (s.status === 'shutdown') return 'powerdown';
-      await sleep(100);
+    // the guest's SHUTDOWN event wakes the wait at once: a poll interval would sit inside the downtime
+    let wake = (): void => undefined;
+    let seen = false;
+    const onShutdown = (): void => {
+      seen = true;
+      wake();
+    };
+    qmp.on('SHUTDOWN', onShutdown);
+    try {
+      await qmp.execute('set-action', { shutdown: 'pause' });
+      await qmp.execute('system_powerdown');
+      const deadline = Date.now() + opts.powerdownTimeoutMs;
+      while (Date.now() < deadline) {
+        const s = await qmp.execute<{ status: string }>('query-status');
+        if (s.status === 'shutdown') return 'powerdown';
+        // once the event came, the status follows within a round trip or two: ask again at once
+        if (!seen) {
+          await new Promise<void>((r) => {
+            const t = setTimeout(r, Math.min(100, Math.max(deadline - Date.now(), 0)));
+            wake = () => { clearTimeout(t); r(); };
+          });
+        } else await sleep(10);
+      }
+    } finally {
+      qmp.removeListener('SHUTDOWN', onShutdown);
     }
   }
   await qmp.execute('stop');

@@ -10,6 +10,7 @@ import { flushDisks, openQmpAt, pauseSourceForCutover, quitQemu, resumeIncoming,
 import type { HostConnection } from '../hosts/ssh.js';
 import { LiveMigrationAbortedError, liveMigrateUntilHandover } from '../transfer/live.js';
 import { copyNonDiskFiles, startPrecopy } from '../transfer/mirror.js';
+import { verifyChangedRanges } from '../transfer/mirrorVerify.js';
 import { relayVmFiles } from '../transfer/relay.js';
 import { RateMeter, type TokenBucket } from '../transfer/throttle.js';
 import type { Logger } from '../util/log.js';
@@ -27,6 +28,10 @@ export interface EngineOptions {
   reconnect?: (host: HostSpec) => Promise<HostConnection>;
   /** the per-host budgets this move's relay copies share with the migration's other moves */
   sharedBandwidth?: readonly TokenBucket[];
+}
+
+function changedRangesVerified(ranges: number, bytes: number, prepassMs: number): string {
+  return `guest data verified: ${ranges} changed range(s), ${mib(bytes)} compared at the cut-over; the rest compared while the guest ran (${(prepassMs / 1000).toFixed(1)} s)`;
 }
 
 export function hypervisorEngines(o: EngineOptions): MoveEngines {
@@ -65,9 +70,7 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
         copyFiles: (signal) => handle.copyRemainingFiles(signal),
         async verify() {
           const v = await handle.verify();
-          return v.how === 'incremental'
-            ? `guest data verified: ${v.ranges} changed range(s), ${mib(v.bytes ?? 0)} compared at the cut-over; the rest compared while the guest ran (${((v.prepassMs ?? 0) / 1000).toFixed(1)} s)`
-            : `guest data verified in full (${v.why ?? 'no pre-pass'})`;
+          return v.how === 'incremental' ? changedRangesVerified(v.ranges ?? 0, v.bytes ?? 0, v.prepassMs ?? 0) : `guest data verified in full (${v.why ?? 'no pre-pass'})`;
         },
         haltSource: (powerdownTimeoutMs) => pauseSourceForCutover(handle.sourceQmp, { powerdownTimeoutMs }),
         converge: async () => (await handle.complete()).bytes,
@@ -106,7 +109,12 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
         async verify() {
           // the session's client is the target's only QMP client (QEMU serves one at a time)
           await flushDisks(h.targetQmp, target.vmDir(environment, vm), vm);
-          await verifyGuestData(source, target, environment, vm);
+          if (!h.changed) {
+            await verifyGuestData(source, target, environment, vm);
+            return `guest data verified in full (${h.changedWhy})`;
+          }
+          const r = await verifyChangedRanges({ source, target, srcDir: source.vmDir(environment, vm), dstDir: target.vmDir(environment, vm), changed: h.changed });
+          return changedRangesVerified(r.ranges, r.bytes, h.changed.prepassMs);
         },
         resumeTarget: () => resumeIncoming(h.targetQmp).finally(() => h.targetQmp.close()),
         abort: (reason) => h.abort(reason).catch(() => undefined),

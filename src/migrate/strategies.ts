@@ -6,8 +6,9 @@
  */
 import type { VMSpec } from '../api/inventory.js';
 import type { Hypervisor } from '../hosts/hypervisor.js';
-import { pauseSourceForCutover, quitQemu, resumeIncoming, resumeSource } from '../hosts/qemuIncoming.js';
+import { flushDisks, pauseSourceForCutover, quitQemu, resumeIncoming, resumeSource, verifyGuestData, type DiskVerification } from '../hosts/qemuIncoming.js';
 import { liveMigrateUntilHandover, type LiveMigrateOptions, type LiveMigrateResult } from '../transfer/live.js';
+import { verifyChangedRanges, type IncrementalVerification } from '../transfer/mirrorVerify.js';
 import { type PrecopyCompleteResult, type PrecopyHandle, type PrecopyVerification } from '../transfer/mirror.js';
 
 export interface PrecopyCutoverResult extends PrecopyCompleteResult {
@@ -57,14 +58,27 @@ export async function precopyCutover(
   }
 }
 
-/** Live migration through to the handover: fence the postmigrate source (quit, proven gone), then resume the target. */
-export async function liveMigrate(opts: LiveMigrateOptions): Promise<LiveMigrateResult> {
-  const h = await liveMigrateUntilHandover(opts);
+/**
+ * Live migration through to the handover: fence the postmigrate source (quit, proven gone), with
+ * `verify` compare the guest data as the operator's verify step does (only what changed since the
+ * pre-pass when there is one; throws GuestDataMismatchError and leaves both QEMUs stopped/paused),
+ * then resume the target.
+ */
+export async function liveMigrate(opts: LiveMigrateOptions & { verify?: boolean }): Promise<LiveMigrateResult & { verification?: IncrementalVerification | { full: DiskVerification[]; why: string } }> {
+  const { source, target, environment, vm } = opts;
+  const h = await liveMigrateUntilHandover({ ...opts, prepass: opts.verify === true });
   try {
-    await quitQemu(opts.source, opts.environment, opts.vm, h.sourceQmp);
+    await quitQemu(source, environment, vm, h.sourceQmp);
   } catch (err) {
     return h.abort(err as Error);
   }
+  let verification: IncrementalVerification | { full: DiskVerification[]; why: string } | undefined;
+  if (opts.verify) {
+    await flushDisks(h.targetQmp, target.vmDir(environment, vm), vm);
+    verification = h.changed
+      ? await verifyChangedRanges({ source, target, srcDir: source.vmDir(environment, vm), dstDir: target.vmDir(environment, vm), changed: h.changed })
+      : { full: await verifyGuestData(source, target, environment, vm), why: h.changedWhy };
+  }
   const runningAt = await resumeIncoming(h.targetQmp).finally(() => h.targetQmp.close());
-  return { ...h.result, measuredDowntimeMs: runningAt - h.stoppedAt };
+  return { ...h.result, measuredDowntimeMs: runningAt - h.stoppedAt, verification };
 }

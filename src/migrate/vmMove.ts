@@ -102,8 +102,8 @@ export interface LiveSession {
   /** the source QEMU's run state, asked over the session's own QMP client (QEMU serves one client at a time) */
   sourceRunState(): Promise<string>;
   quitSource(): Promise<void>;
-  /** verify: guest data compared on both hosts while both QEMUs are stopped (target caches flushed first) */
-  verify(): Promise<void>;
+  /** verify: guest data compared on both hosts while both QEMUs are stopped (target caches flushed first); says how */
+  verify(): Promise<string>;
   /** start: the target runs the migrated guest; returns when it did */
   resumeTarget(): Promise<number>;
   /** rollback before the target ran: target QEMU gone, source resumed */
@@ -531,6 +531,8 @@ const ACTIONS: Record<MoveStep, Action> = {
   fence: async (ctx, st) => {
     const { source, environment, vm } = ctx;
     checkpoint(ctx, 'fencing the source');
+    // quitSource returns only once the source host's process scan proved the QEMU gone (it throws
+    // when unsure): asking again here would add a round trip to the downtime; `start` asks again anyway
     if (st.mirror) await st.mirror.quitSource();
     else if (st.live) await st.live.quitSource();
     else {
@@ -539,9 +541,9 @@ const ACTIONS: Record<MoveStep, Action> = {
       if (s.qmpStatus === 'running') throw new Error(`refusing to fence: VM ${vm.name} is running on ${source.host.name}`);
       checkpoint(ctx, 'fencing the source');
       if (live(s.state)) await source.stopVm(environment.name, vm, { powerdownTimeoutMs: 0 });
+      await assertStopped(source, environment.name, vm);
     }
     st.sourceFenced = true;
-    await assertStopped(source, environment.name, vm);
   },
   transfer: async (ctx, st) => {
     if (st.mode === 'precopy') {
@@ -553,9 +555,9 @@ const ACTIONS: Record<MoveStep, Action> = {
     ctx.observer.progress({ bytesTransferred: st.bytes, bytesTotal: st.bytes, bytesPerSecond: 0, etaSeconds: 0 });
   },
   verify: async (ctx, st) => {
-    if (st.live) return st.live.verify();
-    if (!st.mirror) return ctx.engines.verify();
-    const how = await st.mirror.verify();
+    const session = st.live ?? st.mirror;
+    if (!session) return ctx.engines.verify();
+    const how = await session.verify();
     ctx.observer.progress({ message: how });
     return how;
   },

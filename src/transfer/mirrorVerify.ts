@@ -42,8 +42,10 @@ export interface VerifyDisk {
   nodeName: string;
   format: 'qcow2' | 'raw';
   virtualSize: number;
-  /** the target's qemu-nbd socket serving this disk's copy */
+  /** the NBD socket serving this disk's copy on the target (pre-copy: its qemu-nbd; live: the incoming QEMU's server) */
   targetSocket: string;
+  /** the copy's export name there, when it is not `device` */
+  targetExport?: string;
 }
 
 export interface PrepassDisk extends VerifyDisk {
@@ -94,6 +96,16 @@ const CHUNK_HASHES_SH = sh([
   'qemu-img convert -f raw -O raw "$2" "$t"',
   'qemu-img map -f raw --output=json "$t" | perl -ne \'BEGIN { $c = shift @ARGV; $last = -1 } next unless /"start":\\s*(\\d+),\\s*"length":\\s*(\\d+).*"data":\\s*true/; for (my $k = int($1 / $c); $k <= int(($1 + $2 - 1) / $c); $k++) { next if $k <= $last; print "$k\\n"; $last = $k }\' "$3" |',
   'while read -r k; do printf "%s %s\\n" "$k" "$(dd if="$t" bs="$3" skip="$k" count=1 status=none | h)"; done',
+]);
+
+/** sh: $1 = NBD socket, $2 = bitmap, $3… = exports; prints each export's dirty map (qemu-img map JSON) followed by a "--" line. */
+const DIRTY_MAPS_SH = sh([
+  'set -e',
+  'sock=$1 bitmap=$2; shift 2',
+  'for e in "$@"; do',
+  '  qemu-img map --output=json --image-opts "driver=nbd,server.type=unix,server.path=$sock,export=$e,x-dirty-bitmap=qemu:dirty-bitmap:$bitmap"',
+  '  echo --',
+  'done',
 ]);
 
 /** sh: $1 = image file, $2 = format; stdin = "offset length" lines; prints "offset sha256" per range (holes read as zeros). */
@@ -171,7 +183,7 @@ export async function prepassVerify(opts: { qmp: QmpClient; source: Hypervisor; 
     for (const d of disks) {
       const [s, t] = await Promise.all([
         chunkHashes(source, `${srcDir}/${d.file}`, nbdUri(d.device, socket)),
-        chunkHashes(target, `${dstDir}/${d.file}`, nbdUri(d.device, d.targetSocket)),
+        chunkHashes(target, `${dstDir}/${d.file}`, nbdUri(d.targetExport ?? d.device, d.targetSocket)),
       ]);
       const mismatched = [...new Set([...s.keys(), ...t.keys()])].filter((k) => s.get(k) !== t.get(k)).sort((a, b) => a - b);
       out.push({ ...d, mismatched, hashedBytes: s.size * VERIFY_CHUNK_BYTES });
@@ -219,19 +231,20 @@ export async function changedSincePrepass(opts: { qmp: QmpClient; source: Hyperv
   try {
     for (const d of prepass.disks) await qmp.execute('block-dirty-bitmap-disable', { node: d.nodeName, name: BITMAP });
     await exportSource(qmp, socket, prepass.disks, true);
-    const disks: ChangedRanges['disks'] = [];
-    for (const d of prepass.disks) {
-      assertNbdTarget(d.device, socket);
-      const image = `driver=nbd,server.type=unix,server.path=${socket},export=${d.device},x-dirty-bitmap=qemu:dirty-bitmap:${BITMAP}`;
-      const map = await source.conn.execOk(['qemu-img', 'map', '--output=json', '--image-opts', image], { timeoutMs: 120_000 });
-      disks.push({ disk: d, ranges: mergeRanges(d.mismatched, dirtyExtents(map.toString('utf8')), d.virtualSize) });
-    }
+    // one round trip for every disk (this runs inside the downtime): a map per disk, a line between them
+    for (const d of prepass.disks) assertNbdTarget(d.device, socket);
+    const maps = (await source.conn.execOk(['sh', '-c', DIRTY_MAPS_SH, 'verify-dirty', socket, BITMAP, ...prepass.disks.map((d) => d.device)], { timeoutMs: 120_000 }))
+      .toString('utf8')
+      .split(/^--$/m);
+    if (maps.length !== prepass.disks.length + 1) throw new Error(`on ${source.host.name}: unexpected dirty-bitmap output`);
+    const disks: ChangedRanges['disks'] = prepass.disks.map((d, i) => ({ disk: d, ranges: mergeRanges(d.mismatched, dirtyExtents(maps[i] ?? ''), d.virtualSize) }));
     const bytes = disks.reduce((n, d) => n + d.ranges.reduce((m, [, l]) => m + l, 0), 0);
     const hashed = prepass.disks.reduce((n, d) => n + d.hashedBytes, 0);
     return bytes > Math.max(hashed, VERIFY_CHUNK_BYTES) * MAX_CHANGED_SHARE ? undefined : { disks, bytes, prepassMs: prepass.ms };
   } finally {
     await clearSourceState(qmp, prepass.disks);
-    await bestEffort(source.removeFile(socket));
+    // the stale socket file is harmless (the host's sweep removes *.nbd.sock): not worth a round trip in the downtime
+    void bestEffort(source.removeFile(socket));
   }
 }
 

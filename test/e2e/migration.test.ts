@@ -278,7 +278,17 @@ describe('downtime strategies through the operator (real QEMU, real kubectl)', (
     // and the gauges are back at 0 with no live migration running
     expect(await (await fetch(`${operator.metricsUrl}/metrics`)).text()).toMatch(/^vmops_live_migration_remaining_bytes 0$/m);
     console.log(`[e2e] live downtime per VM (stop on source → running on target): ${o.status!.vms!.map((v) => `${v.name}=${v.downtimeSeconds?.toFixed(3)}s`).join(' ')}`);
+    await expectIncrementalVerification('live-back');
   }, 700_000);
+
+  /** Each VM's verify compared only what changed since the pre-pass (journaled, shown by `history`). */
+  async function expectIncrementalVerification(migration: string): Promise<void> {
+    const history = await promisify(execFile)(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'history', migration, '--db', sb.dbPath], { cwd: REPO_ROOT }).then((x) => x.stdout);
+    const verified = history.split('\n').filter((l) => /\bverify\s+done\b/.test(l));
+    console.log(`[e2e] ${migration}: verification\n${verified.join('\n')}`);
+    expect(verified).toHaveLength(sb.environment.vms.length);
+    for (const l of verified) expect(l).toMatch(/guest data verified: \d+ changed range\(s\), [0-9.]+ MiB compared at the cut-over; the rest compared while the guest ran/);
+  }
 
   it('Rolling with pre-copy moves the environment to host02 again, one node down at a time, data verified', async () => {
     const nodes = await watchNodes();
@@ -291,12 +301,7 @@ describe('downtime strategies through the operator (real QEMU, real kubectl)', (
     const h02 = await sb.hypervisor('host02');
     for (const vm of sb.environment.vms) expect((await h02.vmStatus(sb.environment.name, vm)).state, vm.name).toBe('running');
     console.log(`[e2e] pre-copy downtime per VM: ${o.status!.vms!.map((v) => `${v.name}=${v.downtimeSeconds?.toFixed(3)}s`).join(' ')}`);
-    // each VM's verify compared only what changed since the pre-pass (journaled, shown by `history`)
-    const history = await promisify(execFile)(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'history', 'precopy-again', '--db', sb.dbPath], { cwd: REPO_ROOT }).then((x) => x.stdout);
-    const verified = history.split('\n').filter((l) => /\bverify\s+done\b/.test(l));
-    console.log(`[e2e] pre-copy verification:\n${verified.join('\n')}`);
-    expect(verified).toHaveLength(sb.environment.vms.length);
-    for (const l of verified) expect(l).toMatch(/guest data verified: \d+ changed range\(s\), [0-9.]+ MiB compared at the cut-over; the rest compared while the guest ran/);
+    await expectIncrementalVerification('precopy-again');
   }, 700_000);
 });
 

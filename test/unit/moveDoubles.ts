@@ -93,7 +93,7 @@ export function fakeEngines(source: FakeHost, target: FakeHost, calls: string[])
         stoppedAt: Date.now() - 180,
         sourceRunState: async () => source.qmpStatus ?? source.state,
         quitSource: async () => { calls.push('quit-source'); source.state = 'stopped'; source.qmpStatus = undefined; },
-        verify: () => e.verify(),
+        verify: async () => { await e.verify(); return 'guest data verified'; },
         resumeTarget: async () => { calls.push('resume-target'); target.state = 'running'; return Date.now(); },
         abort: async () => { calls.push('live-abort'); },
       };
