@@ -28,6 +28,7 @@ import type { Logger } from '../util/log.js';
 import { sleep } from '../util/sleep.js';
 import { setState, type MigrationState } from './conditions.js';
 import { StatusWriter, type EventRecorder } from './statusWriter.js';
+import { moveMode } from '../migrate/steps.js';
 
 /** What the runner writes status through (StatusWriter; a unit test may pass its own). */
 export type StatusSink = Pick<StatusWriter, 'update' | 'flush' | 'close' | 'current'>;
@@ -211,7 +212,9 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         if (record.phase === 'Pending' && deps.capacity) {
           // Room on the target, right before this VM moves (also for a hand-named target).
           const [bytes, room] = await Promise.all([deps.capacity.vmBytes(sourceHost, entry.environment, entry.vm), deps.capacity.host(targetHost)]);
-          const fit = vmFits({ vm: name, target: entry.to, allocatedBytes: bytes, memoryBytes: vmSpec.memoryMiB * 1048576, capacity: room, placement: settings.placement });
+          // pre-copy and live compare the copies through a temporary raw copy of the data on each host
+          const scratchBytes = moveMode(settings) === 'cold' ? 0 : bytes;
+          const fit = vmFits({ vm: name, target: entry.to, allocatedBytes: bytes, scratchBytes, memoryBytes: vmSpec.memoryMiB * 1048576, capacity: room, placement: settings.placement });
           if (!fit.ok) throw new MoveError('precheck', fit.message, 'waiting', { safe: false, reason: 'WaitingForCapacity', message: fit.message });
         }
         const guest = await (deps.openGuest ?? ((e) => openGuestCluster(deps.kc, e)))(env);

@@ -245,13 +245,21 @@ export function chooseTargets(input: ChooseInput): { choices: Map<string, Choice
   return { choices, problems: problems.length > MAX ? [...problems.slice(0, MAX), `and ${problems.length - MAX} more environment(s) without a place`] : problems };
 }
 
-/** Per-VM check right before a VM moves (also for hand-named targets): room for its data and its memory. */
-export function vmFits(i: { vm: string; target: string; allocatedBytes: number; memoryBytes: number; capacity: HostCapacity; placement: PlacementSettings }): { ok: true } | { ok: false; message: string } {
+/**
+ * Per-VM check right before a VM moves (also for hand-named targets): room for its data and its
+ * memory. `scratchBytes`: transient space the move needs besides (pre-copy and live verify through a
+ * temporary raw copy of the data, src/transfer/mirrorVerify.ts).
+ */
+export function vmFits(i: { vm: string; target: string; allocatedBytes: number; scratchBytes?: number; memoryBytes: number; capacity: HostCapacity; placement: PlacementSettings }): { ok: true } | { ok: false; message: string } {
   const c = i.capacity;
   const diskFree = c.diskFreeBytes - i.placement.diskReserveBytes;
   const memFree = c.memAvailableBytes - i.placement.memoryReserveBytes;
+  const scratch = i.scratchBytes ?? 0;
   const shorts: string[] = [];
-  if (diskFree < i.allocatedBytes) shorts.push(`disk: ${gib(Math.max(0, diskFree))} free in the VM directory (after a ${gib(i.placement.diskReserveBytes)} reserve), ${gib(i.allocatedBytes)} needed`);
+  if (diskFree < i.allocatedBytes + scratch) {
+    const why = scratch > 0 ? ` (${gib(i.allocatedBytes)} of data and ${gib(scratch)} of scratch space to verify it)` : '';
+    shorts.push(`disk: ${gib(Math.max(0, diskFree))} free in the VM directory (after a ${gib(i.placement.diskReserveBytes)} reserve), ${gib(i.allocatedBytes + scratch)} needed${why}`);
+  }
   if (memFree < i.memoryBytes) shorts.push(`memory: ${gib(Math.max(0, memFree))} available (after a ${gib(i.placement.memoryReserveBytes)} reserve), ${gib(i.memoryBytes)} needed`);
   return shorts.length === 0 ? { ok: true } : { ok: false, message: `${i.target} has no room for ${i.vm}: ${shorts.join(', ')}` };
 }

@@ -177,6 +177,16 @@ describe('vmFits: the check right before one VM moves', () => {
       message: 'host02 has no room for s/node-1: disk: 2.00 GiB free in the VM directory (after a 1.00 GiB reserve), 5.00 GiB needed, memory: 1.50 GiB available (after a 512.0 MiB reserve), 4.00 GiB needed',
     });
   });
+
+  it('counts the scratch space a pre-copy or live verification needs besides the data', () => {
+    const c = roomy('host02', { diskFreeBytes: 3 * GiB, memAvailableBytes: 2 * GiB });
+    // 1.5 GiB of data fits the 2 GiB free, data plus an equal scratch copy does not
+    expect(vmFits({ vm: 's/node-1', target: 'host02', allocatedBytes: 1.5 * GiB, memoryBytes: GiB, capacity: c, placement })).toEqual({ ok: true });
+    expect(vmFits({ vm: 's/node-1', target: 'host02', allocatedBytes: 1.5 * GiB, scratchBytes: 1.5 * GiB, memoryBytes: GiB, capacity: c, placement })).toEqual({
+      ok: false,
+      message: 'host02 has no room for s/node-1: disk: 2.00 GiB free in the VM directory (after a 1.00 GiB reserve), 3.00 GiB needed (1.50 GiB of data and 1.50 GiB of scratch space to verify it)',
+    });
+  });
 });
 
 describe('fleet spec defaults', () => {
