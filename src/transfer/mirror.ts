@@ -488,6 +488,8 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
       return { bytes: bytes(), disks: disks.map((d) => ({ file: d.file, virtualSize: d.virtualSize })) };
     },
     async copyRemainingFiles(signal) {
+      // an ahead copy still in flight would write the same .partial files: let it end first
+      await aheadCopy;
       return copyNonDiskFiles({ source, target, environment, vm, signal, unchangedSince: filesAhead });
     },
     async verify() {
