@@ -422,8 +422,10 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
   let aheadCopy: Promise<void> | undefined;
   const aheadAbort = new AbortController();
   const aheadSignal = opts.signal ? AbortSignal.any([opts.signal, aheadAbort.signal]) : aheadAbort.signal;
+  let cutover = false;
   const prepared = prepassed.then(() => {
-    if (aborted) return;
+    // nothing starts in the background once the cut-over began (complete() or the remaining files)
+    if (aborted || cutover) return;
     aheadCopy = copyNonDiskFilesAhead({ source, target, environment, vm, signal: aheadSignal }).then(
       (sigs) => { filesAhead = sigs; },
       (err: Error) => { if (!aborted) logger.warn({ err: err.message }, 'copying the non-disk files ahead failed; they are copied at the cutover'); },
@@ -448,6 +450,7 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
       mj.dispose();
       jobs = undefined;
       // a pre-pass still running would compete with the cutover for both hosts: it is not waited for
+      cutover = true;
       const pp = prepass;
       prepass = undefined;
       // the source's bitmap is read while the target finishes its exports (different hosts, both in the downtime)
@@ -489,6 +492,7 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
     },
     async copyRemainingFiles(signal) {
       // an ahead copy still in flight would write the same .partial files: let it end first
+      cutover = true;
       await aheadCopy;
       return copyNonDiskFiles({ source, target, environment, vm, signal, unchangedSince: filesAhead });
     },
