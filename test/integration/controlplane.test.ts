@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EnvironmentSpec } from '../../src/api/inventory.js';
 import { GuestCluster } from '../../src/guest/guestCluster.js';
 import { KWOK_MANAGE_LABEL, startControlPlane, type ControlPlane } from '../world/controlPlane.js';
-import { createGuestNodes, deployStudentWorkload, startBareQemu, VmLivenessBridge, type BareQemu } from '../world/guestCluster.js';
+import { createGuestNodes, deployStudentWorkload, startBareQemu, VmLivenessBridge, waitNodesUntainted, type BareQemu } from '../world/guestCluster.js';
 
 const GRACE_S = 8;
 
@@ -77,6 +77,7 @@ describe('test control plane (etcd, kube-apiserver, kube-controller-manager, kub
       });
     }
     console.log(`kwok nodes Ready ${Date.now() - t0} ms after creation`);
+    await waitNodesUntainted(kc, env.vms.map((v) => v.nodeName));
     await deployStudentWorkload(kc, { namespace: 'cp-apps', name: 'web', replicas: 4, minAvailable: 3 });
     const apps = kc.makeApiClient(AppsV1Api);
     await until('4 available replicas', 90_000, async () => {

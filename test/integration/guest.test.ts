@@ -7,7 +7,7 @@ import type { EnvironmentSpec, VMSpec } from '../../src/api/inventory.js';
 import { DrainError, GuestCluster } from '../../src/guest/guestCluster.js';
 import { TcpProxy } from '../world/tcpProxy.js';
 import { startControlPlane, type ControlPlane } from '../world/controlPlane.js';
-import { createGuestNodes, deployStudentWorkload, startBareQemu, VmLivenessBridge, type BareQemu } from '../world/guestCluster.js';
+import { createGuestNodes, deployStudentWorkload, startBareQemu, VmLivenessBridge, waitNodesUntainted, type BareQemu } from '../world/guestCluster.js';
 
 const ENV = 'gst';
 const vm = (name: string, role: VMSpec['role']): VMSpec => ({ name, role, nodeName: `${ENV}-${name}`, host: 'h', memoryMiB: 256, cpus: 2, files: [] });
@@ -61,6 +61,7 @@ describe('GuestCluster against a real control plane with KWOK nodes', () => {
     bridge = new VmLivenessBridge(kc, [{ nodeName: c2, qemuName: c2Qemu }]);
     bridge.start();
     for (const v of env.vms) await guest.waitNodeReady(v.nodeName, { timeoutMs: 60_000 });
+    await waitNodesUntainted(kc, WORKERS);
     await deployStudentWorkload(kc, { namespace: NS, name: 'web', replicas: REPLICAS, minAvailable: MIN_AVAILABLE, nodeNames: WORKERS });
     await until('workload available', 90_000, async () => (await apps.readNamespacedDeployment({ name: 'web', namespace: NS })).status?.availableReplicas === REPLICAS);
   }, 3_600_000);

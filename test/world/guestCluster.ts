@@ -31,6 +31,7 @@ import {
 } from '@kubernetes/client-node';
 import type { EnvironmentSpec, VMSpec } from '../../src/api/inventory.js';
 import { KWOK_MANAGE_LABEL, KWOK_MANAGE_VALUE } from './controlPlane.js';
+import { until } from './until.js';
 
 export const CONTROL_PLANE_LABEL = 'node-role.kubernetes.io/control-plane';
 export const ROLE_LABEL = 'vmops.dev/role';
@@ -284,4 +285,19 @@ export async function startBareQemu(name: string, opts: { logPath?: string } = {
       await exited;
     },
   };
+}
+
+/**
+ * Waits until the named nodes carry none of the node lifecycle controller's taints
+ * (`node.kubernetes.io/not-ready`, `…/unreachable`). A node reports Ready before the controller
+ * removes its not-ready taint; a workload with topology spread (nodeTaintsPolicy Honor) created in
+ * that gap sees fewer domains and may land on one node only.
+ */
+export async function waitNodesUntainted(kc: KubeConfig, nodeNames: string[], timeoutMs = 60_000): Promise<void> {
+  const core = kc.makeApiClient(CoreV1Api);
+  const lifecycle = new Set(['node.kubernetes.io/not-ready', 'node.kubernetes.io/unreachable']);
+  await until(`nodes ${nodeNames.join(', ')} without not-ready/unreachable taints`, timeoutMs, async () => {
+    const nodes = await Promise.all(nodeNames.map((name) => core.readNode({ name })));
+    return nodes.every((n) => !(n.spec?.taints ?? []).some((t) => lifecycle.has(t.key))) || undefined;
+  });
 }
