@@ -30,7 +30,7 @@ export interface VMMigrationSpec {
   /** environments ("student-42") or single VMs ("student-42/node-1") to leave alone from now on: a VM in flight finishes or rolls back, nothing new of them starts */
   cancel?: string[];
   strategy?: Strategy;
-  transfer?: { mode?: 'Relay'; precopy?: boolean; compression?: 'None' | 'Zstd' | 'Auto'; bandwidthLimitMiBps?: number; stallTimeoutSeconds?: number };
+  transfer?: { mode?: 'Relay'; precopy?: boolean; mirrorAhead?: number; compression?: 'None' | 'Zstd' | 'Auto'; bandwidthLimitMiBps?: number; stallTimeoutSeconds?: number };
   live?: { downtimeLimit?: string; maxBandwidthMiBps?: number; convergenceTimeout?: string; fallback?: LiveFallback };
   maxUnavailablePerEnvironment?: number;
   drain?: { timeout?: string; gracePeriodSeconds?: number; deleteEmptyDirData?: boolean; force?: boolean; ignoreDaemonSets?: boolean; skipWaitForDeleteTimeoutSeconds?: number };
@@ -149,6 +149,8 @@ export interface MigrationSettings {
   cancel: string[];
   strategy: Strategy;
   precopy: boolean;
+  /** pre-copy: VMs of an environment that mirror while the one before them drains and cuts over */
+  mirrorAhead: number;
   live: { downtimeLimitMs: number; maxBandwidthBytesPerSec: number | undefined; convergenceTimeoutMs: number; fallback: LiveFallback };
   stallTimeoutMs: number;
   compression: 'none' | 'zstd' | 'auto';
@@ -201,6 +203,7 @@ export function parseDuration(value: string): number {
 export const SPEC_DEFAULTS = {
   strategy: 'Rolling',
   precopy: false,
+  mirrorAhead: 1,
   compression: 'None',
   stallTimeoutSeconds: 60,
   live: { downtimeLimit: '300ms', convergenceTimeout: '10m', fallback: 'PreCopy' },
@@ -278,6 +281,7 @@ export function settingsFrom(spec: VMMigrationSpec): MigrationSettings {
     cancel: spec.cancel ?? [],
     strategy: spec.strategy ?? d.strategy,
     precopy: spec.transfer?.precopy ?? d.precopy,
+    mirrorAhead: spec.transfer?.mirrorAhead ?? d.mirrorAhead,
     live: {
       downtimeLimitMs: parseDuration(spec.live?.downtimeLimit ?? d.live.downtimeLimit),
       maxBandwidthBytesPerSec: spec.live?.maxBandwidthMiBps ? spec.live.maxBandwidthMiBps * 1048576 : undefined,

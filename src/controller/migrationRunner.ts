@@ -17,7 +17,7 @@ import { hypervisorEngines } from '../migrate/engines.js';
 import { HostBandwidth } from '../transfer/throttle.js';
 import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from '../migrate/guestSafety.js';
 import { readinessGuard } from '../migrate/readinessGuard.js';
-import { runFleet, type FleetOutcome } from '../migrate/fleet.js';
+import { runFleet, TurnWithdrawn, type FleetOutcome, type Turn } from '../migrate/fleet.js';
 import { boundVmList, environmentSummaries, initialVmList, patchEnvironment, patchVm, targetsText } from '../migrate/fleetStatus.js';
 import { afterMove, resumePlan, safetyWait } from '../migrate/rules.js';
 import { moveVm, MoveError, type MoveContext, type MoveResult, type MoveStep } from '../migrate/vmMove.js';
@@ -182,7 +182,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     let warnedNoLb = false;
     // one budget per host for this run's relay copies, however many move at once
     const bandwidth = settings.bandwidthPerHostBytesPerSec ? new HostBandwidth(settings.bandwidthPerHostBytesPerSec) : undefined;
-    const moveOne = async (entry: PlanEntry): Promise<FleetOutcome> => {
+    const moveOne = async (entry: PlanEntry, turn?: Turn): Promise<FleetOutcome> => {
       const record = records.get(entry)!;
       const name = `${entry.environment}/${entry.vm}`;
       const now = () => new Date().toISOString();
@@ -221,7 +221,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         const safety = (deps.guestSafety ?? ((_e, g) => ({ guard: readinessGuard(g) })))(env, guest);
         const result = await (deps.move ?? moveVm)({
           migrationUid: uid, migrationName: `${vmm.metadata.namespace}/${vmm.metadata.name}`, environment: env, vm: vmSpec,
-          source, target, guest, safety, store, settings, signal, log: vmLog,
+          source, target, guest, safety, store, settings, signal, log: vmLog, ...(turn ? { turn } : {}),
           engines: hypervisorEngines({ source, target, environment: env.name, vm: vmSpec, settings, log: vmLog, reconnect: (h) => deps.pool.connectFresh(h), sharedBandwidth: bandwidth?.forCopy(entry.from, entry.to) }),
           observer: {
             step(step, event, info) {
@@ -297,6 +297,14 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
           // Leave the move 'Running' in the store: the next leader resumes it from the journal.
           await writer.flush().catch(() => undefined);
           throw new Aborted(moveErr.message);
+        }
+        if (moveErr.step === 'turn' && moveErr.outcome === 'rolled-back' && err instanceof Error && (err.cause instanceof TurnWithdrawn)) {
+          // mirrored ahead, never cut over: the mirror is dropped, the VM ran on undisturbed; not a failed move
+          const message = `not moved: ${err.cause.message}; its mirror ahead was dropped, the VM never stopped`;
+          vmStatus({ phase: 'Pending', attempts: record.attempts, message });
+          await store.updateMove(uid, entry.environment, entry.vm, { phase: 'Pending', attempts: record.attempts, message });
+          writer.update((s) => { s.currentVM = (s.currentVM ?? '').split(', ').filter((x) => x && x !== name).join(', '); });
+          return { kind: 'withdrawn' };
         }
         if (verdict === 'wait') {
           // a wait touched nothing: it does not count as an attempt

@@ -3,18 +3,23 @@
  * which environments may start their next VM now — and, for the others, why they wait.
  *
  * Invariants it keeps (the runner only executes its answer):
- * - one VM per environment at a time (an environment with a move in flight never starts another);
+ * - one VM per environment at a time: an environment with a move in flight starts no other, except
+ *   that with pre-copy up to `mirrorAhead` of its next VMs may start *mirroring ahead* — their moves
+ *   wait in a `turn` step, the VM running undisturbed, until the moves before them finished, so still
+ *   only one VM of the environment is ever down (the runner grants the turns);
  * - at most maxParallelEnvironments environments *started and not finished*: an environment, once
  *   begun, is finished before a new one begins, so few environments are ever split across hosts;
- * - at most maxDisruptedEnvironments VMs in flight (every in-flight move counts as a disruption:
- *   the VM is down or about to be, the conservative reading);
- * - per-host outbound/inbound limits on concurrent moves;
+ * - at most maxDisruptedEnvironments environments with a move in flight (every such environment
+ *   counts as disrupted: a VM is down or about to be, the conservative reading);
+ * - per-host outbound/inbound limits on concurrent moves (a mirror ahead is a transfer: it counts;
+ *   the environments' next VMs are chosen first, mirrors ahead fill what is left);
  * - cutovers only inside the window, and only when the move is expected to finish before it closes
  *   (pre-copy moves may start before it: their mirror runs, the flow's `window` step holds the cut-over).
  * (Two migrations never share an environment: the runner claims all of its environments first.)
  */
 import type { MigrationSettings, PlanEntry } from '../api/types.js';
 import type { SafetyVerdict } from './guestSafety.js';
+import { abortReason } from '../util/sleep.js';
 import { moveMode } from './steps.js';
 
 export interface FleetLimits {
@@ -67,6 +72,8 @@ export interface ScheduleInput {
   estimatedMoveMs: number;
   /** pre-copy: a move may start before the window opens; its own gate holds the cut-over (warm migration) */
   warmBeforeWindow?: boolean;
+  /** pre-copy: how many VMs after the one moving an environment may mirror ahead (0 = none) */
+  mirrorAhead?: number;
 }
 
 export interface Waiting {
@@ -76,6 +83,8 @@ export interface Waiting {
 
 export interface ScheduleDecision {
   start: PlanEntry[];
+  /** moves that mirror ahead: their cut-over waits for the turn the runner grants */
+  ahead: PlanEntry[];
   waiting: Waiting[];
   /** set when nothing may start because of the window: when to look again (undefined = never by itself) */
   windowReopensAtMs?: number;
@@ -119,21 +128,23 @@ export function nextMoves(input: ScheduleInput): ScheduleDecision {
     bump(outbound, e.from);
     bump(inbound, e.to);
   }
-  let inFlight = input.inFlight.length;
+  // an environment counts once, however many of its VMs mirror ahead
+  let inFlight = moving.size;
   const live = input.queues.filter((q) => q.pending.length > 0 && !input.cancelled.has(q.environment));
   // an environment finishing its last VM still counts as moving
   let active = input.queues.filter((q) => moving.has(q.environment) || (q.started && q.pending.length > 0 && !input.cancelled.has(q.environment))).length;
   // started environments first, so they finish before new ones begin
   const order = [...live.filter((q) => q.started), ...live.filter((q) => !q.started)];
 
-  const decision: ScheduleDecision = { start: [], waiting: [] };
+  const decision: ScheduleDecision = { start: [], ahead: [], waiting: [] };
   const win = windowState(input.window, input.nowMs, input.estimatedMoveMs);
+  // before the window (not after it): a warm start mirrors now and cuts over once it opens
+  const mayStart = win.open || (input.warmBeforeWindow === true && win.opensAtMs !== undefined);
   for (const q of order) {
     if (moving.has(q.environment)) continue;
     const next = q.pending[0]!;
     const wait = (reason: string) => decision.waiting.push({ environment: q.environment, reason });
-    // before the window (not after it): a warm start mirrors now and cuts over once it opens
-    if (!win.open && !(input.warmBeforeWindow && win.opensAtMs !== undefined)) {
+    if (!mayStart) {
       wait(win.reason);
       continue;
     }
@@ -160,6 +171,23 @@ export function nextMoves(input: ScheduleInput): ScheduleDecision {
     inFlight++;
     if (!q.started) active++;
   }
+  if (input.mirrorAhead && mayStart) {
+    const flying = new Map<string, number>();
+    for (const e of [...input.inFlight, ...decision.start]) bump(flying, e.environment);
+    for (const q of live) {
+      // only behind a VM of the same environment that moves: the mirrors overlap its drain and cut-over
+      let n = flying.get(q.environment) ?? 0;
+      for (const next of q.pending) {
+        if (n === 0 || n - 1 >= input.mirrorAhead) break;
+        if (decision.start.includes(next)) continue;
+        if ((outbound.get(next.from) ?? 0) >= limits.maxOutboundPerHost || (inbound.get(next.to) ?? 0) >= limits.maxInboundPerHost) break;
+        decision.ahead.push(next);
+        bump(outbound, next.from);
+        bump(inbound, next.to);
+        n++;
+      }
+    }
+  }
   if (!win.open && decision.start.length === 0) {
     decision.windowMessage = win.reason;
     decision.windowReopensAtMs = win.opensAtMs;
@@ -167,8 +195,18 @@ export function nextMoves(input: ScheduleInput): ScheduleDecision {
   return decision;
 }
 
-/** How one VM move ended, as the runner reports it. */
-export type FleetOutcome = { kind: 'moved' } | { kind: 'wait'; verdict: Pick<SafetyVerdict, 'reason' | 'message'> } | { kind: 'failed'; message: string };
+/**
+ * How one VM move ended, as the runner reports it. withdrawn: a move mirroring ahead whose turn was
+ * refused (the migration failed or stopped, its environment waits or was cancelled): the mirror was
+ * dropped and the VM never stopped; it is not moved and not a failure.
+ */
+export type FleetOutcome = { kind: 'moved' } | { kind: 'wait'; verdict: Pick<SafetyVerdict, 'reason' | 'message'> } | { kind: 'failed'; message: string } | { kind: 'withdrawn' };
+
+/** A mirror-ahead move's turn was refused: its cut-over never begins. */
+export class TurnWithdrawn extends Error {}
+
+/** Waits for a mirror-ahead move's turn: resolves when the runner grants it, rejects when it is withdrawn or the move aborts. */
+export type Turn = (signal: AbortSignal) => Promise<void>;
 
 export type FleetStop = { cancelled: string[] } & (
   | { kind: 'done' }
@@ -182,9 +220,10 @@ export interface RunFleetInput {
   entries: PlanEntry[];
   /** moved already (from the store); runFleet adds to it */
   finished: Set<PlanEntry>;
-  settings: Pick<MigrationSettings, 'maxParallelEnvironments' | 'maxDisruptedEnvironments' | 'maxOutboundPerHost' | 'maxInboundPerHost' | 'window' | 'strategy' | 'precopy' | 'live'>;
+  settings: Pick<MigrationSettings, 'maxParallelEnvironments' | 'maxDisruptedEnvironments' | 'maxOutboundPerHost' | 'maxInboundPerHost' | 'window' | 'strategy' | 'precopy' | 'live' | 'mirrorAhead'>;
   signal: AbortSignal;
-  moveOne: (entry: PlanEntry) => Promise<FleetOutcome>;
+  /** `turn` is set for a move that mirrors ahead: its cut-over waits for it */
+  moveOne: (entry: PlanEntry, turn?: Turn) => Promise<FleetOutcome>;
   /** awaited before each scheduling round (spec.paused: moves in flight go on, nothing new starts) */
   beforeRound: () => Promise<void>;
   /** re-read every round: spec.cancel may change while the migration runs */
@@ -207,15 +246,48 @@ export async function runFleet(input: RunFleetInput): Promise<FleetStop> {
   let longestMs = 0;
   let cancel: ReadonlySet<string> = new Set();
   const vmKey = (e: PlanEntry) => `${e.environment}/${e.vm}`;
+  // mirror-ahead moves whose turn is not granted yet
+  const turns = new Map<PlanEntry, { grant: () => void; withdraw: (why: string) => void }>();
+  const newTurn = (entry: PlanEntry): Turn => {
+    const decided = new Promise<void>((grant, reject) => turns.set(entry, { grant, withdraw: (why) => reject(new TurnWithdrawn(why)) }));
+    decided.catch(() => undefined);
+    return (signal) => new Promise<void>((resolve, reject) => {
+      const onAbort = () => reject(abortReason(signal));
+      if (signal.aborted) return onAbort();
+      signal.addEventListener('abort', onAbort, { once: true });
+      decided.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
+    });
+  };
+  const withdraw = (which: (e: PlanEntry) => string | undefined) => {
+    for (const [entry, t] of turns) {
+      const why = which(entry);
+      if (why === undefined) continue;
+      turns.delete(entry);
+      t.withdraw(why);
+    }
+  };
+  const startedAt = new Map<PlanEntry, number>();
   // cancelled environments with a VM not moved, then single cancelled VMs (of environments not cancelled whole) not moved
   const cancelledLeft = () => [
     ...envs.filter((e) => cancel.has(e) && entries.some((x) => x.environment === e && !finished.has(x))),
     ...entries.filter((x) => cancel.has(vmKey(x)) && !cancel.has(x.environment) && !finished.has(x)).map(vmKey),
   ];
   for (;;) {
-    if (failed === undefined && aborted === undefined && !input.signal.aborted) {
+    const stopping = failed !== undefined || aborted !== undefined || input.signal.aborted;
+    if (stopping) withdraw(() => `not cut over: ${failed ?? 'the migration stopped'}`);
+    if (!stopping) {
       await input.beforeRound();
       cancel = input.cancelled();
+      withdraw((e) => cancel.has(e.environment) || cancel.has(vmKey(e)) ? 'cancelled (spec.cancel) before its turn'
+        : parked.has(e.environment) ? `its environment waits: ${parked.get(e.environment)!.message}` : undefined);
+      // (granted only here, after beforeRound: while spec.paused no next VM goes down)
+      for (const [entry, t] of turns) {
+        const before = [...inFlight.keys()].some((e) => e.environment === entry.environment && entries.indexOf(e) < entries.indexOf(entry));
+        if (before) continue;
+        turns.delete(entry);
+        startedAt.set(entry, Date.now());
+        t.grant();
+      }
       const flying = [...inFlight.keys()];
       const queues = envs.map((environment) => {
         const mine = entries.filter((e) => e.environment === environment);
@@ -223,15 +295,16 @@ export async function runFleet(input: RunFleetInput): Promise<FleetStop> {
       });
       const d = nextMoves({
         queues, inFlight: flying, cancelled: new Set([...cancel, ...parked.keys()]), window: settings.window, nowMs: Date.now(), estimatedMoveMs: longestMs,
-        warmBeforeWindow: moveMode(settings) === 'precopy',
+        warmBeforeWindow: moveMode(settings) === 'precopy', mirrorAhead: moveMode(settings) === 'precopy' ? settings.mirrorAhead : 0,
         limits: { maxParallelEnvironments: settings.maxParallelEnvironments, maxDisruptedEnvironments: settings.maxDisruptedEnvironments, maxOutboundPerHost: settings.maxOutboundPerHost, maxInboundPerHost: settings.maxInboundPerHost },
       });
       input.onWaiting(d.waiting);
-      for (const entry of d.start) {
-        const t0 = Date.now();
-        inFlight.set(entry, input.moveOne(entry).then(
+      for (const entry of [...d.start, ...d.ahead]) {
+        // a mirror-ahead move's duration counts from its turn (the window estimate is about cut-overs)
+        if (d.start.includes(entry)) startedAt.set(entry, Date.now());
+        inFlight.set(entry, input.moveOne(entry, d.start.includes(entry) ? undefined : newTurn(entry)).then(
           (outcome) => {
-            longestMs = Math.max(longestMs, Date.now() - t0);
+            if (outcome.kind === 'moved') longestMs = Math.max(longestMs, Date.now() - (startedAt.get(entry) ?? Date.now()));
             return { entry, outcome };
           },
           (error: unknown) => ({ entry, error }),
@@ -255,6 +328,7 @@ export async function runFleet(input: RunFleetInput): Promise<FleetStop> {
     if (r.error !== undefined) aborted ??= { error: r.error };
     else if (r.outcome!.kind === 'moved') finished.add(r.entry);
     else if (r.outcome!.kind === 'wait') parked.set(r.entry.environment, r.outcome!.verdict);
-    else failed ??= r.outcome!.message;
+    else if (r.outcome!.kind === 'failed') failed ??= r.outcome!.message;
+    // withdrawn: not moved, and not a failure of its own; a later run (or nobody, if cancelled) moves it
   }
 }

@@ -23,13 +23,13 @@ import type { VMRole } from '../api/inventory.js';
 import type { MigrationSettings } from '../api/types.js';
 
 export type StepName =
-  | 'precheck' | 'quorum' | 'mirror' | 'window' | 'cordon' | 'drain' | 'mirrorSync' | 'leaderMove' | 'lbOut'
+  | 'precheck' | 'quorum' | 'mirror' | 'turn' | 'window' | 'cordon' | 'drain' | 'mirrorSync' | 'leaderMove' | 'lbOut'
   | 'live' | 'stop' | 'converge' | 'fence' | 'transfer' | 'verify' | 'start'
   | 'nodeReady' | 'memberHealthy' | 'lbIn' | 'uncordon' | 'commit' | 'cleanup' | 'rollback';
 
 /** Every step name, in flow order (metrics use it as the bounded label set). */
 export const STEP_NAMES: readonly StepName[] = [
-  'precheck', 'quorum', 'mirror', 'window', 'cordon', 'drain', 'mirrorSync', 'leaderMove', 'lbOut', 'live', 'stop', 'converge',
+  'precheck', 'quorum', 'mirror', 'turn', 'window', 'cordon', 'drain', 'mirrorSync', 'leaderMove', 'lbOut', 'live', 'stop', 'converge',
   'fence', 'transfer', 'verify', 'start', 'nodeReady', 'memberHealthy', 'lbIn', 'uncordon', 'commit', 'cleanup', 'rollback',
 ];
 
@@ -62,6 +62,11 @@ export interface FlowInput {
   capabilities: { loadBalancer: boolean };
   /** a live migration aborted cleanly: plan the fallback strategy from the still-running source */
   liveFellBack?: boolean;
+  /**
+   * mirrored ahead: the environment's previous VM is still moving, so after its mirror started this
+   * move waits in a `turn` step until that move finished (one VM of an environment down at a time)
+   */
+  ahead?: boolean;
 }
 
 export interface FlowPlan {
@@ -97,11 +102,14 @@ export function flowSteps(input: FlowInput): FlowPlan {
         // verify while both QEMUs are stopped (source quit, target paused): every strategy compares before the source goes
         add('live', 'stop', 'fence', 'verify', 'start');
       } else {
-        // warm migration: with a window, the mirror starts as soon as the VM's turn comes and the cut-over
-        // (cordon on) waits for the window, the disks kept in sync meanwhile
+        // warm migration: with a window, the mirror starts before it opens and the cut-over (cordon on)
+        // waits for it, the disks kept in sync meanwhile
         const w = input.settings.window;
         const windowed = w?.notBeforeMs !== undefined || w?.notAfterMs !== undefined || w?.daily !== undefined;
-        add(controller && 'quorum', mode === 'precopy' && 'mirror', mode === 'precopy' && windowed && 'window', 'cordon', 'drain', mode === 'precopy' && 'mirrorSync');
+        // mirrored ahead (pipelined pre-copy): its quorum gate waits for the turn, when the previous
+        // controller is back — asked before, it would only report the move still in flight
+        const ahead = mode === 'precopy' && input.ahead === true;
+        add(controller && !ahead && 'quorum', mode === 'precopy' && 'mirror', ahead && 'turn', mode === 'precopy' && windowed && 'window', controller && ahead && 'quorum', 'cordon', 'drain', mode === 'precopy' && 'mirrorSync');
         beforeStop();
         add('stop', mode === 'precopy' && 'converge', 'fence', 'transfer', mode === 'precopy' && 'verify', 'start');
       }

@@ -25,7 +25,7 @@ import type { JournalEvent } from '../store/store.js';
 import type { Logger } from '../util/log.js';
 import { abortReason, backoffMs, sleep } from '../util/sleep.js';
 import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from './guestSafety.js';
-import { windowState } from './fleet.js';
+import { windowState, type Turn } from './fleet.js';
 import { flowSteps, type FlowPlan, type Location, type MoveMode, type StepName } from './steps.js';
 import { mib } from '../util/units.js';
 
@@ -154,6 +154,11 @@ export interface MoveContext {
   observer: MoveObserver;
   log: Logger;
   signal: AbortSignal;
+  /**
+   * Set when this pre-copy move mirrors ahead of its environment's previous VM: the `turn` step
+   * waits for it before anything is disrupted (rejects when the turn is withdrawn: roll back).
+   */
+  turn?: Turn;
 }
 
 export interface MoveResult {
@@ -217,7 +222,7 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
   const ranBefore = await journalSaysTargetRan(ctx);
   const planFor = (loc: Location, liveFellBack = false, targetRan = ranBefore): FlowPlan => flowSteps({
     location: loc, journal: { converged, targetRan }, settings: ctx.settings, role: ctx.vm.role,
-    capabilities: { loadBalancer: ctx.safety.loadBalancer !== undefined }, liveFellBack,
+    capabilities: { loadBalancer: ctx.safety.loadBalancer !== undefined }, liveFellBack, ahead: ctx.turn !== undefined,
   });
   let plan = planFor(location);
   if (plan.resume) {
@@ -268,7 +273,8 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
       ctx.observer.progress({ message: `rollback failed: ${rbErr.message}` });
       return 'stuck';
     });
-    throw new MoveError(failedStep, reason, outcome);
+    // the cause tells a withdrawn turn (a mirror ahead dropped, nothing disrupted) from a failed step
+    throw Object.assign(new MoveError(failedStep, reason, outcome), { cause: err });
   }
 }
 
@@ -479,6 +485,10 @@ const ACTIONS: Record<MoveStep, Action> = {
   quorum: gate,
   mirror: async (ctx, st) => {
     st.mirror = await ctx.engines.startMirror({ signal: ctx.signal, onProgress: (p) => ctx.observer.progress(p) });
+  },
+  turn: async (ctx) => {
+    ctx.observer.progress({ message: 'mirroring ahead, the VM undisturbed; its cut-over waits until the environment\'s previous VM has moved (one VM of an environment down at a time)' });
+    await need(ctx.turn, 'turn')(ctx.signal);
   },
   window: windowGate,
   cordon: (ctx) => ctx.guest.cordon(ctx.vm.nodeName),

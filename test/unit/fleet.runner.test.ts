@@ -9,7 +9,7 @@ import { beforeEach, describe, expect, it } from 'vitest';
 import type { EnvironmentSpec, HostSpec } from '../../src/api/inventory.js';
 import type { VMMigration, VMMigrationStatus } from '../../src/api/types.js';
 import { RetryLater, runMigration, type RunnerDeps, type StatusSink } from '../../src/controller/migrationRunner.js';
-import type { MoveContext, MoveResult } from '../../src/migrate/vmMove.js';
+import { MoveError, type MoveContext, type MoveResult } from '../../src/migrate/vmMove.js';
 import type { HostCapacity } from '../../src/planner/placement.js';
 import { Store } from '../../src/store/store.js';
 
@@ -204,5 +204,67 @@ describe('status at scale', () => {
     expect(Buffer.byteLength(JSON.stringify(status))).toBeLessThan(256 * 1024);
     expect(t.peaks.perEnv).toBe(1);
     expect(t.peaks.vms).toBeLessThanOrEqual(8);
+  });
+});
+
+describe('runner: pre-copy mirrored ahead (pipelined environment)', () => {
+  /** a move that mirrors (`mirrorMs`), waits for its turn if it has one, then is down for `downMs` */
+  function pipelined(opts: { mirrorMs: number; downMs: number; failAt?: string }) {
+    const down = new Map<string, number>();
+    const mirroring = new Set<string>();
+    const peaks = { downPerEnv: 0, mirroringPerEnv: 0 };
+    const cutovers: string[] = [];
+    const move = async (ctx: MoveContext): Promise<MoveResult> => {
+      const env = ctx.environment.name;
+      const key = `${env}/${ctx.vm.name}`;
+      mirroring.add(key);
+      peaks.mirroringPerEnv = Math.max(peaks.mirroringPerEnv, [...mirroring].filter((k) => k.startsWith(`${env}/`)).length);
+      await new Promise((r) => setTimeout(r, opts.mirrorMs));
+      try {
+        // what moveVm's `turn` step does: a withdrawn turn rolls back (mirror dropped), never disrupting
+        await ctx.turn?.(ctx.signal);
+      } catch (err) {
+        mirroring.delete(key);
+        throw Object.assign(new MoveError('turn', (err as Error).message, 'rolled-back'), { cause: err });
+      }
+      down.set(env, (down.get(env) ?? 0) + 1);
+      peaks.downPerEnv = Math.max(peaks.downPerEnv, down.get(env)!);
+      cutovers.push(key);
+      await new Promise((r) => setTimeout(r, opts.downMs));
+      down.set(env, down.get(env)! - 1);
+      mirroring.delete(key);
+      if (key === opts.failAt) throw new MoveError('verify', 'guest data differ', 'rolled-back');
+      return { downtimeMs: opts.downMs, nodeReadyMs: 1, bytes: 1, resumedFrom: 'mirror', mode: 'precopy' };
+    };
+    return { move, peaks, cutovers };
+  }
+
+  it('the next VMs mirror while one cuts over; still one VM of an environment down at a time, cut-overs in plan order', async () => {
+    const run = async (mirrorAhead: number) => {
+      spec = { environments: ['a'], targetHost: 'h2', transfer: { precopy: true, mirrorAhead }, hostLimits: { maxOutboundPerHost: 7, maxInboundPerHost: 7 } };
+      const p = pipelined({ mirrorMs: 60, downMs: 10 });
+      await runMigration(vmm(spec), deps(p.move), new AbortController().signal);
+      expect(status.phase).toBe('Succeeded');
+      expect(p.cutovers).toEqual(['a/node-1', 'a/node-2', 'a/node-3']);
+      expect(p.peaks.downPerEnv).toBe(1);
+      return { mirroring: p.peaks.mirroringPerEnv };
+    };
+    const serial = await run(0);
+    store = await Store.open(':memory:');
+    await store.loadInventory({ hosts: ['h1', 'h2', 'h3'].map(host), environments: ['a', 'b', 'c', 'd'].map((n) => env(n, 'h1')) });
+    const whole = await run(2);
+    expect(serial.mirroring).toBe(1);
+    expect(whole.mirroring).toBe(3);
+  });
+
+  it('a failed cut-over withdraws the turns of the VMs mirroring ahead: they are not moved (Pending, mirror dropped) and nothing else starts', async () => {
+    spec = { environments: ['a'], targetHost: 'h2', transfer: { precopy: true, mirrorAhead: 2 }, hostLimits: { maxOutboundPerHost: 7, maxInboundPerHost: 7 } };
+    const p = pipelined({ mirrorMs: 20, downMs: 10, failAt: 'a/node-1' });
+    await runMigration(vmm(spec), deps(p.move), new AbortController().signal);
+    expect(status.phase).toBe('Failed');
+    expect(p.cutovers).toEqual(['a/node-1']);
+    expect(status.vms?.map((v) => [v.name, v.phase])).toEqual([['node-1', 'RolledBack'], ['node-2', 'Pending'], ['node-3', 'Pending']]);
+    expect(status.vms?.find((v) => v.name === 'node-2')?.message).toMatch(/^not moved: not cut over: a\/node-1 failed at step verify: guest data differ .*; its mirror ahead was dropped, the VM never stopped$/);
+    expect((await store.moves('uid-1')).map((m) => [m.vm, m.phase])).toEqual([['node-1', 'RolledBack'], ['node-2', 'Pending'], ['node-3', 'Pending']]);
   });
 });

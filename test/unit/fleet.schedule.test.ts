@@ -85,6 +85,29 @@ describe('nextMoves: which environment may start its next VM', () => {
     expect(d.waiting).toEqual([]);
   });
 
+  it('pre-copy mirrors up to mirrorAhead of an environment\'s next VMs behind the one moving; other environments\' next VMs come first for the host limits', () => {
+    const p = plan([{ env: 'a', from: 'h1', to: 'h2' }, { env: 'b', from: 'h1', to: 'h3' }]);
+    const [a1, a2, a3, a4] = p.filter((e) => e.environment === 'a');
+    // a/beachhead moving: a/node-1 and a/node-2 mirror ahead, b starts its first VM
+    const d = nextMoves(base(p, { queues: queues(p).map((q) => (q.environment === 'a' ? { ...q, pending: q.pending.slice(1), started: true } : q)), inFlight: [a1!], mirrorAhead: 2 }));
+    expect(d.start.map((e) => `${e.environment}/${e.vm}`)).toEqual(['b/beachhead']);
+    // h1 sends 4 then (maxOutboundPerHost 4): b's next VMs find no slot left
+    expect(d.ahead.map((e) => `${e.environment}/${e.vm}`)).toEqual(['a/node-1', 'a/node-2']);
+    expect(nextMoves(base(p, { queues: queues(p).map((q) => (q.environment === 'a' ? { ...q, pending: q.pending.slice(1), started: true } : q)), inFlight: [a1!], mirrorAhead: 2, limits: limits({ maxOutboundPerHost: 6 }) })).ahead.map((e) => `${e.environment}/${e.vm}`))
+      .toEqual(['a/node-1', 'a/node-2', 'b/node-1', 'b/node-2']);
+    // the disruption cap counts environments: a's moves mirroring ahead do not keep b from starting
+    const capped = nextMoves(base(p, { queues: queues(p).map((q) => (q.environment === 'a' ? { ...q, pending: q.pending.slice(3), started: true } : q)), inFlight: [a1!, a2!, a3!], limits: limits({ maxDisruptedEnvironments: 2, maxOutboundPerHost: 6 }), mirrorAhead: 2 }));
+    expect(capped.start.map((e) => e.vm)).toEqual(['beachhead']);
+    expect(capped.ahead.map((e) => `${e.environment}/${e.vm}`)).toEqual(['b/node-1', 'b/node-2']);
+    // mirrors are transfers: with 3 outbound from h1, b's first VM takes the last slot, nothing mirrors ahead
+    const tight = nextMoves(base(p, { queues: queues(p).map((q) => (q.environment === 'a' ? { ...q, pending: q.pending.slice(2), started: true } : q)), inFlight: [a1!, a2!], limits: limits({ maxOutboundPerHost: 3 }), mirrorAhead: 6 }));
+    expect(tight.start.map((e) => `${e.environment}/${e.vm}`)).toEqual(['b/beachhead']);
+    expect(tight.ahead).toEqual([]);
+    // nothing ahead without a VM of the environment moving, nor with mirrorAhead 0
+    expect(nextMoves(base(p, { mirrorAhead: 2, limits: limits({ maxParallelEnvironments: 1 }) })).ahead.map((e) => e.vm)).toEqual(['node-1', 'node-2']);
+    expect(nextMoves(base(p, { inFlight: [a4!], queues: queues(p).map((q) => (q.environment === 'a' ? { ...q, pending: q.pending.slice(4), started: true } : q)), mirrorAhead: 0 })).ahead).toEqual([]);
+  });
+
   it('pre-copy starts before the window (warm migration: the flow holds the cut-over), never after it closed; cold waits', () => {
     const p = plan([{ env: 'a', from: 'h1', to: 'h2' }, { env: 'b', from: 'h1', to: 'h3' }, { env: 'c', from: 'h1', to: 'h2' }]);
     const opens = Date.parse('2026-11-27T06:00:00Z');

@@ -13,7 +13,7 @@ describe('spec defaults', () => {
   it('the CRD schema applies the same defaults as SPEC_DEFAULTS', () => {
     const d = SPEC_DEFAULTS;
     expect({
-      strategy: at('strategy'), precopy: at('transfer', 'precopy'), compression: at('transfer', 'compression'), stallTimeoutSeconds: at('transfer', 'stallTimeoutSeconds'),
+      strategy: at('strategy'), precopy: at('transfer', 'precopy'), mirrorAhead: at('transfer', 'mirrorAhead'), compression: at('transfer', 'compression'), stallTimeoutSeconds: at('transfer', 'stallTimeoutSeconds'),
       live: { downtimeLimit: at('live', 'downtimeLimit'), convergenceTimeout: at('live', 'convergenceTimeout'), fallback: at('live', 'fallback') },
       drain: {
         timeout: at('drain', 'timeout'), gracePeriodSeconds: at('drain', 'gracePeriodSeconds'), deleteEmptyDirData: at('drain', 'deleteEmptyDirData'),

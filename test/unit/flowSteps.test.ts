@@ -132,6 +132,29 @@ describe('flowSteps: the point of no return', () => {
   });
 });
 
+describe('flowSteps: mirrored ahead (pipelined pre-copy)', () => {
+  const input = (o: Partial<FlowInput>): FlowInput => ({ location: 'source-running', journal: { converged: false }, role: 'worker', capabilities: { loadBalancer: false }, settings: settingsFrom({ targetHost: 'h2', environments: ['e'], transfer: { precopy: true } }), ahead: true, ...o });
+
+  it('a move mirrored ahead waits for its turn right after the mirror started, before the window and anything disruptive', () => {
+    expect(flowSteps(input({})).steps.map((s) => s.name).slice(0, 4)).toEqual(['mirror', 'turn', 'cordon', 'drain']);
+    const windowed = settingsFrom({ targetHost: 'h2', environments: ['e'], transfer: { precopy: true }, window: { notBefore: '2026-11-27T06:00:00Z' } });
+    expect(flowSteps(input({ settings: windowed })).steps.map((s) => s.name).slice(0, 4)).toEqual(['mirror', 'turn', 'window', 'cordon']);
+  });
+
+  it('a controller mirrored ahead asks the quorum gate after its turn (before, the previous controller is still moving), and again before the stop', () => {
+    const names = flowSteps(input({ role: 'controller' })).steps.map((s) => s.name);
+    expect(names.slice(0, 5)).toEqual(['mirror', 'turn', 'quorum', 'cordon', 'drain']);
+    expect(names.filter((n) => n === 'quorum')).toHaveLength(2);
+    expect(flowSteps(input({ role: 'controller', ahead: false })).steps.map((s) => s.name).slice(0, 2)).toEqual(['quorum', 'mirror']);
+  });
+
+  it('cold and live moves are never mirrored ahead', () => {
+    for (const spec of [{}, { strategy: 'LiveMigrate' as const }]) {
+      expect(flowSteps(input({ settings: settingsFrom({ targetHost: 'h2', environments: ['e'], ...spec }) })).steps.map((s) => s.name)).not.toContain('turn');
+    }
+  });
+});
+
 describe('flowSteps: warm migration', () => {
   const settings = (window: Partial<VMMigrationSpec>) => settingsFrom({ targetHost: 'h2', environments: ['e'], transfer: { precopy: true }, ...window });
   const input = (o: Partial<FlowInput>): FlowInput => ({ location: 'source-running', journal: { converged: false }, role: 'worker', capabilities: { loadBalancer: false }, settings: settings({}), ...o });

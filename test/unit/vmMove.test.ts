@@ -4,6 +4,7 @@
  */
 import { describe, expect, it } from 'vitest';
 import { settingsFrom } from '../../src/api/types.js';
+import { TurnWithdrawn } from '../../src/migrate/fleet.js';
 import { Handover, moveVm, MoveError, type MoveHost } from '../../src/migrate/vmMove.js';
 import type { Store } from '../../src/store/store.js';
 import { context } from './moveDoubles.js';
@@ -531,6 +532,38 @@ describe('moveVm: warm migration (pre-copy before the window)', () => {
     const err = await moveVm(ctx).catch((e: unknown) => e);
     expect(err).toMatchObject({ step: 'window', outcome: 'rolled-back' });
     expect((err as Error).message).toMatch(/not cutting over: the window closed at 2026-11-27T06:00:00.000Z/);
+    expect(calls.slice(0, 2)).toEqual(['mirror', 'mirror-abort']);
+    expect(calls.filter((c) => c.startsWith('cordon') || c === 'halt' || c.endsWith(':stop'))).toEqual([]);
+    expect(source.state).toBe('running');
+  });
+});
+
+describe('moveVm: mirrored ahead (pipelined pre-copy)', () => {
+  const precopy = () => settingsFrom({ targetHost: 'host02', environments: ['e'], transfer: { precopy: true } });
+
+  it('mirrors first, then waits for its turn; nothing is cordoned, stopped or asked of the quorum gate before it', async () => {
+    const { ctx, calls } = await context('running', 'absent');
+    ctx.settings = precopy();
+    let grant!: () => void;
+    const granted = new Promise<void>((r) => { grant = r; });
+    ctx.turn = async () => { calls.push('turn-wait'); await granted; calls.push('turn-granted'); };
+    const moving = moveVm(ctx);
+    for (let i = 0; i < 50 && !calls.includes('turn-wait'); i++) await new Promise((r) => setTimeout(r, 5));
+    await new Promise((r) => setTimeout(r, 20));
+    expect(calls).toEqual(['mirror', 'turn-wait']);
+    grant();
+    await moving;
+    // a controller mirrored ahead asks the quorum gate after its turn, before the cordon
+    expect(calls.slice(0, 4)).toEqual(['mirror', 'turn-wait', 'turn-granted', 'cordon:e-controller-1']);
+  });
+
+  it('a withdrawn turn drops the mirror and leaves the VM running on the source, never stopped; the error carries the withdrawal', async () => {
+    const { ctx, calls, source } = await context('running', 'absent');
+    ctx.settings = precopy();
+    ctx.turn = async () => { throw new TurnWithdrawn('not cut over: e/node-1 failed'); };
+    const err = await moveVm(ctx).catch((e: unknown) => e);
+    expect(err).toMatchObject({ step: 'turn', outcome: 'rolled-back' });
+    expect((err as Error).cause).toBeInstanceOf(TurnWithdrawn);
     expect(calls.slice(0, 2)).toEqual(['mirror', 'mirror-abort']);
     expect(calls.filter((c) => c.startsWith('cordon') || c === 'halt' || c.endsWith(':stop'))).toEqual([]);
     expect(source.state).toBe('running');
