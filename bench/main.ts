@@ -5,7 +5,7 @@
  *   BENCH_SCALE=0.1 npm run bench     # 0.1 = 205 MiB qcow2 + 2 GiB sparse raw (205 MiB allocated)
  *   BENCH_METHODS=b,c,d               # subset of a,b,c,d,e
  *   BENCH_DIR=/var/tmp/x              # where hosts and the bastion live (default: a temp dir)
- *   BENCH_PARTS=transfer,downtime     # which parts to run (default both); downtime: see bench/downtime.ts; scale: bench/scale.ts; fleet: bench/fleet.ts; ha: bench/ha.ts
+ *   BENCH_PARTS=transfer,downtime     # which parts to run (default both); downtime: see bench/downtime.ts; scale: bench/scale.ts; fleet: bench/fleet.ts; environment: bench/environment.ts; ha: bench/ha.ts
  *   BENCH_STRATEGIES=cold,precopy,precopy-verify,live   # downtime part: subset of strategies
  */
 import { execFile, spawn } from 'node:child_process';
@@ -19,6 +19,7 @@ import { relayFile } from '../src/transfer/relay.js';
 import { ensureHostUser, startHosts } from '../test/world/hosts.js';
 import { allocatedBytes, createMixedFile, createSparseFile } from '../test/world/images.js';
 import { downtimeTable, runDowntime, type DowntimeRow } from './downtime.js';
+import { runEnvironment } from './environment.js';
 import { runFleet } from './fleet.js';
 import { runHa } from './ha.js';
 import { runScale } from './scale.js';
@@ -58,6 +59,7 @@ async function main(): Promise<void> {
     if (parts.includes('transfer')) await runTransfer(baseDir).catch((err: unknown) => (failed = err));
     if (parts.includes('scale')) console.log(`\n${await runScale({ baseDir })}`);
     if (parts.includes('fleet')) console.log(`\n${await runFleet()}`);
+    if (parts.includes('environment')) console.log(`\n${await runEnvironment()}`);
     if (parts.includes('ha')) console.log(`\n${await runHa()}`);
     if (parts.includes('downtime')) {
       let rows: DowntimeRow[] = [];

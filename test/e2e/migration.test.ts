@@ -281,18 +281,38 @@ describe('downtime strategies through the operator (real QEMU, real kubectl)', (
     await expectIncrementalVerification('live-back');
   }, 700_000);
 
+  /** `history`'s step lines (start time, step, outcome) per VM, as the operator journaled them. */
+  async function stepsOf(migration: string): Promise<{ text: string; byVm: Map<string, { at: number; step: string }[]> }> {
+    const text = await promisify(execFile)(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'history', migration, '--db', sb.dbPath], { cwd: REPO_ROOT }).then((x) => x.stdout);
+    const byVm = new Map<string, { at: number; step: string }[]>();
+    let vm = '';
+    for (const l of text.split('\n')) {
+      const head = /^ {2}\S+\/(\S+)\s/.exec(l);
+      if (head) byVm.set((vm = head[1]!), []);
+      const step = /^ {4}(\S+)\s+(\w+)\s/.exec(l);
+      if (step && vm) byVm.get(vm)!.push({ at: Date.parse(step[1]!), step: step[2]! });
+    }
+    return { text, byVm };
+  }
+
   /** Each VM's verify compared only what changed since the pre-pass (journaled, shown by `history`). */
   async function expectIncrementalVerification(migration: string): Promise<void> {
-    const history = await promisify(execFile)(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'history', migration, '--db', sb.dbPath], { cwd: REPO_ROOT }).then((x) => x.stdout);
+    const history = (await stepsOf(migration)).text;
     const verified = history.split('\n').filter((l) => /\bverify\s+done\b/.test(l));
     console.log(`[e2e] ${migration}: verification\n${verified.join('\n')}`);
     expect(verified).toHaveLength(sb.environment.vms.length);
     for (const l of verified) expect(l).toMatch(/guest data verified: \d+ changed range\(s\), [0-9.]+ MiB compared at the cut-over; the rest compared while the guest ran/);
   }
 
-  it('Rolling with pre-copy moves the environment to host02 again, one node down at a time, data verified', async () => {
+  it('Rolling with pre-copy, the whole environment mirrored warm before its window: one node down at a time, no cut-over before the window, data verified', async () => {
     const nodes = await watchNodes();
-    const r = await applyStdin(manifest('precopy-again', { environments: ['student-42'], targetHost: 'host02', transfer: { precopy: true }, shutdown: { powerdownTimeout: '1s' } }));
+    // every VM mirrors at once (mirrorAhead 6), the cut-overs wait for the window, then go one by one
+    // all 7 mirrors began within 0.1 s of the apply in a local run: 12 s leaves room for a slow first reconcile
+    const notBefore = Math.ceil((Date.now() + 12_000) / 1000) * 1000;
+    const r = await applyStdin(manifest('precopy-again', {
+      environments: ['student-42'], targetHost: 'host02', transfer: { precopy: true, mirrorAhead: 6 }, hostLimits: { maxOutboundPerHost: 7, maxInboundPerHost: 7 },
+      window: { notBefore: new Date(notBefore).toISOString() }, shutdown: { powerdownTimeout: '1s' },
+    }));
     expect(r.code, r.stderr).toBe(0);
     const o = await waitForPhase('precopy-again', ['Succeeded', 'Failed'], 600_000);
     nodes.stop();
@@ -301,6 +321,15 @@ describe('downtime strategies through the operator (real QEMU, real kubectl)', (
     const h02 = await sb.hypervisor('host02');
     for (const vm of sb.environment.vms) expect((await h02.vmStatus(sb.environment.name, vm)).state, vm.name).toBe('running');
     console.log(`[e2e] pre-copy downtime per VM: ${o.status!.vms!.map((v) => `${v.name}=${v.downtimeSeconds?.toFixed(3)}s`).join(' ')}`);
+    const { byVm } = await stepsOf('precopy-again');
+    const first = (vm: string, step: string) => byVm.get(vm)?.find((x) => x.step === step)?.at ?? Number.NaN;
+    console.log(`[e2e] precopy-again, relative to the window's opening: ${sb.environment.vms.map((v) => `${v.name} mirror ${((first(v.name, 'mirror') - notBefore) / 1000).toFixed(1)} s, cordon ${((first(v.name, 'cordon') - notBefore) / 1000).toFixed(1)} s`).join('; ')}`);
+    for (const vm of sb.environment.vms) {
+      expect(first(vm.name, 'mirror'), `${vm.name}: mirror began before the window opened`).toBeLessThan(notBefore);
+      expect(first(vm.name, 'cordon'), `${vm.name}: cordon after the window opened`).toBeGreaterThanOrEqual(notBefore);
+    }
+    // every VM but the first of the plan mirrored ahead and waited for its turn
+    expect(sb.environment.vms.filter((vm) => !byVm.get(vm.name)!.some((x) => x.step === 'turn'))).toHaveLength(1);
     await expectIncrementalVerification('precopy-again');
   }, 700_000);
 });

@@ -51,7 +51,8 @@ export interface FleetWorld {
   stop(): Promise<void>;
 }
 
-export async function startFleetWorld(opts: { environments: string[]; firstAddress: number; log?: (line: string) => void }): Promise<FleetWorld> {
+/** diskMiB: each VM's qcow2 size (default 16); denseMiB: data written from its start (default: a few scattered MiB) */
+export async function startFleetWorld(opts: { environments: string[]; firstAddress: number; log?: (line: string) => void; diskMiB?: number; denseMiB?: number }): Promise<FleetWorld> {
   const say = opts.log ?? (() => undefined);
   const dir = await mkdtemp(join(tmpdir(), 'vmop-fleet-'));
   let cp: ControlPlane | undefined;
@@ -95,7 +96,7 @@ export async function startFleetWorld(opts: { environments: string[]; firstAddre
       for (const vm of e.vms) {
         const d = h01.vmDir(e.name, vm);
         mkdirSync(d, { recursive: true });
-        await createDiskImage(join(d, 'disk0.qcow2'), { sizeMiB: 16, format: 'qcow2', seed: seed++, regions: 4 });
+        await createDiskImage(join(d, 'disk0.qcow2'), { sizeMiB: opts.diskMiB ?? 16, format: 'qcow2', seed: seed++, regions: 4, ...(opts.denseMiB ? { denseMiB: opts.denseMiB } : {}) });
         await createDiskImage(join(d, 'seed.img'), { sizeMiB: 1, format: 'raw', seed: seed++, regions: 2 });
         for (const f of vm.files) {
           await adoptHostFile(join(d, f.name));

@@ -17,6 +17,8 @@ export interface DiskImageOptions {
   seed: number;
   /** number of data regions written; the rest of the image stays a hole */
   regions?: number;
+  /** MiB of data written from the image's start, besides the regions */
+  denseMiB?: number;
 }
 
 /** mulberry32: tiny, seedable, good enough to spread regions. */
@@ -47,6 +49,8 @@ export async function createDiskImage(path: string, opts: DiskImageOptions): Pro
     const pattern = 1 + Math.floor(rnd() * 255);
     cmds.push('-c', `write -q -P ${pattern} ${startUnit * unit} ${lenUnits * unit}`);
   }
+  // dense data from the start (a filled guest disk), a different byte per MiB so nothing dedups or reads as zero
+  for (let m = 0; m < (opts.denseMiB ?? 0); m++) cmds.push('-c', `write -q -P ${1 + (m % 255)} ${m * 1048576} 1048576`);
   await execFileP('qemu-io', ['-f', opts.format, ...cmds, path]);
   // Inside a test host's vmDir the image belongs to the host's (unprivileged) user, as QEMU there runs as it.
   await adoptHostFile(path);
