@@ -7,6 +7,8 @@
  *   pre-copy  startPrecopy → ready → precopyCutover (ACPI power-down with shutdown action pause; verify on
  *             = what the operator runs, verify off for comparison)
  *   live      liveMigrate
+ *   live-dirty / live-dirty-ac   liveMigrate (verify on) of a guest rewriting BENCH_DIRTY_MIB (48) MiB of RAM as fast
+ *             as it can, auto-converge off / on (convergence timeout BENCH_DIRTY_TIMEOUT_S, 60 s)
  *
  * Guest-observed downtime = the gap between the guest's last heartbeat on the source and its first on
  * the target (every 10 ms on its serial port, timestamped on arrival by test/world/guestObserver.ts). Split for cold and pre-copy:
@@ -39,7 +41,7 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 
 export interface DowntimeRow {
   strategy: string;
-  workload: 'idle' | 'writes';
+  workload: 'idle' | 'writes' | 'RAM dirtier';
   disk: string;
   /** guest-observed; -1 = failed */
   downtimeMs: number;
@@ -54,6 +56,7 @@ export interface DowntimeRow {
 }
 
 const WRITES_PER_SECOND = Number(process.env.BENCH_GUEST_WRITES ?? '200');
+const DIRTY_MIB = Number(process.env.BENCH_DIRTY_MIB ?? '48');
 
 export async function runDowntime(opts: { baseDir: string; scale: number; strategies?: string[] }): Promise<DowntimeRow[]> {
   const scale = opts.scale;
@@ -95,8 +98,8 @@ export async function runDowntime(opts: { baseDir: string; scale: number; strate
 
     let n = 0;
     const sock = (host: HostSpec, vm: VMSpec): string => path.join(vmDirectory(host, ENV, vm.name), 'heartbeat.sock');
-    const freshVm = async (template: string, busy: boolean): Promise<{ vm: VMSpec; obs: GuestObserver }> => {
-      const vm = realGuestVm(`vm${++n}`, { memoryMiB, writesPerSecond: busy ? WRITES_PER_SECOND : 0 });
+    const freshVm = async (template: string, busy: boolean, dirtyMiB = 0): Promise<{ vm: VMSpec; obs: GuestObserver }> => {
+      const vm = realGuestVm(`vm${++n}`, { memoryMiB, writesPerSecond: busy ? WRITES_PER_SECOND : 0, dirtyMiB });
       const dir = vmDirectory(h1, ENV, vm.name);
       await installGuest(dir, { diskMiB: 16 });
       const file = path.join(dir, 'disk0.qcow2');
@@ -188,9 +191,14 @@ export async function runDowntime(opts: { baseDir: string; scale: number; strate
         }
       };
 
-    const live = (verify: boolean): Run => async (vm, obs) => {
+    const live = (verify: boolean, autoConverge?: boolean): Run => async (vm, obs) => {
       const t0 = performance.now();
-      const res = await liveMigrate({ source: hv1, target: hv2, environment: ENV, vm, downtimeLimitMs: 300, verify });
+      let throttle = 0;
+      const res = await liveMigrate({
+        source: hv1, target: hv2, environment: ENV, vm, downtimeLimitMs: 300, verify,
+        ...(autoConverge === undefined ? {} : { autoConverge, convergenceTimeoutMs: Number(process.env.BENCH_DIRTY_TIMEOUT_S ?? '60') * 1000 }),
+        onProgress: (p) => { throttle = Math.max(throttle, p.cpuThrottlePercent ?? 0); },
+      });
       const t1 = performance.now();
       await obs.waitBeat({ since: t1, from: sock(h2, vm), timeoutMs: 60_000 });
       const gap = obs.handover(sock(h1, vm), sock(h2, vm));
@@ -205,29 +213,32 @@ export async function runDowntime(opts: { baseDir: string; scale: number; strate
         operatorFigureMs: res.measuredDowntimeMs,
         totalMs: t1 - t0,
         bytes: res.bytes.total,
-        note: `${res.verification ? `verified (${'ranges' in res.verification ? `${res.verification.ranges} changed ranges, ${(res.verification.bytes / MiB).toFixed(1)} MiB` : `in full: ${res.verification.why}`}); ` : ''}longest heartbeat gap during the whole move ${longest.ms.toFixed(0)} ms; QEMU downtime ${res.qemuDowntimeMs} ms; disks ${(res.bytes.disks / MiB).toFixed(1)} MiB + RAM stream ${(res.bytes.migration / MiB).toFixed(1)} MiB; mirror ${p.mirrorMs} ms, migrate ${p.migrateMs} ms; ${check}`,
+        note: `${autoConverge === undefined ? '' : `auto-converge ${autoConverge ? `on, vCPU throttle up to ${throttle}%` : 'off'}; `}${res.verification ? `verified (${'ranges' in res.verification ? `${res.verification.ranges} changed ranges, ${(res.verification.bytes / MiB).toFixed(1)} MiB` : `in full: ${res.verification.why}`}); ` : ''}longest heartbeat gap during the whole move ${longest.ms.toFixed(0)} ms; QEMU downtime ${res.qemuDowntimeMs} ms; disks ${(res.bytes.disks / MiB).toFixed(1)} MiB + RAM stream ${(res.bytes.migration / MiB).toFixed(1)} MiB; mirror ${p.mirrorMs} ms, migrate ${p.migrateMs} ms; ${check}`,
       };
     };
 
-    const strategies: Array<{ key: string; label: string; run: Run }> = [
+    const strategies: Array<{ key: string; label: string; run: Run; dirty?: boolean }> = [
       { key: 'cold', label: 'cold (stop, relay, start)', run: cold },
       { key: 'precopy', label: 'pre-copy, verify off', run: precopy(false) },
       { key: 'precopy-verify', label: 'pre-copy, verify on', run: precopy(true) },
       { key: 'live', label: 'live, verify off', run: live(false) },
       { key: 'live-verify', label: 'live, verify on', run: live(true) },
+      { key: 'live-dirty', label: 'live, verify on, auto-converge off', run: live(true, false), dirty: true },
+      { key: 'live-dirty-ac', label: 'live, verify on, auto-converge on', run: live(true, true), dirty: true },
     ];
     for (const t of templates) {
       for (const s of strategies.filter((x) => wanted.includes(x.key))) {
-        for (const busy of [false, true]) {
-          const workload = busy ? 'writes' : 'idle';
+        for (const busy of s.dirty ? [true] : [false, true]) {
+          const workload = s.dirty ? 'RAM dirtier' : busy ? 'writes' : 'idle';
           console.error(`downtime: ${t.label}: ${s.label}, ${workload}…`);
           let vm: VMSpec | undefined;
           let obs: GuestObserver | undefined;
           try {
-            ({ vm, obs } = await freshVm(t.file, busy));
+            ({ vm, obs } = await freshVm(t.file, busy, s.dirty ? DIRTY_MIB : 0));
             const r = await s.run(vm, obs);
             rows.push({ strategy: s.label, workload, disk: t.label, ...r, note: `${accel}; ${r.note}` });
           } catch (err) {
+            console.error(`downtime: ${s.label}, ${workload}: FAILED: ${(err as Error).message}`);
             rows.push({ strategy: s.label, workload, disk: t.label, downtimeMs: -1, operatorFigureMs: -1, totalMs: -1, bytes: 0, note: `FAILED: ${(err as Error).message}` });
           } finally {
             if (vm && obs) await cleanup(vm, obs);

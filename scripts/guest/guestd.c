@@ -8,6 +8,8 @@
  *   verify     at boot and on request ("verify\n" received on ttyS1): reads the whole ring with O_DIRECT
  *              (the disk, not the page cache) and prints
  *                "VERIFY ok records=<n> first=<seq> last=<seq> boot=<b>"  or  "VERIFY FAIL <reason>"
+ *   dirtier    with vmops.dirtymib=N: rewrites one word in every page of an N MiB buffer, vmops.dirtyrate
+ *              MiB/s (0 = as fast as it can): RAM that a live migration has to send again and again
  *   power      the ACPI power button (input event KEY_POWER from button.ko via evdev): the writer
  *              finishes its record, everything is synced, "POWEROFF clean acked=<seq>" is printed and
  *              the guest powers off. vmops.acpi=ignore makes the guest ignore the button ("POWER ignored").
@@ -48,7 +50,7 @@ struct shared {
 
 static struct shared *sh;
 static char logdev[64] = "vda";
-static long logmib = 8, rate = 50, hb_ms = 10;
+static long logmib = 8, rate = 50, hb_ms = 10, dirtymib = 0, dirtyrate = 0;
 static int acpi_ignore = 0;
 static int tty = -1;
 
@@ -198,6 +200,26 @@ static void writer(void) {
   _exit(0);
 }
 
+static void dirtier(void) {
+  size_t len = (size_t)dirtymib * 1024 * 1024;
+  volatile uint64_t *buf = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (buf == MAP_FAILED) { say("DIRTIER FAIL mmap %ld MiB", dirtymib); _exit(1); }
+  say("DIRTIER start %ld MiB at %ld MiB/s", dirtymib, dirtyrate);
+  uint64_t pass = 0, next = now_ns();
+  for (;;) {
+    pass++;
+    for (long m = 0; m < dirtymib; m++) {
+      for (size_t pg = 0; pg < 256; pg++) buf[((size_t)m * 256 + pg) * 512] = pass;
+      if (dirtyrate > 0) {
+        next += 1000000000ULL / (uint64_t)dirtyrate;
+        uint64_t t = now_ns();
+        if (next < t) next = t;
+        sleep_until(next);
+      }
+    }
+  }
+}
+
 static void heartbeat(void) {
   uint64_t beat = 0, next = now_ns();
   char in[64];
@@ -239,6 +261,8 @@ static void params(void) {
     else if (!strncmp(t, "vmops.logmib=", 13)) logmib = atol(t + 13);
     else if (!strncmp(t, "vmops.rate=", 11)) rate = atol(t + 11);
     else if (!strncmp(t, "vmops.hb=", 9)) hb_ms = atol(t + 9);
+    else if (!strncmp(t, "vmops.dirtymib=", 15)) dirtymib = atol(t + 15);
+    else if (!strncmp(t, "vmops.dirtyrate=", 16)) dirtyrate = atol(t + 16);
     else if (!strcmp(t, "vmops.acpi=ignore")) acpi_ignore = 1;
   }
   if (logmib < 1) logmib = 1;
@@ -319,6 +343,7 @@ int main(void) {
   if (hb == 0) heartbeat();
   pid_t wr = fork();
   if (wr == 0) writer();
+  if (dirtymib > 0 && fork() == 0) dirtier();
 
   struct pollfd fds[8];
   int nfds = 0, scans = 0;

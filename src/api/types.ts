@@ -31,7 +31,7 @@ export interface VMMigrationSpec {
   cancel?: string[];
   strategy?: Strategy;
   transfer?: { mode?: 'Relay'; precopy?: boolean; mirrorAhead?: number; compression?: 'None' | 'Zstd' | 'Auto'; bandwidthLimitMiBps?: number; stallTimeoutSeconds?: number };
-  live?: { downtimeLimit?: string; maxBandwidthMiBps?: number; convergenceTimeout?: string; fallback?: LiveFallback };
+  live?: { downtimeLimit?: string; maxBandwidthMiBps?: number; convergenceTimeout?: string; autoConverge?: boolean; fallback?: LiveFallback };
   maxUnavailablePerEnvironment?: number;
   drain?: { timeout?: string; gracePeriodSeconds?: number; deleteEmptyDirData?: boolean; force?: boolean; ignoreDaemonSets?: boolean; skipWaitForDeleteTimeoutSeconds?: number };
   shutdown?: { powerdownTimeout?: string };
@@ -89,6 +89,8 @@ export interface LiveFigures {
   transferredBytes: number;
   totalBytes: number;
   dirtyPagesPerSecond?: number;
+  /** auto-converge's vCPU throttle, percent (absent while QEMU does not throttle) */
+  cpuThrottlePercent?: number;
 }
 
 export type EnvironmentPhase = 'Pending' | 'Running' | 'Waiting' | 'Succeeded' | 'Failed' | 'Cancelled';
@@ -151,7 +153,7 @@ export interface MigrationSettings {
   precopy: boolean;
   /** pre-copy: VMs of an environment that mirror while the one before them drains and cuts over */
   mirrorAhead: number;
-  live: { downtimeLimitMs: number; maxBandwidthBytesPerSec: number | undefined; convergenceTimeoutMs: number; fallback: LiveFallback };
+  live: { downtimeLimitMs: number; maxBandwidthBytesPerSec: number | undefined; convergenceTimeoutMs: number; autoConverge: boolean; fallback: LiveFallback };
   stallTimeoutMs: number;
   compression: 'none' | 'zstd' | 'auto';
   bandwidthLimitBytesPerSec: number | undefined;
@@ -206,7 +208,7 @@ export const SPEC_DEFAULTS = {
   mirrorAhead: 1,
   compression: 'None',
   stallTimeoutSeconds: 60,
-  live: { downtimeLimit: '300ms', convergenceTimeout: '10m', fallback: 'PreCopy' },
+  live: { downtimeLimit: '300ms', convergenceTimeout: '10m', autoConverge: true, fallback: 'PreCopy' },
   // kubectl drain's defaults, except ignoreDaemonSets (README, "Drain"): DaemonSet pods stay with the node, which comes back
   drain: { timeout: '10m', gracePeriodSeconds: -1, deleteEmptyDirData: false, force: false, ignoreDaemonSets: true, skipWaitForDeleteTimeoutSeconds: 0 },
   powerdownTimeout: '60s',
@@ -286,6 +288,7 @@ export function settingsFrom(spec: VMMigrationSpec): MigrationSettings {
       downtimeLimitMs: parseDuration(spec.live?.downtimeLimit ?? d.live.downtimeLimit),
       maxBandwidthBytesPerSec: spec.live?.maxBandwidthMiBps ? spec.live.maxBandwidthMiBps * 1048576 : undefined,
       convergenceTimeoutMs: parseDuration(spec.live?.convergenceTimeout ?? d.live.convergenceTimeout),
+      autoConverge: spec.live?.autoConverge ?? d.live.autoConverge,
       fallback: spec.live?.fallback ?? d.live.fallback,
     },
     stallTimeoutMs: (spec.transfer?.stallTimeoutSeconds ?? d.stallTimeoutSeconds) * 1000,

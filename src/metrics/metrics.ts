@@ -143,10 +143,13 @@ export const liveRemainingBytes = new Gauge({ name: 'vmops_live_migration_remain
 export const liveExpectedDowntime = new Gauge({ name: 'vmops_live_migration_expected_downtime_seconds', help: "QEMU's expected stop-and-copy downtime for the live migration in flight; 0 when none runs", registers: [registry] });
 export const liveDirtyPages = new Gauge({ name: 'vmops_live_migration_dirty_pages_per_second', help: 'Guest pages dirtied per second during the live migration in flight (QEMU); 0 when none runs', registers: [registry] });
 
-export function recordLiveFigures(f: { remainingBytes: number; expectedDowntimeMs?: number; dirtyPagesPerSecond?: number } | undefined): void {
+export const liveCpuThrottle = new Gauge({ name: 'vmops_live_migration_cpu_throttle_percent', help: 'vCPU throttle auto-converge applies to the guest of the live migration in flight (QEMU), percent; 0 when none', registers: [registry] });
+
+export function recordLiveFigures(f: { remainingBytes: number; expectedDowntimeMs?: number; dirtyPagesPerSecond?: number; cpuThrottlePercent?: number } | undefined): void {
   liveRemainingBytes.set(f?.remainingBytes ?? 0);
   liveExpectedDowntime.set((f?.expectedDowntimeMs ?? 0) / 1000);
   liveDirtyPages.set(f?.dirtyPagesPerSecond ?? 0);
+  liveCpuThrottle.set(f?.cpuThrottlePercent ?? 0);
 }
 
 export const moveLastProgress = new Gauge({

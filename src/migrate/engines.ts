@@ -91,11 +91,12 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
       const h = await liveMigrateUntilHandover({
         ...hosts, signal, log, mirrorReadyTimeoutMs: settings.mirrorReadyTimeoutMs,
         downtimeLimitMs: settings.live.downtimeLimitMs, maxBandwidthBytesPerSec: settings.live.maxBandwidthBytesPerSec,
-        convergenceTimeoutMs: settings.live.convergenceTimeoutMs,
+        convergenceTimeoutMs: settings.live.convergenceTimeoutMs, autoConverge: settings.live.autoConverge,
         onProgress: (p) => onProgress(p.phase, p.tunnelBytes, p.ram && {
           remainingBytes: p.ram.remaining, transferredBytes: p.ram.transferred, totalBytes: p.ram.total,
           ...(p.expectedDowntimeMs !== undefined ? { expectedDowntimeMs: p.expectedDowntimeMs } : {}),
           ...(p.ram.dirtyPagesRate !== undefined ? { dirtyPagesPerSecond: p.ram.dirtyPagesRate } : {}),
+          ...(p.cpuThrottlePercent !== undefined ? { cpuThrottlePercent: p.cpuThrottlePercent } : {}),
         }),
       }).catch((err: unknown) => {
         if (err instanceof LiveMigrationAbortedError && settings.live.fallback !== 'None') throw new LiveFellBack(err.message);

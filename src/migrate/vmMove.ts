@@ -514,7 +514,7 @@ const ACTIONS: Record<MoveStep, Action> = {
       signal: ctx.signal,
       onProgress: (message, bytes, figures) => ctx.observer.progress({
         bytesTransferred: bytes, ...(figures ? { live: figures } : {}),
-        message: `live: ${message}${figures ? `, RAM ${mib(figures.remainingBytes)} of ${mib(figures.totalBytes)} left${figures.expectedDowntimeMs !== undefined ? `, QEMU expects ${figures.expectedDowntimeMs} ms downtime` : ''}` : ''}`,
+        message: `live: ${message}${figures ? `, RAM ${mib(figures.remainingBytes)} of ${mib(figures.totalBytes)} left${figures.expectedDowntimeMs !== undefined ? `, QEMU expects ${figures.expectedDowntimeMs} ms downtime` : ''}${figures.cpuThrottlePercent ? `, guest vCPUs throttled ${figures.cpuThrottlePercent}% (auto-converge)` : ''}` : ''}`,
       }),
     });
     st.bytes = st.live.bytes;

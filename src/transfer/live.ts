@@ -50,6 +50,8 @@ export interface LiveProgress {
   ram?: { transferred: number; remaining: number; total: number; dirtyPagesRate?: number };
   /** QEMU's expected downtime (ms) at the current dirty rate and bandwidth */
   expectedDowntimeMs?: number;
+  /** auto-converge's vCPU throttle (percent), once QEMU throttles */
+  cpuThrottlePercent?: number;
   tunnelBytes: number;
 }
 
@@ -66,6 +68,8 @@ export interface LiveMigrateOptions {
   mirrorReadyTimeoutMs?: number;
   /** RAM migration: give up (migrate_cancel, clean abort) if not completed in time (default 10 min) */
   convergenceTimeoutMs?: number;
+  /** QEMU's auto-converge capability: throttle the guest's vCPUs while it dirties RAM faster than it is sent (default false) */
+  autoConverge?: boolean;
   onProgress?: (p: LiveProgress) => void;
   signal?: AbortSignal;
   pollMs?: number;
@@ -121,6 +125,7 @@ interface MigrateInfo {
   'error-desc'?: string;
   'expected-downtime'?: number;
   ram?: { transferred: number; remaining: number; total: number; 'dirty-pages-rate'?: number };
+  'cpu-throttle-percentage'?: number;
 }
 
 async function status(qmp: QmpClient): Promise<string> {
@@ -262,6 +267,7 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
       'downtime-limit': opts.downtimeLimitMs ?? 300,
       'max-bandwidth': opts.maxBandwidthBytesPerSec ?? QEMU_DEFAULT_MAX_BANDWIDTH,
     });
+    await src.execute('migrate-set-capabilities', { capabilities: [{ capability: 'auto-converge', state: opts.autoConverge === true }] });
     const migSock = `${dstDir}/migrate.sock`;
     await dst.execute('migrate-incoming', { uri: `unix:${migSock}` });
     const migTunnel = await openTunnel({ a: source.conn, b: target.conn, socketPathOnA: tunnelSocketPath(srcDir, 'mig'), destination: { unixPath: migSock } });
@@ -277,6 +283,7 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
         mirror: jobs.progress,
         ram: mig.ram ? { transferred: mig.ram.transferred, remaining: mig.ram.remaining, total: mig.ram.total, dirtyPagesRate: mig.ram['dirty-pages-rate'] } : undefined,
         expectedDowntimeMs: mig['expected-downtime'],
+        ...(mig['cpu-throttle-percentage'] !== undefined ? { cpuThrottlePercent: mig['cpu-throttle-percentage'] } : {}),
         tunnelBytes: tunnelBytes(),
       });
       if (mig.status === 'completed') break;

@@ -14,7 +14,7 @@ describe('spec defaults', () => {
     const d = SPEC_DEFAULTS;
     expect({
       strategy: at('strategy'), precopy: at('transfer', 'precopy'), mirrorAhead: at('transfer', 'mirrorAhead'), compression: at('transfer', 'compression'), stallTimeoutSeconds: at('transfer', 'stallTimeoutSeconds'),
-      live: { downtimeLimit: at('live', 'downtimeLimit'), convergenceTimeout: at('live', 'convergenceTimeout'), fallback: at('live', 'fallback') },
+      live: { downtimeLimit: at('live', 'downtimeLimit'), convergenceTimeout: at('live', 'convergenceTimeout'), autoConverge: at('live', 'autoConverge'), fallback: at('live', 'fallback') },
       drain: {
         timeout: at('drain', 'timeout'), gracePeriodSeconds: at('drain', 'gracePeriodSeconds'), deleteEmptyDirData: at('drain', 'deleteEmptyDirData'),
         force: at('drain', 'force'), ignoreDaemonSets: at('drain', 'ignoreDaemonSets'), skipWaitForDeleteTimeoutSeconds: at('drain', 'skipWaitForDeleteTimeoutSeconds'),

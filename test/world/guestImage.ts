@@ -6,7 +6,7 @@
  *
  * What the guest does (details in guestd.c): a heartbeat line every 10 ms on ttyS1 (the VM's
  * heartbeat.sock; see guestObserver.ts), a writer appending checksummed, fsync'd records to a ring
- * in the first `logMiB` MiB of its first disk, a log verification at boot and on request, and a clean
+ * in the first `logMiB` MiB of its first disk, optionally a RAM dirtier (`dirtyMiB`), a log verification at boot and on request, and a clean
  * power-off on the ACPI power button (unless `acpi: 'ignore'`).
  */
 import { execFile } from 'node:child_process';
@@ -39,12 +39,17 @@ export interface GuestOptions {
   /** 'ignore': the guest does not answer the ACPI power button (stopVm must fall back to quit/kill) */
   acpi?: 'on' | 'ignore';
   heartbeatMs?: number;
+  /** RAM the guest keeps rewriting (one word per page), MiB; 0 = none */
+  dirtyMiB?: number;
+  /** how fast it rewrites it, MiB/s (0 = as fast as it can) */
+  dirtyMiBps?: number;
 }
 
 /** Kernel command line of the test guest. */
 export function guestAppend(o: GuestOptions = {}): string {
   const words = ['console=ttyS0', 'quiet', 'panic=-1', `vmops.rate=${o.writesPerSecond ?? 50}`, `vmops.logmib=${o.logMiB ?? 8}`, `vmops.hb=${o.heartbeatMs ?? 10}`];
   if (o.acpi === 'ignore') words.push('vmops.acpi=ignore');
+  if (o.dirtyMiB) words.push(`vmops.dirtymib=${o.dirtyMiB}`, `vmops.dirtyrate=${o.dirtyMiBps ?? 0}`);
   return words.join(' ');
 }
 
