@@ -161,7 +161,8 @@ export async function runDowntime(opts: { baseDir: string; scale: number; strate
       (verify: boolean): Run =>
       async (vm, obs) => {
         const tBegin = performance.now();
-        const pc = await startPrecopy({ source: hv1, target: hv2, environment: ENV, vm });
+        // verify off: no pre-pass either (nothing would use its hashes)
+        const pc = await startPrecopy({ source: hv1, target: hv2, environment: ENV, vm, prepass: verify });
         try {
           await pc.ready;
           const tReady = performance.now();
