@@ -22,7 +22,7 @@ import { boundVmList, environmentSummaries, initialVmList, patchEnvironment, pat
 import { afterMove, resumePlan, safetyWait } from '../migrate/rules.js';
 import { moveVm, MoveError, type MoveContext, type MoveResult, type MoveStep } from '../migrate/vmMove.js';
 import { planMigration } from '../planner/plan.js';
-import { vmFits, type HostCapacity } from '../planner/placement.js';
+import { sourceScratchFits, vmFits, type HostCapacity } from '../planner/placement.js';
 import type { MoveRecord, Store } from '../store/store.js';
 import type { Logger } from '../util/log.js';
 import { sleep } from '../util/sleep.js';
@@ -211,11 +211,15 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         const [source, target] = await Promise.all([connect(sourceHost), connect(targetHost)]);
         if (record.phase === 'Pending' && deps.capacity) {
           // Room on the target, right before this VM moves (also for a hand-named target).
-          const [bytes, room] = await Promise.all([deps.capacity.vmBytes(sourceHost, entry.environment, entry.vm), deps.capacity.host(targetHost)]);
           // pre-copy and live compare the copies through a temporary raw copy of the data on each host
-          const scratchBytes = moveMode(settings) === 'cold' ? 0 : bytes;
+          const scratch = moveMode(settings) !== 'cold';
+          const [bytes, room, sourceRoom] = await Promise.all([
+            deps.capacity.vmBytes(sourceHost, entry.environment, entry.vm), deps.capacity.host(targetHost), scratch ? deps.capacity.host(sourceHost) : undefined,
+          ]);
+          const scratchBytes = scratch ? bytes : 0;
           const fit = vmFits({ vm: name, target: entry.to, allocatedBytes: bytes, scratchBytes, memoryBytes: vmSpec.memoryMiB * 1048576, capacity: room, placement: settings.placement });
-          if (!fit.ok) throw new MoveError('precheck', fit.message, 'waiting', { safe: false, reason: 'WaitingForCapacity', message: fit.message });
+          const srcFit = sourceRoom ? sourceScratchFits({ vm: name, source: entry.from, scratchBytes, capacity: sourceRoom, placement: settings.placement }) : { ok: true as const };
+          for (const f of [fit, srcFit]) if (!f.ok) throw new MoveError('precheck', f.message, 'waiting', { safe: false, reason: 'WaitingForCapacity', message: f.message });
         }
         const guest = await (deps.openGuest ?? ((e) => openGuestCluster(deps.kc, e)))(env);
         const safety = (deps.guestSafety ?? ((_e, g) => ({ guard: readinessGuard(g) })))(env, guest);

@@ -263,3 +263,10 @@ export function vmFits(i: { vm: string; target: string; allocatedBytes: number; 
   if (memFree < i.memoryBytes) shorts.push(`memory: ${gib(Math.max(0, memFree))} available (after a ${gib(i.placement.memoryReserveBytes)} reserve), ${gib(i.memoryBytes)} needed`);
   return shorts.length === 0 ? { ok: true } : { ok: false, message: `${i.target} has no room for ${i.vm}: ${shorts.join(', ')}` };
 }
+
+/** Pre-copy and live compare the copies through a temporary raw copy of the data on the source too: room for it there. */
+export function sourceScratchFits(i: { vm: string; source: string; scratchBytes: number; capacity: HostCapacity; placement: PlacementSettings }): { ok: true } | { ok: false; message: string } {
+  const diskFree = i.capacity.diskFreeBytes - i.placement.diskReserveBytes;
+  if (diskFree >= i.scratchBytes) return { ok: true };
+  return { ok: false, message: `${i.source} has no scratch space to verify ${i.vm}: ${gib(Math.max(0, diskFree))} free in the VM directory (after a ${gib(i.placement.diskReserveBytes)} reserve), ${gib(i.scratchBytes)} needed (a temporary raw copy of the VM's data for the comparison while the guest runs)` };
+}

@@ -187,6 +187,29 @@ describe('runner: a fleet evacuation', () => {
   });
 });
 
+describe('runner: room on the source for the verification scratch copy (pre-copy and live)', () => {
+  it('a source without scratch space for the pre-pass: the VM waits with the numbers, nothing moves; a cold move does not need it', async () => {
+    const tight: HostCapacity = { ...roomy('h1'), diskFreeBytes: 1.02 * GiB };
+    const capacity = { host: async (h: HostSpec) => (h.name === 'h1' ? tight : roomy(h.name)), vmBytes: async () => 64 * 1048576 };
+    spec = { environments: ['a'], targetHost: 'h2', transfer: { precopy: true } };
+    const t = tracker();
+    const err = await runMigration(vmm(spec), deps(t.move, { capacity }), new AbortController().signal).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(RetryLater);
+    expect(t.order).toEqual([]);
+    expect(status.conditions?.find((c) => c.type === 'Progressing')).toMatchObject({
+      reason: 'WaitingForCapacity',
+      message: 'h1 has no scratch space to verify a/node-1: 20.5 MiB free in the VM directory (after a 1.00 GiB reserve), 64.0 MiB needed (a temporary raw copy of the VM\'s data for the comparison while the guest runs)',
+    });
+    store = await Store.open(':memory:');
+    await store.loadInventory({ hosts: ['h1', 'h2', 'h3'].map(host), environments: ['a'].map((n) => env(n, 'h1')) });
+    spec = { environments: ['a'], targetHost: 'h2' };
+    const cold = tracker();
+    await runMigration(vmm(spec), deps(cold.move, { capacity }), new AbortController().signal);
+    expect(status.phase).toBe('Succeeded');
+    expect(cold.order).toHaveLength(3);
+  });
+});
+
 describe('status at scale', () => {
   it('a 100-environment migration lists at most 50 VMs, keeps every environment summary', async () => {
     store = await Store.open(':memory:');
