@@ -196,6 +196,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
       await store.updateMove(uid, entry.environment, entry.vm, { phase: 'Running', attempts: record.attempts + 1, startedAt: now() });
       const vmLog = log.child({ environment: entry.environment, vm: entry.vm });
       const stepTimers = new Map<MoveStep, () => number>();
+      const inFlight = metrics.moveInFlight();
       let reportedBytes = 0;
       try {
         const env = await mustEnvironment(store, entry.environment);
@@ -231,6 +232,9 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
             step(step, event, info) {
               if (event === 'begin') stepTimers.set(step, metrics.startStepTimer(step));
               else stepTimers.get(step)?.();
+              // a cut-over held for the window or for its turn is planned, not stuck
+              if (step === 'window' || step === 'turn') inFlight.plannedWait(event === 'begin');
+              else inFlight.progress();
               // QEMU's live figures describe the RAM migration only: gone with its step
               if (step === 'live' && event !== 'begin') metrics.recordLiveFigures(undefined);
               if (event === 'begin') vmLog.info({ step }, 'step started');
@@ -250,6 +254,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
               if (update.bytesTransferred !== undefined && update.bytesTransferred > reportedBytes) {
                 metrics.recordTransferBytes(update.bytesTransferred - reportedBytes);
                 reportedBytes = update.bytesTransferred;
+                inFlight.progress();
               }
               if (update.bytesPerSecond !== undefined) metrics.transferRate.set(update.bytesPerSecond);
               if (update.live) metrics.recordLiveFigures(update.live);
@@ -295,7 +300,6 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
       } catch (err) {
         // Errors before moveVm (reading the Secret, a vanished inventory entry) happen before any side effect.
         const moveErr = err instanceof MoveError ? err : new MoveError('precheck', (err as Error).message, 'untouched');
-        metrics.moveProgressEnded(); // waits and handovers too: no move of this process is in flight now
         const verdict = afterMove(moveErr.outcome);
         if (verdict === 'handover') {
           // Leave the move 'Running' in the store: the next leader resumes it from the journal.
@@ -329,6 +333,8 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         writer.update((s) => patchEnvironment(s, entry.environment, { phase: 'Failed', message }));
         if (signal.aborted) throw new Aborted(message);
         return { kind: 'failed', message };
+      } finally {
+        inFlight.ended();
       }
     };
 

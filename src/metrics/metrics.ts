@@ -154,7 +154,7 @@ export function recordLiveFigures(f: { remainingBytes: number; expectedDowntimeM
 
 export const moveLastProgress = new Gauge({
   name: 'vmops_vm_move_last_progress_timestamp_seconds',
-  help: 'Unix time of the last step change or copied byte of the VM move in flight; 0 when no move is in flight',
+  help: 'Unix time of the last step change or copied byte of the least recently progressing VM move in flight, planned waits (window, turn) left out; 0 when none',
   registers: [registry],
 });
 
@@ -185,17 +185,45 @@ export function initLabelledCounters(): void {
   for (const result of MOVE_RESULTS) vmMoves.inc({ result }, 0);
 }
 
-// A move is in flight from its first step until it ends (recordVmMove, moveProgressEnded); bytes counted after that are not progress.
-let moveInFlight = false;
-/** The move in flight ended (done, failed, waiting or handed over): nothing left to look stuck. */
-export function moveProgressEnded(): void {
-  moveInFlight = false;
-  moveLastProgress.set(0);
-  recordLiveFigures(undefined);
+/**
+ * Moves in flight (several at once in a fleet move): when each last made progress, and whether it
+ * sits in a planned wait — the cut-over held for spec.window or for its turn behind the
+ * environment's previous VM, the VM running undisturbed: waiting there for hours is not stuck.
+ */
+const movesInFlight = new Map<object, { at: number; plannedWait: boolean }>();
+function refreshMoveProgress(): void {
+  const active = [...movesInFlight.values()].filter((m) => !m.plannedWait);
+  moveLastProgress.set(active.length === 0 ? 0 : Math.min(...active.map((m) => m.at)) / 1000);
 }
-function noteMoveProgress(begin = false): void {
-  if (begin) moveInFlight = true;
-  if (moveInFlight) moveLastProgress.set(Date.now() / 1000);
+
+export interface MoveProgress {
+  /** a step began or ended, or bytes moved */
+  progress(): void;
+  /** the move entered (true) or left (false) a planned wait */
+  plannedWait(on: boolean): void;
+  /** done, failed, waiting or handed over: nothing left of it to look stuck */
+  ended(): void;
+}
+
+export function moveInFlight(): MoveProgress {
+  const key = {};
+  movesInFlight.set(key, { at: Date.now(), plannedWait: false });
+  refreshMoveProgress();
+  const set = (m: Partial<{ at: number; plannedWait: boolean }>) => {
+    const cur = movesInFlight.get(key);
+    if (!cur) return;
+    movesInFlight.set(key, { ...cur, ...m });
+    refreshMoveProgress();
+  };
+  return {
+    progress: () => set({ at: Date.now() }),
+    plannedWait: (on) => set({ at: Date.now(), plannedWait: on }),
+    ended: () => {
+      if (!movesInFlight.delete(key)) return;
+      refreshMoveProgress();
+      if (movesInFlight.size === 0) recordLiveFigures(undefined);
+    },
+  };
 }
 
 // --- convenience recorders (they clamp labels so callers can't leak unbounded strings) ---
@@ -224,7 +252,6 @@ export function migrationRunStarted(): () => void {
 
 export function recordVmMove(result: string, downtimeSeconds?: number): void {
   vmMoves.inc({ result: resultLabel(result) });
-  moveProgressEnded();
   if (downtimeSeconds !== undefined && Number.isFinite(downtimeSeconds) && downtimeSeconds >= 0) {
     vmDowntime.observe(downtimeSeconds);
   }
@@ -233,18 +260,13 @@ export function recordVmMove(result: string, downtimeSeconds?: number): void {
 export function recordTransferBytes(bytes: number): void {
   if (Number.isFinite(bytes) && bytes > 0) {
     transferBytes.inc(bytes);
-    noteMoveProgress();
   }
 }
 
 /** Start a step timer; call the returned function when the step ends. */
 export function startStepTimer(step: string): () => number {
-  noteMoveProgress(true);
   const end = stepDuration.startTimer({ step: stepLabel(step) });
-  return () => {
-    noteMoveProgress();
-    return end();
-  };
+  return () => end();
 }
 
 /** Hooks for WorkQueue's `metrics` option. Use them on a single (the controller's) queue. */

@@ -1,6 +1,6 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import {
-  moveProgressEnded,
+  moveInFlight,
   recordLiveFigures,
   recordMigrationFinished,
   recordMigrationStarted,
@@ -65,15 +65,37 @@ describe('metrics', () => {
   });
 
   it("exposes QEMU's live-migration figures while one runs, 0 once it ended", async () => {
+    const move = moveInFlight();
     recordLiveFigures({ remainingBytes: 5 * 1048576, expectedDowntimeMs: 120, dirtyPagesPerSecond: 340 });
     let body = await registry.metrics();
     expect(body).toMatch(/^vmops_live_migration_remaining_bytes 5242880$/m);
     expect(body).toMatch(/^vmops_live_migration_expected_downtime_seconds 0.12$/m);
     expect(body).toMatch(/^vmops_live_migration_dirty_pages_per_second 340$/m);
-    moveProgressEnded();
+    move.ended();
     body = await registry.metrics();
     expect(body).toMatch(/^vmops_live_migration_remaining_bytes 0$/m);
     expect(body).toMatch(/^vmops_live_migration_expected_downtime_seconds 0$/m);
+  });
+
+  it('the stuck-move timestamp is the least recent progress among moves in flight, planned waits (window, turn) left out', async () => {
+    const value = async () => Number(/^vmops_vm_move_last_progress_timestamp_seconds (\S+)$/m.exec(await registry.metrics())?.[1]);
+    const a = moveInFlight();
+    const t0 = await value();
+    expect(t0).toBeGreaterThan(0);
+    await new Promise((r) => setTimeout(r, 20));
+    const b = moveInFlight();
+    // a (older) holds the minimum while it makes no progress
+    expect(await value()).toBe(t0);
+    // a waits for its window for hours: not stuck, b is the one to watch
+    a.plannedWait(true);
+    expect(await value()).toBeGreaterThan(t0);
+    b.ended();
+    expect(await value()).toBe(0);
+    a.plannedWait(false);
+    expect(await value()).toBeGreaterThan(t0);
+    a.ended();
+    a.ended();
+    expect(await value()).toBe(0);
   });
 
   it('clamps free-form label values to bounded enums', () => {
