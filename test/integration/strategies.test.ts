@@ -55,7 +55,7 @@ describe('downtime strategies between two real hosts', () => {
    * A running real guest on host01 (its log ring at the start of disk0.qcow2), with an observer on
    * both hosts' heartbeat sockets; returns once the guest verified its (empty) log and acked writes.
    */
-  async function runningVm(name: string, extraDisks: VMSpec['files'] = [], sizeMiB = 64, guest: GuestOptions = {}): Promise<VMSpec> {
+  async function runningVm(name: string, extraDisks: VMSpec['files'] = [], sizeMiB = 64, guest: GuestOptions & { memoryMiB?: number } = {}): Promise<VMSpec> {
     const vm = realGuestVm(name, { ...guest, extraFiles: extraDisks });
     used.push(vm);
     const dir = vmDirectory(h1, ENV, vm.name);
@@ -261,20 +261,22 @@ describe('downtime strategies between two real hosts', () => {
   });
 
   it('auto-converge: a guest rewriting its RAM faster than the stream can carry it is throttled by QEMU until the migration converges; its log intact', async () => {
-    // 24 MiB rewritten as fast as the guest can (TCG), a 32 MiB/s stream, 100 ms allowed for the
-    // final stop-and-copy (3.2 MiB): without a throttle every pass finds the whole 24 MiB dirty again
-    const vm = await runningVm('live-dirty', [], 64, { writesPerSecond: 50, dirtyMiB: 24 });
+    // 48 MiB rewritten as fast as the guest can, QEMU's default stream and 300 ms for the final
+    // stop-and-copy: the same guest did not converge in 60 s without auto-converge (bench, README).
+    // 160 MiB of RAM: with 96 MiB the guest's OOM killer ends the dirtier.
+    const vm = await runningVm('live-dirty', [], 64, { writesPerSecond: 50, dirtyMiB: 48, memoryMiB: 160 });
     const obs = obsOf.get(vm.name)!;
-    await obs.waitFor(/^DIRTIER start 24 MiB/, { since: 0 });
+    await obs.waitFor(/^DIRTIER start 48 MiB/, { since: 0 });
     let throttle = 0;
     const t0 = performance.now();
     const r = await liveMigrate({
-      source: hv1, target: hv2, environment: ENV, vm, autoConverge: true, maxBandwidthBytesPerSec: 32 * 1048576, downtimeLimitMs: 100, convergenceTimeoutMs: 120_000,
+      source: hv1, target: hv2, environment: ENV, vm, autoConverge: true, downtimeLimitMs: 300, convergenceTimeoutMs: 150_000,
       onProgress: (p) => { throttle = Math.max(throttle, p.cpuThrottlePercent ?? 0); },
+    }).catch((err: Error) => {
+      throw new Error(`${err.message} (vCPU throttle reached ${throttle}%)`);
     });
     console.log(`auto-converge: migrate ${r.phases.migrateMs} ms, RAM stream ${(r.bytes.migration / 1048576).toFixed(0)} MiB, vCPU throttle up to ${throttle}%, QEMU downtime ${r.qemuDowntimeMs} ms`);
-    // the RAM was sent more than once (the dirtier), and QEMU throttled the guest to get it across
-    expect(r.bytes.migration).toBeGreaterThan(2 * 96 * 1048576);
+    // QEMU saw the guest dirty RAM faster than the stream carried it and throttled it (20% first, +10% per pass)
     expect(throttle).toBeGreaterThanOrEqual(20);
     expect((await hv2.vmStatus(ENV, vm)).state).toBe('running');
     await obs.waitBeat({ since: t0, from: path.join(vmDirectory(h2, ENV, vm.name), 'heartbeat.sock'), timeoutMs: 60_000 });
