@@ -182,7 +182,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     let warnedNoLb = false;
     // one budget per host for this run's relay copies, however many move at once
     const bandwidth = settings.bandwidthPerHostBytesPerSec ? new HostBandwidth(settings.bandwidthPerHostBytesPerSec) : undefined;
-    const moveOne = async (entry: PlanEntry, turn?: Turn): Promise<FleetOutcome> => {
+    const moveOne = async (entry: PlanEntry, turn?: Turn, underway?: () => void): Promise<FleetOutcome> => {
       const record = records.get(entry)!;
       const name = `${entry.environment}/${entry.vm}`;
       const now = () => new Date().toISOString();
@@ -240,6 +240,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
               if (event === 'begin') vmLog.info({ step }, 'step started');
               else if (event === 'end') vmLog.info({ step, durationMs: info.durationMs }, 'step done');
               else vmLog.warn({ step, message: info.message }, 'step failed');
+              if (event === 'begin' && step !== 'precheck' && step !== 'quorum' && step !== 'turn') underway?.();
               if (event === 'begin' && step !== 'precheck' && step !== 'quorum' && writer.current.waitingSince) {
                 // the wait is over: the move changes something again
                 writer.update((s) => setState(s, generation, 'running', 'InProgress', startedMessage));
@@ -306,9 +307,9 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
           await writer.flush().catch(() => undefined);
           throw new Aborted(moveErr.message);
         }
-        if (moveErr.step === 'turn' && moveErr.outcome === 'rolled-back' && err instanceof Error && (err.cause instanceof TurnWithdrawn)) {
-          // mirrored ahead, never cut over: the mirror is dropped, the VM ran on undisturbed; not a failed move
-          const message = `not moved: ${err.cause.message}; its mirror ahead was dropped, the VM never stopped`;
+        if (moveErr.step === 'turn' && (moveErr.outcome === 'rolled-back' || moveErr.outcome === 'untouched') && moveErr.cause instanceof TurnWithdrawn) {
+          // mirrored ahead, never cut over: the mirror (if one started) is dropped, the VM left as it was; not a failed move
+          const message = `not moved: ${moveErr.cause.message}; ${moveErr.outcome === 'rolled-back' ? 'its mirror ahead was dropped, the VM never stopped' : 'nothing was changed'}`;
           vmStatus({ phase: 'Pending', attempts: record.attempts, message });
           await store.updateMove(uid, entry.environment, entry.vm, { phase: 'Pending', attempts: record.attempts, message });
           writer.update((s) => { s.currentVM = (s.currentVM ?? '').split(', ').filter((x) => x && x !== name).join(', '); });

@@ -74,6 +74,12 @@ export interface ScheduleInput {
   warmBeforeWindow?: boolean;
   /** pre-copy: how many VMs after the one moving an environment may mirror ahead (0 = none) */
   mirrorAhead?: number;
+  /**
+   * environments whose moving VM is past its checks (changed something): only behind such a VM do
+   * the next ones mirror ahead — a VM waiting at its quorum gate may end its run as a wait, and
+   * mirrors started behind it would only be dropped again (undefined: every moving VM counts)
+   */
+  underway?: ReadonlySet<string>;
 }
 
 export interface Waiting {
@@ -177,6 +183,7 @@ export function nextMoves(input: ScheduleInput): ScheduleDecision {
     for (const q of live) {
       // only behind a VM of the same environment that moves: the mirrors overlap its drain and cut-over
       let n = flying.get(q.environment) ?? 0;
+      if (input.underway && !input.underway.has(q.environment)) continue;
       for (const next of q.pending) {
         if (n === 0 || n - 1 >= input.mirrorAhead) break;
         if (decision.start.includes(next)) continue;
@@ -222,8 +229,11 @@ export interface RunFleetInput {
   finished: Set<PlanEntry>;
   settings: Pick<MigrationSettings, 'maxParallelEnvironments' | 'maxDisruptedEnvironments' | 'maxOutboundPerHost' | 'maxInboundPerHost' | 'window' | 'strategy' | 'precopy' | 'live' | 'mirrorAhead'>;
   signal: AbortSignal;
-  /** `turn` is set for a move that mirrors ahead: its cut-over waits for it */
-  moveOne: (entry: PlanEntry, turn?: Turn) => Promise<FleetOutcome>;
+  /**
+   * `turn` is set for a move that mirrors ahead: its cut-over waits for it. `underway` is to be
+   * called once the move is past its checks (its first step that changes something began).
+   */
+  moveOne: (entry: PlanEntry, turn: Turn | undefined, underway: () => void) => Promise<FleetOutcome>;
   /** awaited before each scheduling round (spec.paused: moves in flight go on, nothing new starts) */
   beforeRound: () => Promise<void>;
   /** re-read every round: spec.cancel may change while the migration runs */
@@ -267,6 +277,10 @@ export async function runFleet(input: RunFleetInput): Promise<FleetStop> {
     }
   };
   const startedAt = new Map<PlanEntry, number>();
+  // moves past their checks; a move getting there wakes the loop (its next VMs may mirror ahead now)
+  const underway = new Set<PlanEntry>();
+  let wake: () => void = () => undefined;
+  const woken = (): Promise<undefined> => new Promise((r) => { wake = () => r(undefined); });
   // cancelled environments with a VM not moved, then single cancelled VMs (of environments not cancelled whole) not moved
   const cancelledLeft = () => [
     ...envs.filter((e) => cancel.has(e) && entries.some((x) => x.environment === e && !finished.has(x))),
@@ -296,13 +310,19 @@ export async function runFleet(input: RunFleetInput): Promise<FleetStop> {
       const d = nextMoves({
         queues, inFlight: flying, cancelled: new Set([...cancel, ...parked.keys()]), window: settings.window, nowMs: Date.now(), estimatedMoveMs: longestMs,
         warmBeforeWindow: moveMode(settings) === 'precopy', mirrorAhead: moveMode(settings) === 'precopy' ? settings.mirrorAhead : 0,
+        underway: new Set([...underway].filter((e) => inFlight.has(e)).map((e) => e.environment)),
         limits: { maxParallelEnvironments: settings.maxParallelEnvironments, maxDisruptedEnvironments: settings.maxDisruptedEnvironments, maxOutboundPerHost: settings.maxOutboundPerHost, maxInboundPerHost: settings.maxInboundPerHost },
       });
       input.onWaiting(d.waiting);
       for (const entry of [...d.start, ...d.ahead]) {
         // a mirror-ahead move's duration counts from its turn (the window estimate is about cut-overs)
         if (d.start.includes(entry)) startedAt.set(entry, Date.now());
-        inFlight.set(entry, input.moveOne(entry, d.start.includes(entry) ? undefined : newTurn(entry)).then(
+        const onUnderway = () => {
+          if (underway.has(entry)) return;
+          underway.add(entry);
+          wake();
+        };
+        inFlight.set(entry, input.moveOne(entry, d.start.includes(entry) ? undefined : newTurn(entry), onUnderway).then(
           (outcome) => {
             if (outcome.kind === 'moved') longestMs = Math.max(longestMs, Date.now() - (startedAt.get(entry) ?? Date.now()));
             return { entry, outcome };
@@ -323,7 +343,8 @@ export async function runFleet(input: RunFleetInput): Promise<FleetStop> {
       if (failed !== undefined) return { kind: 'failed', message: failed, cancelled: cancelledLeft() };
       return { kind: 'aborted', error: input.signal.reason, cancelled: cancelledLeft() };
     }
-    const r = await Promise.race(inFlight.values());
+    const r = await Promise.race([...inFlight.values(), woken()]);
+    if (r === undefined) continue;
     inFlight.delete(r.entry);
     if (r.error !== undefined) aborted ??= { error: r.error };
     else if (r.outcome!.kind === 'moved') finished.add(r.entry);

@@ -147,6 +147,9 @@ export function flowSteps(input: FlowInput): FlowPlan {
       break;
   }
   afterStart();
+  // mirrored ahead but not a fresh pre-copy (stopped, halted, handed over, already moved: a resume or a
+  // VM someone stopped): nothing may happen before the turn; the wait changes nothing, like a check
+  if (input.ahead && !names.includes('turn')) names.unshift('turn');
   const noReturn = names.indexOf('start') >= 0 ? names.indexOf('start') : 0;
   return { ...plan, steps: names.map((name, i) => ({ name, afterNoReturn: input.location === 'target-running' || i >= noReturn })) };
 }

@@ -191,8 +191,8 @@ export class MoveError extends Error {
   }
 }
 
-/** Steps that only look: a failure in them before anything was changed leaves the VM untouched. */
-const CHECKS: ReadonlySet<MoveStep> = new Set(['precheck', 'quorum']);
+/** Steps that only look (or wait): a failure in them before anything was changed leaves the VM untouched. */
+const CHECKS: ReadonlySet<MoveStep> = new Set(['precheck', 'quorum', 'turn']);
 
 /** What the steps of one move share while it runs. */
 interface MoveState {
@@ -264,7 +264,7 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
     if (err instanceof MoveError && err.outcome === 'waiting') throw err;
     if (interruptedBy(ctx)) throw new MoveError(failedStep, `interrupted: ${interruptedBy(ctx)}`, 'interrupted');
     const reason = (err as Error).message;
-    if (!st.touched) throw new MoveError(failedStep, reason, 'untouched');
+    if (!st.touched) throw Object.assign(new MoveError(failedStep, reason, 'untouched'), { cause: err });
     // A lost reply (e.g. to the live handover's `cont`) can hide a target that runs: look before deciding.
     if (!st.targetStarted && (await targetRuns(ctx))) st.targetStarted = true;
     if (st.targetStarted) return rollForward(ctx, st, { step: failedStep, reason }, async () => runSteps(planFor(await locate(ctx), false, true).steps));

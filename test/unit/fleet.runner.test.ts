@@ -240,6 +240,8 @@ describe('runner: pre-copy mirrored ahead (pipelined environment)', () => {
     const move = async (ctx: MoveContext): Promise<MoveResult> => {
       const env = ctx.environment.name;
       const key = `${env}/${ctx.vm.name}`;
+      // what moveVm reports as its mirror begins: past its checks, its next VMs may mirror ahead
+      ctx.observer.step('mirror', 'begin', {});
       mirroring.add(key);
       peaks.mirroringPerEnv = Math.max(peaks.mirroringPerEnv, [...mirroring].filter((k) => k.startsWith(`${env}/`)).length);
       await new Promise((r) => setTimeout(r, opts.mirrorMs));
@@ -278,6 +280,20 @@ describe('runner: pre-copy mirrored ahead (pipelined environment)', () => {
     const whole = await run(2);
     expect(serial.mirroring).toBe(1);
     expect(whole.mirroring).toBe(3);
+  });
+
+  it('nothing mirrors ahead of a VM still at its checks: a quorum wait ends the run as a wait with no mirror started behind it', async () => {
+    spec = { environments: ['a'], targetHost: 'h2', transfer: { precopy: true, mirrorAhead: 2 }, hostLimits: { maxOutboundPerHost: 7, maxInboundPerHost: 7 } };
+    const started: string[] = [];
+    const move = async (ctx: MoveContext): Promise<MoveResult> => {
+      started.push(ctx.vm.name);
+      await new Promise((r) => setTimeout(r, 30));
+      throw new MoveError('quorum', 'controller-2 is NotReady', 'waiting', { safe: false, reason: 'WaitingForQuorum', message: 'controller-2 is NotReady' });
+    };
+    const err = await runMigration(vmm(spec), deps(move), new AbortController().signal).catch((e: unknown) => e);
+    expect(err).toBeInstanceOf(RetryLater);
+    expect(started).toEqual(['node-1']);
+    expect(status.conditions?.find((c) => c.type === 'Progressing')).toMatchObject({ reason: 'WaitingForQuorum' });
   });
 
   it('a failed cut-over withdraws the turns of the VMs mirroring ahead: they are not moved (Pending, mirror dropped) and nothing else starts', async () => {

@@ -103,6 +103,10 @@ describe('nextMoves: which environment may start its next VM', () => {
     const tight = nextMoves(base(p, { queues: queues(p).map((q) => (q.environment === 'a' ? { ...q, pending: q.pending.slice(2), started: true } : q)), inFlight: [a1!, a2!], limits: limits({ maxOutboundPerHost: 3 }), mirrorAhead: 6 }));
     expect(tight.start.map((e) => `${e.environment}/${e.vm}`)).toEqual(['b/beachhead']);
     expect(tight.ahead).toEqual([]);
+    // not behind a VM still at its checks (a quorum gate may end its run as a wait): only once it is underway
+    const notYet = nextMoves(base(p, { queues: queues(p).map((q) => (q.environment === 'a' ? { ...q, pending: q.pending.slice(1), started: true } : q)), inFlight: [a1!], mirrorAhead: 2, underway: new Set() }));
+    expect(notYet.ahead).toEqual([]);
+    expect(nextMoves(base(p, { queues: queues(p).map((q) => (q.environment === 'a' ? { ...q, pending: q.pending.slice(1), started: true } : q)), inFlight: [a1!], mirrorAhead: 2, underway: new Set(['a']) })).ahead.map((e) => e.vm)).toEqual(['node-1', 'node-2']);
     // nothing ahead without a VM of the environment moving, nor with mirrorAhead 0
     expect(nextMoves(base(p, { mirrorAhead: 2, limits: limits({ maxParallelEnvironments: 1 }) })).ahead.map((e) => e.vm)).toEqual(['node-1', 'node-2']);
     expect(nextMoves(base(p, { inFlight: [a4!], queues: queues(p).map((q) => (q.environment === 'a' ? { ...q, pending: q.pending.slice(4), started: true } : q)), mirrorAhead: 0 })).ahead).toEqual([]);

@@ -148,9 +148,10 @@ describe('flowSteps: mirrored ahead (pipelined pre-copy)', () => {
     expect(flowSteps(input({ role: 'controller', ahead: false })).steps.map((s) => s.name).slice(0, 2)).toEqual(['quorum', 'mirror']);
   });
 
-  it('cold and live moves are never mirrored ahead', () => {
+  it('a turn is honoured whatever the strategy: cold and live (never scheduled ahead: runFleet) would wait for it first', () => {
     for (const spec of [{}, { strategy: 'LiveMigrate' as const }]) {
-      expect(flowSteps(input({ settings: settingsFrom({ targetHost: 'h2', environments: ['e'], ...spec }) })).steps.map((s) => s.name)).not.toContain('turn');
+      expect(flowSteps(input({ settings: settingsFrom({ targetHost: 'h2', environments: ['e'], ...spec }) })).steps[0]?.name).toBe('turn');
+      expect(flowSteps(input({ settings: settingsFrom({ targetHost: 'h2', environments: ['e'], ...spec }), ahead: false })).steps.map((s) => s.name)).not.toContain('turn');
     }
   });
 });
@@ -167,6 +168,17 @@ describe('flowSteps: warm migration', () => {
     // cold and live are held by the scheduler (nothing starts before the window), not by a step
     for (const spec of [{}, { strategy: 'LiveMigrate' as const }]) {
       expect(flowSteps(input({ settings: settingsFrom({ targetHost: 'h2', environments: ['e'], window: { notBefore: '2026-11-27T06:00:00Z' }, ...spec }) })).steps.map((s) => s.name)).not.toContain('window');
+    }
+  });
+});
+
+describe('flowSteps: mirrored ahead, not a fresh pre-copy', () => {
+  it('a VM mirrored ahead that is stopped, halted, handed over or already moved waits for its turn before anything else', () => {
+    const settings = settingsFrom({ targetHost: 'h2', environments: ['e'], transfer: { precopy: true } });
+    for (const location of ['source-stopped', 'source-halted', 'handover-pending', 'target-stopped', 'target-running'] as const) {
+      const p = flowSteps({ location, journal: { converged: false }, role: 'controller', capabilities: { loadBalancer: false }, settings, ahead: true });
+      expect(p.steps[0]?.name, location).toBe('turn');
+      expect(p.steps.filter((s) => s.name === 'turn'), location).toHaveLength(1);
     }
   });
 });

@@ -569,3 +569,17 @@ describe('moveVm: mirrored ahead (pipelined pre-copy)', () => {
     expect(source.state).toBe('running');
   });
 });
+
+describe('moveVm: mirrored ahead, VM stopped by someone', () => {
+  it('waits for its turn before touching anything; a withdrawn turn leaves it untouched — stopped, not started by a rollback', async () => {
+    const { ctx, calls, source } = await context('stopped', 'absent');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], transfer: { precopy: true } });
+    ctx.turn = async () => { throw new TurnWithdrawn('not cut over: the environment waits'); };
+    const err = await moveVm(ctx).catch((e: unknown) => e);
+    expect(err).toMatchObject({ step: 'turn', outcome: 'untouched' });
+    expect((err as Error).cause).toBeInstanceOf(TurnWithdrawn);
+    expect(calls).toEqual([]);
+    expect(source.state).toBe('stopped');
+    expect(source.lock).toBeUndefined();
+  });
+});
