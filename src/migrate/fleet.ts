@@ -204,8 +204,8 @@ export function nextMoves(input: ScheduleInput): ScheduleDecision {
 
 /**
  * How one VM move ended, as the runner reports it. withdrawn: a move mirroring ahead whose turn was
- * refused (the migration failed or stopped, its environment waits or was cancelled): the mirror was
- * dropped and the VM never stopped; it is not moved and not a failure.
+ * refused (the migration failed or stopped, its environment waits or was cancelled): its mirror, if
+ * one started, was dropped and the VM left as it was; it is not moved and not a failure.
  */
 export type FleetOutcome = { kind: 'moved' } | { kind: 'wait'; verdict: Pick<SafetyVerdict, 'reason' | 'message'> } | { kind: 'failed'; message: string } | { kind: 'withdrawn' };
 
