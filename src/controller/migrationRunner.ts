@@ -240,8 +240,10 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
               if (event === 'begin') vmLog.info({ step }, 'step started');
               else if (event === 'end') vmLog.info({ step, durationMs: info.durationMs }, 'step done');
               else vmLog.warn({ step, message: info.message }, 'step failed');
-              if (event === 'begin' && step !== 'precheck' && step !== 'quorum' && step !== 'turn') underway?.();
-              if (event === 'begin' && step !== 'precheck' && step !== 'quorum' && writer.current.waitingSince) {
+              // a step that changes something began (checks and the wait for a turn change nothing)
+              const changing = event === 'begin' && step !== 'precheck' && step !== 'quorum' && step !== 'turn';
+              if (changing) underway?.();
+              if (changing && writer.current.waitingSince) {
                 // the wait is over: the move changes something again
                 writer.update((s) => setState(s, generation, 'running', 'InProgress', startedMessage));
               }
