@@ -14,7 +14,7 @@ import type { HostPool } from '../hosts/pool.js';
 import { HostKeyMismatchError } from '../hosts/ssh.js';
 import * as metrics from '../metrics/metrics.js';
 import { hypervisorEngines } from '../migrate/engines.js';
-import { HostBandwidth } from '../transfer/throttle.js';
+import { HostBandwidth, qemuStreamShare } from '../transfer/throttle.js';
 import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from '../migrate/guestSafety.js';
 import { readinessGuard } from '../migrate/readinessGuard.js';
 import { runFleet, TurnWithdrawn, type FleetOutcome, type Turn } from '../migrate/fleet.js';
@@ -182,6 +182,8 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     let warnedNoLb = false;
     // one budget per host for this run's relay copies, however many move at once
     const bandwidth = settings.bandwidthPerHostBytesPerSec ? new HostBandwidth(settings.bandwidthPerHostBytesPerSec) : undefined;
+    // mirrors and live streams: a fixed share each (QEMU limits them itself)
+    const qemuStreamBytesPerSec = settings.bandwidthPerHostBytesPerSec ? qemuStreamShare(settings.bandwidthPerHostBytesPerSec, settings.maxOutboundPerHost, settings.maxInboundPerHost) : undefined;
     const moveOne = async (entry: PlanEntry, turn?: Turn, underway?: () => void): Promise<FleetOutcome> => {
       const record = records.get(entry)!;
       const name = `${entry.environment}/${entry.vm}`;
@@ -227,7 +229,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         const result = await (deps.move ?? moveVm)({
           migrationUid: uid, migrationName: `${vmm.metadata.namespace}/${vmm.metadata.name}`, environment: env, vm: vmSpec,
           source, target, guest, safety, store, settings, signal, log: vmLog, ...(turn ? { turn } : {}),
-          engines: hypervisorEngines({ source, target, environment: env.name, vm: vmSpec, settings, log: vmLog, reconnect: (h) => deps.pool.connectFresh(h), sharedBandwidth: bandwidth?.forCopy(entry.from, entry.to) }),
+          engines: hypervisorEngines({ source, target, environment: env.name, vm: vmSpec, settings, log: vmLog, reconnect: (h) => deps.pool.connectFresh(h), sharedBandwidth: bandwidth?.forCopy(entry.from, entry.to), qemuStreamBytesPerSec }),
           observer: {
             step(step, event, info) {
               if (event === 'begin') stepTimers.set(step, metrics.startStepTimer(step));

@@ -28,6 +28,8 @@ export interface EngineOptions {
   reconnect?: (host: HostSpec) => Promise<HostConnection>;
   /** the per-host budgets this move's relay copies share with the migration's other moves */
   sharedBandwidth?: readonly TokenBucket[];
+  /** this move's share of the per-host budget for QEMU's own streams (qemuStreamShare), bytes/s */
+  qemuStreamBytesPerSec?: number;
 }
 
 function changedRangesVerified(ranges: number, bytes: number, prepassMs: number): string {
@@ -37,6 +39,9 @@ function changedRangesVerified(ranges: number, bytes: number, prepassMs: number)
 export function hypervisorEngines(o: EngineOptions): MoveEngines {
   const { source, target, environment, vm, settings, log } = o;
   const hosts = { source, target, environment, vm };
+  // QEMU limits each mirror job: the move's share is split across its disks
+  const perDisk = o.qemuStreamBytesPerSec ? Math.max(1, Math.floor(o.qemuStreamBytesPerSec / Math.max(1, vm.files.filter((f) => f.kind === 'disk').length))) : undefined;
+  const liveBandwidth = o.qemuStreamBytesPerSec ? Math.min(settings.live.maxBandwidthBytesPerSec ?? Infinity, o.qemuStreamBytesPerSec) : settings.live.maxBandwidthBytesPerSec;
   return {
     async copyAll({ signal, onProgress }) {
       const done = new Map<string, number>();
@@ -61,7 +66,7 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
     copyNonDisk: (signal) => copyNonDiskFiles({ ...hosts, signal }),
     async startMirror({ signal, onProgress }) {
       const handle = await startPrecopy({
-        ...hosts, signal, log, readyTimeoutMs: settings.mirrorReadyTimeoutMs,
+        ...hosts, signal, log, readyTimeoutMs: settings.mirrorReadyTimeoutMs, speedBytesPerSec: perDisk,
         onProgress: (p) => onProgress({ bytesTransferred: p.offset, bytesTotal: p.len }),
       });
       return {
@@ -90,7 +95,7 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
     async live({ signal, onProgress }) {
       const h = await liveMigrateUntilHandover({
         ...hosts, signal, log, mirrorReadyTimeoutMs: settings.mirrorReadyTimeoutMs,
-        downtimeLimitMs: settings.live.downtimeLimitMs, maxBandwidthBytesPerSec: settings.live.maxBandwidthBytesPerSec,
+        downtimeLimitMs: settings.live.downtimeLimitMs, maxBandwidthBytesPerSec: liveBandwidth, mirrorSpeedBytesPerSec: perDisk,
         convergenceTimeoutMs: settings.live.convergenceTimeoutMs, autoConverge: settings.live.autoConverge,
         onProgress: (p) => onProgress(p.phase, p.tunnelBytes, p.ram && {
           remainingBytes: p.ram.remaining, transferredBytes: p.ram.transferred, totalBytes: p.ram.total,

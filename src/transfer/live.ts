@@ -64,6 +64,8 @@ export interface LiveMigrateOptions {
   downtimeLimitMs?: number;
   /** QEMU's max-bandwidth for the RAM migration, bytes/s (default: QEMU's default, 128 MiB/s; set on every attempt) */
   maxBandwidthBytesPerSec?: number;
+  /** disk mirror speed limit per disk, bytes/s (default: unlimited) */
+  mirrorSpeedBytesPerSec?: number;
   /** disk mirror: give up if not READY in time (default TIMEOUTS.mirrorReadyMs) */
   mirrorReadyTimeoutMs?: number;
   /** RAM migration: give up (migrate_cancel, clean abort) if not completed in time (default 10 min) */
@@ -238,7 +240,7 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
     jobs = await MirrorJobs.start(
       src,
       disks.map((d, i) => ({ disk: d, uri: `nbd+unix:///${targetDisks[i]?.device ?? d.device}?socket=${nbdTunnel.socketPathOnA}` })),
-      { prefix: 'live', copyMode: 'write-blocking' },
+      { prefix: 'live', copyMode: 'write-blocking', speedBytesPerSec: opts.mirrorSpeedBytesPerSec },
     );
     await jobs.waitReady({
       timeoutMs: opts.mirrorReadyTimeoutMs ?? TIMEOUTS.mirrorReadyMs,

@@ -54,6 +54,15 @@ export class HostBandwidth {
   }
 }
 
+/**
+ * QEMU's own streams (pre-copy mirrors, the live disk mirror and RAM stream) go through the tunnel,
+ * not the token buckets: each move gets a fixed share of the per-host budget, small enough that every
+ * stream a host may carry at once (maxOutboundPerHost + maxInboundPerHost moves) fits in it together.
+ */
+export function qemuStreamShare(bytesPerSecondPerHost: number, maxOutboundPerHost: number, maxInboundPerHost: number): number {
+  return Math.max(1, Math.floor(bytesPerSecondPerHost / Math.max(1, maxOutboundPerHost + maxInboundPerHost)));
+}
+
 /** Rate and ETA from progress samples over a sliding window (for status lines and the demo). */
 export class RateMeter {
   private samples: Array<{ t: number; done: number }> = [];

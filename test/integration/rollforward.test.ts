@@ -17,6 +17,9 @@ import { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { guestContentSha256, openQmpAt, pauseSourceForCutover, verifyGuestData } from '../../src/hosts/qemuIncoming.js';
 import { HostConnection } from '../../src/hosts/ssh.js';
 import { startPrecopy } from '../../src/transfer/mirror.js';
+import { qemuStreamShare } from '../../src/transfer/throttle.js';
+import { QmpClient } from '../../src/hosts/qmp.js';
+import { connect } from 'node:net';
 import { hypervisorEngines } from '../../src/migrate/engines.js';
 import { readinessGuard } from '../../src/migrate/readinessGuard.js';
 import { releaseSource, unlockSource } from '../../src/migrate/releaseSource.js';
@@ -250,6 +253,34 @@ describe('roll forward once the VM ran on the target (real hosts, real QEMU)', (
     // had it waited out the 30 s it would have quit QEMU: still running means it gave up without acting
     expect((await two.hv1.vmStatus(ENV, vm)).qmpStatus).toBe('running');
   }, 60_000);
+
+  it('a per-host bandwidth budget reaches QEMU: the pre-copy mirror job runs at the move\'s fixed share (budget ÷ the streams a host may carry)', async () => {
+    const vm: VMSpec = { name: 'rf-speed', role: 'worker', nodeName: 'rf-speed', host: 'host01', memoryMiB: 64, cpus: 1, files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }] };
+    used.push(vm);
+    const { hv1, hv2, h1 } = two;
+    const srcDir = vmDirectory(h1, ENV, vm.name);
+    await mkdir(srcDir, { recursive: true });
+    await createDiskImage(path.join(srcDir, 'disk0.qcow2'), { sizeMiB: 32, format: 'qcow2', seed: 10, regions: 8 });
+    await hv1.startVm(ENV, vm);
+    const settings = settingsFrom({ targetHost: 'host02', environments: [ENV], transfer: { precopy: true }, hostLimits: { bandwidthMiBpsPerHost: 8, maxOutboundPerHost: 1, maxInboundPerHost: 1 } });
+    const share = qemuStreamShare(settings.bandwidthPerHostBytesPerSec!, settings.maxOutboundPerHost, settings.maxInboundPerHost);
+    expect(share).toBe(4 * 1048576);
+    const engines = hypervisorEngines({ source: hv1, target: hv2, environment: ENV, vm, settings, log, qemuStreamBytesPerSec: share });
+    const mirror = await engines.startMirror({ signal: new AbortController().signal, onProgress: () => undefined });
+    try {
+      // the mirror holds the VM's QMP monitor; the second one answers for its block jobs
+      const qmp = await QmpClient.open(connect(`${srcDir}/qmp-observe.sock`), { timeoutMs: 10_000 });
+      try {
+        const jobs = await qmp.execute<Array<{ device: string; speed: number }>>('query-block-jobs');
+        expect(jobs.map((j) => j.speed)).toEqual([4 * 1048576]);
+      } finally {
+        qmp.close();
+      }
+    } finally {
+      await mirror.abortAndResume();
+    }
+    expect((await hv1.vmStatus(ENV, vm)).qmpStatus).toBe('running');
+  }, 120_000);
 
   it('a pre-copy whose operator died mid-mirror leaves a qemu-nbd and a block job behind; the next run clears both and mirrors again', async () => {
     const vm: VMSpec = { name: 'rf-stale', role: 'worker', nodeName: 'rf-stale', host: 'host01', memoryMiB: 64, cpus: 1, files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }] };
