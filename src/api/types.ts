@@ -205,7 +205,8 @@ export function parseDuration(value: string): number {
 export const SPEC_DEFAULTS = {
   strategy: 'Rolling',
   precopy: false,
-  mirrorAhead: 1,
+  // opt-in: on hosts that also carry the guests, concurrent mirrors and pre-passes compete for CPU (README)
+  mirrorAhead: 0,
   compression: 'None',
   stallTimeoutSeconds: 60,
   live: { downtimeLimit: '300ms', convergenceTimeout: '10m', autoConverge: true, fallback: 'PreCopy' },

@@ -69,9 +69,13 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
         ...hosts, signal, log, readyTimeoutMs: settings.mirrorReadyTimeoutMs, speedBytesPerSec: perDisk,
         onProgress: (p) => onProgress({ bytesTransferred: p.offset, bytesTotal: p.len }),
       });
+      // the pre-pass and the non-disk files run while the guest still runs: the cut-over waits for them, not the guest
+      const ready = handle.ready.then(() => handle.prepared);
+      // a mirror dropped before READY (rollback, window closed, turn withdrawn) rejects it with nobody
+      // waiting: unhandled, that rejection would end the operator process
+      ready.catch(() => undefined);
       return {
-        // the pre-pass and the non-disk files run while the guest still runs: the cut-over waits for them, not the guest
-        ready: handle.ready.then(() => handle.prepared),
+        ready,
         copyFiles: (signal) => handle.copyRemainingFiles(signal),
         async verify() {
           const v = await handle.verify();
