@@ -37,8 +37,23 @@ command -v kubectl >/dev/null || { echo "[setup] kubectl is required on PATH" >&
 command -v go >/dev/null || { echo "[setup] Go is required to build the test control plane" >&2; exit 1; }
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-  echo "[setup] npm ci"
-  npm ci --no-audit --no-fund
+  # npm ci compiles three native modules (better-sqlite3, ssh2, cpu-features: no prebuilt binaries
+  # reach this machine), ~70 s. The result is cached per lock file, Node ABI and platform, like the
+  # control plane, and copied into a fresh clone.
+  key="$(cat package-lock.json <(node -p 'process.versions.modules + process.platform + process.arch') | sha256sum | cut -c1-16)"
+  cached="${XDG_CACHE_HOME:-$HOME/.cache}/vm-migration-operator/node_modules/$key"
+  if [ -f "$cached/.complete" ]; then
+    echo "[setup] node_modules from the cache ($cached)"
+    rm -rf node_modules
+    cp -a "$cached/node_modules" node_modules
+  else
+    echo "[setup] npm ci"
+    npm ci --no-audit --no-fund
+    rm -rf "$cached.tmp" && mkdir -p "$cached.tmp"
+    cp -a node_modules "$cached.tmp/node_modules" && touch "$cached.tmp/.complete"
+    rm -rf "$cached" && mv "$cached.tmp" "$cached"
+  fi
+  touch node_modules/.package-lock.json
 fi
 
 # the test VMs' guest: Debian kernel + busybox-static (downloaded, not installed) + guestd

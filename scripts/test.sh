@@ -26,14 +26,31 @@ if [ $# -gt 0 ]; then
 else
   # Unit tests touch no shared machine state: their files run in parallel, at a lower CPU priority
   # beside the integration run (which mostly waits on VMs, timeouts and control planes), their
-  # report printed once both are done. Integration and end-to-end files share the loopback hosts,
-  # QEMU and control planes: one file at a time (vitest.config.ts).
+  # report printed once both are done.
   echo "[test] vitest: unit tests (files in parallel, beside the integration run; report below when both are done)"
   nice -n 10 npx vitest run --reporter=default --reporter=json --outputFile.json=.sandbox/test-results-unit.json \
     test/unit --fileParallelism=true --maxWorkers=2 > .sandbox/test-unit.log 2>&1 &
   unit=$!
-  echo "[test] vitest: integration and end-to-end tests (one file at a time)"
-  vitest .sandbox/test-results.json test/integration test/e2e
+  # Files that need a control plane (or PostgreSQL, Prometheus) but no VM and no test host: each
+  # has its own data directory and free ports, and together they use about a third of a core,
+  # mostly waiting on timeouts. They run one at a time in a second lane beside the VM files.
+  control_plane_only=(
+    test/integration/controlplane.test.ts test/integration/drain.test.ts test/integration/fleet.crd.test.ts
+    test/integration/guest.test.ts test/integration/inCluster.test.ts test/integration/runtime.test.ts
+    test/integration/store.test.ts test/integration/startupFaults.test.ts test/e2e/validation.test.ts
+  )
+  echo "[test] vitest: ${#control_plane_only[@]} control-plane-only files (one at a time, beside the VM files; report below when both are done)"
+  nice -n 5 npx vitest run --reporter=default --reporter=json --outputFile.json=.sandbox/test-results-cp.json \
+    "${control_plane_only[@]}" > .sandbox/test-cp.log 2>&1 &
+  cp_lane=$!
+  # The files with VMs share the loopback hosts and QEMU: one file at a time (vitest.config.ts).
+  echo "[test] vitest: integration and end-to-end files with VMs (one at a time)"
+  exclude=()
+  for f in "${control_plane_only[@]}"; do exclude+=(--exclude "$f"); done
+  vitest .sandbox/test-results.json test/integration test/e2e "${exclude[@]}"
+  wait "$cp_lane" || status=$?
+  echo "[test] control-plane-only files (report of the lane beside the VM files):"
+  cat .sandbox/test-cp.log
   wait "$unit" || status=$?
   echo "[test] unit tests (report of the run beside the integration tests):"
   cat .sandbox/test-unit.log
@@ -41,7 +58,7 @@ fi
 # One plain closing line with the counts, whatever the reporters printed above.
 node -e '
   const fs = require("fs");
-  const files = [".sandbox/test-results-unit.json", ".sandbox/test-results.json"].filter((f) => fs.existsSync(f));
+  const files = [".sandbox/test-results-unit.json", ".sandbox/test-results-cp.json", ".sandbox/test-results.json"].filter((f) => fs.existsSync(f));
   const t = { passed: 0, failed: 0, pending: 0 };
   const failures = [];
   for (const f of files) {
