@@ -3,7 +3,7 @@
  * sshd on 127.0.0.x, user vmhost). Prints a Markdown table; asserts nothing.
  *
  *   BENCH_SCALE=0.1 npm run bench     # 0.1 = 205 MiB qcow2 + 2 GiB sparse raw (205 MiB allocated)
- *   BENCH_METHODS=b,c,d               # subset of a,b,c,d,e
+ *   BENCH_METHODS=b,c,d               # subset of a,b,c,d,e,f (f = transfer mode Direct)
  *   BENCH_DIR=/var/tmp/x              # where hosts and the bastion live (default: a temp dir)
  *   BENCH_PARTS=transfer,downtime     # which parts to run (default both); downtime: see bench/downtime.ts; scale: bench/scale.ts; fleet: bench/fleet.ts; environment: bench/environment.ts; ha: bench/ha.ts
  *   BENCH_STRATEGIES=cold,precopy,precopy-verify,live   # downtime part: subset of strategies
@@ -28,7 +28,7 @@ const execFileP = promisify(execFile);
 const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
 const scale = Number(process.env.BENCH_SCALE ?? '1');
-const methods = (process.env.BENCH_METHODS ?? 'a,b,c,d,e').split(',').map((m) => m.trim());
+const methods = (process.env.BENCH_METHODS ?? 'a,b,c,d,e,f').split(',').map((m) => m.trim());
 const parts = (process.env.BENCH_PARTS ?? 'transfer,downtime').split(',').map((m) => m.trim());
 
 interface Row {
@@ -98,7 +98,7 @@ async function runTransfer(baseDir: string): Promise<void> {
     await execFileP('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'bench-direct', '-f', directKey]);
     const hostUser = await ensureHostUser();
     await chown(directKey, hostUser.uid, hostUser.gid);
-    const ak = path.join(path.dirname(path.dirname(h2.vmDir)), 'host02', 'sshd', 'authorized_keys');
+    const ak = h2.authorizedKeysFile as string;
     const akBefore = await readFile(ak, 'utf8');
 
     const bastion = path.join(baseDir, 'bastion');
@@ -157,6 +157,10 @@ async function runTransfer(baseDir: string): Promise<void> {
           await writeFile(ak, akBefore);
         }
         return { wire: size };
+      });
+      await run('f) transfer mode Direct', async () => {
+        const r = await relayFile({ source: c1, sourcePath: img.file, target: c2, targetPath: dst, direct: { environment: 'bench', vm: 'direct' } });
+        return { wire: r.wireBytes, note: 'per-copy key, segments hashed on both hosts; wire = bytes through the operator' };
       });
       await rm(dst, { force: true });
     }

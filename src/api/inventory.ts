@@ -18,6 +18,11 @@ export interface HostSpec {
   vmDir: string;
   /** how VMs are run on this host; defaults in src/hosts/qemuArgv.ts (KVM) */
   qemu?: HostQemu;
+  /**
+   * the file this host's sshd reads `user`'s authorized keys from (default ~/.ssh/authorized_keys):
+   * transfer mode Direct authorizes a per-copy key there for the copy's duration
+   */
+  authorizedKeysFile?: string;
 }
 
 /** QEMU on one host. Live migration needs the same accelerator and machine type on both ends. */

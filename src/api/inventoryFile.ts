@@ -147,6 +147,10 @@ function parseHost(v: unknown, at: string): HostSpec {
     assertHostQemu(`${at}.qemu`, qemu);
     host.qemu = qemu;
   }
+  if (o.authorizedKeysFile !== undefined) {
+    host.authorizedKeysFile = str(o.authorizedKeysFile, `${at}.authorizedKeysFile`);
+    assertSafePath(`${at}.authorizedKeysFile`, host.authorizedKeysFile);
+  }
   return host;
 }
 

@@ -30,7 +30,7 @@ export interface VMMigrationSpec {
   /** environments ("student-42") or single VMs ("student-42/node-1") to leave alone from now on: a VM in flight finishes or rolls back, nothing new of them starts */
   cancel?: string[];
   strategy?: Strategy;
-  transfer?: { mode?: 'Relay'; precopy?: boolean; mirrorAhead?: number; compression?: 'None' | 'Zstd' | 'Auto'; bandwidthLimitMiBps?: number; stallTimeoutSeconds?: number };
+  transfer?: { mode?: 'Relay' | 'Direct'; precopy?: boolean; mirrorAhead?: number; compression?: 'None' | 'Zstd' | 'Auto'; bandwidthLimitMiBps?: number; stallTimeoutSeconds?: number };
   live?: { downtimeLimit?: string; maxBandwidthMiBps?: number; convergenceTimeout?: string; autoConverge?: boolean; fallback?: LiveFallback };
   maxUnavailablePerEnvironment?: number;
   drain?: { timeout?: string; gracePeriodSeconds?: number; deleteEmptyDirData?: boolean; force?: boolean; ignoreDaemonSets?: boolean; skipWaitForDeleteTimeoutSeconds?: number };
@@ -157,6 +157,8 @@ export interface MigrationSettings {
   stallTimeoutMs: number;
   compression: 'none' | 'zstd' | 'auto';
   bandwidthLimitBytesPerSec: number | undefined;
+  /** relay: file copies stream through the operator; direct: source → target with a per-copy key (transfer/direct.ts) */
+  transferMode: 'relay' | 'direct';
   drainTimeoutMs: number;
   /** -1: each pod's own terminationGracePeriodSeconds (kubectl's default) */
   drainGracePeriodSeconds: number;
@@ -208,6 +210,7 @@ export const SPEC_DEFAULTS = {
   // opt-in: on hosts that also carry the guests, concurrent mirrors and pre-passes compete for CPU (README)
   mirrorAhead: 0,
   compression: 'None',
+  transferMode: 'Relay',
   stallTimeoutSeconds: 60,
   live: { downtimeLimit: '300ms', convergenceTimeout: '10m', autoConverge: true, fallback: 'PreCopy' },
   // kubectl drain's defaults, except ignoreDaemonSets (README, "Drain"): DaemonSet pods stay with the node, which comes back
@@ -295,6 +298,7 @@ export function settingsFrom(spec: VMMigrationSpec): MigrationSettings {
     stallTimeoutMs: (spec.transfer?.stallTimeoutSeconds ?? d.stallTimeoutSeconds) * 1000,
     compression: ({ None: 'none', Zstd: 'zstd', Auto: 'auto' } as const)[spec.transfer?.compression ?? d.compression],
     bandwidthLimitBytesPerSec: spec.transfer?.bandwidthLimitMiBps ? spec.transfer.bandwidthLimitMiBps * 1048576 : undefined,
+    transferMode: (spec.transfer?.mode ?? d.transferMode) === 'Direct' ? 'direct' : 'relay',
     drainTimeoutMs: parseDuration(spec.drain?.timeout ?? d.drain.timeout),
     drainGracePeriodSeconds: spec.drain?.gracePeriodSeconds ?? d.drain.gracePeriodSeconds,
     deleteEmptyDirData: spec.drain?.deleteEmptyDirData ?? d.drain.deleteEmptyDirData,

@@ -28,9 +28,11 @@ export interface EngineOptions {
   reconnect?: (host: HostSpec) => Promise<HostConnection>;
   /** the per-host budgets this move's relay copies share with the migration's other moves */
   sharedBandwidth?: readonly TokenBucket[];
-  /** this move's share of the per-host budget for QEMU's own streams (qemuStreamShare), bytes/s */
+  /** this move's share of the per-host budget for streams no operator-side bucket sees (QEMU's, Direct copies; qemuStreamShare), bytes/s */
   qemuStreamBytesPerSec?: number;
 }
+
+const finiteOrUndefined = (n: number): number | undefined => (Number.isFinite(n) ? n : undefined);
 
 function changedRangesVerified(ranges: number, bytes: number, prepassMs: number): string {
   return `guest data verified: ${ranges} changed range(s), ${mib(bytes)} compared at the cut-over; the rest compared while the guest ran (${(prepassMs / 1000).toFixed(1)} s)`;
@@ -51,6 +53,8 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
       const results = await relayVmFiles({
         ...hosts, stallTimeoutMs: settings.stallTimeoutMs, signal, compression: settings.compression,
         bandwidthLimit: settings.bandwidthLimitBytesPerSec, sharedBandwidth: o.sharedBandwidth, reconnect: o.reconnect,
+        // a direct stream passes no operator-side bucket: it gets the limit and this move's fixed share of the per-host budget
+        ...(settings.transferMode === 'direct' ? { direct: { bytesPerSec: finiteOrUndefined(Math.min(settings.bandwidthLimitBytesPerSec ?? Infinity, o.qemuStreamBytesPerSec ?? Infinity)) } } : {}),
         onProgress: (file, d, t) => {
           done.set(file, d);
           totals.set(file, t);

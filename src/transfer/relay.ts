@@ -23,6 +23,7 @@ import { assertSafeName, assertSafePath, vmDirectory, type HostSpec, type VMSpec
 import type { Hypervisor } from '../hosts/hypervisor.js';
 import { RemoteCommandError, type HostConnection, type SpawnedCommand } from '../hosts/ssh.js';
 import { log } from '../util/log.js';
+import { openDirectChannel, type DirectChannel } from './direct.js';
 import { FrameParser, opsText, parseQemuImgMap, planSegments, subtractExtents, type Extent, type Segment } from './plan.js';
 import { FINAL_SH, HASH_EXTENTS_SH, PREPARE_SH, PROBE_SH, READER, WRITER } from './scripts.js';
 import { TokenBucket } from './throttle.js';
@@ -122,6 +123,11 @@ export interface RelayOptions {
   beforeVerify?: (segment: number, partialPath: string) => Promise<void> | void;
   /** attempt start (tests use it to find the remote processes) */
   onAttempt?: (attempt: number) => void;
+  /**
+   * transfer mode Direct: the source streams to the target itself with a per-copy key (direct.ts)
+   * instead of through the operator; `bytesPerSec` bounds that stream (operator-side buckets see no byte)
+   */
+  direct?: { environment: string; vm: string; bytesPerSec?: number };
 }
 
 const DEFAULT_SEGMENT = 32 * 1024 * 1024;
@@ -250,11 +256,88 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
     }
   };
 
-  const hashOnTarget = async (seg: Segment): Promise<string> => {
-    const r = await target.exec(['sh', '-c', HASH_EXTENTS_SH, 'relay-verify', READER, partial], { stdin: opsText([seg], false), timeoutMs: Math.max(stallMs, 60_000) });
+  /** sha256 of the segment's extents in `path` on `conn`'s host */
+  const hashOn = async (conn: HostConnection, path: string, seg: Segment): Promise<string> => {
+    const r = await conn.exec(['sh', '-c', HASH_EXTENTS_SH, 'relay-verify', READER, path], { stdin: opsText([seg], false), timeoutMs: Math.max(stallMs, 60_000) });
     const hex = r.stdout.toString('utf8').split(/\s/)[0] ?? '';
-    if (r.code !== 0 || r.stderr.trim() !== '' || !/^[0-9a-f]{64}$/.test(hex)) throw new RemoteCommandError(target.host.name, ['relay-verify', partial], r.code, r.stderr);
+    if (r.code !== 0 || r.stderr.trim() !== '' || !/^[0-9a-f]{64}$/.test(hex)) throw new RemoteCommandError(conn.host.name, ['relay-verify', path], r.code, r.stderr);
     return hex;
+  };
+  const hashOnTarget = (seg: Segment): Promise<string> => hashOn(target, partial, seg);
+
+  /** every pending segment verified, or the attempt fails naming the rest (they are resent next time) */
+  const checkVerified = (pending: Segment[], failures: string[], stats: AttemptStats): void => {
+    const missing = pending.filter((s) => !verified.has(s.index)).map((s) => s.index);
+    if (missing.length === 0) return;
+    const e = new SegmentVerifyError(sourcePath, missing, failures.join('; ') || 'no verification result');
+    stats.error = e.message;
+    throw e;
+  };
+
+  const channel = opts.direct ? await openDirectChannel({ source, target, partial, ...opts.direct }) : undefined;
+
+  /**
+   * One Direct attempt: the source streams the pending segments to the target over its own SSH
+   * connection; the target WRITER's segment reports come back through it. Each reported segment is
+   * hashed on both hosts and compared.
+   */
+  const directAttempt = async (ch: DirectChannel, attemptNumber: number, pending: Segment[], stats: AttemptStats, verifiedBefore: number): Promise<void> => {
+    const local = new AbortController();
+    const stall = new AbortController();
+    const signal = AbortSignal.any([local.signal, stall.signal, ...(opts.signal ? [opts.signal] : [])]);
+    let stallTimer: NodeJS.Timeout | undefined;
+    const armStall = (): void => {
+      if (stallTimer) clearTimeout(stallTimer);
+      stallTimer = setTimeout(() => stall.abort(new RelayStalledError(sourcePath, stallMs, reported)), stallMs);
+    };
+    const failures: string[] = [];
+    const verifyLimit = limiter(2);
+    const verifications: Promise<void>[] = [];
+    const verifySegment = async (index: number): Promise<void> => {
+      const seg = bySegment.get(index);
+      if (!seg) throw new Error(`target reported unplanned segment ${index}`);
+      await opts.beforeVerify?.(index, partial);
+      const [expected, got] = await Promise.all([hashOn(source, sourcePath, seg), hashOnTarget(seg)]);
+      if (got === expected) verified.set(index, got);
+      else failures.push(`segment ${index}: source ${expected}, target ${got}`);
+    };
+    let stream: SpawnedCommand | undefined;
+    let ended = false;
+    let done = false;
+    const errOut: Buffer[] = [];
+    try {
+      armStall();
+      stream = await source.spawn(ch.streamArgv(READER, sourcePath));
+      stream.stderr.on('data', (d: Buffer) => errOut.push(d));
+      onLines(stream.stdout, (line) => {
+        if (line === 'END') ended = true;
+        const m = /^E (\d+)$/.exec(line);
+        if (!m) return;
+        armStall();
+        const index = Number(m[1]);
+        const n = bySegment.get(index)?.dataBytes ?? 0;
+        stats.dataBytes += n;
+        sentTotal += n;
+        progress(verifiedBefore + stats.dataBytes);
+        verifications.push(verifyLimit(() => verifySegment(index)).catch((e: unknown) => void failures.push((e as Error).message)));
+      });
+      stream.stdin.end(opsText(pending, true));
+      const code = await abortable(stream.exit, signal);
+      done = true;
+      if (code !== 0 || !ended) throw new RemoteCommandError(source.host.name, ['relay-direct', sourcePath], code, Buffer.concat(errOut).toString() || 'the direct stream ended before the target writer finished');
+      await abortable(Promise.all(verifications), signal);
+    } catch (err) {
+      const reason = signal.aborted && signal.reason instanceof Error ? signal.reason : (err as Error);
+      stats.error = reason.message;
+      logger.debug({ path: sourcePath, attemptNumber, err: reason.message }, 'direct attempt failed');
+      if (opts.signal?.aborted || reason instanceof RelayStalledError) throw new AbortError(reason);
+      throw reason;
+    } finally {
+      if (stallTimer) clearTimeout(stallTimer);
+      if (!done) stream?.kill();
+      local.abort(new Error('attempt finished'));
+    }
+    checkVerified(pending, failures, stats);
   };
 
   const attempt = async (attemptNumber: number): Promise<void> => {
@@ -275,6 +358,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
     attempts.push(stats);
     if (pending.length === 0) return;
     const verifiedBefore = [...verified.keys()].reduce((n, k) => n + (bySegment.get(k)?.dataBytes ?? 0), 0);
+    if (channel) return directAttempt(channel, attemptNumber, pending, stats, verifiedBefore);
 
     const local = new AbortController();
     const stall = new AbortController();
@@ -408,12 +492,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
         local.abort(new Error('attempt finished'));
       }
     }
-    const missing = pending.filter((s) => !verified.has(s.index)).map((s) => s.index);
-    if (missing.length > 0) {
-      const e = new SegmentVerifyError(sourcePath, missing, failures.join('; ') || 'no verification result');
-      stats.error = e.message;
-      throw e;
-    }
+    checkVerified(pending, failures, stats);
   };
 
   try {
@@ -434,6 +513,9 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
     if (target.isAlive) await target.exec(['rm', '-f', '--', partial]).catch(() => undefined);
     else if (opts.reconnect) await opts.reconnect(target.host).then((c) => c.exec(['rm', '-f', '--', partial]).finally(() => c.close())).catch(() => undefined);
     throw err;
+  } finally {
+    // a revocation that fails here is left to the line's expiry-time and the VM's next direct copy
+    if (channel) await channel.close(source, target).catch((e: unknown) => logger.warn({ path: sourcePath, err: (e as Error).message }, 'removing the direct copy\'s key failed; it expires on its own'));
   }
 
   async function finalCheck(): Promise<void> {
@@ -473,11 +555,13 @@ export interface RelayVmOptions extends RelayTuning {
   environment: string;
   vm: VMSpec;
   onProgress?: (file: string, bytesDone: number, bytesTotal: number) => void;
+  /** Direct: each file streams source → target with a per-copy key (direct.ts); default relay */
+  direct?: { bytesPerSec?: number };
 }
 
 /** Copies every file of the VM (VMSpec.files) into the same VM directory layout on the target host. */
 export async function relayVmFiles(opts: RelayVmOptions): Promise<VmFileRelayResult[]> {
-  const { source, target, environment, vm, onProgress: _onProgress, ...tuning } = opts;
+  const { source, target, environment, vm, onProgress: _onProgress, direct, ...tuning } = opts;
   const srcDir = vmDirectory(source.host, environment, vm.name);
   const dstDir = vmDirectory(target.host, environment, vm.name);
   for (const f of vm.files) assertSafeName('VM file', f.name);
@@ -500,6 +584,7 @@ export async function relayVmFiles(opts: RelayVmOptions): Promise<VmFileRelayRes
       target: target.conn,
       targetPath: `${dstDir}/${f.name}`,
       onProgress: opts.onProgress ? (d, t) => opts.onProgress?.(f.name, d, t) : undefined,
+      ...(direct ? { direct: { environment, vm: vm.name, bytesPerSec: direct.bytesPerSec } } : {}),
       ...tuning,
     });
     results.push({ file: f.name, ...r });

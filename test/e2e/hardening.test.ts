@@ -10,6 +10,8 @@ import { generateKeyPairSync } from 'node:crypto';
 import { join } from 'node:path';
 import { CoreV1Api, CustomObjectsApi } from '@kubernetes/client-node';
 import { expectSandboxUntouched } from '../world/vmm.js';
+import { guestContentSha256 } from '../../src/hosts/qemuIncoming.js';
+import { sha256File } from '../world/images.js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parse, stringify } from 'yaml';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
@@ -50,8 +52,8 @@ async function waitFinished(name: string): Promise<VMMigration> {
   }
 }
 
-async function migrate(name: string): Promise<VMMigration> {
-  const doc = { apiVersion: 'vmops.dev/v1alpha1', kind: 'VMMigration', metadata: { name, namespace: SECRET_NAMESPACE }, spec: { environments: [sb.environment.name], targetHost: 'host02', shutdown: { powerdownTimeout: '1s' } } };
+async function migrate(name: string, extra: Record<string, unknown> = {}): Promise<VMMigration> {
+  const doc = { apiVersion: 'vmops.dev/v1alpha1', kind: 'VMMigration', metadata: { name, namespace: SECRET_NAMESPACE }, spec: { environments: [sb.environment.name], targetHost: 'host02', shutdown: { powerdownTimeout: '1s' }, ...extra } };
   const path = join(DIR, `${name}.json`);
   writeFileSync(path, JSON.stringify(doc));
   await sb.kubectl(['apply', '-f', path]);
@@ -137,5 +139,31 @@ describe('an SSH host whose key does not match the inventory', () => {
     expect(readyMessage(o)).toMatch(/SSH host key of host host02 does not match the inventory/);
     expect(o.status?.conditions?.find((c) => c.type === 'Degraded')?.status).toBe('True');
     await expectUntouched();
+  });
+});
+
+describe('transfer mode Direct through the operator', () => {
+  it('moves the VM host to host with a per-copy key: data identical, and afterwards no key on the source and no authorization on the target', async () => {
+    const vm = sb.environment.vms[0]!;
+    const h01 = await sb.hypervisor('host01');
+    const h02 = await sb.hypervisor('host02');
+    /** guest-visible content of every disk, bytes of every other file (as the fault matrix compares them) */
+    const fingerprint = async (hv: typeof h01) => {
+      const dir = hv.vmDir(sb.environment.name, vm);
+      return Promise.all(vm.files.map((f) => (f.kind === 'disk' ? guestContentSha256(hv, `${dir}/${f.name}`, f.format ?? 'qcow2') : sha256File(`${dir}/${f.name}`))));
+    };
+    const before = await fingerprint(h01);
+    const keysFile = sb.hosts.hosts.find((h) => h.name === 'host02')!.authorizedKeysFile!;
+    const keysBefore = readFileSync(keysFile, 'utf8');
+    const o = await migrate('direct-move', { transfer: { mode: 'Direct' } });
+    expect(o.status?.phase, JSON.stringify(o.status?.conditions)).toBe('Succeeded');
+    expect((await h02.vmStatus(sb.environment.name, vm)).state).toBe('running');
+    expect((await h01.vmStatus(sb.environment.name, vm)).state).toBe('absent');
+    expect(await fingerprint(h02)).toEqual(before);
+    expect(readFileSync(keysFile, 'utf8')).toBe(keysBefore);
+    const left = await h01.conn.execOk(['sh', '-c', 'ls -d /tmp/vmops-direct+* 2>/dev/null; true']);
+    expect(left.toString()).toBe('');
+    // the private key never reached the operator
+    expect(readFileSync(operatorLog, 'utf8')).not.toMatch(/PRIVATE KEY|vmops-direct\+/);
   });
 });

@@ -92,6 +92,12 @@ describe('spec rules (real kubectl, real kube-apiserver)', () => {
     await expectRejected(manifest('bad-live-default', { ...base, live: { downtimeLimit: '1s' } }), ['spec.live applies only to strategy LiveMigrate']);
     await expectRejected(manifest('bad-precopy-live', { ...base, strategy: 'LiveMigrate', transfer: { precopy: true } }), ['spec.transfer.precopy applies only to strategy Rolling']);
   });
+  it('transfer mode Direct: accepted, but not with compression (a direct stream is not compressed)', async () => {
+    await expectAccepted(manifest('ok-direct', { ...base, transfer: { mode: 'Direct' } }));
+    await expectRejected(manifest('bad-direct-zstd', { ...base, transfer: { mode: 'Direct', compression: 'Zstd' } }), ['spec.transfer.compression applies to Relay copies only']);
+    await expectRejected(manifest('bad-mode', { ...base, transfer: { mode: 'Teleport' } }), [/spec\.transfer\.mode: Unsupported value: "Teleport"/]);
+  });
+
   it('refuses hostile names before anything runs', async () => {
     for (const bad of ['a;reboot', '$(reboot)', '`id`', '../etc', 'a b', 'a\nb', 'x'.repeat(300)]) {
       await expectRejected(manifest('hostile', { environments: [bad], targetHost: 'host02' }), [/spec\.environments\[0\]/]);

@@ -104,6 +104,22 @@ describe('inventory: vmDir', () => {
   });
 });
 
+describe('inventory: authorizedKeysFile (transfer mode Direct)', () => {
+  it('is optional, and taken as written when it is a safe absolute path', () => {
+    const d = good();
+    expect(parseInventory(d).hosts[0]?.authorizedKeysFile).toBeUndefined();
+    d.hosts[1]!.authorizedKeysFile = '/root/.ssh/authorized_keys';
+    expect(parseInventory(d).hosts[1]?.authorizedKeysFile).toBe('/root/.ssh/authorized_keys');
+  });
+  it('refuses a relative path, a path with "..", and shell syntax', () => {
+    for (const bad of ['.ssh/authorized_keys', '/root/../etc/passwd', '/root/.ssh/$(id)']) {
+      const d = good();
+      d.hosts[0]!.authorizedKeysFile = bad;
+      expect(() => parseInventory(d)).toThrow(/hosts\[0\]\.authorizedKeysFile .* is not a valid absolute path/);
+    }
+  });
+});
+
 describe('inventory: host keys', () => {
   it('refuses a label that does not match the blob', () => {
     rejects((d) => {

@@ -13,7 +13,7 @@ describe('spec defaults', () => {
   it('the CRD schema applies the same defaults as SPEC_DEFAULTS', () => {
     const d = SPEC_DEFAULTS;
     expect({
-      strategy: at('strategy'), precopy: at('transfer', 'precopy'), mirrorAhead: at('transfer', 'mirrorAhead'), compression: at('transfer', 'compression'), stallTimeoutSeconds: at('transfer', 'stallTimeoutSeconds'),
+      strategy: at('strategy'), precopy: at('transfer', 'precopy'), mirrorAhead: at('transfer', 'mirrorAhead'), compression: at('transfer', 'compression'), transferMode: at('transfer', 'mode'), stallTimeoutSeconds: at('transfer', 'stallTimeoutSeconds'),
       live: { downtimeLimit: at('live', 'downtimeLimit'), convergenceTimeout: at('live', 'convergenceTimeout'), autoConverge: at('live', 'autoConverge'), fallback: at('live', 'fallback') },
       drain: {
         timeout: at('drain', 'timeout'), gracePeriodSeconds: at('drain', 'gracePeriodSeconds'), deleteEmptyDirData: at('drain', 'deleteEmptyDirData'),
@@ -25,7 +25,7 @@ describe('spec defaults', () => {
 
   it('settingsFrom of an empty spec is SPEC_DEFAULTS, one mirror-ready timeout for pre-copy and live', () => {
     const s = settingsFrom({ targetHost: 'h2' });
-    expect(s).toMatchObject({ strategy: 'Rolling', precopy: false, compression: 'none', stallTimeoutMs: 60_000, drainTimeoutMs: 600_000, powerdownTimeoutMs: 60_000, nodeReadyTimeoutMs: 300_000, safetyWaitTimeoutMs: 1_800_000, mirrorReadyTimeoutMs: 3_600_000 });
+    expect(s).toMatchObject({ strategy: 'Rolling', precopy: false, compression: 'none', transferMode: 'relay', stallTimeoutMs: 60_000, drainTimeoutMs: 600_000, powerdownTimeoutMs: 60_000, nodeReadyTimeoutMs: 300_000, safetyWaitTimeoutMs: 1_800_000, mirrorReadyTimeoutMs: 3_600_000 });
     expect(s.live).toMatchObject({ downtimeLimitMs: 300, convergenceTimeoutMs: 600_000, fallback: 'PreCopy' });
   });
 });

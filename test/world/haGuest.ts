@@ -321,7 +321,7 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
     cleanups.push(() => beachheadHosts.stop());
     const bh = beachheadHosts.hosts[0]!;
     const beachheadSsh: HostSpec = { ...bh, name: 'beachhead' };
-    await appendFile(join(beachheadHosts.hostDirs[bh.name]!, 'authorized_keys'), `${o.operatorPublicKey}\n`);
+    await appendFile(bh.authorizedKeysFile!, `${o.operatorPublicKey}\n`);
     const blackhole = new AddressBlackhole(`vmops_ha_${o.environment.replace(/[^a-z0-9]/g, '_')}`);
     await blackhole.create();
     // removed first on stop (see stop below) so nothing waits on a dropped address while shutting down

@@ -276,8 +276,12 @@ export async function startHosts(opts: { count: number; baseDir: string; firstAd
       const hostKeyPath = path.join(sshDir, 'ssh_host_ed25519_key');
       await keygen(hostKeyPath, `${name}-hostkey`);
       const [keyType, keyBlob] = (await readFile(`${hostKeyPath}.pub`, 'utf8')).trim().split(/\s+/);
-      const authorizedKeys = path.join(sshDir, 'authorized_keys');
-      await writeFile(authorizedKeys, `${identity.publicKey}\n`, { mode: 0o644 });
+      // in a directory of the host user's own, as ~/.ssh is: transfer mode Direct rewrites the file (rename into place)
+      const keysDir = path.join(dir, 'user-ssh');
+      await mkdir(keysDir, { mode: 0o700 });
+      await chown(keysDir, user.uid, user.gid);
+      const authorizedKeys = path.join(keysDir, 'authorized_keys');
+      await writeFile(authorizedKeys, `${identity.publicKey}\n`, { mode: 0o600 });
       await chown(authorizedKeys, user.uid, user.gid);
 
       const port = await freePort(address);
@@ -319,6 +323,7 @@ export async function startHosts(opts: { count: number; baseDir: string; firstAd
         hostKey: `${keyType} ${keyBlob}`,
         vmDir,
         qemu,
+        authorizedKeysFile: authorizedKeys,
       });
     }
   } catch (err) {

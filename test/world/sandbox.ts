@@ -321,7 +321,7 @@ export async function startOperatorProcess(o: OperatorOptions & { dir: string; k
 
 export function inventoryForFile(inv: Inventory): unknown {
   return {
-    hosts: inv.hosts.map((h: HostSpec) => ({ name: h.name, address: h.address, port: h.port, user: h.user, hostKey: h.hostKey, vmDir: h.vmDir, qemu: h.qemu })),
+    hosts: inv.hosts.map((h: HostSpec) => ({ name: h.name, address: h.address, port: h.port, user: h.user, hostKey: h.hostKey, vmDir: h.vmDir, qemu: h.qemu, authorizedKeysFile: h.authorizedKeysFile })),
     environments: inv.environments,
   };
 }
