@@ -230,6 +230,16 @@ export class Hypervisor {
     }
   }
 
+  /** Polls until nothing accepts connections on the socket (true) or the time is up (false). */
+  private async waitQmpSocketClosed(path: string, timeoutMs: number): Promise<boolean> {
+    const deadline = Date.now() + timeoutMs;
+    while (await this.qmpSocketAnswers(path)) {
+      if (Date.now() >= deadline) return false;
+      await sleep(50);
+    }
+    return true;
+  }
+
   private async isPidAlive(pid: number): Promise<boolean> {
     const r = await this.conn.exec(['sh', '-c', ALIVE_SCRIPT, 'alive', String(pid)]);
     return r.code === 0;
@@ -315,7 +325,15 @@ export class Hypervisor {
     const name = qemuName(environment, vm.name);
     const t0 = Date.now();
     // -daemonize returns once QEMU has initialised (or failed), so a bad disk is reported here with QEMU's message.
-    await this.conn.execOk(argv, { timeoutMs: 60_000 });
+    try {
+      await this.conn.execOk(argv, { timeoutMs: 60_000 });
+    } catch (err) {
+      // A QEMU that failed after its QMP socket listened (e.g. a missing kernel) can still be exiting
+      // when its parent returns: the next probe would find the socket answering and no process to
+      // match, and refuse to act (fail closed). Return the failure once it has settled.
+      await this.waitQmpSocketClosed(`${dir}/qmp.sock`, 5000).catch(() => undefined);
+      throw err;
+    }
 
     const deadline = t0 + (opts.startTimeoutMs ?? TIMEOUTS.vmStartMs);
     let lastErr = '';

@@ -66,11 +66,16 @@ export const DIRECT_STREAM_SH = [
   '  -b "$4" -p "$5" -l "$6" -- "$7" vmops-direct-write',
 ].join('\n');
 
-/** perl: copies stdin to stdout at no more than $ARGV[0] bytes per second. */
+/**
+ * perl: copies stdin to stdout at no more than $ARGV[0] bytes per second. perl-base only (Time::HiRes
+ * is not in it): POSIX::times's wall clock in clock ticks, select() for fractional sleeps.
+ */
 export const THROTTLE = String.raw`
-use strict; use warnings; use Time::HiRes qw(time sleep);
+use strict; use warnings; use POSIX ();
 my $rate = shift; binmode STDIN; binmode STDOUT;
-my ($t0, $sent) = (time, 0);
+my $tck = POSIX::sysconf(POSIX::_SC_CLK_TCK()) || 100;
+sub now { (POSIX::times())[0] / $tck }
+my ($t0, $sent) = (now(), 0);
 while (1) {
   my $n = sysread(STDIN, my $buf, 262144);
   die "read: $!\n" unless defined $n;
@@ -78,8 +83,8 @@ while (1) {
   my $w = 0;
   while ($w < $n) { my $r = syswrite(STDOUT, $buf, $n - $w, $w); die "write: $!\n" unless defined $r; $w += $r }
   $sent += $n;
-  my $ahead = $sent / $rate - (time - $t0);
-  sleep($ahead) if $ahead > 0;
+  my $ahead = $sent / $rate - (now() - $t0);
+  select(undef, undef, undef, $ahead) if $ahead > 0;
 }
 `;
 

@@ -125,7 +125,7 @@ describe('hosts over real sshd + QEMU', () => {
     const chunks: Buffer[] = [];
     p.stdout.on('data', (d: Buffer) => chunks.push(d));
     const block = Buffer.alloc(1024 * 1024, 7);
-    for (let i = 0; i < 16; i++) {
+    for (let i = 0; i < 8; i++) {
       if (!p.stdin.write(block)) await new Promise((r) => p.stdin.once('drain', r));
     }
     p.stdin.end();
@@ -219,5 +219,20 @@ describe('hosts over real sshd + QEMU', () => {
     await expect(hv.removeFile('/tmp/x; rm -rf /')).rejects.toThrow(/not a valid absolute path/);
     await expect(hv.ensureDir(`${d}/../../etc`)).rejects.toThrow(/not a valid absolute path/);
     await expect(hv.vmStatus('Bad Env', vmSpec('x', 'host01'))).rejects.toThrow(/not a valid name/);
+  });
+
+  it('a start that QEMU refuses after creating its monitor (kernel missing) has settled when startVm throws: the next probe sees the VM stopped, never a QMP socket without a process', async () => {
+    const vm: VMSpec = { ...vmSpec('nokernel', 'host01'), boot: { kernel: 'vmlinuz' }, files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }, { name: 'vmlinuz', kind: 'file' }] };
+    const dir = vmDirectory(h1, ENV, vm.name);
+    await hv.ensureDir(dir);
+    await conn.execOk(['qemu-img', 'create', '-q', '-f', 'qcow2', `${dir}/disk0.qcow2`, '16M']);
+    // QEMU opens the kernel at machine init, after its QMP socket listens, and its exit can outlast
+    // its -daemonize parent's: a local loop (no SSH in between) found the socket still answering after
+    // the parent returned in 5 of 40 tries; through SSH the window is rarely hit (0 of 80 here), but it
+    // was once, in realGuest's corrupted-copy test ("QMP socket answers but no QEMU process")
+    for (let i = 0; i < 8; i++) {
+      await expect(hv.startVm(ENV, vm)).rejects.toThrow(/could not open kernel file/);
+      expect((await hv.vmStatus(ENV, vm)).state).toBe('stopped');
+    }
   });
 });
