@@ -11,6 +11,9 @@ export interface HostsTable {
   user: string;
   host_key: string;
   vm_dir: string;
+  /** HostSpec.qemu as JSON (null: defaults) */
+  qemu_json: string | null;
+  authorized_keys_file: string | null;
 }
 
 export interface EnvironmentsTable {
@@ -31,6 +34,9 @@ export interface VmsTable {
   cpus: number;
   files_json: string;
   updated_at: string;
+  /** VMSpec.boot as JSON (null: BIOS boot from the first disk) */
+  boot_json: string | null;
+  address: string | null;
 }
 
 export interface MoveRow {
@@ -144,6 +150,16 @@ export function migrations(backend: Backend): Record<string, Migration> {
     '0002_journal_actor': {
       async up(db: Kysely<unknown>) {
         await db.schema.alterTable('journal').addColumn('actor', 'text').execute();
+      },
+    },
+    // Descriptions the inventory file carries beyond the first schema: without them the operator
+    // started VMs on the target with the default accelerator and without their direct kernel boot.
+    '0003_host_and_vm_details': {
+      async up(db: Kysely<unknown>) {
+        await db.schema.alterTable('hosts').addColumn('qemu_json', 'text').execute();
+        await db.schema.alterTable('hosts').addColumn('authorized_keys_file', 'text').execute();
+        await db.schema.alterTable('vms').addColumn('boot_json', 'text').execute();
+        await db.schema.alterTable('vms').addColumn('address', 'text').execute();
       },
     },
   };

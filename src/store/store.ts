@@ -1,5 +1,5 @@
 import { Kysely, Migrator } from 'kysely';
-import type { EnvironmentSpec, HostSpec, Inventory, VMFile, VMRole, VMSpec } from '../api/inventory.js';
+import type { EnvironmentSpec, HostQemu, HostSpec, Inventory, VMBoot, VMFile, VMRole, VMSpec } from '../api/inventory.js';
 import { connect, redactLocation, StoreOpenError, type ConnectOptions } from './connect.js';
 import { migrations, type Backend, type Database, type MoveRow } from './schema.js';
 
@@ -96,14 +96,14 @@ export class Store {
       const problems = await contradictions(tx, inv);
       if (problems.length > 0) throw new InventoryConflictError(problems, origin);
       for (const h of inv.hosts) {
-        const row = { name: h.name, address: h.address, port: h.port, user: h.user, host_key: h.hostKey, vm_dir: h.vmDir };
+        const row = { name: h.name, address: h.address, port: h.port, user: h.user, host_key: h.hostKey, vm_dir: h.vmDir, qemu_json: h.qemu ? JSON.stringify(h.qemu) : null, authorized_keys_file: h.authorizedKeysFile ?? null };
         await tx.insertInto('hosts').values(row).onConflict((oc) => oc.column('name').doUpdateSet(row)).execute();
       }
       for (const e of inv.environments) {
         const row = { name: e.name, secret_namespace: e.kubeconfigSecret.namespace, secret_name: e.kubeconfigSecret.name, secret_key: e.kubeconfigSecret.key };
         await tx.insertInto('environments').values(row).onConflict((oc) => oc.column('name').doUpdateSet(row)).execute();
         for (const vm of e.vms) {
-          const desc = { role: vm.role, node_name: vm.nodeName, memory_mib: vm.memoryMiB, cpus: vm.cpus, files_json: JSON.stringify(vm.files), updated_at: now };
+          const desc = { role: vm.role, node_name: vm.nodeName, memory_mib: vm.memoryMiB, cpus: vm.cpus, files_json: JSON.stringify(vm.files), boot_json: vm.boot ? JSON.stringify(vm.boot) : null, address: vm.address ?? null, updated_at: now };
           await tx.insertInto('vms').values({ environment: e.name, name: vm.name, host: vm.host, ...desc })
             .onConflict((oc) => oc.columns(['environment', 'name']).doUpdateSet(desc)).execute();
         }
@@ -113,7 +113,11 @@ export class Store {
 
   async hosts(): Promise<HostSpec[]> {
     const rows = await this.db.selectFrom('hosts').selectAll().orderBy('name').execute();
-    return rows.map((r) => ({ name: r.name, address: r.address, port: r.port, user: r.user, hostKey: r.host_key, vmDir: r.vm_dir }));
+    return rows.map((r) => ({
+      name: r.name, address: r.address, port: r.port, user: r.user, hostKey: r.host_key, vmDir: r.vm_dir,
+      ...(r.qemu_json ? { qemu: JSON.parse(r.qemu_json) as HostQemu } : {}),
+      ...(r.authorized_keys_file ? { authorizedKeysFile: r.authorized_keys_file } : {}),
+    }));
   }
 
   async host(name: string): Promise<HostSpec | undefined> {
@@ -265,7 +269,11 @@ async function contradictions(tx: Kysely<Database>, inv: Inventory): Promise<str
 }
 
 function toVmSpec(v: Database['vms']): VMSpec {
-  return { name: v.name, role: v.role as VMRole, nodeName: v.node_name, host: v.host, memoryMiB: v.memory_mib, cpus: v.cpus, files: JSON.parse(v.files_json) as VMFile[] };
+  return {
+    name: v.name, role: v.role as VMRole, nodeName: v.node_name, host: v.host, memoryMiB: v.memory_mib, cpus: v.cpus, files: JSON.parse(v.files_json) as VMFile[],
+    ...(v.boot_json ? { boot: JSON.parse(v.boot_json) as VMBoot } : {}),
+    ...(v.address ? { address: v.address } : {}),
+  };
 }
 
 function toMove(r: { migration_uid: string; environment: string; vm: string; from_host: string; to_host: string; phase: string; step: string | null; attempts: number; downtime_ms: number | null; bytes: number; started_at: string | null; finished_at: string | null; message: string | null }): MoveRecord {

@@ -58,8 +58,9 @@ export const KEYGEN_SH = [
  * stdin: the READER's ops; stdout: the target WRITER's "E <seg>" / "END" lines, through ssh.
  */
 export const DIRECT_STREAM_SH = [
-  'if [ "$8" -gt 0 ]; then t() { perl -e "$9" "$8"; }; else t() { cat; }; fi',
-  'perl -e "$1" f "$2" | t | ssh -F /dev/null -T -i "$3/key" -o IdentitiesOnly=yes -o IdentityAgent=none -o BatchMode=yes \\',
+  // a function's $1.. are its own arguments: the throttle's program and rate are passed to it
+  'if [ "$8" -gt 0 ]; then t() { perl -e "$1" "$2"; }; else t() { cat; }; fi',
+  'perl -e "$1" f "$2" | t "$9" "$8" | ssh -F /dev/null -T -i "$3/key" -o IdentitiesOnly=yes -o IdentityAgent=none -o BatchMode=yes \\',
   '  -o StrictHostKeyChecking=yes -o UserKnownHostsFile="$3/known_hosts" -o GlobalKnownHostsFile=/dev/null -o ControlMaster=no \\',
   '  -o ConnectTimeout=15 -o ServerAliveInterval=15 -o ServerAliveCountMax=4 \\',
   '  -o Ciphers=aes128-gcm@openssh.com,aes256-gcm@openssh.com,chacha20-poly1305@openssh.com \\',

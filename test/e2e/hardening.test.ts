@@ -28,7 +28,8 @@ const operatorLog = join(DIR, 'operator-hardening.log');
 
 beforeAll(async () => {
   // refusals before anything is touched: one VM shows it as well as seven
-  sb = await startSandbox({ dir: DIR, environment: 'student-h', vms: ['node-1'], diskMiB: 16, log: (l) => console.log(`[sandbox] ${l}`) });
+  // the PDB allows every eviction: the Direct move at the end drains the only node
+  sb = await startSandbox({ dir: DIR, environment: 'student-h', vms: ['node-1'], diskMiB: 16, workloadReplicas: 2, workloadMinAvailable: 0, log: (l) => console.log(`[sandbox] ${l}`) });
   operator = await sb.startOperator({ logFile: operatorLog });
 }, 900_000);
 

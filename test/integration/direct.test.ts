@@ -5,7 +5,7 @@
  * through the operator, what the key can and cannot do while it exists, nothing left afterwards,
  * a corrupted segment caught, stale lines of a crashed copy removed, the bandwidth bound.
  */
-import { readFile, writeFile, mkdir } from 'node:fs/promises';
+import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { vmDirectory, type VMSpec } from '../../src/api/inventory.js';
@@ -104,8 +104,11 @@ describe('transfer mode Direct between two real hosts', () => {
   });
 
   it('a segment corrupted on the target is caught (hashes of both hosts compared), the partial removed, the key revoked', async () => {
-    const src = path.join(srcDir, 'disk1.img');
+    // dense: every offset of a segment is data, so a flipped byte anywhere in it is in what is hashed
+    const src = path.join(srcDir, 'dense.img');
+    await two.c1.execOk(['dd', 'if=/dev/urandom', `of=${src}`, 'bs=1M', 'count=24', 'status=none']);
     const dst = `${dstDir}/corrupt.img`;
+    let corrupted: number | undefined;
     const err = await relayFile({
       source: two.c1,
       sourcePath: src,
@@ -114,13 +117,15 @@ describe('transfer mode Direct between two real hosts', () => {
       segmentBytes: 8 * 1048576,
       retries: 0,
       direct: { environment: ENV, vm: vm.name },
+      // flip bytes at the start of the first segment the target reports (it holds data: it was sent)
       beforeVerify: async (segment, partial) => {
-        if (segment !== 1) return;
-        await two.c2.execOk(['sh', '-c', 'printf "\\377\\377\\377\\377" | dd of="$1" bs=1 seek=$((8*1048576+4096)) conv=notrunc status=none', 'corrupt', partial]);
+        if (corrupted !== undefined) return;
+        corrupted = segment;
+        await two.c2.execOk(['sh', '-c', 'printf "\\377\\377\\377\\377" | dd of="$1" bs=1 seek=$2 conv=notrunc status=none', 'corrupt', partial, String(segment * 8 * 1048576)]);
       },
     }).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(SegmentVerifyError);
-    expect((err as SegmentVerifyError).segments).toEqual([1]);
+    expect((err as SegmentVerifyError).segments).toEqual([corrupted]);
     expect((await two.c2.exec(['test', '-e', dst])).code).toBe(1);
     expect((await two.c2.exec(['test', '-e', `${dst}.partial`])).code).toBe(1);
     expect(await readFile(two.h2.authorizedKeysFile!, 'utf8')).toBe(keysBefore);

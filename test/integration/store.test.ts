@@ -69,6 +69,25 @@ describe.each(backends)('Store on $name', ({ name, fresh }) => {
     await again.close();
   });
 
+  it('gives back every host and VM detail of the inventory: QEMU settings, authorizedKeysFile, direct kernel boot, VM address', async () => {
+    const s = await Store.open(await fresh());
+    const detailed: Inventory = {
+      hosts: [
+        { ...inventory.hosts[0]!, qemu: { binary: 'qemu-system-x86_64', machine: 'q35', accel: 'tcg' }, authorizedKeysFile: '/root/.ssh/authorized_keys' },
+        inventory.hosts[1]!,
+      ],
+      environments: [{ ...inventory.environments[0]!, vms: [{ ...inventory.environments[0]!.vms[0]!, boot: { kernel: 'vmlinuz', initrd: 'initrd.img', append: 'console=ttyS0' }, address: '10.0.0.5' }] }],
+    };
+    await s.loadInventory(detailed);
+    expect(await s.hosts()).toEqual(detailed.hosts);
+    expect((await s.environment('e1'))!.vms).toEqual(detailed.environments[0]!.vms);
+    // a reload without them removes them (the file is the truth for descriptions)
+    await s.loadInventory(inventory);
+    expect(await s.hosts()).toEqual(inventory.hosts);
+    expect((await s.environment('e1'))!.vms).toEqual(inventory.environments[0]!.vms);
+    await s.close();
+  });
+
   it('journals steps in order with the acting replica, and keeps one move row per VM and migration', async () => {
     const s = await Store.open(await fresh(), { actor: 'replica-a' });
     await s.loadInventory(inventory);
