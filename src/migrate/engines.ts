@@ -130,7 +130,15 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
           const r = await verifyChangedRanges({ source, target, srcDir: source.vmDir(environment, vm), dstDir: target.vmDir(environment, vm), changed: h.changed });
           return changedRangesVerified(r.ranges, r.bytes, h.changed.prepassMs);
         },
-        resumeTarget: () => resumeIncoming(h.targetQmp).finally(() => h.targetQmp.close()),
+        async resumeTarget() {
+          try {
+            return await resumeIncoming(h.targetQmp);
+          } finally {
+            h.targetQmp.close();
+            // the tunnels' teardown waits until the guest runs again, not inside its downtime
+            await h.cleanup().catch((e: Error) => log.warn({ err: e.message }, 'closing the live migration tunnels failed'));
+          }
+        },
         abort: (reason) => h.abort(reason).catch(() => undefined),
       };
     },

@@ -80,5 +80,6 @@ export async function liveMigrate(opts: LiveMigrateOptions & { verify?: boolean 
       : { full: await verifyGuestData(source, target, environment, vm), why: h.changedWhy };
   }
   const runningAt = await resumeIncoming(h.targetQmp).finally(() => h.targetQmp.close());
+  await h.cleanup();
   return { ...h.result, measuredDowntimeMs: runningAt - h.stoppedAt, verification };
 }

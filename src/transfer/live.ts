@@ -118,6 +118,8 @@ export interface LiveHandover {
   changedWhy: string;
   /** Before the target ran: quit the target QEMU (proven gone), remove its files, resume the source. */
   abort(reason: Error): Promise<never>;
+  /** After the target runs: closes the migration's tunnels and removes their sockets (idempotent). */
+  cleanup(): Promise<void>;
 }
 
 interface MigrateInfo {
@@ -305,11 +307,12 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
   phase = 'handover';
   const dst = incoming.qmp;
   try {
-    const s = await status(src);
+    // the guest is down from here on: independent questions to the two QEMUs go out together
+    const [s, ts0] = await Promise.all([status(src), status(dst)]);
     if (s !== 'postmigrate') throw new Error(`source is ${s} after migration, expected postmigrate`);
     // the target must have the whole state before it may run
     const waitUntil = Date.now() + 30_000;
-    let ts = await status(dst);
+    let ts = ts0;
     while (ts === 'inmigrate' && Date.now() < waitUntil) {
       await sleep(20);
       ts = await status(dst);
@@ -319,7 +322,10 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
     await jobs.cancel({ force: false, timeoutMs: 60_000 });
     jobs.dispose();
     jobs = undefined;
-    await dst.execute('nbd-server-stop');
+    // the target's NBD server and the source's bitmap are independent: both at once
+    const stopNbd = dst.execute('nbd-server-stop');
+    // awaited below; marked handled now so a rejection while the bitmap is read does not end the process
+    stopNbd.catch(() => undefined);
     if (prepass) {
       // the source QEMU is postmigrate (its block nodes inactive, still readable): its bitmap names what the guest wrote
       changed = await changedSincePrepass({ qmp: src, source, srcDir, prepass }).catch((e: Error) => {
@@ -328,6 +334,7 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
       });
       if (!changed && !changedWhy) changedWhy = 'the guest changed more than half of the pre-passed data since the pre-pass';
     }
+    await stopNbd;
   } catch (err) {
     // The target never ran: kill it (proven gone) and resume the source.
     src.removeListener('STOP', onStop);
@@ -335,11 +342,18 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
   }
   src.removeListener('STOP', onStop);
   const tHandover = Date.now();
-  for (const t of tunnels) await t.close();
+  // both streams are done: their counts are final
   const bytesDisks = tunnels[0] ? tunnels[0].stats.bytesAtoB + tunnels[0].stats.bytesBtoA : 0;
   const bytesMig = tunnels[1] ? tunnels[1].stats.bytesAtoB + tunnels[1].stats.bytesBtoA : 0;
-  await target.removeFile(`${dstDir}/nbd.sock`).catch(() => undefined);
-  await target.removeFile(`${dstDir}/migrate.sock`).catch(() => undefined);
+  // Closing the tunnels and removing their sockets is six SSH round trips the paused guest need not
+  // wait for: the caller runs it once the target runs (abort closes the tunnels too).
+  let cleaned: Promise<void> | undefined;
+  const cleanup = (): Promise<void> =>
+    (cleaned ??= (async () => {
+      for (const t of tunnels) await t.close();
+      await target.removeFile(`${dstDir}/nbd.sock`).catch(() => undefined);
+      await target.removeFile(`${dstDir}/migrate.sock`).catch(() => undefined);
+    })());
   const result: LiveMigrateResult = {
     qemuDowntimeMs: mig.downtime ?? -1,
     measuredDowntimeMs: -1,
@@ -349,5 +363,5 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
     phases: { prepareMs: tPrepared - t0, mirrorMs: tMirrored - tPrepared, migrateMs: tMigrated - tMirrored, handoverMs: tHandover - tMigrated },
   };
   logger.info({ qemuDowntimeMs: result.qemuDowntimeMs, bytes: result.bytes.total, phases: result.phases }, 'live migration done; target paused, waiting for the handover');
-  return { result, stoppedAt: stopSeenAt ?? tMigrated, sourceQmp: src, targetQmp: dst, changed, changedWhy: changedWhy || 'no pre-pass', abort };
+  return { result, stoppedAt: stopSeenAt ?? tMigrated, sourceQmp: src, targetQmp: dst, changed, changedWhy: changedWhy || 'no pre-pass', abort, cleanup };
 }

@@ -274,6 +274,29 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
     throw e;
   };
 
+  /** What every attempt shares: its abort signal (own, stall, caller's), the stall timer, and the error it ends with. */
+  const attemptControl = (attemptNumber: number, stats: AttemptStats) => {
+    const local = new AbortController();
+    const stall = new AbortController();
+    const signal = AbortSignal.any([local.signal, stall.signal, ...(opts.signal ? [opts.signal] : [])]);
+    let stallTimer: NodeJS.Timeout | undefined;
+    const disarmStall = (): void => {
+      if (stallTimer) clearTimeout(stallTimer);
+    };
+    const armStall = (): void => {
+      disarmStall();
+      stallTimer = setTimeout(() => stall.abort(new RelayStalledError(sourcePath, stallMs, reported)), stallMs);
+    };
+    const failed = (err: unknown): Error => {
+      const reason = signal.aborted && signal.reason instanceof Error ? signal.reason : (err as Error);
+      stats.error = reason.message;
+      logger.debug({ path: sourcePath, attemptNumber, err: reason.message }, 'copy attempt failed');
+      // the user's abort and a stall end the copy; everything else is worth another attempt
+      return opts.signal?.aborted || reason instanceof RelayStalledError ? new AbortError(reason) : reason;
+    };
+    return { local, signal, armStall, disarmStall, failed };
+  };
+
   const channel = opts.direct ? await openDirectChannel({ source, target, partial, ...opts.direct }) : undefined;
 
   /**
@@ -282,14 +305,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
    * hashed on both hosts and compared.
    */
   const directAttempt = async (ch: DirectChannel, attemptNumber: number, pending: Segment[], stats: AttemptStats, verifiedBefore: number): Promise<void> => {
-    const local = new AbortController();
-    const stall = new AbortController();
-    const signal = AbortSignal.any([local.signal, stall.signal, ...(opts.signal ? [opts.signal] : [])]);
-    let stallTimer: NodeJS.Timeout | undefined;
-    const armStall = (): void => {
-      if (stallTimer) clearTimeout(stallTimer);
-      stallTimer = setTimeout(() => stall.abort(new RelayStalledError(sourcePath, stallMs, reported)), stallMs);
-    };
+    const { local, signal, armStall, disarmStall, failed } = attemptControl(attemptNumber, stats);
     const failures: string[] = [];
     const verifyLimit = limiter(2);
     const verifications: Promise<void>[] = [];
@@ -327,13 +343,9 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
       if (code !== 0 || !ended) throw new RemoteCommandError(source.host.name, ['relay-direct', sourcePath], code, Buffer.concat(errOut).toString() || 'the direct stream ended before the target writer finished');
       await abortable(Promise.all(verifications), signal);
     } catch (err) {
-      const reason = signal.aborted && signal.reason instanceof Error ? signal.reason : (err as Error);
-      stats.error = reason.message;
-      logger.debug({ path: sourcePath, attemptNumber, err: reason.message }, 'direct attempt failed');
-      if (opts.signal?.aborted || reason instanceof RelayStalledError) throw new AbortError(reason);
-      throw reason;
+      throw failed(err);
     } finally {
-      if (stallTimer) clearTimeout(stallTimer);
+      disarmStall();
       if (!done) stream?.kill();
       local.abort(new Error('attempt finished'));
     }
@@ -360,14 +372,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
     const verifiedBefore = [...verified.keys()].reduce((n, k) => n + (bySegment.get(k)?.dataBytes ?? 0), 0);
     if (channel) return directAttempt(channel, attemptNumber, pending, stats, verifiedBefore);
 
-    const local = new AbortController();
-    const stall = new AbortController();
-    const signal = AbortSignal.any([local.signal, stall.signal, ...(opts.signal ? [opts.signal] : [])]);
-    let stallTimer: NodeJS.Timeout | undefined;
-    const armStall = (): void => {
-      if (stallTimer) clearTimeout(stallTimer);
-      stallTimer = setTimeout(() => stall.abort(new RelayStalledError(sourcePath, stallMs, reported)), stallMs);
-    };
+    const { local, signal, armStall, disarmStall, failed } = attemptControl(attemptNumber, stats);
 
     // Stream digests per segment, resolved by the parser; target digests checked as the writer reports segments.
     const streamDigest = new Map<number, { promise: Promise<string>; resolve: (h: string) => void }>();
@@ -477,14 +482,9 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
       if (dstCode !== 0 || !writerEnded) throw new RemoteCommandError(target.host.name, ['relay-write', partial], dstCode, Buffer.concat(dstErr).toString());
       await abortable(Promise.all(verifications), signal);
     } catch (err) {
-      const reason = signal.aborted && signal.reason instanceof Error ? signal.reason : (err as Error);
-      stats.error = reason.message;
-      logger.debug({ path: sourcePath, attemptNumber, err: reason.message }, 'relay attempt failed');
-      // the user's abort and a stall end the copy; everything else is worth another attempt
-      if (opts.signal?.aborted || reason instanceof RelayStalledError) throw new AbortError(reason);
-      throw reason;
+      throw failed(err);
     } finally {
-      if (stallTimer) clearTimeout(stallTimer);
+      disarmStall();
       if (!streamDone) {
         reader?.kill();
         writer?.kill();

@@ -125,7 +125,7 @@ describe('hosts over real sshd + QEMU', () => {
     const chunks: Buffer[] = [];
     p.stdout.on('data', (d: Buffer) => chunks.push(d));
     const block = Buffer.alloc(1024 * 1024, 7);
-    for (let i = 0; i < 8; i++) {
+    for (let i = 0; i < 16; i++) {
       if (!p.stdin.write(block)) await new Promise((r) => p.stdin.once('drain', r));
     }
     p.stdin.end();
