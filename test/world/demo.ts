@@ -5,6 +5,7 @@
  */
 import { CustomObjectsApi } from '@kubernetes/client-node';
 import { join } from 'node:path';
+import { vmDirectory } from '../../src/api/inventory.js';
 import { GROUP, PLURAL, VERSION, type VMMigration, type VMStatus } from '../../src/api/types.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox } from './sandbox.js';
 
@@ -97,11 +98,15 @@ async function main(): Promise<void> {
     if (sb.observers.size > 0) {
       console.log('\nSeen from inside the guests (heartbeat every 10 ms, fsync\'d log verified by the guest after its boot on the target)');
       for (const [name, obs] of sb.observers) {
+        // the last VMs moved may still be booting on the target: wait (≤ 60 s) for their verdict
+        const to = last.status?.plan?.find((x) => x.vm === name)?.to;
+        const host = sb.hosts.hosts.find((h) => h.name === to);
+        const v = host ? await obs.bootVerdict(join(vmDirectory(host, sb.environment.name, name), 'serial.log'), { since: startedPerf, timeoutMs: 60_000 }).catch(() => undefined) : undefined;
+        const verdict = v && `${v.ok ? `VERIFY ok records=${v.records} first=${v.first} last=${v.last} boot=${v.boot}` : `VERIFY FAIL ${v.reason}`}${v.via === 'console' ? ` (read from its console on ${to})` : ''}`;
         await obs.waitBeat({ since: performance.now(), timeoutMs: 60_000 }).catch(() => undefined);
         const gap = obs.longestGap(startedPerf);
-        const verdicts = obs.lines.filter((l) => l.t >= startedPerf && l.text.startsWith('VERIFY')).map((l) => l.text);
         const clean = obs.lines.some((l) => l.t >= startedPerf && l.text.startsWith('POWEROFF clean'));
-        console.log(`  ${name.padEnd(14)} longest heartbeat gap ${(gap.ms / 1000).toFixed(2)} s  ${clean ? 'clean ACPI shutdown' : 'no clean shutdown seen'}  ${verdicts.at(-1) ?? 'no verification seen'}`);
+        console.log(`  ${name.padEnd(14)} longest heartbeat gap ${(gap.ms / 1000).toFixed(2)} s  ${clean ? 'clean ACPI shutdown' : 'no clean shutdown seen'}  ${verdict ?? 'no verification seen'}`);
       }
     }
     const metrics = await (await fetch(`${op.metricsUrl}/metrics`)).text();

@@ -7,6 +7,7 @@
  * Reusable as a "is this VM really running" probe: isBeating() says whether the guest made progress
  * recently, which a live QEMU process alone does not prove (paused, inmigrate, shut down, hung).
  */
+import { readFile } from 'node:fs/promises';
 import net from 'node:net';
 
 export interface GuestLine {
@@ -167,6 +168,30 @@ export class GuestObserver {
     sock.write('verify\n');
     const line = await this.waitFor(/^VERIFY /, { since, timeoutMs });
     return parseVerdict(line) as Verdict;
+  }
+
+  /**
+   * The boot-time verdict of the guest whose console is `consoleLog` (QEMU's serial.log, rewritten at
+   * each start): from the heartbeat port, or from the console when the port missed it. The port can
+   * lose lines: QEMU's socket chardev drops what the guest writes while no client is attached, and
+   * a demo run saw a VERIFY line missing between two lines that arrived (cause not found).
+   */
+  async bootVerdict(consoleLog: string, opts: { since?: number; timeoutMs?: number } = {}): Promise<Verdict & { via: 'port' | 'console' }> {
+    const since = opts.since ?? 0;
+    const deadline = Date.now() + (opts.timeoutMs ?? 60_000);
+    for (;;) {
+      const line = this.lines.find((l) => l.t >= since && /^VERIFY /.test(l.text));
+      if (line) return { ...(parseVerdict(line) as Verdict), via: 'port' };
+      const text = await readFile(consoleLog, 'latin1').catch(() => '');
+      const v = text.split('\n').map((l) => l.replace(/\r$/, '')).filter((l) => l.startsWith('VERIFY ')).at(-1);
+      const parsed = v ? parseVerdict({ t: performance.now(), text: v, from: consoleLog }) : undefined;
+      if (parsed) return { ...parsed, via: 'console' };
+      if (Date.now() > deadline) {
+        const tail = this.lines.slice(-5).map((l) => l.text).join(' | ');
+        throw new Error(`no boot verdict within ${opts.timeoutMs ?? 60_000} ms on the heartbeat port or in ${consoleLog} (last guest lines: ${tail || 'none'}; ${this.beats.length} heartbeats)`);
+      }
+      await new Promise((r) => setTimeout(r, 250));
+    }
   }
 
   /** The first verdict (boot-time verification or requested) at or after `since`. */
