@@ -156,7 +156,8 @@ export async function openDirectChannel(o: DirectOptions): Promise<DirectChannel
   const out = (await o.source.execOk(['sh', '-c', KEYGEN_SH, 'vmops-keygen', keyPrefix, `${knownHostsName(dst)} ${hostKey}`, `${tag}${nonce}`])).toString('utf8').split('\n');
   const keyDir = out[0]?.trim() ?? '';
   const pub = /^(ssh-ed25519 [A-Za-z0-9+/]+={0,2})(?: |$)/.exec(out[1]?.trim() ?? '')?.[1];
-  if (!keyDir.startsWith(keyPrefix) || !pub) throw new Error(`on ${src.name}: could not make a key pair for the direct copy (ssh-keygen output not understood)`);
+  // exactly what mktemp made: the key directory is later removed with rm -rf
+  if (!(keyDir.startsWith(keyPrefix) && /^[A-Za-z0-9]{6,}$/.test(keyDir.slice(keyPrefix.length))) || !pub) throw new Error(`on ${src.name}: could not make a key pair for the direct copy (ssh-keygen output not understood)`);
   const removeKey = async (source: HostConnection): Promise<void> => {
     await source.execOk(['rm', '-rf', '--', keyDir]);
   };
