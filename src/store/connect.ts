@@ -5,7 +5,7 @@
  * description for logs — carries the location with its password redacted.
  */
 import BetterSqlite3 from 'better-sqlite3';
-import { PostgresDialect, sql, SqliteAdapter, SqliteDialect, type DialectAdapter, type Dialect, type Kysely } from 'kysely';
+import { CompiledQuery, PostgresDialect, sql, SqliteAdapter, SqliteDialect, SqliteDriver, type DatabaseConnection, type DialectAdapter, type Dialect, type Driver, type Kysely } from 'kysely';
 import pg from 'pg';
 import type { Backend } from './schema.js';
 
@@ -119,6 +119,18 @@ class MigrationSerializingSqliteAdapter extends SqliteAdapter {
   }
 }
 
+/**
+ * Every transaction of the store writes (loadInventory reads, then upserts). A deferred BEGIN takes
+ * the write lock only at the first write; when another process committed in between, SQLite
+ * refuses the upgrade at once ("database is locked", no busy wait): two replicas loading the
+ * inventory at the same moment failed that way once. BEGIN IMMEDIATE waits on busy_timeout instead.
+ */
+class WriteTransactionSqliteDriver extends SqliteDriver {
+  override async beginTransaction(connection: DatabaseConnection): Promise<void> {
+    await connection.executeQuery(CompiledQuery.raw('begin immediate'));
+  }
+}
+
 class MigrationSerializingSqliteDialect extends SqliteDialect {
   constructor(private readonly sqlite: BetterSqlite3.Database) {
     super({ database: sqlite });
@@ -126,6 +138,10 @@ class MigrationSerializingSqliteDialect extends SqliteDialect {
 
   override createAdapter(): DialectAdapter {
     return new MigrationSerializingSqliteAdapter(this.sqlite);
+  }
+
+  override createDriver(): Driver {
+    return new WriteTransactionSqliteDriver({ database: this.sqlite });
   }
 }
 
