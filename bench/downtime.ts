@@ -9,6 +9,7 @@
  *   live      liveMigrate
  *   live-dirty / live-dirty-ac   liveMigrate (verify on) of a guest rewriting BENCH_DIRTY_MIB (48) MiB of RAM as fast
  *             as it can, auto-converge off / on (convergence timeout BENCH_DIRTY_TIMEOUT_S, 60 s)
+ *   live-multifd / live-dirty-multifd   live / live-dirty-ac with QEMU's multifd, BENCH_MULTIFD_CHANNELS (2) channels
  *
  * Guest-observed downtime = the gap between the guest's last heartbeat on the source and its first on
  * the target (every 10 ms on its serial port, timestamped on arrival by test/world/guestObserver.ts). Split for cold and pre-copy:
@@ -57,6 +58,7 @@ export interface DowntimeRow {
 
 const WRITES_PER_SECOND = Number(process.env.BENCH_GUEST_WRITES ?? '200');
 const DIRTY_MIB = Number(process.env.BENCH_DIRTY_MIB ?? '48');
+const MULTIFD_CHANNELS = Number(process.env.BENCH_MULTIFD_CHANNELS ?? '2');
 
 export async function runDowntime(opts: { baseDir: string; scale: number; strategies?: string[] }): Promise<DowntimeRow[]> {
   const scale = opts.scale;
@@ -192,11 +194,11 @@ export async function runDowntime(opts: { baseDir: string; scale: number; strate
         }
       };
 
-    const live = (verify: boolean, autoConverge?: boolean): Run => async (vm, obs) => {
+    const live = (verify: boolean, autoConverge?: boolean, multifdChannels?: number): Run => async (vm, obs) => {
       const t0 = performance.now();
       let throttle = 0;
       const res = await liveMigrate({
-        source: hv1, target: hv2, environment: ENV, vm, downtimeLimitMs: 300, verify,
+        source: hv1, target: hv2, environment: ENV, vm, downtimeLimitMs: 300, verify, multifdChannels,
         ...(autoConverge === undefined ? {} : { autoConverge, convergenceTimeoutMs: Number(process.env.BENCH_DIRTY_TIMEOUT_S ?? '60') * 1000 }),
         onProgress: (p) => { throttle = Math.max(throttle, p.cpuThrottlePercent ?? 0); },
       });
@@ -214,7 +216,7 @@ export async function runDowntime(opts: { baseDir: string; scale: number; strate
         operatorFigureMs: res.measuredDowntimeMs,
         totalMs: t1 - t0,
         bytes: res.bytes.total,
-        note: `${autoConverge === undefined ? '' : `auto-converge ${autoConverge ? `on, vCPU throttle up to ${throttle}%` : 'off'}; `}${res.verification ? `verified (${'ranges' in res.verification ? `${res.verification.ranges} changed ranges, ${(res.verification.bytes / MiB).toFixed(1)} MiB` : `in full: ${res.verification.why}`}); ` : ''}longest heartbeat gap during the whole move ${longest.ms.toFixed(0)} ms; QEMU downtime ${res.qemuDowntimeMs} ms; disks ${(res.bytes.disks / MiB).toFixed(1)} MiB + RAM stream ${(res.bytes.migration / MiB).toFixed(1)} MiB; mirror ${p.mirrorMs} ms, migrate ${p.migrateMs} ms; ${check}`,
+        note: `${autoConverge === undefined ? '' : `auto-converge ${autoConverge ? `on, vCPU throttle up to ${throttle}%` : 'off'}; `}${res.verification ? `verified (${'ranges' in res.verification ? `${res.verification.ranges} changed ranges, ${(res.verification.bytes / MiB).toFixed(1)} MiB` : `in full: ${res.verification.why}`}); ` : ''}longest heartbeat gap during the whole move ${longest.ms.toFixed(0)} ms; QEMU downtime ${res.qemuDowntimeMs} ms; bitmap at the pre-switchover pause ${res.handoverSplit.bitmapMs} ms${res.bitmapRead ? ` (${res.bitmapRead === 'count' ? 'QEMU counted no write' : 'read over NBD'})` : ''}, completion seen ${res.handoverSplit.detectMs} ms (bitmap excluded), target paused ${res.handoverSplit.targetPausedMs} ms, mirror cancel ${res.handoverSplit.mirrorCancelMs} ms, target NBD stop ${res.handoverSplit.nbdStopMs} ms, fence ${res.afterHandover.quitMs} ms, verify ${res.afterHandover.verifyMs} ms, cont ${res.afterHandover.resumeMs} ms; disks ${(res.bytes.disks / MiB).toFixed(1)} MiB + RAM stream ${(res.bytes.migration / MiB).toFixed(1)} MiB; mirror ${p.mirrorMs} ms, pre-pass ${p.prepassMs} ms, RAM migration ${p.migrateMs} ms; ${check}`,
       };
     };
 
@@ -226,6 +228,8 @@ export async function runDowntime(opts: { baseDir: string; scale: number; strate
       { key: 'live-verify', label: 'live, verify on', run: live(true) },
       { key: 'live-dirty', label: 'live, verify on, auto-converge off', run: live(true, false), dirty: true },
       { key: 'live-dirty-ac', label: 'live, verify on, auto-converge on', run: live(true, true), dirty: true },
+      { key: 'live-multifd', label: `live, verify on, multifd ${MULTIFD_CHANNELS} channels`, run: live(true, undefined, MULTIFD_CHANNELS) },
+      { key: 'live-dirty-multifd', label: `live, verify on, auto-converge on, multifd ${MULTIFD_CHANNELS} channels`, run: live(true, true, MULTIFD_CHANNELS), dirty: true },
     ];
     for (const t of templates) {
       for (const s of strategies.filter((x) => wanted.includes(x.key))) {

@@ -3,7 +3,8 @@
  * sshd on 127.0.0.x, user vmhost). Prints a Markdown table; asserts nothing.
  *
  *   BENCH_SCALE=0.1 npm run bench     # 0.1 = 205 MiB qcow2 + 2 GiB sparse raw (205 MiB allocated)
- *   BENCH_METHODS=b,c,d               # subset of a,b,c,d,e,f (f = transfer mode Direct)
+ *   BENCH_METHODS=b,c,d               # subset of a,b,c,d,e,f (f = transfer mode Direct; b also runs b' = b then sync)
+ *   BENCH_IMAGES=dense                # transfer part: subset of dense (the mixed qcow2), sparse (the sparse raw)
  *   BENCH_DIR=/var/tmp/x              # where hosts and the bastion live (default: a temp dir)
  *   BENCH_PARTS=transfer,downtime     # which parts to run (default both); downtime: see bench/downtime.ts; scale: bench/scale.ts; fleet: bench/fleet.ts; environment: bench/environment.ts; ha: bench/ha.ts
  *   BENCH_STRATEGIES=cold,precopy,precopy-verify,live   # downtime part: subset of strategies
@@ -29,6 +30,7 @@ const MiB = 1024 * 1024;
 const GiB = 1024 * MiB;
 const scale = Number(process.env.BENCH_SCALE ?? '1');
 const methods = (process.env.BENCH_METHODS ?? 'a,b,c,d,e,f').split(',').map((m) => m.trim());
+const imageKinds = (process.env.BENCH_IMAGES ?? 'dense,sparse').split(',').map((m) => m.trim());
 const parts = (process.env.BENCH_PARTS ?? 'transfer,downtime').split(',').map((m) => m.trim());
 
 interface Row {
@@ -37,7 +39,17 @@ interface Row {
   seconds: number;
   size: number;
   wire: number;
+  /** CPU seconds the whole machine spent during the run (both hosts, the operator, ssh, the kernel) */
+  cpuSeconds: number;
   note?: string;
+}
+
+/** Busy CPU seconds of the whole machine so far (/proc/stat: everything but idle and iowait). */
+async function machineCpuSeconds(): Promise<number> {
+  const [, ...fields] = (await readFile('/proc/stat', 'utf8')).split('\n')[0]!.trim().split(/\s+/);
+  const [user = 0, nice = 0, system = 0, , , irq = 0, softirq = 0, steal = 0] = fields.map(Number);
+  // USER_HZ is 100 on Linux (what /proc/stat counts in, whatever the kernel's HZ)
+  return (user + nice + system + irq + softirq + steal) / 100;
 }
 
 function sh(cmd: string): Promise<void> {
@@ -106,12 +118,16 @@ async function runTransfer(baseDir: string): Promise<void> {
 
     console.error(`creating images (scale ${scale})…`);
     const images: Array<{ name: string; file: string }> = [];
-    const qcow = path.join(h1.vmDir, 'mixed.qcow2');
-    await createMixedFile(qcow, { sizeBytes: Math.round((2 * GiB * scale) / MiB) * MiB, seed: 11, qcow2: true });
-    images.push({ name: `qcow2 mixed ${((2 * scale * 1024) | 0)} MiB`, file: qcow });
-    const sparse = path.join(h1.vmDir, 'sparse.img');
-    await createSparseFile(sparse, { sizeBytes: Math.round((20 * GiB * scale) / MiB) * MiB, dataBytes: 2 * GiB * scale, seed: 12 });
-    images.push({ name: `raw sparse ${(20 * scale).toFixed(1)} GiB`, file: sparse });
+    if (imageKinds.includes('dense')) {
+      const qcow = path.join(h1.vmDir, 'mixed.qcow2');
+      await createMixedFile(qcow, { sizeBytes: Math.round((2 * GiB * scale) / MiB) * MiB, seed: 11, qcow2: true });
+      images.push({ name: `qcow2 mixed ${((2 * scale * 1024) | 0)} MiB`, file: qcow });
+    }
+    if (imageKinds.includes('sparse')) {
+      const sparse = path.join(h1.vmDir, 'sparse.img');
+      await createSparseFile(sparse, { sizeBytes: Math.round((20 * GiB * scale) / MiB) * MiB, dataBytes: 2 * GiB * scale, seed: 12 });
+      images.push({ name: `raw sparse ${(20 * scale).toFixed(1)} GiB`, file: sparse });
+    }
 
     for (const img of images) {
       const size = Number((await execFileP('stat', ['-c', '%s', img.file])).stdout.trim());
@@ -124,10 +140,12 @@ async function runTransfer(baseDir: string): Promise<void> {
         await rm(dst, { force: true });
         await sh('sync');
         console.error(`${img.name}: ${method}…`);
+        const cpu0 = await machineCpuSeconds();
         const t0 = performance.now();
         const r = await fn();
         const seconds = (performance.now() - t0) / 1000;
-        rows.push({ image: `${img.name} (allocated ${(alloc / MiB).toFixed(0)} MiB)`, method, seconds, size, wire: r.wire, note: r.note });
+        const cpuSeconds = (await machineCpuSeconds()) - cpu0;
+        rows.push({ image: `${img.name} (allocated ${(alloc / MiB).toFixed(0)} MiB)`, method, seconds, size, wire: r.wire, cpuSeconds, note: r.note });
       };
       await run('a) scp via bastion (2 hops)', async () => {
         const mid = path.join(bastion, path.basename(img.file));
@@ -138,6 +156,13 @@ async function runTransfer(baseDir: string): Promise<void> {
       });
       await run('b) ssh cat \\| ssh cat', async () => {
         await sh(`${sshTo(h1)} cat ${q(img.file)} | ${sshTo(h2)} ${q(`cat > ${q(dst)}`)}`);
+        return { wire: size };
+      });
+      // (b) ends with its data still in the target's page cache; a relay copy ends fsync'd. This row
+      // shows what durability costs the baseline (the ratios stay against (b)).
+      await run("b') (b), then sync", async () => {
+        await sh(`${sshTo(h1)} cat ${q(img.file)} | ${sshTo(h2)} ${q(`cat > ${q(dst)}`)}`);
+        await sh('sync');
         return { wire: size };
       });
       await run('c) relay', async () => {
@@ -176,14 +201,16 @@ function print(rows: Row[]): void {
   const lines = [
     `BENCH_SCALE=${scale}, ${new Date().toISOString()}, node ${process.version}`,
     '',
-    '| image | method | wall s | MiB/s (file size) | × (b) | bytes on the wire | wire / file size | note |',
-    '|---|---|---:|---:|---:|---:|---:|---|',
+    '| image | method | wall s | MiB/s (file size) | × (b) | × (a) | CPU s (machine) | bytes on the wire | wire / file size | note |',
+    '|---|---|---:|---:|---:|---:|---:|---:|---:|---|',
   ];
   for (const r of rows) {
-    const base = rows.find((x) => x.image === r.image && x.method.startsWith('b)'));
+    const ratio = (m: string): string => {
+      const base = rows.find((x) => x.image === r.image && x.method.startsWith(m));
+      return base ? `${(base.seconds / r.seconds).toFixed(2)}×` : '–';
+    };
     const rate = r.size / MiB / r.seconds;
-    const ratio = base ? `${(base.seconds / r.seconds).toFixed(2)}×` : '–';
-    lines.push(`| ${r.image} | ${r.method} | ${r.seconds.toFixed(2)} | ${rate.toFixed(1)} | ${ratio} | ${(r.wire / MiB).toFixed(1)} MiB | ${(r.wire / r.size).toFixed(3)} | ${r.note ?? ''} |`);
+    lines.push(`| ${r.image} | ${r.method} | ${r.seconds.toFixed(2)} | ${rate.toFixed(1)} | ${ratio('b)')} | ${ratio('a)')} | ${r.cpuSeconds.toFixed(1)} | ${(r.wire / MiB).toFixed(1)} MiB | ${(r.wire / r.size).toFixed(3)} | ${r.note ?? ''} |`);
   }
   console.log(lines.join('\n'));
 }

@@ -8,6 +8,9 @@
  *   verify     at boot and on request ("verify\n" received on ttyS1): reads the whole ring with O_DIRECT
  *              (the disk, not the page cache) and prints
  *                "VERIFY ok records=<n> first=<seq> last=<seq> boot=<b>"  or  "VERIFY FAIL <reason>"
+ *   burst      on request ("burst <n>\n" received on ttyS1): a separate process prints "BURST <i> <n>"
+ *              for i = 1..n as fast as it can, then "BURST done <n>" — the serial line saturated while
+ *              the other processes keep printing, to prove that no line is lost or torn
  *   dirtier    with vmops.dirtymib=N: rewrites one word in every page of an N MiB buffer, vmops.dirtyrate
  *              MiB/s (0 = as fast as it can): RAM that a live migration has to send again and again
  *   power      the ACPI power button (input event KEY_POWER from button.ko via evdev): the writer
@@ -46,6 +49,7 @@ struct shared {
   volatile uint32_t boot;
   volatile int stop;            /* writer: finish and exit */
   volatile int verify_req;      /* set by the heartbeat on "verify" */
+  int line_lock;                /* held while one process writes one line to the tty */
 };
 
 static struct shared *sh;
@@ -53,6 +57,36 @@ static char logdev[64] = "vda";
 static long logmib = 8, rate = 50, hb_ms = 10, dirtymib = 0, dirtyrate = 0;
 static int acpi_ignore = 0;
 static int tty = -1;
+
+static uint64_t now_ns(void);
+
+/* The processes take turns at the tty, one whole line each (a lock in the shared page). A holder
+ * that died mid-line (the heartbeat is killed at power-off) is outwaited, not waited for forever. */
+static void lines_lock(void) {
+  if (!sh) return;
+  uint64_t give_up = now_ns() + 15000000000ULL;
+  while (__atomic_exchange_n(&sh->line_lock, 1, __ATOMIC_ACQUIRE) && now_ns() < give_up) usleep(100);
+}
+static void lines_unlock(void) {
+  if (sh) __atomic_store_n(&sh->line_lock, 0, __ATOMIC_RELEASE);
+}
+
+/* The tty is O_NONBLOCK (the heartbeat reads host commands without blocking), so a write can take
+ * part of a line or nothing: EAGAIN when the UART's buffer is full, and also whenever another
+ * process is writing (tty_write_lock() only tries the lock under O_NONBLOCK). Such lines were lost
+ * or torn; the rest is now written as soon as there is room. QEMU always drains the port (it drops
+ * bytes no client takes), so this waits for the guest's own UART only; 10 s bounds it anyway. */
+static void tty_write_all(const char *p, size_t n) {
+  uint64_t give_up = now_ns() + 10000000000ULL;
+  while (n > 0) {
+    ssize_t w = write(tty, p, n);
+    if (w > 0) { p += w; n -= (size_t)w; continue; }
+    if ((w < 0 && errno != EAGAIN && errno != EINTR) || now_ns() > give_up) return;
+    struct pollfd room = {tty, POLLOUT, 0};
+    (void)poll(&room, 1, 10);
+    usleep(200);
+  }
+}
 
 static void emit(int console, const char *fmt, ...) {
   char buf[256];
@@ -63,8 +97,11 @@ static void emit(int console, const char *fmt, ...) {
   if (n < 0) return;
   if (n > (int)sizeof buf - 2) n = sizeof buf - 2;
   buf[n++] = '\n';
-  /* one write() per line: lines of the three processes never interleave */
-  if (tty >= 0) (void)!write(tty, buf, n);
+  if (tty >= 0) {
+    lines_lock();
+    tty_write_all(buf, (size_t)n);
+    lines_unlock();
+  }
   if (console) (void)!write(2, buf, n);
 }
 #define say(...) emit(1, __VA_ARGS__)
@@ -220,6 +257,17 @@ static void dirtier(void) {
   }
 }
 
+static void burst(long n) {
+  /* twice forked: the burst process is PID 1's to reap, not the heartbeat's */
+  pid_t c = fork();
+  if (c < 0) { say("BURST FAIL fork"); return; }
+  if (c > 0) { waitpid(c, NULL, 0); return; }
+  if (fork() != 0) _exit(0);
+  for (long i = 1; i <= n; i++) emit(0, "BURST %ld %ld", i, n);
+  emit(0, "BURST done %ld", n);
+  _exit(0);
+}
+
 static void heartbeat(void) {
   uint64_t beat = 0, next = now_ns();
   char in[64];
@@ -235,6 +283,7 @@ static void heartbeat(void) {
       while ((nl = memchr(in, '\n', inlen))) {
         *nl = 0;
         if (strcmp(in, "verify") == 0) sh->verify_req = 1;
+        else if (strncmp(in, "burst ", 6) == 0 && atol(in + 6) > 0) burst(atol(in + 6));
         size_t used = nl + 1 - in;
         memmove(in, nl + 1, inlen - used);
         inlen -= used;
@@ -335,7 +384,7 @@ int main(void) {
     }
   }
   sh = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  if (sh == MAP_FAILED) { say("GUESTD FAIL mmap"); return 1; }
+  if (sh == MAP_FAILED) { sh = NULL; say("GUESTD FAIL mmap"); return 1; }
   memset((void *)sh, 0, sizeof *sh);
   say("GUESTD start log=/dev/%s logmib=%ld rate=%ld hb=%ldms acpi=%s", logdev, logmib, rate, hb_ms, acpi_ignore ? "ignore" : "on");
 

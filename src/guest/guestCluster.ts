@@ -75,7 +75,7 @@ const REQUEST_TIMEOUT_MS = 10_000;
  * kernel's TCP timeout (minutes). KubeConfig is the hook every request passes through (it applies
  * the credentials), so each request gets its abort signal there.
  */
-function withRequestTimeout(kc: KubeConfig, ms: number): void {
+export function withRequestTimeout(kc: KubeConfig, ms: number): void {
   const apply = kc.applySecurityAuthentication.bind(kc);
   kc.applySecurityAuthentication = async (context) => {
     await apply(context);

@@ -1,9 +1,12 @@
 /**
  * The beachhead's NGINX `stream` load balancer, driven over SSH: a controller's API server is taken out of
  * the upstream by marking its `server` line `down` (and put back by removing the flag), with the config file
- * replaced atomically (temp file + rename), `nginx -t`, a graceful reload, and the previous file restored
- * when the test or the reload fails. Taking a backend out waits until no connection to it is left:
- * old workers finish their sessions and exit (bounded by the config's `worker_shutdown_timeout`).
+ * replaced atomically (temp file + rename), `nginx -T` (test), a graceful reload, and the previous file restored
+ * when the test or the reload fails. `nginx -s reload` only signals the master: until the master has
+ * started new workers and told the old ones to stop accepting, the old workers keep routing new sessions
+ * with the old configuration. So taking a backend out first waits until every worker from before the
+ * reload is gone or shutting down (its process title says so), then until no connection to the backend
+ * is left: old workers finish their sessions and exit (bounded by the config's `worker_shutdown_timeout`).
  */
 import type { LoadBalancerSpec, VMSpec } from '../api/inventory.js';
 import type { LoadBalancerControl } from '../migrate/guestSafety.js';
@@ -21,6 +24,8 @@ export interface NginxLoadBalancerOptions extends Pick<LoadBalancerSpec, 'config
   /** the upstream server (address:port) of a controller VM */
   backendOf: (vm: VMSpec) => string;
   drainTimeoutMs: number;
+  /** how long NGINX may take to run the new configuration after the reload signal (default 30 s) */
+  reloadTimeoutMs?: number;
   pollMs?: number;
   /** told about each applied change (for Events/logs; no secrets in there) */
   onChange?: (what: string) => void;
@@ -55,6 +60,28 @@ export function isBackendDown(conf: string, upstream: string, backend: string): 
   return setBackendDown(conf, upstream, backend, true) === conf;
 }
 
+/**
+ * Where NGINX keeps its master's PID, as `nginx -s` finds it: the `pid` directive of the configuration
+ * `nginx -T` printed, else the compiled-in `--pid-path` of `nginx -V`; a relative path is below the prefix
+ * (`-p`, else the compiled-in `--prefix`). Pure.
+ */
+export function nginxPidFile(dumpedConfig: string, versionInfo: string, prefix?: string): string {
+  const configured = /^\s*pid\s+("?)([^";\s]+)\1\s*;/m.exec(dumpedConfig)?.[2];
+  const path = configured ?? /--pid-path=(\S+)/.exec(versionInfo)?.[1];
+  if (!path) throw new Error('load balancer: NGINX names no pid file (no pid directive, no --pid-path): its reload cannot be followed');
+  if (path.startsWith('/')) return path;
+  const base = prefix ?? /--prefix=(\S+)/.exec(versionInfo)?.[1] ?? '/usr/share/nginx';
+  return `${base.replace(/\/+$/, '')}/${path}`;
+}
+
+/** Children of NGINX's master from `ps -o pid=,args=`: which still accept connections (not shutting down). */
+export function nginxWorkers(psOutput: string): { pid: number; accepting: boolean }[] {
+  return psOutput.split('\n').flatMap((line) => {
+    const m = /^\s*(\d+)\s+(.*)$/.exec(line);
+    return m ? [{ pid: Number(m[1]), accepting: !/is shutting down/.test(m[2] ?? '') }] : [];
+  });
+}
+
 
 export class NginxLoadBalancer implements LoadBalancerControl {
   constructor(private readonly o: NginxLoadBalancerOptions) {}
@@ -76,6 +103,43 @@ export class NginxLoadBalancer implements LoadBalancerControl {
     await this.run(sh, ['sh', '-c', 'cat > "$1" && mv -f -- "$1" "$2"', 'write-config', tmp, this.o.configPath], content);
   }
 
+  /** The PID of NGINX's master, through its pid file (as `nginx -s` finds it). */
+  private async masterPid(sh: RemoteShell, dumpedConfig: string): Promise<string> {
+    const version = await sh.exec(this.nginx('-V'), { timeoutMs: 30_000 });
+    const pidFile = nginxPidFile(dumpedConfig, `${version.stdout.toString('utf8')}\n${version.stderr}`, this.o.prefix);
+    const master = (await this.run(sh, ['cat', '--', pidFile])).trim();
+    if (!/^\d+$/.test(master)) throw new Error(`load balancer: NGINX's pid file ${pidFile} holds no PID`);
+    return master;
+  }
+
+  /** Worker processes of the master. */
+  private async workers(sh: RemoteShell, master: string): Promise<{ pid: number; accepting: boolean }[]> {
+    // ps exits 1 when the master has no children (it is restarting them): that is an empty list
+    const r = await sh.exec(['ps', '-o', 'pid=,args=', '--ppid', master], { timeoutMs: 30_000 });
+    return nginxWorkers(r.stdout.toString('utf8'));
+  }
+
+  /**
+   * Sends the reload and returns once NGINX runs the new configuration: a new worker accepts, and every
+   * worker from before is gone or shutting down (it has closed its listening sockets then).
+   */
+  private async reload(sh: RemoteShell, dumpedConfig: string): Promise<void> {
+    const master = await this.masterPid(sh, dumpedConfig);
+    const old = new Set((await this.workers(sh, master)).filter((w) => w.accepting).map((w) => w.pid));
+    await this.run(sh, this.nginx('-s', 'reload'));
+    const timeoutMs = this.o.reloadTimeoutMs ?? 30_000;
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      const now = await this.workers(sh, master);
+      const stale = now.filter((w) => w.accepting && old.has(w.pid));
+      if (!stale.length && now.some((w) => w.accepting && !old.has(w.pid))) return;
+      if (Date.now() > deadline) {
+        throw new Error(`NGINX did not run the new configuration within ${Math.round(timeoutMs / 1000)} s of the reload: ${stale.length ? `worker(s) ${stale.map((w) => w.pid).join(', ')} from before still accept connections` : 'no new worker accepts'}`);
+      }
+      await sleep(this.o.pollMs ?? 250);
+    }
+  }
+
   private async apply(vm: VMSpec, down: boolean): Promise<boolean> {
     const sh = await this.o.connect();
     const backend = this.o.backendOf(vm);
@@ -84,8 +148,9 @@ export class NginxLoadBalancer implements LoadBalancerControl {
     if (after === before) return false;
     await this.writeConfig(sh, after);
     try {
-      await this.run(sh, this.nginx('-t', '-q'));
-      await this.run(sh, this.nginx('-s', 'reload'));
+      // -T: tests the configuration and prints it (the pid directive is in there)
+      const dumped = await this.run(sh, this.nginx('-T', '-q'));
+      await this.reload(sh, dumped);
     } catch (err) {
       await this.writeConfig(sh, before);
       await this.run(sh, this.nginx('-s', 'reload')).catch(() => undefined);

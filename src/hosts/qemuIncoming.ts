@@ -172,8 +172,9 @@ export async function resumeSource(qmp: QmpClient): Promise<void> {
  * that received the disks is stopped first (a no-op if it already was). Resolves once QMP reports
  * running; returns the wall-clock time it did.
  */
-export async function resumeIncoming(qmp: QmpClient): Promise<number> {
-  await qmp.execute('nbd-server-stop').catch(() => undefined);
+export async function resumeIncoming(qmp: QmpClient, opts: { nbdServerStopped?: boolean } = {}): Promise<number> {
+  // a live handover stopped it already (a round trip less with the guest down); a resumed move may not have
+  if (!opts.nbdServerStopped) await qmp.execute('nbd-server-stop').catch(() => undefined);
   const resumed = qmp.waitForEvent('RESUME', 10_000).catch(() => undefined);
   await qmp.execute('cont');
   const runningAt = Date.now();

@@ -161,6 +161,24 @@ export class QmpClient extends EventEmitter {
     });
   }
 
+  /**
+   * Waits `ms`, or less when one of the named events arrives first (or the connection closes): a
+   * poll loop that sits inside a guest's downtime wakes on QEMU's news instead of its own timer.
+   */
+  nap(ms: number, events: string[]): Promise<void> {
+    return new Promise((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        for (const e of events) this.removeListener(e, done);
+        this.removeListener('close', done);
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      for (const e of events) this.once(e, done);
+      this.once('close', done);
+    });
+  }
+
   /** Resolves with the first event of that name (optionally matching), or rejects on timeout/close. */
   waitForEvent(name: string, timeoutMs: number, match?: (ev: QmpEvent) => boolean): Promise<QmpEvent> {
     return new Promise((resolve, reject) => {

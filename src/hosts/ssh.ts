@@ -132,6 +132,9 @@ export class HostConnection {
             };
             const onReady = (): void => {
               client.removeListener('error', onError);
+              // Nagle's algorithm held a small message (a QMP command, an exec request) until the host's
+              // delayed ACK, ~40 ms: measured on every round trip in a live handover, with the guest down
+              client.setNoDelay(true);
               resolve();
             };
             client.once('ready', onReady);

@@ -132,7 +132,7 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
         },
         async resumeTarget() {
           try {
-            return await resumeIncoming(h.targetQmp);
+            return await resumeIncoming(h.targetQmp, { nbdServerStopped: true });
           } finally {
             h.targetQmp.close();
             // the tunnels' teardown waits until the guest runs again, not inside its downtime
@@ -140,6 +140,10 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
           }
         },
         abort: (reason) => h.abort(reason).catch(() => undefined),
+        async release() {
+          h.targetQmp.close();
+          await h.cleanup().catch((e: Error) => log.warn({ err: e.message }, 'closing the live migration tunnels failed'));
+        },
       };
     },
     verify: async () => {

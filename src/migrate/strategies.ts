@@ -64,22 +64,38 @@ export async function precopyCutover(
  * pre-pass when there is one; throws GuestDataMismatchError and leaves both QEMUs stopped/paused),
  * then resume the target.
  */
-export async function liveMigrate(opts: LiveMigrateOptions & { verify?: boolean }): Promise<LiveMigrateResult & { verification?: IncrementalVerification | { full: DiskVerification[]; why: string } }> {
+export async function liveMigrate(opts: LiveMigrateOptions & { verify?: boolean }): Promise<LiveMigrateResult & {
+  verification?: IncrementalVerification | { full: DiskVerification[]; why: string };
+  /** the rest of the downtime, ms: fencing the source (quit, proven gone), the verification, the target's cont */
+  afterHandover: { quitMs: number; verifyMs: number; resumeMs: number };
+  /** how the guest's writes since the pre-pass were learned (verify with a pre-pass only) */
+  bitmapRead?: 'count' | 'export';
+}> {
   const { source, target, environment, vm } = opts;
   const h = await liveMigrateUntilHandover({ ...opts, prepass: opts.verify === true });
+  const t0 = Date.now();
   try {
     await quitQemu(source, environment, vm, h.sourceQmp);
   } catch (err) {
     return h.abort(err as Error);
   }
+  const t1 = Date.now();
   let verification: IncrementalVerification | { full: DiskVerification[]; why: string } | undefined;
   if (opts.verify) {
-    await flushDisks(h.targetQmp, target.vmDir(environment, vm), vm);
-    verification = h.changed
-      ? await verifyChangedRanges({ source, target, srcDir: source.vmDir(environment, vm), dstDir: target.vmDir(environment, vm), changed: h.changed })
-      : { full: await verifyGuestData(source, target, environment, vm), why: h.changedWhy };
+    try {
+      await flushDisks(h.targetQmp, target.vmDir(environment, vm), vm);
+      verification = h.changed
+        ? await verifyChangedRanges({ source, target, srcDir: source.vmDir(environment, vm), dstDir: target.vmDir(environment, vm), changed: h.changed })
+        : { full: await verifyGuestData(source, target, environment, vm), why: h.changedWhy };
+    } catch (err) {
+      // the target stays paused, never run; its QMP connection and the tunnels go, so the caller can stop it
+      h.targetQmp.close();
+      await h.cleanup();
+      throw err;
+    }
   }
-  const runningAt = await resumeIncoming(h.targetQmp).finally(() => h.targetQmp.close());
+  const t2 = Date.now();
+  const runningAt = await resumeIncoming(h.targetQmp, { nbdServerStopped: true }).finally(() => h.targetQmp.close());
   await h.cleanup();
-  return { ...h.result, measuredDowntimeMs: runningAt - h.stoppedAt, verification };
+  return { ...h.result, measuredDowntimeMs: runningAt - h.stoppedAt, verification, afterHandover: { quitMs: t1 - t0, verifyMs: t2 - t1, resumeMs: runningAt - t2 }, ...(h.changed ? { bitmapRead: h.changed.bitmapRead } : {}) };
 }

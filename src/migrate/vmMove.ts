@@ -108,6 +108,11 @@ export interface LiveSession {
   resumeTarget(): Promise<number>;
   /** rollback before the target ran: target QEMU gone, source resumed */
   abort(reason: Error): Promise<void>;
+  /**
+   * rollback after the source was fenced, before the target ran (a failed verification): lets go of
+   * the paused target QEMU's only QMP connection and closes the tunnels, so the rollback can stop it
+   */
+  release(): Promise<void>;
 }
 
 export class LiveFellBack extends Error {}
@@ -629,6 +634,8 @@ async function rollback(ctx: MoveContext, st: MoveState): Promise<void> {
     // A live strategy session still holds the source QEMU: let it undo its own work first.
     if (st.mirror && !st.sourceFenced) await st.mirror.abortAndResume();
     if (st.live && !st.sourceFenced && !st.targetStarted) await st.live.abort(new Error('rolling back'));
+    // QEMU serves one QMP client at a time: while the session holds the target's, stopping it would wait out timeouts and end in SIGKILL
+    if (st.live && st.sourceFenced && !st.targetStarted) await st.live.release();
     const onSource = await source.vmStatus(env, vm);
     let targetUnreachable: string | undefined;
     const onTarget = await target.vmStatus(env, vm).catch((err: Error): VmStatus => {

@@ -76,6 +76,10 @@ function connectSqlite(path: string): Connection {
     // Reads the header: a file that is not a database fails here, before anything is written to it.
     db.pragma('schema_version');
     db.pragma('journal_mode = WAL');
+    // The journal gates data safety (rule 4): a commit must survive the machine, not only the process.
+    // WAL's NORMAL (this build's default) may lose the last commits at a power cut; FULL syncs each
+    // one (measured 0.17 ms a commit here).
+    db.pragma('synchronous = FULL');
     db.pragma('foreign_keys = ON');
     db.pragma('busy_timeout = 5000');
   } catch (err) {

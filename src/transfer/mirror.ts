@@ -210,7 +210,8 @@ export class MirrorJobs {
         break;
       }
       if (Date.now() > deadline) throw new Error(`mirror jobs ${pending.map((j) => `${j.device}:${j.status}`).join(', ')} did not end within ${opts.timeoutMs ?? TIMEOUTS.mirrorConvergeMs} ms`);
-      await sleep(50);
+      // a cutover waits here with the guest down: the job's own status change wakes the loop
+      await this.qmp.nap(50, ['JOB_STATUS_CHANGE', 'BLOCK_JOB_COMPLETED', 'BLOCK_JOB_CANCELLED']);
     }
     if (!opts.force) {
       const errs = ids.map((id) => (this.errors.has(id) ? `${id}: ${this.errors.get(id) ?? ''}` : undefined)).filter(Boolean);

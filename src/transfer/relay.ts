@@ -25,7 +25,8 @@ import { RemoteCommandError, type HostConnection, type SpawnedCommand } from '..
 import { log } from '../util/log.js';
 import { openDirectChannel, type DirectChannel } from './direct.js';
 import { FrameParser, opsText, parseQemuImgMap, planSegments, subtractExtents, type Extent, type Segment } from './plan.js';
-import { FINAL_SH, HASH_EXTENTS_SH, PREPARE_SH, PROBE_SH, READER, WRITER } from './scripts.js';
+import { SegmentHasher } from './hasher.js';
+import { FINAL_SH, PREPARE_SH, PROBE_SH, READER, WRITER } from './scripts.js';
 import { TokenBucket } from './throttle.js';
 
 const logger = log.child({ component: 'relay' });
@@ -256,14 +257,31 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
     }
   };
 
-  /** sha256 of the segment's extents in `path` on `conn`'s host */
-  const hashOn = async (conn: HostConnection, path: string, seg: Segment): Promise<string> => {
-    const r = await conn.exec(['sh', '-c', HASH_EXTENTS_SH, 'relay-verify', READER, path], { stdin: opsText([seg], false), timeoutMs: Math.max(stallMs, 60_000) });
-    const hex = r.stdout.toString('utf8').split(/\s/)[0] ?? '';
-    if (r.code !== 0 || r.stderr.trim() !== '' || !/^[0-9a-f]{64}$/.test(hex)) throw new RemoteCommandError(conn.host.name, ['relay-verify', path], r.code, r.stderr);
-    return hex;
+  /**
+   * An attempt's segment hashers, one per file, started at their first request: the target's also
+   * writes the partial file's pages back as it goes (see HASHER), the source's only hashes.
+   */
+  const attemptHashers = () => {
+    const started = new Map<string, Promise<SegmentHasher>>();
+    const on = (conn: HostConnection, path: string, flush: boolean): Promise<SegmentHasher> => {
+      let h = started.get(path);
+      if (!h) {
+        h = SegmentHasher.start(conn, path, { flush, timeoutMs: Math.max(stallMs, 60_000) });
+        h.catch(() => undefined);
+        started.set(path, h);
+      }
+      return h;
+    };
+    return {
+      /** sha256 of the segment's extents in the target's partial file */
+      target: async (seg: Segment): Promise<string> => (await on(target, partial, true)).hash(seg),
+      source: async (seg: Segment): Promise<string> => (await on(source, sourcePath, false)).hash(seg),
+      /** every answer is in (or the attempt failed): the hashers end */
+      end: (): void => {
+        for (const h of started.values()) void h.then((x) => x.kill(), () => undefined);
+      },
+    };
   };
-  const hashOnTarget = (seg: Segment): Promise<string> => hashOn(target, partial, seg);
 
   /** every pending segment verified, or the attempt fails naming the rest (they are resent next time) */
   const checkVerified = (pending: Segment[], failures: string[], stats: AttemptStats): void => {
@@ -306,6 +324,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
    */
   const directAttempt = async (ch: DirectChannel, attemptNumber: number, pending: Segment[], stats: AttemptStats, verifiedBefore: number): Promise<void> => {
     const { local, signal, armStall, disarmStall, failed } = attemptControl(attemptNumber, stats);
+    const hashers = attemptHashers();
     const failures: string[] = [];
     const verifyLimit = limiter(2);
     const verifications: Promise<void>[] = [];
@@ -313,7 +332,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
       const seg = bySegment.get(index);
       if (!seg) throw new Error(`target reported unplanned segment ${index}`);
       await opts.beforeVerify?.(index, partial);
-      const [expected, got] = await Promise.all([hashOn(source, sourcePath, seg), hashOnTarget(seg)]);
+      const [expected, got] = await Promise.all([hashers.source(seg), hashers.target(seg)]);
       if (got === expected) verified.set(index, got);
       else failures.push(`segment ${index}: source ${expected}, target ${got}`);
     };
@@ -346,6 +365,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
       throw failed(err);
     } finally {
       disarmStall();
+      hashers.end();
       if (!done) stream?.kill();
       local.abort(new Error('attempt finished'));
     }
@@ -390,6 +410,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
         progress(verifiedBefore + stats.dataBytes);
       },
     );
+    const hashers = attemptHashers();
     const failures: string[] = [];
     const verifyLimit = limiter(2);
     const verifications: Promise<void>[] = [];
@@ -399,7 +420,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
       if (!seg || !sd) throw new Error(`target reported unplanned segment ${index}`);
       const expected = await abortable(sd.promise, signal);
       await opts.beforeVerify?.(index, partial);
-      const got = await hashOnTarget(seg);
+      const got = await hashers.target(seg);
       if (got === expected) verified.set(index, got);
       else failures.push(`segment ${index}: stream ${expected}, target ${got}`);
     };
@@ -485,6 +506,7 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
       throw failed(err);
     } finally {
       disarmStall();
+      hashers.end();
       if (!streamDone) {
         reader?.kill();
         writer?.kill();

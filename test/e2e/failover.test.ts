@@ -17,18 +17,18 @@ import { Store } from '../../src/store/store.js';
 import { sha256File } from '../world/images.js';
 import { REPO_ROOT, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
 import { kubectlStdin, migrationManifest, waitVmm, watchSplitBrain } from '../world/vmm.js';
+import { LOOPBACK } from '../world/loopback.js';
 
-// The elector's defaults (src/controller/runtime/leaderElection.ts), which the operator runs with.
+// The elector's default Lease (src/controller/runtime/leaderElection.ts), which the operator runs with
+// (retry period 2 s, jitter 1.2).
 const LEASE_DURATION_S = 15;
-const RETRY_PERIOD_S = 2;
-const JITTER = 1.2;
 
 let sb: Sandbox;
 let a: OperatorProcess;
 let b: OperatorProcess;
 
 beforeAll(async () => {
-  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e-failover'), db: 'postgres', log: (l) => console.log(`[sandbox] ${l}`) });
+  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e-failover'), environment: 'student-fo', firstAddress: LOOPBACK.failover.first, db: 'postgres', log: (l) => console.log(`[sandbox] ${l}`) });
   expect(sb.dbPath).toMatch(/^postgres:\/\//);
   a = await sb.startOperator({ logFile: join(sb.dir, 'operator-a.log') });
   await leaseHolder(a.identity, 60_000);
@@ -63,7 +63,7 @@ describe('two operator replicas sharing one PostgreSQL store', () => {
   it('the leader is SIGKILLed mid-move: the standby takes over within the Lease, resumes from the journal and finishes; never both act', async () => {
     expect(await leaderGauge(a)).toBe('1');
     expect(await leaderGauge(b)).toBe('0');
-    const watcher = watchSplitBrain();
+    const watcher = watchSplitBrain(sb.environment.name);
     const r = await kubectlStdin(sb, ['apply', '-f', '-'], migrationManifest('failover', { environments: [sb.environment.name], targetHost: 'host02', shutdown: { powerdownTimeout: '1s' } }));
     expect(r.code, r.stderr).toBe(0);
 
@@ -83,9 +83,10 @@ describe('two operator replicas sharing one PostgreSQL store', () => {
     const tookOver = await leaseHolder(b.identity, 60_000);
     const takeoverS = (tookOver - killTime) / 1000;
     console.log(`[e2e] leader ${a.identity} killed at ${killedAt}; ${b.identity} took the Lease after ${takeoverS.toFixed(1)} s`);
-    // client-go's rule: the standby waits leaseDuration after the last renew it saw, checking every retryPeriod (jittered);
-    // 5 s of slack for a 2-core machine shared with QEMU, sshd and the control plane.
-    expect(takeoverS).toBeLessThanOrEqual(LEASE_DURATION_S + 2 * RETRY_PERIOD_S * JITTER + 5);
+    // client-go's rule: the standby waits leaseDuration after the last renew it saw, checking every retryPeriod
+    // (2 s × up to 1.2): ~15-20 s (14.7-16.9 s measured in fresh-clone runs). The bound is twice the Lease, room for a
+    // loaded 2-core machine, still far below anything but the Lease's own expiry driving the takeover.
+    expect(takeoverS).toBeLessThanOrEqual(2 * LEASE_DURATION_S);
 
     const done = await waitVmm(sb, 'failover', 'Succeeded/Failed', (x) => ['Succeeded', 'Failed'].includes(x?.status?.phase ?? ''), 600_000, 300);
     const split = await watcher.stop();

@@ -14,13 +14,14 @@ import { Store } from '../../src/store/store.js';
 import { sha256File } from '../world/images.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
 import { getVmm, kubectlStdin, migrationManifest, serviceAccountKubeconfig, waitVmm, watchSplitBrain } from '../world/vmm.js';
+import { LOOPBACK } from '../world/loopback.js';
 
 let sb: Sandbox;
 let operator: OperatorProcess;
 let saKubeconfig: string;
 
 beforeAll(async () => {
-  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e-finalizer'), log: (l) => console.log(`[sandbox] ${l}`) });
+  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e-finalizer'), environment: 'student-fin', firstAddress: LOOPBACK.finalizer.first, log: (l) => console.log(`[sandbox] ${l}`) });
   saKubeconfig = await serviceAccountKubeconfig(sb);
   operator = await sb.startOperator({ kubeconfigPath: saKubeconfig });
 }, 900_000);
@@ -30,9 +31,13 @@ afterAll(async () => {
   await sb?.stop();
 });
 
-/** Applies a move of the whole environment to host02 and returns once a VM is mid-move (stopping or copying: before the target ran). */
+/**
+ * Applies a move of the whole environment to host02 and returns once a VM is mid-move (stopping or
+ * copying: before the target ran). The no-OS VMs ignore the power button, so each stop lasts the whole
+ * powerdownTimeout: 20 s leaves a loaded machine's kubectl (2–4 s) ample time to delete mid-move.
+ */
 async function startMoveAndCatchInFlight(name: string): Promise<{ uid: string; vm: string }> {
-  const r = await kubectlStdin(sb, ['apply', '-f', '-'], migrationManifest(name, { environments: [sb.environment.name], targetHost: 'host02', shutdown: { powerdownTimeout: '2s' } }));
+  const r = await kubectlStdin(sb, ['apply', '-f', '-'], migrationManifest(name, { environments: [sb.environment.name], targetHost: 'host02', shutdown: { powerdownTimeout: '20s' } }));
   expect(r.code, r.stderr).toBe(0);
   let vm = '';
   const o = await waitVmm(sb, name, 'a VM in stop/transfer', (x) => {
@@ -81,7 +86,7 @@ async function expectGoneAndRolledBack(name: string, watcher: ReturnType<typeof 
 
 describe('deleting a VMMigration with a move in flight (finalizer)', () => {
   it('rolls the move back, VM on the source again, and only then lets the object go', async () => {
-    const watcher = watchSplitBrain();
+    const watcher = watchSplitBrain(sb.environment.name);
     const { uid, vm } = await startMoveAndCatchInFlight('cancel-live');
     const del = await sb.kubectl(['delete', 'vmm', '-n', SECRET_NAMESPACE, 'cancel-live', '--wait=false']);
     expect(del.code).toBe(0);
@@ -90,7 +95,7 @@ describe('deleting a VMMigration with a move in flight (finalizer)', () => {
   }, 600_000);
 
   it('operator down during the delete: the object waits; the next operator rolls the move back, then releases it', async () => {
-    const watcher = watchSplitBrain();
+    const watcher = watchSplitBrain(sb.environment.name);
     const { uid, vm } = await startMoveAndCatchInFlight('cancel-down');
     operator.child.kill('SIGKILL');
     await new Promise((res) => (operator.child.exitCode !== null || operator.child.signalCode !== null ? res(undefined) : operator.child.once('exit', res)));

@@ -8,11 +8,12 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startFleetWorld, type FleetWorld } from '../world/fleetWorld.js';
 import { SECRET_NAMESPACE } from '../world/sandbox.js';
+import { LOOPBACK } from '../world/loopback.js';
 
 let w: FleetWorld;
 
 beforeAll(async () => {
-  w = await startFleetWorld({ environments: ['fleet-a', 'fleet-b', 'fleet-c'], firstAddress: 90 });
+  w = await startFleetWorld({ environments: ['fleet-a', 'fleet-b', 'fleet-c'], firstAddress: LOOPBACK.fleet.first });
 }, 900_000);
 
 afterAll(async () => {

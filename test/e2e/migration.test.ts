@@ -15,6 +15,8 @@ import { sha256File } from '../world/images.js';
 import { kubeconfigCredentials, leakedFragments, secretFragments } from '../world/secrets.js';
 import { startPrometheus, type TestPrometheus } from '../world/prometheus.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
+import { LOOPBACK } from '../world/loopback.js';
+import { cliArgs } from '../world/cli.js';
 
 let sb: Sandbox;
 /** everything the CLI printed during this file (searched for credentials at the end) */
@@ -23,7 +25,7 @@ let operator: OperatorProcess;
 let prom: TestPrometheus;
 
 beforeAll(async () => {
-  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e'), log: (l) => console.log(`[sandbox] ${l}`) });
+  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'e2e'), firstAddress: LOOPBACK.migration.first, log: (l) => console.log(`[sandbox] ${l}`) });
   // As the Deployment runs it: RBAC from manifests/rbac.yaml, a TokenRequest token at the in-cluster path, no kubeconfig.
   operator = await sb.startOperator({ inCluster: true });
   prom = await startPrometheus({ dir: join(sb.dir, 'prometheus'), targets: [new URL(operator.metricsUrl).host] });
@@ -98,6 +100,9 @@ describe('references only the operator can check', () => {
     await expectUntouched();
   });
   it('the failures fire VMOpsMigrationFailed in a real Prometheus scraping the operator', async () => {
+    // the alert fires on the first failure; the second reaches Prometheus with its next scrape (once,
+    // the operator being faster, the count was read in between)
+    await prom.waitFor('both failures scraped', async () => ((await prom.query('sum(vmops_migrations_failed_total)'))[0]?.value[1] === '2' ? true : undefined));
     const alert = await prom.waitFor('VMOpsMigrationFailed firing', async () =>
       (await prom.alerts()).find((a) => a.labels.alertname === 'VMOpsMigrationFailed' && a.state === 'firing'));
     expect(alert.labels).toMatchObject({ severity: 'warning', strategy: 'cold' });
@@ -144,7 +149,7 @@ describe('rolling migration of a 7-VM environment', () => {
     await sb.kubectl(['apply', '-f', 'manifests/examples/migration.yaml']);
     // what a person watching with `vm-migration-operator status NAME --watch` sees
     const { spawn } = await import('node:child_process');
-    const cli = spawn(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'status', 'move-student-42', '--watch', '--kubeconfig', sb.controlPlane.kubeconfigPath], { cwd: REPO_ROOT });
+    const cli = spawn(process.execPath, cliArgs('status', 'move-student-42', '--watch', '--kubeconfig', sb.controlPlane.kubeconfigPath), { cwd: REPO_ROOT });
     let cliOut = '';
     cli.stdout.on('data', (d) => { cliOut += d; cliSeen += d; });
     const cliExit = new Promise<number>((r) => cli.once('exit', (code) => r(code ?? -1)));
@@ -157,7 +162,16 @@ describe('rolling migration of a 7-VM environment', () => {
     vmmWatch.abort();
     const o = await getVmm('move-student-42');
     expect(wait.code, `kubectl wait failed: ${wait.stderr}\nstatus: ${JSON.stringify(o.status, null, 2)}`).toBe(0);
-    expect(await cliExit, cliOut.slice(-3000)).toBe(0);
+    // the watch ends by itself once the migration is done; one that does not is killed and fails here, not at the test's timeout
+    let killer: NodeJS.Timeout | undefined;
+    const cliCode = await Promise.race([cliExit, new Promise<string>((r) => {
+      killer = setTimeout(() => {
+        cli.kill('SIGKILL');
+        r('still watching 60 s after the migration ended');
+      }, 60_000);
+    })]);
+    clearTimeout(killer);
+    expect(cliCode, cliOut.slice(-3000)).toBe(0);
     const screens = cliOut.split(/\n(?=VMMigration )/);
     expect(screens.at(-1)).toMatch(/^VMMigration vm-migration-system\/move-student-42 {3}Succeeded {3}7\/7 VMs/);
     // copies here take under a second, so a screen with a copy's rate is not guaranteed; one with a VM in flight is
@@ -283,7 +297,7 @@ describe('downtime strategies through the operator (real QEMU, real kubectl)', (
 
   /** `history`'s step lines (start time, step, outcome) per VM, as the operator journaled them. */
   async function stepsOf(migration: string): Promise<{ text: string; byVm: Map<string, { at: number; step: string }[]> }> {
-    const text = await promisify(execFile)(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'history', migration, '--db', sb.dbPath], { cwd: REPO_ROOT }).then((x) => x.stdout);
+    const text = await promisify(execFile)(process.execPath, cliArgs('history', migration, '--db', sb.dbPath), { cwd: REPO_ROOT }).then((x) => x.stdout);
     const byVm = new Map<string, { at: number; step: string }[]>();
     let vm = '';
     for (const l of text.split('\n')) {
@@ -336,7 +350,7 @@ describe('downtime strategies through the operator (real QEMU, real kubectl)', (
 
 describe('nothing secret in anything this file\'s run showed', () => {
   it('the operator\'s log, every Event, every VMMigration, the metrics and the CLI output hold no guest credential, SSH key or ServiceAccount token', async () => {
-    const cli = (args: string[]) => promisify(execFile)(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), ...args], { cwd: REPO_ROOT }).then((r) => r.stdout + r.stderr);
+    const cli = (args: string[]) => promisify(execFile)(process.execPath, cliArgs(...args), { cwd: REPO_ROOT }).then((r) => r.stdout + r.stderr);
     const visible = [
       readFileSync(operator.logPath, 'utf8'),
       (await sb.kubectl(['get', 'events', '-A', '-o', 'json'])).stdout,

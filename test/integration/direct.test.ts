@@ -13,6 +13,7 @@ import { directTag } from '../../src/transfer/direct.js';
 import { relayFile, relayVmFiles, SegmentVerifyError } from '../../src/transfer/relay.js';
 import { adoptHostFile, startTwoHosts, type TwoHosts } from '../world/hosts.js';
 import { createDiskImage, sha256File } from '../world/images.js';
+import { LOOPBACK } from '../world/loopback.js';
 
 const ENV = 'env-direct';
 const vm: VMSpec = {
@@ -35,7 +36,7 @@ describe('transfer mode Direct between two real hosts', () => {
   let keysBefore: string;
 
   beforeAll(async () => {
-    two = await startTwoHosts({ tmpPrefix: 'vmop-direct-', firstAddress: 62 });
+    two = await startTwoHosts({ tmpPrefix: 'vmop-direct-', firstAddress: LOOPBACK.direct.first });
     srcDir = vmDirectory(two.h1, ENV, vm.name);
     dstDir = vmDirectory(two.h2, ENV, vm.name);
     await mkdir(srcDir, { recursive: true });

@@ -13,6 +13,7 @@ import { CORDONED_BY_ANNOTATION } from '../../src/guest/drain.js';
 import { deployStudentWorkload } from '../world/guestCluster.js';
 import { until } from '../world/until.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
+import { LOOPBACK } from '../world/loopback.js';
 
 const ENV = 'student-77';
 const STRICT_NS = `${ENV}-strict`;
@@ -20,7 +21,7 @@ let sb: Sandbox;
 let operator: OperatorProcess;
 
 beforeAll(async () => {
-  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'drain-operator'), environment: ENV, diskMiB: 16 });
+  sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'drain-operator'), environment: ENV, firstAddress: LOOPBACK.drainOperator.first, diskMiB: 16 });
   operator = await sb.startOperator();
 }, 900_000);
 

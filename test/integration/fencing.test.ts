@@ -15,12 +15,36 @@ import type { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { buildQemuArgv } from '../../src/hosts/qemuArgv.js';
 import { adoptHostFile, HOST_USER, startTwoHosts, type TwoHosts } from '../world/hosts.js';
 import { createDiskImage } from '../world/images.js';
+import { LOOPBACK } from '../world/loopback.js';
 
 const ENV = 'env-fence';
 const execFileP = promisify(execFile);
 
 function vmSpec(name: string): VMSpec {
   return { name, role: 'worker', nodeName: name, host: 'host01', memoryMiB: 32, cpus: 1, files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }] };
+}
+
+/** query-status over a local QMP socket; '' when nothing answers (yet). */
+function qmpStatus(sock: string): Promise<string> {
+  return new Promise((resolve) => {
+    let buf = '';
+    let sent = 0;
+    const c = net.connect(sock);
+    const done = (v: string) => {
+      c.destroy();
+      resolve(v);
+    };
+    c.setTimeout(2000, () => done(''));
+    c.on('error', () => done(''));
+    c.on('data', (d) => {
+      buf += d.toString('utf8');
+      if (sent === 0 && buf.includes('"QMP"')) {
+        sent = 1;
+        c.write('{"execute":"qmp_capabilities"}\n{"execute":"query-status"}\n');
+      }
+      if (buf.includes('"status"')) done(buf);
+    });
+  });
 }
 
 describe('fencing on a real host', () => {
@@ -32,7 +56,7 @@ describe('fencing on a real host', () => {
   const servers: net.Server[] = [];
 
   beforeAll(async () => {
-    two = await startTwoHosts({ tmpPrefix: 'vmop-fence-', firstAddress: 42 });
+    two = await startTwoHosts({ tmpPrefix: 'vmop-fence-', firstAddress: LOOPBACK.fencing.first });
     ({ h1, hv1: hv } = two);
   });
 
@@ -98,7 +122,9 @@ describe('fencing on a real host', () => {
     await mkdir(dir, { recursive: true });
     await adoptHostFile(dir);
     // something (a QEMU in another PID namespace, say) listens on the VM's QMP socket
-    const srv = net.createServer((s) => s.end('{"QMP": {}}\n'));
+    // the host's probe may hang up before the greeting is written: that EPIPE is the probe's business,
+    // not an uncaught error of the test process (it failed stop 16's CI with every test passing)
+    const srv = net.createServer((s) => s.on('error', () => undefined).end('{"QMP": {}}\n'));
     servers.push(srv);
     await new Promise<void>((r) => srv.listen(path.join(dir, 'qmp.sock'), r));
     await adoptHostFile(path.join(dir, 'qmp.sock'));
@@ -118,12 +144,16 @@ describe('fencing on a real host', () => {
     const otherDir = path.join(path.dirname(dir), 'twice-copy');
     await mkdir(otherDir, { recursive: true });
     await adoptHostFile(otherDir);
-    const argv = buildQemuArgv(otherDir, ENV, vm).filter((a) => a !== '-daemonize');
+    // with the host's accelerator: the default (KVM) fails on a machine without it, but only after QEMU
+    // created its QMP socket, so the probe raced the second QEMU's exit (a fresh-clone CI run lost)
+    const argv = buildQemuArgv(otherDir, ENV, vm, { qemu: h1.qemu }).filter((a) => a !== '-daemonize');
     const drive = argv.findIndex((a) => a === '-drive');
     argv.splice(drive, 2);
     const child = spawn('runuser', ['-u', HOST_USER, '--', ...argv], { stdio: 'ignore' });
     extra.push(child);
     await expect.poll(() => existsSync(path.join(otherDir, 'qmp.sock')), { timeout: 10_000 }).toBe(true);
+    // QEMU creates its sockets before it initializes the accelerator: only an answer proves it is up
+    await expect.poll(() => qmpStatus(path.join(otherDir, 'qmp.sock')), { timeout: 10_000 }).toMatch(/"status": ?"(running|prelaunch)"/);
     await expect(hv.vmStatus(ENV, vm)).rejects.toThrow(/cannot prove .*2 QEMU processes/);
     await expect(hv.startVm(ENV, vm)).rejects.toThrow(/cannot prove/);
   });

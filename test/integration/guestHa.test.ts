@@ -13,9 +13,10 @@ import { NginxLoadBalancer } from '../../src/guest/nginxLoadBalancer.js';
 import { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { HostConnection } from '../../src/hosts/ssh.js';
 import { ensureHostUser, startHosts, type TestHosts } from '../world/hosts.js';
-import { API_PORT, ETCD_PORT, startHaGuest, tcpAnswers, type HaGuest, type MemberStatus } from '../world/haGuest.js';
+import { API_PORT, ETCD_PORT, sessionDuring, sessionFailedOver, startHaGuest, tcpAnswers, type HaGuest, type MemberStatus } from '../world/haGuest.js';
 import { KubectlStudent, summarize } from '../world/haStudent.js';
 import { chown, mkdir } from 'node:fs/promises';
+import { LOOPBACK } from '../world/loopback.js';
 
 const ENV = 'hag';
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -43,11 +44,11 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
 
   beforeAll(async () => {
     dir = await mkdtemp(join(tmpdir(), 'vmop-ha-'));
-    hosts = await startHosts({ count: 1, baseDir: join(dir, 'hosts'), firstAddress: 27 });
+    hosts = await startHosts({ count: 1, baseDir: join(dir, 'hosts'), firstAddress: LOOPBACK.guestHaHost.first });
     const host = hosts.hosts[0]!;
     conn = await HostConnection.connect(host, hosts.identity);
     hv = new Hypervisor(host, conn);
-    ha = await startHaGuest({ dir: join(dir, 'ha'), environment: ENV, host: host.name, operatorPublicKey: hosts.identity.publicKey, addressBase: 30 });
+    ha = await startHaGuest({ dir: join(dir, 'ha'), environment: ENV, host: host.name, operatorPublicKey: hosts.identity.publicKey, addressBase: LOOPBACK.guestHa.first });
     const user = await ensureHostUser();
     for (const v of ha.environment.vms) {
       const d = hv.vmDir(ENV, v);
@@ -87,7 +88,7 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
     const addr = ha.addressOf('controller-3');
     expect(await tcpAnswers(addr, ETCD_PORT, 1000)).toBe(true);
     await stopVm('controller-3');
-    await until('controller-3 off', 5000, () => ha.runState('controller-3') === 'off');
+    await until('controller-3 off', 60_000, () => ha.runState('controller-3') === 'off');
     const t = Date.now();
     // not refused: the connection attempt hangs until our own timeout
     expect(await tcpAnswers(addr, API_PORT, 1500)).toBe(false);
@@ -103,7 +104,7 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
     expect(ok.message).toMatch(/2 of 3 voting members healthy \(quorum 2\)/);
 
     await stopVm('controller-2');
-    await until('controller-2 off', 5000, () => ha.runState('controller-2') === 'off');
+    await until('controller-2 off', 60_000, () => ha.runState('controller-2') === 'off');
     const bad = await guard.checkSafeToStop(vm('controller-1'));
     expect(bad.safe).toBe(false);
     expect(bad.reason).toBe('WaitingForQuorum');
@@ -134,7 +135,7 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
     expect(moved.movedTo).toBeDefined();
     expect(moved.movedTo).not.toBe(leaderVm);
     await stopVm(leaderVm);
-    await until(`${leaderVm} off`, 5000, () => ha.runState(leaderVm) === 'off');
+    await until(`${leaderVm} off`, 60_000, () => ha.runState(leaderVm) === 'off');
     const offAt = ha.transitions.filter((t) => t.vm === leaderVm && t.state === 'off').at(-1)!.at;
     await sleep(1500);
     watching = false;
@@ -155,7 +156,7 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
     await guard.waitMemberHealthy(vm(leaderVm), { timeoutMs: 120_000, signal: never });
   });
 
-  it('load-balancer aware: out (drained), stop, start, healthy, in — kubectl through NGINX sees 0 failures, none slower than 2 s', async () => {
+  it('load-balancer aware: out (drained), stop, start, healthy, in — kubectl through NGINX sees 0 failures, NGINX sends nothing to the stopped controller', async () => {
     // before the negative control below: NGINX's passive check would hold controller-1 as failed for fail_timeout
     const student = new KubectlStudent(ha.kubeconfigPath, { cacheDir: join(dir, 'kubectl-cache') });
     await student.start();
@@ -168,9 +169,11 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
     await lb.removeBackend(c, never); // idempotent
     expect((await guard.checkSafeToStop(c)).safe).toBe(true);
     await guard.moveLeadershipAway(c, never);
+    const tStop = Date.now();
     await stopVm('controller-1');
     await sleep(3000);
     await startVm('controller-1');
+    const tStart = Date.now();
     await guard.waitMemberHealthy(c, { timeoutMs: 120_000, signal: never });
     await lb.addBackend(c);
     const tIn = Date.now();
@@ -178,10 +181,53 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
     expect(await readFile(ha.nginxConfigPath, 'utf8')).not.toMatch(/down;/);
     await sleep(3000);
     const s = summarize(await student.stop());
-    console.log(`LB awareness on: sent ${s.sent}, failed ${s.failed}, p99 ${s.p99Ms} ms, worst ${s.worstMs} ms; controller-1 out of the LB ${((tIn - tOut) / 1000).toFixed(1)} s`);
+    // NGINX's own log: no session sent to controller-1 while its VM was down, none whose connect failed over
+    const sessions = (await ha.nginxSessions()).filter((x) => x.end >= tOut);
+    const toStopped = sessions.filter((x) => x.upstreams.includes(`${c.address}:${API_PORT}`) && sessionDuring(x, { start: tStop, end: tStart }));
+    const failedOver = sessions.filter(sessionFailedOver);
+    console.log(`LB awareness on: sent ${s.sent}, failed ${s.failed}, p99 ${s.p99Ms} ms, worst ${s.worstMs} ms; controller-1 out of the LB ${((tIn - tOut) / 1000).toFixed(1)} s; NGINX: ${sessions.length} sessions, ${toStopped.length} to the stopped controller, ${failedOver.length} failed over`);
     expect(s.errors).toEqual([]);
-    expect(s.sent).toBeGreaterThan(20);
-    expect(s.worstMs).toBeLessThan(2000);
+    // the student kept NGINX busy while controller-1 was down (how many calls fit is the machine's, not asserted)
+    expect(sessions.filter((x) => sessionDuring(x, { start: tStop, end: tStart })).length).toBeGreaterThan(0);
+    // the student's worst wall time is reported, not asserted (a shared 2-core machine; see test/e2e/ha.test.ts)
+    expect(toStopped.map((x) => JSON.stringify(x))).toEqual([]);
+    expect(failedOver.map((x) => JSON.stringify(x))).toEqual([]);
+  });
+
+  it('taking a backend out returns only once NGINX runs the new configuration: a reload its master has not carried out yet is waited for', async () => {
+    // `nginx -s reload` only signals the master; its old workers keep routing with the old configuration
+    // until it has acted. A fresh-clone run saw NGINX send a session to controller-1 after it was taken out
+    // and stopped. A stopped master makes the window as long as the test wants.
+    const c = vm('controller-2');
+    const spec = ha.environment.loadBalancer!;
+    // out and back in: the guest's components reconnect elsewhere, so no connection to c is left for the
+    // drain to wait on (with one, the old code waited too, by chance: the stopped master's workers keep it)
+    await lb.removeBackend(c, never);
+    await lb.addBackend(c);
+    const master = Number((await readFile(join(spec.prefix!, 'nginx.pid'), 'utf8')).trim());
+    const workersBefore = await lbConn.exec(['ps', '-o', 'pid=', '--ppid', String(master)]).then((r) => r.stdout.toString().trim().split(/\s+/).map(Number));
+    expect(workersBefore.length).toBeGreaterThan(0);
+    process.kill(master, 'SIGSTOP');
+    let returned = false;
+    let removal: Promise<void>;
+    try {
+      removal = lb.removeBackend(c, never).then(() => void (returned = true));
+      // the configuration is written and the reload sent (the master holds it, stopped); the old worker still accepts
+      await until('the reload signal sent', 30_000, async () => /down;/.test(await readFile(ha.nginxConfigPath, 'utf8')));
+      await sleep(1500);
+      expect(await lb.connectionsTo(c)).toBe(0);
+      const titles = await lbConn.exec(['ps', '-o', 'args=', '-p', workersBefore.join(',')]).then((r) => r.stdout.toString());
+      expect(titles).toMatch(/worker process\s*$/m);
+      expect(returned, 'removeBackend returned while NGINX still ran the old configuration').toBe(false);
+    } finally {
+      process.kill(master, 'SIGCONT');
+    }
+    await removal;
+    // every worker from before the reload is gone or shutting down: none routes with the old configuration
+    const after = await lbConn.exec(['ps', '-o', 'pid=,args=', '--ppid', String(master)]).then((r) => r.stdout.toString());
+    for (const pid of workersBefore) expect(after).not.toMatch(new RegExp(`^\\s*${pid}\\s+nginx: worker process\\s*$`, 'm'));
+    await lb.addBackend(c);
+    expect(await readFile(ha.nginxConfigPath, 'utf8')).not.toMatch(/down;/);
   });
 
   // Without load-balancer awareness (the seed's failure: NGINX's 10 s connect timeout to a powered-off
@@ -195,14 +241,14 @@ describe('guest safety on a real HA guest (etcd ×3, kube-apiserver ×3, NGINX b
     try {
       const qmp = await QmpClient.open(await own.openUnixSocket(`${hv.vmDir(ENV, vm('controller-3'))}/qmp.sock`), { timeoutMs: 10_000 });
       await qmp.execute('stop', undefined, { timeoutMs: 10_000 });
-      await until('controller-3 frozen', 5000, () => ha.runState('controller-3') === 'frozen');
+      await until('controller-3 frozen', 60_000, () => ha.runState('controller-3') === 'frozen');
       expect(await tcpAnswers(addr, ETCD_PORT, 1000)).toBe(false);
       await qmp.execute('cont', undefined, { timeoutMs: 10_000 });
       qmp.close();
     } finally {
       own.close();
     }
-    await until('controller-3 running', 5000, () => ha.runState('controller-3') === 'running');
+    await until('controller-3 running', 60_000, () => ha.runState('controller-3') === 'running');
     expect(await tcpAnswers(addr, ETCD_PORT, 2000)).toBe(true);
     await guard.waitMemberHealthy(vm('controller-3'), { timeoutMs: 60_000, signal: never });
   });

@@ -19,6 +19,7 @@ import { inClusterIdentity, type InClusterIdentity } from '../world/inCluster.js
 import { monitoringCrdFiles } from '../world/monitoringCrds.js';
 import { startPrometheus, type TestPrometheus } from '../world/prometheus.js';
 import { freePort, REPO_ROOT, operatorEnv } from '../world/sandbox.js';
+import { cliArgs } from '../world/cli.js';
 
 const execFileP = promisify(execFile);
 const NS = 'vm-migration-system';
@@ -235,7 +236,7 @@ describe('the operator in cluster mode, scraped by a real Prometheus with the sh
     await execFileP('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-f', join(DIR, 'id_ed25519')]);
     const port = await freePort();
     metricsUrl = `http://127.0.0.1:${port}`;
-    const argv = id.wrap([process.execPath, '--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run',
+    const argv = id.wrap([process.execPath, ...cliArgs('run'),
       '--inventory', join(DIR, 'inventory.yaml'), '--db', join(DIR, 'operator.db'), '--ssh-key', join(DIR, 'id_ed25519'),
       '--namespace', NS, '--metrics-port', String(port), '--metrics-host', '127.0.0.1', '--leader-elect', '--lease-namespace', NS]);
     const log = openSync(join(DIR, 'operator.log'), 'a');
@@ -305,7 +306,7 @@ describe('the operator in cluster mode, scraped by a real Prometheus with the sh
     expect(await argoHealth(done)).toEqual({ status: 'Healthy', message: expect.stringContaining('dry run') });
     writeFileSync(join(DIR, 'status-dryrun.json'), JSON.stringify(done, null, 2));
     // the status command renders it from the resource alone; exit codes tell scripts the outcome
-    const cli = (args: string[]) => execFileP(process.execPath, ['--import', 'tsx', 'src/cli/main.ts', 'status', ...args, '--kubeconfig', cp.kubeconfigPath, '--namespace', NS], { cwd: REPO_ROOT })
+    const cli = (args: string[]) => execFileP(process.execPath, cliArgs('status', ...args, '--kubeconfig', cp.kubeconfigPath, '--namespace', NS), { cwd: REPO_ROOT })
       .then((r) => ({ code: 0, ...r }), (e: { code: number; stdout: string; stderr: string }) => e);
     const shown = await cli(['dry', '--watch']);
     expect(shown.code, shown.stderr).toBe(0);
@@ -321,7 +322,10 @@ describe('the operator in cluster mode, scraped by a real Prometheus with the sh
 
     const again = await kubectl(['apply', '-f', '-'], { stdin: doc });
     expect(again.stdout).toContain('vmmigration.vmops.dev/dry unchanged');
-    const started = await prom!.query('sum(vmops_migrations_started_total)');
+    const started = await prom!.waitFor('started_total scraped', async () => {
+      const r = await prom!.query('sum(vmops_migrations_started_total)');
+      return r.length > 0 ? r : undefined;
+    });
     await new Promise((r) => setTimeout(r, 3000));
     const later = await get();
     expect(later.metadata.resourceVersion).toBe(done.metadata.resourceVersion);

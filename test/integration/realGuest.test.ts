@@ -10,6 +10,7 @@ import { relayVmFiles, SegmentVerifyError } from '../../src/transfer/relay.js';
 import { GuestObserver } from '../world/guestObserver.js';
 import { installGuest, realGuestVm, type GuestOptions } from '../world/guestImage.js';
 import { startTwoHosts, testAccel, type TwoHosts } from '../world/hosts.js';
+import { LOOPBACK } from '../world/loopback.js';
 
 const ENV = 'env-guest';
 
@@ -18,7 +19,7 @@ describe('real guest between two real hosts', () => {
   const used: Array<{ vm: VMSpec; obs: GuestObserver }> = [];
 
   beforeAll(async () => {
-    two = await startTwoHosts({ tmpPrefix: 'vmop-guest-', firstAddress: 90 });
+    two = await startTwoHosts({ tmpPrefix: 'vmop-guest-', firstAddress: LOOPBACK.realGuest.first });
   });
 
   afterEach(async () => {
@@ -55,10 +56,11 @@ describe('real guest between two real hosts', () => {
     console.log(`accelerator: ${await testAccel()}`);
     const { obs } = await bootGuest('beat');
     const since = performance.now();
-    await new Promise((r) => setTimeout(r, 1000));
+    // ~100 per second at 10 ms; a loaded 2-core machine under TCG gets fewer: 20 beats, however long
+    // they take (the rate is printed, not asserted), numbered without a gap
+    while (obs.beats.filter((b) => b.t >= since).length < 20) await obs.waitBeat({ since: performance.now() });
     const beats = obs.beats.filter((b) => b.t >= since);
-    // ~100 per second at 10 ms; a loaded 2-core machine under TCG gets fewer, but the guest must beat
-    expect(beats.length).toBeGreaterThan(10);
+    console.log(`beats: ${beats.length} in ${(performance.now() - since).toFixed(0)} ms`);
     expect(beats.every((b, i) => i === 0 || b.beat === (beats[i - 1] as typeof b).beat + 1)).toBe(true);
     expect(obs.isBeating()).toBe(true);
     const v = await obs.verify();
@@ -70,12 +72,34 @@ describe('real guest between two real hosts', () => {
     }
   });
 
+  it('every line the guest writes on its serial port arrives whole and in order, even while the port is saturated', async () => {
+    // guestd's three processes print on one O_NONBLOCK tty; a write the tty cannot take at once (its
+    // buffer is full, or another process is writing: tty_write_lock() only tries under O_NONBLOCK)
+    // failed with EAGAIN and the line was gone — CI lost "DIRTIER start" that way, a demo run a VERIFY line
+    const { obs } = await bootGuest('burst');
+    const n = 3000;
+    const since = obs.command(`burst ${n}`);
+    await obs.waitFor(new RegExp(`^BURST done ${n}$`), { since, timeoutMs: 180_000 });
+    const lines = obs.lines.filter((l) => l.t >= since);
+    const numbers = lines.flatMap((l) => /^BURST (\d+) (\d+)$/.exec(l.text)?.[1] ?? []).map(Number);
+    const beats = obs.beats.filter((b) => b.t >= since);
+    console.log(`burst: ${numbers.length} of ${n} lines, ${beats.length} heartbeats alongside, ${lines.length - numbers.length - 1} other lines`);
+    // none torn: every line is one the guest prints
+    expect(lines.filter((l) => !/^(BURST (\d+ \d+|done \d+)|VERIFY .*|WRITER .*|GUESTD .*)$/.test(l.text)).map((l) => l.text)).toEqual([]);
+    // none lost, none out of order
+    expect(numbers).toEqual(Array.from({ length: n }, (_, i) => i + 1));
+    // the heartbeats printed alongside are not lost either
+    expect(beats.length).toBeGreaterThan(0);
+    expect(beats.every((b, i) => i === 0 || b.beat === (beats[i - 1] as typeof b).beat + 1)).toBe(true);
+  }, 300_000);
+
   it('cold move: clean ACPI shutdown proven by the guest, verified copy, the log on the target holds every acknowledged write', async () => {
     const { vm, obs } = await bootGuest('cold', { writesPerSecond: 100 });
     const t0 = performance.now();
     const how = await two.hv1.stopVm(ENV, vm, { powerdownTimeoutMs: 60_000 });
     expect(how).toBe('powerdown');
-    const off = await obs.waitFor(/^POWEROFF clean acked=\d+$/, { since: t0, timeoutMs: 1000 });
+    // the line is on the serial log before QEMU exits; the observer reads it a little later (30 s: room for a loaded machine)
+    const off = await obs.waitFor(/^POWEROFF clean acked=\d+$/, { since: t0, timeoutMs: 30_000 });
     const ackedAtShutdown = Number(/acked=(\d+)/.exec(off.text)?.[1]);
     const lastBeatOnSource = obs.beatBefore(performance.now()) as NonNullable<ReturnType<GuestObserver['lastBeat']>>;
     expect(ackedAtShutdown).toBeGreaterThanOrEqual(lastBeatOnSource.acked);
@@ -111,7 +135,7 @@ describe('real guest between two real hosts', () => {
     const elapsed = performance.now() - t0;
     expect(how).toBe('quit');
     expect(elapsed).toBeGreaterThanOrEqual(1500);
-    await obs.waitFor(/^POWER ignored/, { since: t0, timeoutMs: 1000 });
+    await obs.waitFor(/^POWER ignored/, { since: t0, timeoutMs: 30_000 });
     expect(obs.lines.some((l) => l.t >= t0 && /^POWEROFF/.test(l.text))).toBe(false);
     expect((await two.hv1.vmStatus(ENV, vm)).state).toBe('stopped');
     const acked = (obs.beatBefore(performance.now()) as NonNullable<ReturnType<GuestObserver['lastBeat']>>).acked;

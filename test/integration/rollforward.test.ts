@@ -27,6 +27,7 @@ import { moveVm, MoveError, type MoveGuest, type MoveHost } from '../../src/migr
 import { Store } from '../../src/store/store.js';
 import { startTwoHosts, type TwoHosts } from '../world/hosts.js';
 import { createDiskImage } from '../world/images.js';
+import { LOOPBACK } from '../world/loopback.js';
 
 const execFileP = promisify(execFile);
 const ENV = 'env-rf';
@@ -51,7 +52,7 @@ describe('roll forward once the VM ran on the target (real hosts, real QEMU)', (
   const used: VMSpec[] = [];
 
   beforeAll(async () => {
-    two = await startTwoHosts({ tmpPrefix: 'vmop-rf-', firstAddress: 32 });
+    two = await startTwoHosts({ tmpPrefix: 'vmop-rf-', firstAddress: LOOPBACK.rollforward.first });
   });
 
   afterEach(async () => {

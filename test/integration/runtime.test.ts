@@ -113,8 +113,10 @@ describe('LeaseLeaderElector against kube-apiserver', () => {
         namespace: NS,
         name: 'runtime-it-leader',
         identity: id,
-        leaseDurationSeconds: 4,
-        renewDeadlineSeconds: 3,
+        // generous: under a fresh-clone run's load one renewal took over a 3 s renewDeadline, and the
+        // elector rightly stepped down before the release this test is about
+        leaseDurationSeconds: 20,
+        renewDeadlineSeconds: 15,
         retryPeriodSeconds: 0.5,
         onStartedLeading: () => void log.push(`${id} start`),
         onStoppedLeading: (r) => void log.push(`${id} stop ${r}`),
@@ -137,8 +139,8 @@ describe('LeaseLeaderElector against kube-apiserver', () => {
     await a.release();
     const released = await kc.makeApiClient(CoordinationV1Api).readNamespacedLease({ name: 'runtime-it-leader', namespace: NS });
     expect(released.spec?.holderIdentity || undefined).toBeUndefined();
-    await until(() => b.isLeader, 5000);
-    expect(Date.now() - releasedAt).toBeLessThan(2000); // no need to wait for the 4 s lease to expire
+    await until(() => b.isLeader, 10_000);
+    expect(Date.now() - releasedAt).toBeLessThan(10_000); // well before the 20 s lease would have expired: no need to wait for it
     expect(log).toEqual(['a start', 'a stop stopped', 'b start']);
     await b.stop();
   });
@@ -193,7 +195,11 @@ describe('ResilientInformer against kube-apiserver', () => {
     await until(() => restarts.includes('error'));
 
     // 2) Half-open connection: nothing arrives any more and nothing errors → the watchdog restarts it.
-    await new Promise((r) => setTimeout(r, 500));
+    // Frozen only once the restarted watch is live (a fixed 500 ms could pass before its connection
+    // existed, leaving it unfrozen): an object created and deleted now reaches the informer through it.
+    await core.createNamespacedConfigMap({ namespace: NS, body: { metadata: { name: 'probe', labels: label }, data: { v: '1' } } });
+    await core.deleteNamespacedConfigMap({ name: 'probe', namespace: NS });
+    await until(() => events.includes('delete probe'));
     proxy.freezeExisting();
     await core.replaceNamespacedConfigMap({ name: 'c2', namespace: NS, body: { metadata: { name: 'c2', labels: label }, data: { v: '2' } } });
     await until(() => events.includes('update c2=2'), 40_000);

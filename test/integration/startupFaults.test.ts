@@ -18,6 +18,7 @@ import { stringify } from 'yaml';
 import type { Inventory } from '../../src/api/inventory.js';
 import { Store } from '../../src/store/store.js';
 import { REPO_ROOT, operatorEnv } from '../world/sandbox.js';
+import { cliArgs } from '../world/cli.js';
 
 const execFileP = promisify(execFile);
 const dir = mkdtempSync(join(tmpdir(), 'vmops-startup-'));
@@ -48,7 +49,7 @@ function writeInventory(name: string, inv: Inventory): string {
 interface Result { code: number | null; stderr: string; stdout: string }
 
 async function runOperator(db: string, inventoryPath: string, opts: { env?: Record<string, string>; uid?: number } = {}): Promise<Result> {
-  const args = ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run', '--kubeconfig', kubeconfigPath, '--inventory', inventoryPath,
+  const args = [...cliArgs('run'), '--kubeconfig', kubeconfigPath, '--inventory', inventoryPath,
     '--ssh-key', keyPath, '--metrics-port', '0', '--metrics-host', '127.0.0.1', ...(db ? ['--db', db] : [])];
   return new Promise((resolve) => {
     const child = spawn(process.execPath, args, {

@@ -14,6 +14,7 @@ import { InventoryConflictError, Store, StoreOpenError, redactLocation } from '.
 import { stringify } from 'yaml';
 import { startPostgres, type TestPostgres } from '../world/postgres.js';
 import { REPO_ROOT } from '../world/sandbox.js';
+import { cliArgs } from '../world/cli.js';
 
 const execFileP = promisify(execFile);
 
@@ -127,7 +128,7 @@ describe.each(backends)('Store on $name', ({ name, fresh }) => {
     const key = readFileSync(`${keyFile}.pub`, 'utf8');
     const hostKey = key.trim().split(' ').slice(0, 2).join(' ');
     writeFileSync(inventoryPath, stringify({ ...inventory, hosts: inventory.hosts.map((h) => ({ ...h, hostKey })) }));
-    const cli = () => execFileP(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'inventory', '--db', location, '--inventory', inventoryPath], { cwd: REPO_ROOT });
+    const cli = () => execFileP(process.execPath, cliArgs('inventory', '--db', location, '--inventory', inventoryPath), { cwd: REPO_ROOT });
     const [one, two] = await Promise.all([cli(), cli()]);
     for (const out of [one, two]) expect(out.stdout).toMatch(/^ {2}node-1 +worker +node=e1-node-1 +host=host01$/m);
     const a = await Store.open(location, { actor: 'a' });

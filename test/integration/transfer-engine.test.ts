@@ -13,6 +13,7 @@ import { relayFile, RelayStalledError, SegmentVerifyError } from '../../src/tran
 import { RateMeter, TokenBucket } from '../../src/transfer/throttle.js';
 import { adoptHostFile, startTwoHosts, type TwoHosts } from '../world/hosts.js';
 import { allocatedBytes, createDiskImage, createMixedFile, createSparseFile, sha256File } from '../world/images.js';
+import { LOOPBACK } from '../world/loopback.js';
 
 const MiB = 1024 * 1024;
 
@@ -29,6 +30,36 @@ function relayPids(file: string): number[] {
     }
   }
   return pids;
+}
+
+/**
+ * Fires `act` once, when the copy has streamed more than `bytes` and at least `verified` segments are
+ * verified. Progress counts streamed bytes, not verified ones, and a loaded machine's verifications
+ * lag the stream by many segments (a CI run dropped the connection at 24 MiB streamed with none
+ * verified, and the resume rightly resent everything). The relay verifies two segments at a time, in
+ * order, so when segment i enters verification (beforeVerify) every segment before i - 1 has finished;
+ * segment i itself is not verified yet, so the attempt still has work to lose.
+ */
+function interruptWhen(bytes: number, verified: number, act: () => void) {
+  let streamed = 0;
+  let entered = -1;
+  const at = { fired: false, streamed: 0, verified: 0 };
+  const check = (): void => {
+    if (at.fired || streamed <= bytes || entered - 1 < verified) return;
+    Object.assign(at, { fired: true, streamed, verified: entered - 1 });
+    act();
+  };
+  return {
+    at,
+    onProgress: (d: number): void => {
+      streamed = d;
+      check();
+    },
+    beforeVerify: async (index: number): Promise<void> => {
+      entered = Math.max(entered, index);
+      check();
+    },
+  };
 }
 
 function signalAll(pids: number[], sig: NodeJS.Signals): void {
@@ -51,7 +82,7 @@ describe('transfer engine between two real hosts', () => {
   const extra: HostConnection[] = [];
 
   beforeAll(async () => {
-    two = await startTwoHosts({ tmpPrefix: 'vmop-engine-', firstAddress: 22 });
+    two = await startTwoHosts({ tmpPrefix: 'vmop-engine-', firstAddress: LOOPBACK.transferEngine.first });
     ({ h1, h2, c1, c2 } = two);
   });
 
@@ -107,23 +138,19 @@ describe('transfer engine between two real hosts', () => {
     execFileSync('dd', ['if=/dev/urandom', `of=${s}`, 'bs=1M', 'count=48', 'status=none']);
     await adoptHostFile(s);
     const partial = `${dst('kill.bin')}.partial`;
-    let killed = false;
+    const kill = interruptWhen(32 * MiB, 2, () => signalAll(relayPids(partial), 'SIGKILL'));
     const r = await relayFile({
       source: c1,
       sourcePath: s,
       target: c2,
       targetPath: dst('kill.bin'),
       segmentBytes: 4 * MiB,
-      onProgress: (d) => {
-        if (!killed && d > 32 * MiB) {
-          killed = true;
-          signalAll(relayPids(partial), 'SIGKILL');
-        }
-      },
+      onProgress: kill.onProgress,
+      beforeVerify: kill.beforeVerify,
     });
-    expect(killed).toBe(true);
+    expect(kill.at.fired).toBe(true);
     expect(await sha256File(dst('kill.bin'))).toBe(await sha256File(s));
-    console.log(`kill: attempts ${JSON.stringify(r.attempts)}`);
+    console.log(`kill: at ${kill.at.streamed / MiB} MiB streamed, ${kill.at.verified} segments verified; attempts ${JSON.stringify(r.attempts)}`);
     expect(r.attempts.length).toBeGreaterThanOrEqual(2);
     expect(r.attempts[0]?.error).toBeTruthy();
     const retry = r.attempts[1];
@@ -139,7 +166,7 @@ describe('transfer engine between two real hosts', () => {
     execFileSync('dd', ['if=/dev/urandom', `of=${s}`, 'bs=1M', 'count=40', 'status=none']);
     await adoptHostFile(s);
     const doomed = await reconnect(h2);
-    let dropped = false;
+    const drop = interruptWhen(24 * MiB, 2, () => doomed.close());
     const r = await relayFile({
       source: c1,
       sourcePath: s,
@@ -151,16 +178,12 @@ describe('transfer engine between two real hosts', () => {
         extra.push(c);
         return c;
       },
-      onProgress: (d) => {
-        if (!dropped && d > 24 * MiB) {
-          dropped = true;
-          doomed.close();
-        }
-      },
+      onProgress: drop.onProgress,
+      beforeVerify: drop.beforeVerify,
     });
-    expect(dropped).toBe(true);
+    expect(drop.at.fired).toBe(true);
     expect(await sha256File(dst('drop.bin'))).toBe(await sha256File(s));
-    console.log(`drop: attempts ${JSON.stringify(r.attempts)}`);
+    console.log(`drop: at ${drop.at.streamed / MiB} MiB streamed, ${drop.at.verified} segments verified; attempts ${JSON.stringify(r.attempts)}`);
     expect(r.attempts.length).toBeGreaterThanOrEqual(2);
     expect(r.attempts[r.attempts.length - 1]?.dataBytes).toBeLessThan(r.size);
   });
@@ -197,7 +220,7 @@ describe('transfer engine between two real hosts', () => {
     expect(r.attempts[1]?.dataBytes).toBe(4 * MiB);
   });
 
-  it('honours a bandwidth limit within 20%', async () => {
+  it('honours a bandwidth limit: never more than 20% above it', async () => {
     const s = src('limited.bin');
     execFileSync('dd', ['if=/dev/urandom', `of=${s}`, 'bs=1M', 'count=32', 'status=none']);
     await adoptHostFile(s);
@@ -220,7 +243,8 @@ describe('transfer engine between two real hosts', () => {
     });
     const rate = r.wireBytes / ((last - first) / 1000);
     console.log(`limit ${limit / MiB} MiB/s: streamed at ${(rate / MiB).toFixed(2)} MiB/s (meter ${(meter.bytesPerSecond / MiB).toFixed(2)}), whole copy ${r.seconds.toFixed(2)} s`);
-    expect(rate).toBeGreaterThan(limit * 0.8);
+    // An upper bound only: a loaded machine makes a copy slower, never faster, so the lower side would
+    // measure the machine (the bucket's arithmetic is the unit test below).
     expect(rate).toBeLessThan(limit * 1.2);
     expect(await sha256File(dst('limited.bin'))).toBe(await sha256File(s));
     expect(meter.etaSeconds(r.bytes)).toBe(0);
@@ -266,9 +290,9 @@ describe('transfer engine between two real hosts', () => {
     for (let i = 0; i < 32; i++) await b.take(64 * 1024);
     const secs = (performance.now() - t0) / 1000;
     // (2 MiB − the 64 KiB burst) at 4 MiB/s ≈ 0.48 s: the lower bound proves the pacing; the upper one only
-    // that the bucket does not stall (timers on a loaded machine fire late, never early)
+    // that the bucket does not stall (timers on a loaded machine fire late, never early: 20× of room)
     expect(secs).toBeGreaterThan(0.4);
-    expect(secs).toBeLessThan(2);
+    expect(secs).toBeLessThan(10);
     const m = new RateMeter(10_000);
     m.update(0, 0);
     m.update(10 * MiB, 1000);

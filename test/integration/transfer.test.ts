@@ -10,6 +10,7 @@ import { relayFile, relayVmFiles, SourceChangedError } from '../../src/transfer/
 import { HostBandwidth } from '../../src/transfer/throttle.js';
 import { adoptHostFile, startTwoHosts, type TwoHosts } from '../world/hosts.js';
 import { createDiskImage, sha256File } from '../world/images.js';
+import { LOOPBACK } from '../world/loopback.js';
 
 const ENV = 'env-transfer';
 
@@ -39,7 +40,7 @@ describe('relay between two real hosts', () => {
   let dstDir: string;
 
   beforeAll(async () => {
-    two = await startTwoHosts({ tmpPrefix: 'vmop-transfer-', firstAddress: 12 });
+    two = await startTwoHosts({ tmpPrefix: 'vmop-transfer-', firstAddress: LOOPBACK.transfer.first });
     ({ h1, h2, c1, c2, hv1, hv2 } = two);
     srcDir = vmDirectory(h1, ENV, vm.name);
     dstDir = vmDirectory(h2, ENV, vm.name);
@@ -111,6 +112,9 @@ describe('relay between two real hosts', () => {
         // cat has already read offset 0: rewriting it now changes the file but not the stream.
         mutation ??= c1.execOk(['dd', 'if=/dev/zero', `of=${src}`, 'bs=4096', 'count=1', 'conv=notrunc', 'status=none']);
       },
+      // The change must land before the copy's final check, however slow the machine: the attempt
+      // (and so the final check) waits for every segment's verification.
+      beforeVerify: async () => void (await mutation),
     }).catch((e: unknown) => e);
     await mutation;
     expect(err).toBeInstanceOf(SourceChangedError);

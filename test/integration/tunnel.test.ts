@@ -11,6 +11,7 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openTunnel, tunnelSocketPath, type Tunnel } from '../../src/transfer/tunnel.js';
 import { adoptHostFile, startTwoHosts, type TwoHosts } from '../world/hosts.js';
+import { LOOPBACK } from '../world/loopback.js';
 
 interface Served {
   server: net.Server;
@@ -26,7 +27,7 @@ describe('operator tunnel under stress (real sshd on both ends)', () => {
   const servers: net.Server[] = [];
 
   beforeAll(async () => {
-    two = await startTwoHosts({ tmpPrefix: 'vmop-tunnel-', firstAddress: 52 });
+    two = await startTwoHosts({ tmpPrefix: 'vmop-tunnel-', firstAddress: LOOPBACK.tunnel.first });
     dirA = path.join(two.h1.vmDir, 'tun');
     dirB = path.join(two.h2.vmDir, 'tun');
     await two.c1.execOk(['mkdir', '-p', dirA]);

@@ -10,6 +10,7 @@ import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
 import { afterAll, describe, expect, it } from 'vitest';
 import { stringify } from 'yaml';
+import { cliArgs } from '../world/cli.js';
 
 const ROOT = resolve(import.meta.dirname, '../..');
 const dir = mkdtempSync(join(tmpdir(), 'vmop-plan-'));
@@ -32,7 +33,7 @@ async function plan(spec: unknown): Promise<{ code: number; stdout: string; stde
   const file = join(dir, `m-${Math.random().toString(36).slice(2)}.yaml`);
   writeFileSync(file, stringify({ apiVersion: 'vmops.dev/v1alpha1', kind: 'VMMigration', metadata: { name: 'm', namespace: 'ns' }, spec }));
   try {
-    const { stdout, stderr } = await promisify(execFile)(process.execPath, ['--import', 'tsx', join(ROOT, 'src/cli/main.ts'), 'plan', '-f', file, '--inventory', inventory], { cwd: ROOT, env: { ...process.env, LOG_LEVEL: 'warn' } });
+    const { stdout, stderr } = await promisify(execFile)(process.execPath, cliArgs('plan', '-f', file, '--inventory', inventory), { cwd: ROOT, env: { ...process.env, LOG_LEVEL: 'warn' } });
     return { code: 0, stdout, stderr };
   } catch (err) {
     const e = err as { code: number; stdout: string; stderr: string };

@@ -231,8 +231,14 @@ describe('status at scale', () => {
 });
 
 describe('runner: pre-copy mirrored ahead (pipelined environment)', () => {
-  /** a move that mirrors (`mirrorMs`), waits for its turn if it has one, then is down for `downMs` */
-  function pipelined(opts: { mirrorMs: number; downMs: number; failAt?: string }) {
+  /**
+   * A move that mirrors, waits for its turn if it has one, then is down for `downMs`. Its mirror is
+   * ready once `mirrorsAtOnce` VMs of its environment have been mirroring at the same time (a barrier,
+   * not a timer: the runner starting the next moves must not race a few milliseconds on a loaded
+   * machine), or after 5 s, so that a runner that never mirrors ahead fails the peak's assertion
+   * instead of hanging.
+   */
+  function pipelined(opts: { mirrorsAtOnce: number; downMs: number; failAt?: string }) {
     const down = new Map<string, number>();
     const mirroring = new Set<string>();
     const peaks = { downPerEnv: 0, mirroringPerEnv: 0 };
@@ -244,7 +250,7 @@ describe('runner: pre-copy mirrored ahead (pipelined environment)', () => {
       ctx.observer.step('mirror', 'begin', {});
       mirroring.add(key);
       peaks.mirroringPerEnv = Math.max(peaks.mirroringPerEnv, [...mirroring].filter((k) => k.startsWith(`${env}/`)).length);
-      await new Promise((r) => setTimeout(r, opts.mirrorMs));
+      for (const until = Date.now() + 5000; peaks.mirroringPerEnv < opts.mirrorsAtOnce && Date.now() < until; ) await new Promise((r) => setTimeout(r, 5));
       try {
         // what moveVm's `turn` step does: a withdrawn turn rolls back (mirror dropped), never disrupting
         await ctx.turn?.(ctx.signal);
@@ -267,7 +273,7 @@ describe('runner: pre-copy mirrored ahead (pipelined environment)', () => {
   it('the next VMs mirror while one cuts over; still one VM of an environment down at a time, cut-overs in plan order', async () => {
     const run = async (mirrorAhead: number) => {
       spec = { environments: ['a'], targetHost: 'h2', transfer: { precopy: true, mirrorAhead }, hostLimits: { maxOutboundPerHost: 7, maxInboundPerHost: 7 } };
-      const p = pipelined({ mirrorMs: 60, downMs: 10 });
+      const p = pipelined({ mirrorsAtOnce: mirrorAhead + 1, downMs: 10 });
       await runMigration(vmm(spec), deps(p.move), new AbortController().signal);
       expect(status.phase).toBe('Succeeded');
       expect(p.cutovers).toEqual(['a/node-1', 'a/node-2', 'a/node-3']);
@@ -298,7 +304,7 @@ describe('runner: pre-copy mirrored ahead (pipelined environment)', () => {
 
   it('a failed cut-over withdraws the turns of the VMs mirroring ahead: they are not moved (Pending, mirror dropped) and nothing else starts', async () => {
     spec = { environments: ['a'], targetHost: 'h2', transfer: { precopy: true, mirrorAhead: 2 }, hostLimits: { maxOutboundPerHost: 7, maxInboundPerHost: 7 } };
-    const p = pipelined({ mirrorMs: 20, downMs: 10, failAt: 'a/node-1' });
+    const p = pipelined({ mirrorsAtOnce: 3, downMs: 10, failAt: 'a/node-1' });
     await runMigration(vmm(spec), deps(p.move), new AbortController().signal);
     expect(status.phase).toBe('Failed');
     expect(p.cutovers).toEqual(['a/node-1']);

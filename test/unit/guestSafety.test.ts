@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { parseInventory } from '../../src/api/inventoryFile.js';
 import { quorumAfterStop } from '../../src/guest/etcdGuard.js';
-import { isBackendDown, setBackendDown } from '../../src/guest/nginxLoadBalancer.js';
+import { isBackendDown, nginxPidFile, nginxWorkers, setBackendDown } from '../../src/guest/nginxLoadBalancer.js';
 import { guestSafetyParts, kubeconfigCa } from '../../src/guest/safety.js';
 
 describe('quorumAfterStop (Cluster API rule: voting − unhealthy − 1 ≥ ⌊voting/2⌋ + 1)', () => {
@@ -112,5 +112,24 @@ describe('guestSafetyParts', () => {
     const yaml = (cluster: Record<string, unknown>) => `apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: ${JSON.stringify({ server: 'https://x', ...cluster })}}]\nusers: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n`;
     expect(kubeconfigCa(yaml({ 'certificate-authority-data': Buffer.from('PEM').toString('base64') }))).toBe('PEM');
     expect(() => kubeconfigCa(yaml({ 'certificate-authority': '/etc/ca.crt' }))).toThrow(/no certificate-authority-data/);
+  });
+});
+
+describe('following an NGINX reload', () => {
+  it('finds the pid file as nginx -s does: the pid directive, else the compiled-in path; relative below the prefix', () => {
+    const v = 'nginx version: nginx/1.22.1\nconfigure arguments: --prefix=/usr/share/nginx --conf-path=/etc/nginx/nginx.conf --pid-path=/run/nginx.pid';
+    expect(nginxPidFile('# configuration file /etc/nginx/nginx.conf:\nuser www-data;\npid /run/lb.pid;\n', v)).toBe('/run/lb.pid');
+    expect(nginxPidFile('worker_processes 1;\n  pid   "logs/n.pid" ;\n', v, '/srv/lb/')).toBe('/srv/lb/logs/n.pid');
+    expect(nginxPidFile('worker_processes 1;\n', v)).toBe('/run/nginx.pid');
+    expect(nginxPidFile('worker_processes 1;\n', 'configure arguments: --prefix=/opt/ng --pid-path=ng.pid')).toBe('/opt/ng/ng.pid');
+    expect(() => nginxPidFile('worker_processes 1;\n', 'configure arguments: --prefix=/opt/ng')).toThrow(/no pid file/);
+  });
+
+  it('tells workers that still accept from those shutting down', () => {
+    expect(nginxWorkers(' 22278 nginx: worker process\n 22282 nginx: worker process is shutting down\n\n')).toEqual([
+      { pid: 22278, accepting: true },
+      { pid: 22282, accepting: false },
+    ]);
+    expect(nginxWorkers('')).toEqual([]);
   });
 });

@@ -1,5 +1,7 @@
 import { describe, expect, it } from 'vitest';
-import { dirtyExtents, mergeRanges } from '../../src/transfer/mirrorVerify.js';
+import type { Hypervisor } from '../../src/hosts/hypervisor.js';
+import { changedSincePrepass, dirtyExtents, mergeRanges, type Prepass } from '../../src/transfer/mirrorVerify.js';
+import { fakeQemu } from './fakeQmp.js';
 
 const MiB = 1024 * 1024;
 
@@ -27,5 +29,42 @@ describe('incremental mirror verification: which ranges the cut-over compares', 
 
   it('nothing changed and nothing differed: nothing to compare', () => {
     expect(mergeRanges([], [], 64 * MiB)).toEqual([]);
+  });
+});
+
+describe('reading what the guest wrote since the pre-pass (inside the downtime)', () => {
+  const prepass: Prepass = {
+    ms: 1000,
+    disks: [{ file: 'disk0.qcow2', device: 'virtio0', nodeName: 'fmt0', format: 'qcow2', virtualSize: 64 * MiB, targetSocket: '/t/nbd.sock', mismatched: [3], hashedBytes: 32 * MiB }],
+  };
+  const nodes = (count: unknown) => [{ 'node-name': 'fmt0', 'dirty-bitmaps': [{ name: 'vmops-verify', count, granularity: 65536 }] }, { 'node-name': 'other' }];
+  const source = (maps: string[]) => {
+    const calls: string[][] = [];
+    const hv = { host: { name: 'h1' }, conn: { execOk: async (argv: string[]) => { calls.push(argv); return Buffer.from(maps.join('')); } }, removeFile: async () => undefined };
+    return { hv: hv as unknown as Hypervisor, calls };
+  };
+
+  it('QEMU counts no dirty byte: no NBD export, no host command; only the chunks the pre-pass found unequal are compared', async () => {
+    const { qmp, commands } = await fakeQemu({ 'query-named-block-nodes': nodes(0) });
+    const src = source([]);
+    const changed = await changedSincePrepass({ qmp, source: src.hv, srcDir: '/s', prepass });
+    expect(changed?.bitmapRead).toBe('count');
+    expect(changed?.disks[0]?.ranges).toEqual([[12 * MiB, 4 * MiB]]);
+    expect(commands).not.toContain('block-export-add');
+    expect(src.calls).toEqual([]);
+    qmp.close();
+  });
+
+  it('dirty bytes counted, or a count QEMU does not give: the bitmap is read over NBD', async () => {
+    for (const count of [65536, undefined]) {
+      const { qmp, commands } = await fakeQemu({ 'query-named-block-nodes': nodes(count) });
+      const src = source(['[{ "start": 0, "length": 1048576, "data": true},{ "start": 1048576, "length": 65536, "data": false}]\n', '--\n']);
+      const changed = await changedSincePrepass({ qmp, source: src.hv, srcDir: '/s', prepass });
+      expect(changed?.bitmapRead).toBe('export');
+      expect(changed?.disks[0]?.ranges).toEqual([[MiB, 65536], [12 * MiB, 4 * MiB]]);
+      expect(commands).toContain('block-export-add');
+      expect(src.calls).toHaveLength(1);
+      qmp.close();
+    }
   });
 });

@@ -96,6 +96,7 @@ export function fakeEngines(source: FakeHost, target: FakeHost, calls: string[])
         verify: async () => { await e.verify(); return 'guest data verified'; },
         resumeTarget: async () => { calls.push('resume-target'); target.state = 'running'; return Date.now(); },
         abort: async () => { calls.push('live-abort'); },
+        release: async () => { calls.push('live-release'); },
       };
     },
     verify: async () => { calls.push('verify'); },

@@ -351,6 +351,9 @@ describe('moveVm: every strategy verifies before the source goes', () => {
     expect(calls).not.toContain('host01:remove');
     expect(calls).not.toContain('resume-target');
     expect(target.state).not.toBe('running');
+    // the session lets go of the paused target before the rollback stops it (QEMU serves one QMP client)
+    expect(calls).toContain('live-release');
+    expect(calls.indexOf('live-release')).toBeLessThan(calls.indexOf('host02:stop'));
   });
 });
 

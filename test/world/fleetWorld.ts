@@ -22,6 +22,7 @@ import { adoptHostFile, startHosts, type TestHosts } from './hosts.js';
 import { createDiskImage, sha256File } from './images.js';
 import { kubectlRun } from './kubectl.js';
 import { freePort, operatorEnv, REPO_ROOT, SECRET_NAMESPACE, studentEnvironment } from './sandbox.js';
+import { cliArgs } from './cli.js';
 
 export interface Disruption {
   stop(): void;
@@ -116,7 +117,7 @@ export async function startFleetWorld(opts: { environments: string[]; firstAddre
     writeFileSync(inventoryPath, stringify({ hosts: hosts.hosts, environments: envs }));
     const metricsPort = await freePort();
     const logFile = join(dir, 'operator.log');
-    const proc = spawn(process.execPath, ['--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run', '--kubeconfig', kubeconfigPath, '--inventory', inventoryPath,
+    const proc = spawn(process.execPath, [...cliArgs('run'), '--kubeconfig', kubeconfigPath, '--inventory', inventoryPath,
       '--db', join(dir, 'operator.db'), '--ssh-key', hosts.identity.privateKeyPath, '--namespace', SECRET_NAMESPACE, '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1'],
     { cwd: REPO_ROOT, stdio: ['ignore', openSync(logFile, 'a'), openSync(logFile, 'a')], env: operatorEnv({ LOG_LEVEL: 'info' }) });
     operator = proc;

@@ -22,14 +22,15 @@ import {
   ApiException,
   AppsV1Api,
   CoreV1Api,
+  KubeConfig,
   PatchStrategy,
   PolicyV1Api,
   setHeaderOptions,
-  type KubeConfig,
   type V1Node,
   type V1Taint,
 } from '@kubernetes/client-node';
 import type { EnvironmentSpec, VMSpec } from '../../src/api/inventory.js';
+import { withRequestTimeout } from '../../src/guest/guestCluster.js';
 import { KWOK_MANAGE_LABEL, KWOK_MANAGE_VALUE } from './controlPlane.js';
 import { until } from './until.js';
 
@@ -129,6 +130,8 @@ export class VmLivenessBridge {
   private ticking: Promise<void> | undefined;
   /** what the node's label is known to say; undefined = unknown, re-read from the API */
   private readonly applied = new Map<string, boolean>();
+  /** when the bridge last removed each node's label */
+  private readonly removedAt = new Map<string, number>();
   readonly transitions: BridgeTransition[] = [];
   private readonly core: CoreV1Api;
 
@@ -141,9 +144,19 @@ export class VmLivenessBridge {
       onError?: (err: unknown) => void;
       /** qemu names of the VMs that count as alive; default: every live QEMU process (a paused one too) */
       live?: () => Promise<Set<string>>;
+      /** the label comes back no sooner than this after it went (default 2000 ms; see tick) */
+      minDownMs?: number;
+      /** bound of one API request (default 10 s, as the operator's guest requests) */
+      requestTimeoutMs?: number;
     } = {},
   ) {
-    this.core = kc.makeApiClient(CoreV1Api);
+    // Bounded requests, on a copy of the kubeconfig (its other users may watch). Tests power the guest
+    // API off: a request in flight when its peer vanished behind a blackhole (the FIN dropped with it)
+    // is never answered, and stop() awaited it — a fresh-clone run lost guestHa's 600 s afterAll so.
+    const own = new KubeConfig();
+    own.loadFromString(kc.exportConfig());
+    withRequestTimeout(own, opts.requestTimeoutMs ?? 10_000);
+    this.core = own.makeApiClient(CoreV1Api);
   }
 
   start(): void {
@@ -178,9 +191,14 @@ export class VmLivenessBridge {
             this.applied.set(nodeName, current);
           }
           if (current === alive) return;
+          // A real kubelet cannot heartbeat before its guest has booted again. And KWOK v0.7.0 lost the
+          // node for good when the label came back 0.5 s after it went (fleet e2e: a cold move with
+          // 0.3 s of downtime; the node's Lease was never renewed again in 300 s, so nodeReady timed out).
+          if (alive && Date.now() - (this.removedAt.get(nodeName) ?? -Infinity) < (this.opts.minDownMs ?? 2000)) return;
           const body = { metadata: { labels: { [KWOK_MANAGE_LABEL]: alive ? KWOK_MANAGE_VALUE : null } } };
           await this.core.patchNode({ name: nodeName, body }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch));
           this.applied.set(nodeName, alive);
+          if (!alive) this.removedAt.set(nodeName, Date.now());
           const t = { nodeName, alive, at: Date.now() };
           this.transitions.push(t);
           this.opts.onTransition?.(t);

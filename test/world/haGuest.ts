@@ -27,6 +27,7 @@ import { KubeConfig } from '@kubernetes/client-node';
 import { stringify } from 'yaml';
 import type { EnvironmentSpec, HostSpec, VMSpec } from '../../src/api/inventory.js';
 import { ensureBinaries, KWOK_MANAGE_LABEL, KWOK_MANAGE_VALUE } from './controlPlane.js';
+import { withRequestTimeout } from '../../src/guest/guestCluster.js';
 import { createGuestNodes, VmLivenessBridge } from './guestCluster.js';
 import { ensureHostUser, startHosts, type TestHosts } from './hosts.js';
 import { createCa, pem } from './haPki.js';
@@ -82,6 +83,8 @@ export interface HaGuest {
   addressOf(vm: string): string;
   lbAddress: string;
   nginxConfigPath: string;
+  /** the client sessions NGINX has logged so far (those still open are not in it yet) */
+  nginxSessions(): Promise<NginxSession[]>;
   runState(vm: string): VmRunState;
   /** what the world did, in order: `<ms> <vm> <state>` */
   transitions: { at: number; vm: string; state: VmRunState }[];
@@ -91,6 +94,35 @@ export interface HaGuest {
   waitHealthy(timeoutMs?: number): Promise<void>;
   bridge: VmLivenessBridge;
   stop(): Promise<void>;
+}
+
+/** One client session through the beachhead's NGINX, from its access log. */
+export interface NginxSession {
+  /** ms since the epoch (the session's end minus its length) */
+  start: number;
+  end: number;
+  /** 200: proxied; 502: no backend could be reached */
+  status: number;
+  /** the backends NGINX tried, in order (`address:port`); more than one means a connect failed */
+  upstreams: string[];
+}
+
+/** The session was open at some time in `w`. */
+export const sessionDuring = (x: NginxSession, w: { start: number; end: number }): boolean => x.start <= w.end && x.end >= w.start;
+
+/** Its first connect failed (NGINX then tried the next backend: the seed's 10 s hang), or it reached no backend at all. */
+export const sessionFailedOver = (x: NginxSession): boolean => x.status !== 200 || x.upstreams.length > 1;
+
+/** Parses the `sessions` log format of the beachhead's NGINX (`$msec $session_time $status $upstream_addr`). */
+export function parseNginxSessions(text: string): NginxSession[] {
+  const out: NginxSession[] = [];
+  for (const line of text.split('\n')) {
+    const m = /^(\d+\.\d+) (\d+\.\d+) (\d{3}) (.*)$/.exec(line.trim());
+    if (!m) continue;
+    const end = Math.round(Number(m[1]) * 1000);
+    out.push({ start: end - Math.round(Number(m[2]) * 1000), end, status: Number(m[3]), upstreams: m[4]!.split(', ').filter((u) => u !== '-') });
+  }
+  return out;
 }
 
 interface Svc {
@@ -247,21 +279,32 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
         // own process group: signals reach NGINX's workers too, as they would reach every process of a machine
         const child = spawn(bin, args, { stdio: ['ignore', fd, fd], cwd: logDir, detached: true, ...(user ?? {}) });
         closeSync(fd);
-        child.once('error', () => undefined);
         svc.child = child;
         all.add(svc);
-        svc.exited = new Promise<void>((r) =>
+        // settles however the process ends, even one that never started ('error' without 'exit'): the
+        // world's stop and a VM's power-off await it
+        svc.exited = new Promise<void>((r) => {
+          child.once('error', (err) => {
+            if (child.pid === undefined) {
+              all.delete(svc);
+              r();
+              say(`${name} did not start: ${err.message}`);
+            }
+          });
           child.once('exit', (code, sig) => {
-            if (!svc.stopped) {
-              const tail = readFileSync(logPath, 'utf8').split('\n').slice(-8).join('\n');
-              say(`${logDir.split('/').slice(-2).join('/')}: ${name} exited (${code ?? sig}), restarting it; its log ends:\n${tail}`);
-              setTimeout(() => {
-                if (!svc.stopped) launch();
-              }, 1000);
-            } else all.delete(svc);
-            r();
-          }),
-        );
+            try {
+              if (!svc.stopped) {
+                const tail = readFileSync(logPath, 'utf8').split('\n').slice(-8).join('\n');
+                say(`${logDir.split('/').slice(-2).join('/')}: ${name} exited (${code ?? sig}), restarting it; its log ends:\n${tail}`);
+                setTimeout(() => {
+                  if (!svc.stopped) launch();
+                }, 1000);
+              } else all.delete(svc);
+            } finally {
+              r();
+            }
+          });
+        });
       };
       launch();
       return svc;
@@ -345,6 +388,10 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
       'events { worker_connections 1024; }',
       'stream {',
       `  include ${nginxUpstreams};`,
+      // one line per client session, written when it ends: which backends NGINX tried (a failed
+      // connect makes it try the next one) and how it ended (502: no backend reached)
+      "  log_format sessions '$msec $session_time $status $upstream_addr';",
+      `  access_log ${join(nginxPrefix, 'sessions.log')} sessions;`,
       '  server {',
       `    listen ${lbAddress}:${API_PORT};`,
       `    proxy_pass ${LB_UPSTREAM};`,
@@ -421,6 +468,8 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
 
     const kc = new KubeConfig();
     kc.loadFromString(kubeconfigYaml);
+    // through the LB, which the world powers off behind its blackhole: no request may wait forever (no watches use it)
+    withRequestTimeout(kc, 10_000);
     const environment: EnvironmentSpec = {
       name: o.environment,
       kubeconfigSecret: { namespace: 'vm-migration-system', name: `${o.environment}-kubeconfig`, key: 'kubeconfig' },
@@ -437,15 +486,22 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
     });
     cleanups.push(() => bridge.stop());
 
+    const memberStatus = async (c: (typeof controllers)[number], timeoutMs: number): Promise<MemberStatus> => {
+      try {
+        const r = await postJson(`https://${c.address}:${ETCD_PORT}/v3/maintenance/status`, {}, etcdClient, timeoutMs);
+        const j = JSON.parse(r.body) as { header?: { member_id?: string }; leader?: string; raftIndex?: string };
+        return { vm: c.name, ok: r.status === 200, memberId: j.header?.member_id, leader: j.leader, raftIndex: Number(j.raftIndex ?? 0) };
+      } catch (err) {
+        return { vm: c.name, ok: false, error: (err as Error).message };
+      }
+    };
+    // A member whose VM runs but did not answer within 1 s is asked again with time to spare: on a loaded
+    // machine a live member's reply can take longer, and the quorum checks would count it as a missing
+    // vote. A stopped member's packets are dropped (blackhole), so it is not waited for twice.
     const etcdStatus = async (): Promise<MemberStatus[]> =>
       Promise.all(controllers.map(async (c): Promise<MemberStatus> => {
-        try {
-          const r = await postJson(`https://${c.address}:${ETCD_PORT}/v3/maintenance/status`, {}, etcdClient, 1000);
-          const j = JSON.parse(r.body) as { header?: { member_id?: string }; leader?: string; raftIndex?: string };
-          return { vm: c.name, ok: r.status === 200, memberId: j.header?.member_id, leader: j.leader, raftIndex: Number(j.raftIndex ?? 0) };
-        } catch (err) {
-          return { vm: c.name, ok: false, error: (err as Error).message };
-        }
+        const quick = await memberStatus(c, 1000);
+        return quick.ok || observer.state(c.name) !== 'running' ? quick : memberStatus(c, 5000);
       }));
 
     const diagnose = async (): Promise<string> => {
@@ -486,7 +542,7 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
         nodesCreated = true;
       }
       for (;;) {
-        const out = await execFileP('kubectl', ['--kubeconfig', kubeconfigPath, 'get', 'nodes', '-o', 'jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status} {end}']).then((r) => r.stdout, () => '');
+        const out = await execFileP('kubectl', ['--kubeconfig', kubeconfigPath, '--request-timeout=10s', 'get', 'nodes', '-o', 'jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status} {end}'], { timeout: 20_000 }).then((r) => r.stdout, () => '');
         const notReady = vms.filter((v) => observer.state(v.name) === 'running' || workersObserver.state(v.name) === 'running').filter((v) => !out.includes(`${v.nodeName}=True`));
         if (!notReady.length) return;
         if (Date.now() > deadline) throw new Error(`guest nodes not Ready: ${notReady.map((v) => v.nodeName).join(', ')}`);
@@ -497,6 +553,7 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
     return {
       environment, beachheadSsh, kubeconfigYaml, kubeconfigPath, kc, etcdClient, apiServerCa, addressOf, lbAddress,
       nginxConfigPath: nginxUpstreams,
+      nginxSessions: async () => parseNginxSessions(await readFile(join(nginxPrefix, 'sessions.log'), 'utf8').catch(() => '')),
       runState: (vm) => (vms.find((v) => v.name === vm)?.role === 'worker' ? workersObserver.state(vm) : observer.state(vm)),
       transitions, etcdStatus, waitHealthy, bridge, stop,
     };

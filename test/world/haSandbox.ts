@@ -34,7 +34,15 @@ export interface HaSandbox {
   stop(): Promise<void>;
 }
 
-export async function startHaSandbox(opts: { dir: string; environment?: string; log?: (l: string) => void }): Promise<HaSandbox> {
+export async function startHaSandbox(opts: {
+  dir: string;
+  environment?: string;
+  log?: (l: string) => void;
+  /** the hypervisor hosts listen on 127.0.0.N and N+1 (default 2) */
+  firstAddress?: number;
+  /** the guest's load balancer on 127.0.0.N, its controllers on N+1..N+3 (default 30) */
+  addressBase?: number;
+}): Promise<HaSandbox> {
   const say = opts.log ?? (() => undefined);
   const dir = resolve(opts.dir);
   await killSandboxQemu(dir);
@@ -47,7 +55,7 @@ export async function startHaSandbox(opts: { dir: string; environment?: string; 
   };
   try {
     say('management control plane and two hypervisor hosts…');
-    const [controlPlane, hosts] = await Promise.all([startControlPlane({ dataDir: join(dir, 'management') }), startHosts({ count: 2, baseDir: join(dir, 'hosts') })]);
+    const [controlPlane, hosts] = await Promise.all([startControlPlane({ dataDir: join(dir, 'management') }), startHosts({ count: 2, baseDir: join(dir, 'hosts'), firstAddress: opts.firstAddress })]);
     cleanups.push(() => controlPlane.stop(), () => hosts.stop());
     const kc = new KubeConfig();
     kc.loadFromString(controlPlane.kubeconfigYaml);
@@ -68,7 +76,7 @@ export async function startHaSandbox(opts: { dir: string; environment?: string; 
     say('HA guest: PKI, beachhead, guest components…');
     const host01 = hosts.hosts[0]!;
     const ha = await startHaGuest({
-      dir: join(dir, 'ha'), environment: opts.environment ?? 'ha', host: host01.name, workers: 3, operatorPublicKey: hosts.identity.publicKey,
+      dir: join(dir, 'ha'), environment: opts.environment ?? 'ha', host: host01.name, workers: 3, operatorPublicKey: hosts.identity.publicKey, addressBase: opts.addressBase,
       files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }], log: say,
     });
     cleanups.push(() => ha.stop());

@@ -29,6 +29,23 @@ export interface HostUser {
 
 let hostUserP: Promise<HostUser> | undefined;
 
+/**
+ * Runs a shadow-utils command (usermod, groupadd) that another test process may be running at the
+ * same moment: the lanes of scripts/test.sh set up their host user side by side, and the loser of the
+ * race on /etc/passwd.lock fails at once with "cannot lock" instead of waiting for it.
+ */
+async function underAccountLock<T>(run: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await run();
+    } catch (err) {
+      const stderr = (err as { stderr?: string }).stderr ?? '';
+      if (attempt >= 50 || !/cannot lock/i.test(stderr)) throw err;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+}
+
 /** Creates HOST_USER once (system user, shell /bin/sh, home dir) and makes it able to log in by key. */
 export function ensureHostUser(): Promise<HostUser> {
   hostUserP ??= (async () => {
@@ -44,7 +61,8 @@ export function ensureHostUser(): Promise<HostUser> {
       });
     }
     // useradd leaves the password "!" (locked): without PAM, sshd then refuses even key logins. "*" = no password, not locked.
-    await execFileP('usermod', ['-p', '*', HOST_USER]);
+    const password = (await execFileP('getent', ['shadow', HOST_USER])).stdout.split(':')[1];
+    if (password !== '*') await underAccountLock(() => execFileP('usermod', ['-p', '*', HOST_USER]));
     return { name: HOST_USER, uid: await id('-u'), gid: await id('-g') };
   })();
   return hostUserP;
@@ -69,10 +87,11 @@ export function testAccel(): Promise<'kvm' | 'tcg'> {
       const user = await ensureHostUser();
       try {
         await stat('/dev/kvm');
-        await execFileP('groupadd', ['--system', '-f', 'kvm']);
+        if (!(await execFileP('getent', ['group', 'kvm']).then(() => true, () => false))) await underAccountLock(() => execFileP('groupadd', ['--system', '-f', 'kvm']));
         await execFileP('chgrp', ['kvm', '/dev/kvm']);
         await chmod('/dev/kvm', 0o660);
-        await execFileP('usermod', ['-a', '-G', 'kvm', user.name]);
+        const groups = (await execFileP('id', ['-nG', user.name])).stdout.trim().split(/\s+/);
+        if (!groups.includes('kvm')) await underAccountLock(() => execFileP('usermod', ['-a', '-G', 'kvm', user.name]));
         // can the host user open it read-write (as QEMU will)?
         await execFileP('runuser', ['-u', user.name, '--', 'sh', '-c', 'exec 3<>/dev/kvm']);
         await kvmBootProbe(user.name);

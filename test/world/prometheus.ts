@@ -40,7 +40,9 @@ export async function startPrometheus(opts: PrometheusOptions): Promise<TestProm
   const port = await freePort();
   const configPath = join(dir, 'prometheus.yml');
   writeFileSync(configPath, stringify({
-    global: { scrape_interval: '1s', scrape_timeout: '1s', evaluation_interval: '1s' },
+    // A scrape that times out marks the operator's series stale, and the next instant query finds
+    // nothing: 2 s gives an operator whose event loop a loaded machine holds up room to answer.
+    global: { scrape_interval: '2s', scrape_timeout: '2s', evaluation_interval: '1s' },
     rule_files: opts.ruleFiles ?? [RULES_FILE],
     scrape_configs: [{ job_name: opts.job ?? 'vm-migration-operator', static_configs: [{ targets: opts.targets }] }],
   }));

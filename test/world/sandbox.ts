@@ -25,6 +25,7 @@ import { createDiskImage, sha256File } from './images.js';
 import { GUEST_INITRD, GUEST_KERNEL, guestAppend, installGuest } from './guestImage.js';
 import { GuestObserver } from './guestObserver.js';
 import { startPostgres } from './postgres.js';
+import { cliArgs } from './cli.js';
 
 const execFileP = promisify(execFile);
 export const REPO_ROOT = resolve(import.meta.dirname, '../..');
@@ -43,6 +44,8 @@ export interface SandboxOptions {
   guest?: 'linux' | 'none';
   /** only these VMs of the student environment (default: all seven) */
   vms?: string[];
+  /** the hosts listen on 127.0.0.N and N+1 (default 2; test files take theirs from test/world/loopback.ts) */
+  firstAddress?: number;
   log?: (line: string) => void;
   /** the operator's store: SQLite file (default) or a private PostgreSQL server; default from VMOPS_TEST_DB */
   db?: 'sqlite' | 'postgres';
@@ -142,7 +145,7 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
     say('starting control plane (etcd, kube-apiserver, controller-manager, scheduler, kwok)…');
     const [controlPlane, hosts] = await Promise.all([
       startControlPlane({ dataDir: join(dir, 'control-plane') }),
-      startHosts({ count: 2, baseDir: join(dir, 'hosts') }),
+      startHosts({ count: 2, baseDir: join(dir, 'hosts'), firstAddress: opts.firstAddress }),
     ]);
     cleanups.push(() => controlPlane.stop(), () => hosts.stop());
     const kc = new KubeConfig();
@@ -280,7 +283,7 @@ export async function startOperatorProcess(o: OperatorOptions & { dir: string; k
   const metricsPort = o.metricsPort ?? (await freePort());
   const logPath = o.logFile ?? join(o.dir, 'operator.log');
   const logFd = openSync(logPath, 'a');
-  let argv = [process.execPath, '--import', 'tsx', join(REPO_ROOT, 'src/cli/main.ts'), 'run',
+  let argv = [process.execPath, ...cliArgs('run'),
     ...(o.inCluster ? [] : ['--kubeconfig', o.kubeconfigPath]), '--inventory', o.inventoryPath, '--db', o.dbPath,
     '--ssh-key', o.sshKeyPath, '--namespace', SECRET_NAMESPACE,
     '--metrics-port', String(metricsPort), '--metrics-host', '127.0.0.1', ...(o.leaderElect === false ? [] : ['--leader-elect'])];

@@ -11,6 +11,7 @@ import { dirname, join } from 'node:path';
 import { CustomObjectsApi, type V1Node } from '@kubernetes/client-node';
 import { expect } from 'vitest';
 import { parse, stringify } from 'yaml';
+import { qemuName } from '../../src/api/inventory.js';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
 import { REPO_ROOT, SECRET_NAMESPACE, type Sandbox } from './sandbox.js';
 
@@ -52,12 +53,15 @@ export async function kubectlStdin(sb: Sandbox, args: string[], stdin: string): 
 }
 
 /**
- * Hosts on which each VM (`-name`) has a live qemu-system process, on this machine (every test host
- * shares it). Counted by the directory of the process's `-pidfile` (one per host and VM), not by
- * process: QEMU's `-daemonize` keeps the parent alive with the same argv until the child has started,
- * so one start on one host briefly shows two processes.
+ * Hosts on which each VM (`-name`) of `environment` has a live qemu-system process, on this machine
+ * (every test host shares it). Counted by the directory of the process's `-pidfile` (one per host and
+ * VM), not by process: QEMU's `-daemonize` keeps the parent alive with the same argv until the child
+ * has started, so one start on one host briefly shows two processes. Only `environment`'s VMs: the two
+ * VM lanes of scripts/test.sh run side by side, and the other lane's live migrations legitimately have
+ * two QEMUs (the source and the paused incoming one).
  */
-export async function qemuCensus(): Promise<Map<string, number>> {
+export async function qemuCensus(environment: string): Promise<Map<string, number>> {
+  const prefix = qemuName(environment, '');
   const hostsOf = new Map<string, Set<string>>();
   for (const pid of await readdir('/proc').catch(() => [] as string[])) {
     if (!/^\d+$/.test(pid)) continue;
@@ -65,22 +69,23 @@ export async function qemuCensus(): Promise<Map<string, number>> {
     if (!(argv[0]?.split('/').pop() ?? '').startsWith('qemu-system')) continue;
     const i = argv.indexOf('-name');
     const name = i >= 0 ? argv[i + 1]?.split(',')[0] : undefined;
+    if (!name?.startsWith(prefix)) continue;
     const p = argv.indexOf('-pidfile');
     const where = p >= 0 ? dirname(argv[p + 1] ?? '') : `pid ${pid}`;
-    if (name) hostsOf.set(name, (hostsOf.get(name) ?? new Set()).add(where));
+    hostsOf.set(name, (hostsOf.get(name) ?? new Set()).add(where));
   }
   return new Map([...hostsOf].map(([name, where]) => [name, where.size]));
 }
 
-/** Samples the census until stopped; `worst` is the highest number of hosts any one VM was ever live on at once. */
-export function watchSplitBrain(everyMs = 150): { stop(): Promise<{ worst: number; samples: number; offenders: string[] }> } {
+/** Samples `environment`'s census until stopped; `worst` is the highest number of hosts any one VM was ever live on at once. */
+export function watchSplitBrain(environment: string, everyMs = 150): { stop(): Promise<{ worst: number; samples: number; offenders: string[] }> } {
   let worst = 0;
   let samples = 0;
   const offenders = new Set<string>();
   let running = true;
   const loop = (async () => {
     while (running) {
-      for (const [name, n] of await qemuCensus()) {
+      for (const [name, n] of await qemuCensus(environment)) {
         worst = Math.max(worst, n);
         if (n > 1) offenders.add(name);
       }
