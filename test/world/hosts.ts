@@ -113,7 +113,8 @@ async function kvmBootProbe(user: string): Promise<void> {
   const { guestImageDir } = await import('./guestImage.js');
   const dir = await guestImageDir();
   const kernel = (await execFileP('uname', ['-r'])).stdout.trim();
-  const cache = path.join(tmpdir(), `vmops-kvm-probe-${path.basename(dir)}-${kernel.replace(/[^A-Za-z0-9._-]/g, '_')}`);
+  // per machine boot, not per test run: scripts/test.sh gives each tier its own TMPDIR
+  const cache = path.join('/tmp', `vmops-kvm-probe-${path.basename(dir)}-${kernel.replace(/[^A-Za-z0-9._-]/g, '_')}`);
   const cached = await readFile(cache, 'utf8').catch(() => '');
   if (cached === 'ok') return;
   if (cached.startsWith('fail')) throw new Error(cached.slice(5));
