@@ -29,31 +29,29 @@ export VMOPS_TEST_CLI=dist
 echo "[test] lint and build: $(($(date +%s) - suite_start)) s"
 
 status=0
-# run_tier NAME PARALLEL FILE...: one vitest run with its own TMPDIR; before and after it, and after
+# run_tier NAME PARALLEL FILE...: one vitest run with its own TMPDIR and run id; after it, and after
 # each of its files (test/world/failureContext.ts), whatever it started is ended (scripts/reap.sh).
 run_tier() {
   local name=$1 parallel=$2
   shift 2
-  local tmp start code
+  local tmp start code run_id
   tmp=$(mktemp -d /tmp/vmt.XXXXXX)
   chmod 1777 "$tmp"
-  local markers=("$tmp/" "$repo/.sandbox/")
-  bash scripts/reap.sh "${markers[@]}"
+  run_id="${name}-$$-${RANDOM}"
+  VMOPS_REAP_NFT=1 bash scripts/reap.sh "$run_id" "$tmp"
   local args=(--reporter=default --reporter=json "--outputFile.json=.sandbox/test-results-$name.json")
+  local reap=1
   if [ "$parallel" = true ]; then
     args+=(--fileParallelism=true --maxWorkers=2)
+    reap=0
   fi
   echo "[test] tier $name: $*"
   start=$(date +%s)
   set +e
-  if [ "$parallel" = true ]; then
-    TMPDIR=$tmp npx vitest run "${args[@]}" "$@" </dev/null 2>&1 | tee ".sandbox/test-$name.log"
-  else
-    TMPDIR=$tmp VMOPS_REAP="$(IFS=:; echo "${markers[*]}")" npx vitest run "${args[@]}" "$@" </dev/null 2>&1 | tee ".sandbox/test-$name.log"
-  fi
+  TMPDIR=$tmp VMOPS_RUN_ID=$run_id VMOPS_REAP=$reap npx vitest run "${args[@]}" "$@" </dev/null 2>&1 | tee ".sandbox/test-$name.log"
   code=${PIPESTATUS[0]}
   set -e
-  bash scripts/reap.sh "${markers[@]}"
+  VMOPS_REAP_NFT=1 bash scripts/reap.sh "$run_id" "$tmp"
   rm -rf "$tmp"
   echo "$name $code $(($(date +%s) - start))" >> .sandbox/test-tier-status
   echo "[test] tier $name: exit $code after $(($(date +%s) - start)) s"

@@ -34,7 +34,7 @@ helpers=()
 cleanup() {
   for p in "${helpers[@]}"; do kill -- "-$p" 2>/dev/null || kill "$p" 2>/dev/null; done
   # continue whatever a stall left stopped, then end what the run left behind
-  [ -n "${tmp:-}" ] && bash scripts/reap.sh "$tmp/" "$repo/.sandbox/" >/dev/null
+  [ -n "${tmp:-}" ] && bash scripts/reap.sh "${run_id:-none}" "$tmp" >/dev/null
   if [ -n "$cgroup" ] && [ -d "$cgroup" ]; then
     while read -r p; do echo "$p" > "$(dirname "$cgroup")/cgroup.procs" 2>/dev/null; done < "$cgroup/cgroup.procs"
     rmdir "$cgroup" 2>/dev/null
@@ -63,17 +63,17 @@ if [ "$stress" != 0 ]; then
   echo "[torture] stress-ng: $stress CPU worker(s) beside the run"
 fi
 
-# stall_loop MARKER...: SIGSTOP one of the world's processes for 0.5–3 s, every 2–6 s
+# stall_loop RUN_ID TMPDIR: SIGSTOP one of the run's world processes for 0.5–3 s, every 2–6 s (the
+# run's processes as scripts/reap.sh finds them: never another run's, never the test runner)
 stall_loop() {
   local pattern='qemu-system|etcd|kube-apiserver|kube-controller-manager|kube-scheduler|kwok|cli/main\.(js|ts)|nginx|sshd'
   while true; do
     sleep "$(awk -v r=$RANDOM 'BEGIN { printf "%.1f", 2 + 4 * r / 32767 }')"
     local pids=()
-    for d in /proc/[0-9]*; do
+    for pid in $(bash scripts/reap.sh --list "$1" "$2"); do
       local cmd
-      cmd=$({ tr '\0' ' ' <"$d/cmdline"; } 2>/dev/null) || continue
-      [[ "$cmd" =~ $pattern ]] || continue
-      for m in "$@"; do [[ "$cmd" == *"$m"* ]] && { pids+=("${d#/proc/}"); break; }; done
+      cmd=$({ tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null) || continue
+      [[ "$cmd" =~ $pattern ]] && pids+=("$pid")
     done
     [ ${#pids[@]} -gt 0 ] || continue
     local victim=${pids[$((RANDOM % ${#pids[@]}))]}
@@ -89,25 +89,27 @@ status=0
 for run in $(seq 1 "$repeat"); do
   tmp=$(mktemp -d /tmp/vmt.XXXXXX)
   chmod 1777 "$tmp"
+  run_id="torture-$$-$run"
   report=$repo/.sandbox/torture-budget-$run.jsonl
   stall_log=$repo/.sandbox/torture-stalls-$run.log
   mkdir -p .sandbox
   rm -f "$report" "$stall_log"
   if $stall; then
-    setsid bash -c "$(declare -f stall_loop); stall_log=$stall_log; stall_loop '$tmp/' '$repo/.sandbox/'" &
+    # its name (torture-stall) keeps scripts/reap.sh from ever counting the loop as the run's
+    setsid bash -c "$(declare -f stall_loop); stall_log=$stall_log; stall_loop '$run_id' '$tmp'" torture-stall &
     helpers+=($!)
   fi
   echo "[torture] run $run/$repeat: ${files[*]}"
   start=$(date +%s)
   (
     [ -n "$cgroup" ] && echo $BASHPID > "$cgroup/cgroup.procs"
-    TMPDIR=$tmp VMOPS_REAP="$tmp/:$repo/.sandbox/" VMOPS_BUDGET_REPORT=$report exec npx vitest run "${files[@]}" </dev/null
+    TMPDIR=$tmp VMOPS_RUN_ID=$run_id VMOPS_REAP=1 VMOPS_BUDGET_REPORT=$report exec npx vitest run "${files[@]}" </dev/null
   )
   code=$?
   if $stall; then kill -- "-${helpers[-1]}" 2>/dev/null; unset 'helpers[-1]'; fi
-  bash scripts/reap.sh "$tmp/" "$repo/.sandbox/" >/dev/null
+  bash scripts/reap.sh "$run_id" "$tmp" >/dev/null
   rm -rf "$tmp"
-  echo "[torture] run $run: exit $code after $(($(date +%s) - start)) s$( $stall && echo "; $(grep -c . "$stall_log" 2>/dev/null || echo 0) stalls ($stall_log)")"
+  echo "[torture] run $run: exit $code after $(($(date +%s) - start)) s$( $stall && echo "; $(grep -c '^\[torture\] stall' "$stall_log" 2>/dev/null || echo 0) stalls ($stall_log)")"
   if [ -s "$report" ]; then
     echo "[torture] liveness waits that used more than half their budget:"
     node -e '

@@ -5,7 +5,7 @@
  * beside the failure. A test that fails only under load then says so itself.
  */
 import { appendFileSync, mkdirSync } from 'node:fs';
-import { loadavg } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { dirname, join, relative } from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { spawnSync } from 'node:child_process';
@@ -49,13 +49,13 @@ afterEach(() => {
   maxLoad = Math.max(maxLoad, loadavg()[0] ?? 0);
 });
 
-// Per-file teardown (scripts/test.sh sets VMOPS_REAP for files that run one at a time): whatever this
-// file's own afterAll left running — its world's QEMUs, sshds, control plane, operators, nft tables —
-// ends here, after every hook of the file (hooks run in stack order: this setup file's afterAll last).
+// Per-file teardown (scripts/test.sh and scripts/torture.sh set VMOPS_REAP=1 for files that run one at
+// a time, with this run's VMOPS_RUN_ID and TMPDIR): whatever this file's own afterAll left running —
+// its world's QEMUs, sshds, control plane, operators — ends here, after every hook of the file (hooks
+// run in stack order: this setup file's afterAll last).
 afterAll(() => {
-  const markers = (process.env.VMOPS_REAP ?? '').split(':').filter(Boolean);
-  if (markers.length === 0) return;
-  const r = spawnSync('bash', [join(process.cwd(), 'scripts', 'reap.sh'), ...markers], { encoding: 'utf8', timeout: 60_000 });
+  if (process.env.VMOPS_REAP !== '1' || !process.env.VMOPS_RUN_ID) return;
+  const r = spawnSync('bash', [join(process.cwd(), 'scripts', 'reap.sh'), process.env.VMOPS_RUN_ID, tmpdir()], { encoding: 'utf8', timeout: 60_000 });
   const ended = (r.stdout ?? '').trim();
   if (ended) console.error(`[reap] after ${currentFile || 'a file'}: the file left these behind:\n${ended}`);
 });
