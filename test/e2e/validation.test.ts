@@ -4,14 +4,13 @@
  * fields that must not change once a migration exists, and a bogus status.plan.
  * The same documents go through `vm-migration-operator plan`'s validator, which must agree.
  */
-import { spawn } from 'node:child_process';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { validateMigrationManifest } from '../../src/api/validate.js';
 import { startControlPlane, type ControlPlane } from '../world/controlPlane.js';
-import { REPO_ROOT } from '../world/sandbox.js';
+import { kubectlRun } from '../world/kubectl.js';
 
 const NS = 'vm-migration-system';
 let cp: ControlPlane;
@@ -35,20 +34,10 @@ interface Run {
   stderr: string;
 }
 
-function kubectl(args: string[], stdin?: string, mustSucceed = false): Promise<Run> {
-  return new Promise((resolve, reject) => {
-    const p = spawn('kubectl', ['--kubeconfig', cp.kubeconfigPath, ...args], { cwd: REPO_ROOT });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d) => (stdout += d));
-    p.stderr.on('data', (d) => (stderr += d));
-    p.on('close', (code) => {
-      const r = { code: code ?? 1, stdout, stderr };
-      if (mustSucceed && r.code !== 0) reject(new Error(`kubectl ${args.join(' ')}: ${stderr}`));
-      else resolve(r);
-    });
-    p.stdin.end(stdin ?? '');
-  });
+async function kubectl(args: string[], stdin?: string, mustSucceed = false): Promise<Run> {
+  const r = await kubectlRun(cp.kubeconfigPath, args, stdin);
+  if (mustSucceed && r.code !== 0) throw new Error(`kubectl ${args.join(' ')}: ${r.stderr}`);
+  return r;
 }
 
 function manifest(name: string, spec: Record<string, unknown>): Record<string, unknown> {

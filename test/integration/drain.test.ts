@@ -14,8 +14,9 @@ import type { EnvironmentSpec, VMSpec } from '../../src/api/inventory.js';
 import { settingsFrom } from '../../src/api/types.js';
 import { CORDONED_BY_ANNOTATION, type DrainOptions, type DrainPolicy, type PodDecision } from '../../src/guest/drain.js';
 import { DrainError, GuestCluster } from '../../src/guest/guestCluster.js';
+import { liveness } from '../world/budget.js';
 import { until } from '../world/until.js';
-import { startControlPlane, type ControlPlane } from '../world/controlPlane.js';
+import { AUDIT_MARK_NAMESPACE, auditEvents, startControlPlane, type AuditEvent, type ControlPlane } from '../world/controlPlane.js';
 import { createGuestNodes, deployStudentWorkload, guestNode } from '../world/guestCluster.js';
 
 const execFileP = promisify(execFile);
@@ -51,6 +52,13 @@ const role = (podName: string) => podName.split('-')[0]!;
 const refusalKind = (text: string) => (/DaemonSet/.test(text) ? 'daemonset' : /local storage/.test(text) ? 'emptydir' : /no controller/.test(text) ? 'unmanaged' : `other: ${text}`);
 
 type Outcome = { refused: Record<string, string> } | { evicted: string[]; untouched: string[] };
+
+/** An audit timestamp of the API server (RFC 3339, microseconds) in microseconds since the epoch, exactly. */
+function serverUs(ts: string): number {
+  const m = /^(.*T\d\d:\d\d:\d\d)(?:\.(\d{1,6}))?Z$/.exec(ts);
+  if (!m) throw new Error(`unexpected audit timestamp ${ts}`);
+  return Date.parse(`${m[1]}Z`) * 1000 + Number((m[2] ?? '').padEnd(6, '0'));
+}
 
 describe('drain: kubectl drain parity against the real kubectl on the same pods', () => {
   let dir: string;
@@ -239,8 +247,11 @@ describe('drain: kubectl drain parity against the real kubectl on the same pods'
       }
       await core.deleteNamespacedPod({ name: `gone-${n}`, namespace: KINDS_NS });
     }
-    // no kubelet: the deleted pods stay, terminating, past their deletion deadline
-    await sleep(3500);
+    // No kubelet: the deleted pods stay, terminating. Both drains (ours and kubectl's) skip a pod once the
+    // whole seconds since its deletionTimestamp (the API server's: deletion + its 1 s grace) exceed
+    // skip-wait-for-delete-timeout (1 s), i.e. 2 s after it; wait for that, from the server's timestamps.
+    const deadlines = await Promise.all(twins.map(async (n) => new Date((await core.readNamespacedPod({ name: `gone-${n}`, namespace: KINDS_NS })).metadata!.deletionTimestamp!).getTime()));
+    await until('the deleted pods 2 s past their deletionTimestamp', 30_000, async () => deadlines.every((d) => Date.now() > d + 2000), 100);
     for (const n of twins) expect((await podsOn(n)).map((p) => [role(p.metadata!.name!), !!p.metadata?.deletionTimestamp])).toEqual(expect.arrayContaining([['gone', true], ['stuck', false]]));
     const policy: DrainPolicy = { force: true, skipWaitForDeleteTimeoutSeconds: 1 };
     const [ours, theirs] = await Promise.all([
@@ -258,15 +269,19 @@ describe('drain: kubectl drain parity against the real kubectl on the same pods'
   it('a PDB allowing 0 disruptions: the drain fails after its timeout naming the PDB and pod, nothing evicted, the node back to its prior schedulability', async () => {
     const ns = `${ENV}-strict`;
     const n = NODE('w1');
+    const TIMEOUT_MS = 5_000;
     await deployStudentWorkload(kc, { namespace: ns, name: 'db', replicas: 1, minAvailable: 1, nodeNames: [n] });
     await pdbAllowsNone(ns, 'db');
     const [db] = (await core.listNamespacedPod({ namespace: ns })).items;
+    const dbName = db!.metadata!.name!;
     // watch the whole time: the db pod never starts terminating, the PDB never drops below its minimum
     let watching = true;
     let minHealthy = Infinity;
     let terminatingSeen = false;
+    const watchDeadline = Date.now() + liveness(300_000);
     const watcher = (async () => {
       while (watching) {
+        if (Date.now() > watchDeadline) throw new Error('the PDB watcher ran past its deadline');
         const [pdb, pods] = await Promise.all([kc.makeApiClient(PolicyV1Api).readNamespacedPodDisruptionBudget({ name: 'db', namespace: ns }), core.listNamespacedPod({ namespace: ns })]);
         minHealthy = Math.min(minHealthy, pdb.status?.currentHealthy ?? 0);
         terminatingSeen ||= pods.items.some((p) => p.metadata?.deletionTimestamp);
@@ -274,35 +289,65 @@ describe('drain: kubectl drain parity against the real kubectl on the same pods'
       }
     })();
 
-    const attempt = async (expectCordoned: boolean) => {
-      const t0 = Date.now();
-      const err = await guest.drain(n, operatorDrain(5_000)).catch((e: unknown) => e);
-      const ms = Date.now() - t0;
+    const attempt = async (k: number, expectCordoned: boolean) => {
+      // A mark in the API server's audit log, left before the drain starts (and so before its deadline is set).
+      const mark = `drain-attempt-${k}`;
+      await core.readNamespacedConfigMap({ name: mark, namespace: AUDIT_MARK_NAMESPACE }).catch(() => undefined);
+      const t0 = performance.now();
+      const err = await guest.drain(n, operatorDrain(TIMEOUT_MS)).catch((e: unknown) => e);
+      const ms = Math.round(performance.now() - t0);
       expect(err).toBeInstanceOf(DrainError);
       const de = err as DrainError;
-      console.log(`PDB drain (cordoned before: ${expectCordoned}) failed after ${ms} ms: ${de.message}`);
+      console.log(`PDB drain (cordoned before: ${expectCordoned}) failed after ${ms} ms (test clock): ${de.message}`);
       expect(de.reason).toBe('Timeout');
       expect(de.pdbs).toEqual([`${ns}/db`]);
-      expect(de.pods).toEqual([`${ns}/${db!.metadata!.name}`]);
+      expect(de.pods).toEqual([`${ns}/${dbName}`]);
       expect(de.message).toContain(`PodDisruptionBudget ${ns}/db`);
-      expect(de.message).toContain(db!.metadata!.name);
-      expect(ms).toBeGreaterThanOrEqual(5_000);
+      expect(de.message).toContain(dbName);
+      // It waited at the PDB for its whole timeout, asking again and again, before it gave up — in the API
+      // server's own records (audit log, server clock), not by the test's stopwatch: the eviction of db was
+      // refused (429) more than once and never accepted, and the drain's timeout report (its list of the
+      // namespace's PDBs, made only once its deadline has passed) reached the server at least the timeout
+      // after the mark. Load can only push the report later; only a drain that gave up early fails this.
+      const seen = await until(`audit events of drain attempt ${k}`, 15_000, async () => {
+        const ev = auditEvents(cp);
+        const markEv = ev.find((e) => e.objectRef?.namespace === AUDIT_MARK_NAMESPACE && e.objectRef.name === mark);
+        if (!markEv) return undefined;
+        const since = serverUs(markEv.requestReceivedTimestamp);
+        const later = ev.filter((e) => serverUs(e.requestReceivedTimestamp) > since);
+        // the drain's own list (it runs with the admin token), not the API server's list behind each eviction
+        const report = later.find((e) => e.user?.username === 'admin' && e.verb === 'list' && e.objectRef?.resource === 'poddisruptionbudgets' && e.objectRef.namespace === ns);
+        return report ? { since, later, report } : undefined;
+      }, 100);
+      const isDbEviction = (e: AuditEvent) => e.user?.username === 'admin' && e.objectRef?.subresource === 'eviction' && e.objectRef.namespace === ns && e.objectRef.name === dbName;
+      const reportAt = serverUs(seen.report.requestReceivedTimestamp);
+      const evictions = seen.later.filter((e) => isDbEviction(e) && serverUs(e.requestReceivedTimestamp) < reportAt);
+      const codes = evictions.map((e) => e.responseStatus?.code);
+      console.log(`  server side: ${codes.length} evictions of ${dbName} (codes ${codes.join(' ')}); timeout report ${((reportAt - seen.since) / 1000).toFixed(0)} ms after the mark`);
+      expect(codes.filter((c) => c === 429).length, 'evictions refused by the PDB').toBeGreaterThanOrEqual(2);
+      expect(codes.filter((c) => c !== 429), 'evictions not refused').toEqual([]);
+      expect(reportAt - seen.since).toBeGreaterThanOrEqual(TIMEOUT_MS * 1000);
       const after = await node(n);
       expect(after.spec?.unschedulable ?? false).toBe(expectCordoned);
       expect(after.metadata?.annotations?.[CORDONED_BY_ANNOTATION]).toBeUndefined();
     };
-    await attempt(false);
-    // someone cordoned the node before: a failed drain leaves it cordoned
-    expect((await kubectl('cordon', n)).code).toBe(0);
-    await attempt(true);
-    watching = false;
-    await watcher;
+    let watchFailure: unknown;
+    try {
+      await attempt(1, false);
+      // someone cordoned the node before: a failed drain leaves it cordoned
+      expect((await kubectl('cordon', n)).code).toBe(0);
+      await attempt(2, true);
+    } finally {
+      watching = false;
+      await watcher.catch((e: unknown) => void (watchFailure = e));
+    }
+    if (watchFailure) throw watchFailure;
     expect(terminatingSeen).toBe(false);
     expect(minHealthy).toBe(1);
     const now = (await core.listNamespacedPod({ namespace: ns })).items;
     expect(now.map((p) => p.metadata?.uid)).toEqual([db!.metadata!.uid]);
     expect((await kubectl('uncordon', n)).code).toBe(0);
-  });
+  }, liveness(60_000 + 60_000 + 2 * (5_000 + 15_000 + 30_000)));
 
   it('a node cordoned by someone else before the drain stays cordoned after a successful drain; one the operator cordoned is uncordoned', async () => {
     const ns = `${ENV}-app`;
@@ -338,9 +383,12 @@ describe('drain: kubectl drain parity against the real kubectl on the same pods'
     await pdbAllowsNone(ns, 'hold');
     const late = (name: string) => core.createNamespacedPod({ namespace: ns, body: { metadata: { name }, spec: { nodeName: n, terminationGracePeriodSeconds: 1, containers: [{ name: 'c', image: PAUSE }] } } });
 
-    // 1. without force: the unmanaged pod that shows up while the PDB holds the drain refuses it
-    const refused = guest.drain(n, operatorDrain(60_000)).catch((e: unknown) => e);
-    await sleep(1500);
+    // 1. without force: the unmanaged pod that shows up while the PDB holds the drain refuses it. It shows
+    // up after the drain's first listing (which tracked hold alone and reported it), not after a sleep.
+    const firstRound: number[] = [];
+    const refused = guest.drain(n, { ...operatorDrain(60_000), onProgress: (x) => firstRound.push(x) }).catch((e: unknown) => e);
+    await until('the drain has listed the node and tracks hold', 30_000, async () => firstRound.length > 0, 50);
+    expect(firstRound).toEqual([1]);
     await late('late1');
     const err = (await refused) as DrainError;
     expect(err).toBeInstanceOf(DrainError);
@@ -352,12 +400,15 @@ describe('drain: kubectl drain parity against the real kubectl on the same pods'
     // 2. with force: both late pods are evicted once the PDB allows it
     const progress: number[] = [];
     const done = guest.drain(n, { ...operatorDrain(60_000), force: true, onProgress: (x) => progress.push(x) });
-    await until('first round tracked', 10_000, async () => progress.length > 0);
-    await sleep(1000);
+    // its first listing tracks hold and late1; late1 (no PDB) goes, hold stays: the drain is down to hold alone
+    await until('the drain down to hold alone, late1 evicted', 30_000, async () => progress.at(-1) === 1, 50);
+    const joined = progress.length;
     await late('late2');
     // nobody but the running drain (still held by the PDB) removes late2
-    await until('late2 evicted by the running drain', 10_000, async () => !(await podsOn(n)).some((p) => p.metadata?.name === 'late2'));
-    expect(progress.some((x, i) => i > 0 && x > progress[i - 1]!)).toBe(true); // a pod joined the drain on the way
+    await until('late2 evicted by the running drain', 30_000, async () => !(await podsOn(n)).some((p) => p.metadata?.name === 'late2'));
+    // A pod joined the drain on the way: the drain tracks a pod (and reports the count) before it evicts it, so
+    // the first count after late2 appeared is hold + late2 — whatever the timing of the drain's listings.
+    expect(progress[joined], `progress ${progress.join('→')}`).toBe(2);
     await kc.makeApiClient(PolicyV1Api).patchNamespacedPodDisruptionBudget({ name: 'hold', namespace: ns, body: { spec: { minAvailable: 0 } } }, mergePatch);
     const r = await done;
     console.log(`late pods: progress ${progress.join('→')}, evicted ${r.evictedPods.join(' ')}, 429s ${r.pdbRetries}`);
@@ -366,5 +417,5 @@ describe('drain: kubectl drain parity against the real kubectl on the same pods'
     expect(await podsOn(n)).toHaveLength(0);
     expect(progress.at(-1)).toBe(0);
     await guest.uncordon(n);
-  });
+  }, liveness(60_000 + 30_000 + 60_000 + 2 * 30_000 + 60_000 + 30_000));
 });

@@ -20,6 +20,9 @@ import { monitoringCrdFiles } from '../world/monitoringCrds.js';
 import { startPrometheus, type TestPrometheus } from '../world/prometheus.js';
 import { freePort, REPO_ROOT, operatorEnv } from '../world/sandbox.js';
 import { cliArgs } from '../world/cli.js';
+import { liveness } from '../world/budget.js';
+import { kubectlRun } from '../world/kubectl.js';
+import { until as untilTruthy } from '../world/until.js';
 
 const execFileP = promisify(execFile);
 const NS = 'vm-migration-system';
@@ -34,15 +37,7 @@ let metricsUrl = '';
 let prom: TestPrometheus | undefined;
 
 async function kubectl(args: string[], opts: { stdin?: string } = {}): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn('kubectl', ['--kubeconfig', cp.kubeconfigPath, ...args], { cwd: REPO_ROOT });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d) => (stdout += d));
-    p.stderr.on('data', (d) => (stderr += d));
-    p.on('close', (code) => resolve({ code: code ?? 1, stdout, stderr }));
-    p.stdin.end(opts.stdin ?? '');
-  });
+  return kubectlRun(cp.kubeconfigPath, args, opts.stdin);
 }
 
 /**
@@ -63,14 +58,9 @@ async function statusOf(call: () => Promise<unknown>): Promise<number> {
   }
 }
 
+/** Polls `fn` (an error counts as "not yet") within a liveness budget (test/world/until.ts). */
 async function until<T>(what: string, timeoutMs: number, fn: () => Promise<T | undefined>): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn().catch(() => undefined);
-    if (v !== undefined) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms: ${what}`);
-    await new Promise((r) => setTimeout(r, 250));
-  }
+  return untilTruthy(what, timeoutMs, () => fn().catch(() => undefined), 250);
 }
 
 beforeAll(async () => {
@@ -114,7 +104,7 @@ describe('manifests/ on a real API server (kubectl apply -k)', () => {
     const events = await kubectl(['get', 'events', '-n', NS, '-o', 'json']);
     expect(events.stdout).not.toContain('FailedCreate');
     await kubectl(['wait', '--for=condition=Established', 'crd/vmmigrations.vmops.dev', '--timeout=60s']);
-  });
+  }, liveness(2 * 60_000 + 30_000));
 
   it('with the monitoring and sqlite components: ServiceMonitor and PrometheusRule validate against the Prometheus Operator\'s own CRDs', async () => {
     const crds = await monitoringCrdFiles();
@@ -220,7 +210,7 @@ describe('narrowing the Secret rule with resourceNames (a site-specific step, se
     const i = role.rules.findIndex((r) => r.resources?.includes('secrets'));
     const patch = await kubectl(['patch', 'role', '-n', NS, 'vm-migration-operator', '--type=json', '-p', JSON.stringify([{ op: 'add', path: `/rules/${i}/resourceNames`, value: ['env-1-kubeconfig'] }])]);
     expect(patch.code, patch.stderr).toBe(0);
-    await until('narrowed rule in effect', 10_000, async () => ((await statusOf(() => core.readNamespacedSecret({ namespace: NS, name: 'vm-migration-ssh' }))) === 403 || undefined));
+    await until('narrowed rule in effect', 30_000, async () => ((await statusOf(() => core.readNamespacedSecret({ namespace: NS, name: 'vm-migration-ssh' }))) === 403 || undefined));
     expect(await statusOf(() => core.readNamespacedSecret({ namespace: NS, name: 'env-1-kubeconfig' }))).toBe(200);
   });
 });
@@ -241,12 +231,13 @@ describe('the operator in cluster mode, scraped by a real Prometheus with the sh
       '--namespace', NS, '--metrics-port', String(port), '--metrics-host', '127.0.0.1', '--leader-elect', '--lease-namespace', NS]);
     const log = openSync(join(DIR, 'operator.log'), 'a');
     operator = spawn(argv[0]!, argv.slice(1), { cwd: REPO_ROOT, stdio: ['ignore', log, log], env: id.env(operatorEnv({ LOG_LEVEL: 'info' })) });
-    await until('operator /readyz', 60_000, async () => {
+    await untilTruthy('operator /readyz', 60_000, async () => {
+      // an operator that exited fails at once, with its log (not after the whole budget)
       if (operator!.exitCode !== null) throw new Error(`operator exited ${operator!.exitCode}: ${readFileSync(join(DIR, 'operator.log'), 'utf8').slice(-2000)}`);
-      return (await fetch(`${metricsUrl}/readyz`)).ok || undefined;
-    });
+      return fetch(`${metricsUrl}/readyz`).then((r) => r.ok, () => false);
+    }, 250);
     prom = await startPrometheus({ dir: join(DIR, 'prometheus'), targets: [`127.0.0.1:${port}`] });
-  }, 120_000);
+  }, liveness(60_000 + 60_000 + 30_000));
 
   it('runs on the mounted token alone: informer synced, Lease taken, and its /metrics pass promtool check metrics', async () => {
     const text = await (await fetch(`${metricsUrl}/metrics`)).text();
@@ -293,7 +284,7 @@ describe('the operator in cluster mode, scraped by a real Prometheus with the sh
     expect(alert.annotations.runbook).toContain('kubectl describe vmm');
     const [failedTotal] = await prom!.query('sum(vmops_migrations_failed_total)');
     expect(failedTotal?.value[1]).toBe('1');
-  });
+  }, liveness(3 * 60_000 + 30_000));
 
   it('a dry run succeeds (Ready, Argo CD Healthy) and re-applying the finished migration unchanged does nothing', async () => {
     const doc = JSON.stringify({ apiVersion: `${GROUP}/${VERSION}`, kind: 'VMMigration', metadata: { name: 'dry', namespace: NS }, spec: { environments: ['env-1'], targetHost: 'h2', dryRun: true } });
@@ -326,12 +317,25 @@ describe('the operator in cluster mode, scraped by a real Prometheus with the sh
       const r = await prom!.query('sum(vmops_migrations_started_total)');
       return r.length > 0 ? r : undefined;
     });
-    await new Promise((r) => setTimeout(r, 3000));
+    // The operator has had its chance to react to the re-apply — an event, not a sleep: a later VMMigration
+    // (another dry run), applied after it, is handled through to Ready; and Prometheus has scraped the operator
+    // after that (a sample timestamp later than the later one's Ready transition, as the operator wrote it).
+    const afterDoc = JSON.stringify({ apiVersion: `${GROUP}/${VERSION}`, kind: 'VMMigration', metadata: { name: 'dry-after', namespace: NS }, spec: { environments: ['env-1'], targetHost: 'h2', dryRun: true } });
+    expect((await kubectl(['apply', '-f', '-'], { stdin: afterDoc })).code).toBe(0);
+    const wa = await kubectl(['wait', '-n', NS, '--for=condition=Ready', 'vmm/dry-after', `--timeout=${Math.round(liveness(60_000) / 1000)}s`]);
+    expect(wa.code, wa.stderr).toBe(0);
+    const afterObj = JSON.parse((await kubectl(['get', 'vmm', '-n', NS, 'dry-after', '-o', 'json'])).stdout) as VMMigration;
+    const afterReadyAt = Date.parse(String(afterObj.status?.conditions?.find((c) => (c.type as string) === 'Ready')?.lastTransitionTime));
+    expect(Number.isFinite(afterReadyAt), 'dry-after has a Ready transition time').toBe(true);
+    await prom!.waitFor('a scrape of the operator after dry-after was Ready', async () => {
+      const [t] = await prom!.query('min(timestamp(vmops_migrations_started_total))');
+      return t && Number(t.value[1]) * 1000 > afterReadyAt ? true : undefined;
+    });
     const later = await get();
     expect(later.metadata.resourceVersion).toBe(done.metadata.resourceVersion);
     expect(later.status).toEqual(done.status);
     expect(await prom!.query('sum(vmops_migrations_started_total)')).toMatchObject([{ value: [expect.any(Number), started[0]!.value[1]] }]);
-  });
+  }, liveness(60_000 + 3 * 60_000 + 60_000 + 60_000 + 60_000));
 
   it('every query of the Grafana dashboard is valid PromQL that this Prometheus answers', async () => {
     const dash = JSON.parse(readFileSync(join(REPO_ROOT, 'manifests/monitoring/grafana-dashboard.json'), 'utf8')) as { panels: Array<{ title: string; targets?: Array<{ expr: string }> }> };

@@ -19,6 +19,7 @@ import type { Inventory } from '../../src/api/inventory.js';
 import { Store } from '../../src/store/store.js';
 import { REPO_ROOT, operatorEnv } from '../world/sandbox.js';
 import { cliArgs } from '../world/cli.js';
+import { liveness } from '../world/budget.js';
 
 const execFileP = promisify(execFile);
 const dir = mkdtempSync(join(tmpdir(), 'vmops-startup-'));
@@ -59,7 +60,12 @@ async function runOperator(db: string, inventoryPath: string, opts: { env?: Reco
     let stderr = '';
     child.stdout.on('data', (d) => (stdout += d));
     child.stderr.on('data', (d) => (stderr += d));
-    const timer = setTimeout(() => child.kill('SIGKILL'), 60_000);
+    // a liveness budget (scaled): an operator that neither fails nor exits is killed, and the test says so
+    const budget = liveness(60_000);
+    const timer = setTimeout(() => {
+      stderr += `\n[test] operator still running after ${budget} ms: killed\n`;
+      child.kill('SIGKILL');
+    }, budget);
     child.on('close', (code) => {
       clearTimeout(timer);
       resolve({ code, stdout, stderr });

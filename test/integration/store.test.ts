@@ -15,6 +15,7 @@ import { stringify } from 'yaml';
 import { startPostgres, type TestPostgres } from '../world/postgres.js';
 import { REPO_ROOT } from '../world/sandbox.js';
 import { cliArgs } from '../world/cli.js';
+import { liveness } from '../world/budget.js';
 
 const execFileP = promisify(execFile);
 
@@ -241,7 +242,9 @@ describe('start-up faults name the location, never its password', () => {
 
   it('PostgreSQL: an unreachable server fails fast, redacted', async () => {
     const unreachable = pg.url.replace(`:${pg.port}/`, ':1/');
-    const err = await Store.open(unreachable, { connectTimeoutMs: 3000 }).catch((e: Error) => e);
+    // refused at once by the kernel (ECONNREFUSED), not after a timeout: the connect timeout is only the guard
+    // against a hang, a liveness budget — on a stalled event loop an expired timer runs before the socket's error
+    const err = await Store.open(unreachable, { connectTimeoutMs: liveness(10_000) }).catch((e: Error) => e);
     expect(err).toBeInstanceOf(StoreOpenError);
     expect((err as Error).message).toMatch(/^cannot open the store postgres:\/\/vmops:\*\*\*@127\.0\.0\.1:1\/postgres: PostgreSQL: connect ECONNREFUSED 127\.0\.0\.1:1/);
     expect((err as Error).message).not.toContain(pg.password);

@@ -12,8 +12,10 @@ import { request } from 'node:https';
 import { request as httpRequest } from 'node:http';
 import { createServer } from 'node:net';
 import { join, resolve } from 'node:path';
+import { Watch, type KubeConfig } from '@kubernetes/client-node';
 import { stringify } from 'yaml';
 import { controlPlaneBinDir, ensureControlPlane } from '../../scripts/build-control-plane.mjs';
+import { liveness, noteWait } from './budget.js';
 
 export interface ControlPlane {
   /** https://127.0.0.1:<port> */
@@ -26,7 +28,60 @@ export interface ControlPlane {
   dataDir: string;
   /** wall-clock time from spawning etcd until the API server was ready and the default ServiceAccount existed */
   startupMs: number;
+  /** the API server's audit log (JSON lines): see AUDIT_POLICY for what it records */
+  auditLogPath: string;
   stop(): Promise<void>;
+}
+
+/** Namespace whose requests the audit log records: a test reads a name here to leave a server-timestamped mark. */
+export const AUDIT_MARK_NAMESPACE = 'vmops-audit-mark';
+
+/**
+ * What the API server's audit log records: only what tests order by the server's own clock — evictions
+ * (accepted or refused by a PodDisruptionBudget), namespaced lists of PodDisruptionBudgets (a drain's
+ * timeout report), and marks (any request in AUDIT_MARK_NAMESPACE). Nothing else, so it costs nothing.
+ */
+const AUDIT_POLICY = `apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  resources: [{ group: '', resources: ['pods/eviction'] }]
+- level: Metadata
+  verbs: [list]
+  resources: [{ group: policy, resources: [poddisruptionbudgets] }]
+- level: Metadata
+  namespaces: ['${AUDIT_MARK_NAMESPACE}']
+- level: None
+`;
+
+/** One audit event (audit.k8s.io/v1 Event, the fields tests use). Timestamps are the API server's, in microseconds. */
+export interface AuditEvent {
+  verb: string;
+  /** who asked: the tests' admin token is `admin`; the API server's own loopback requests (e.g. the PDB list
+   * behind every eviction) are `system:apiserver` */
+  user?: { username?: string };
+  requestURI: string;
+  objectRef?: { resource?: string; subresource?: string; namespace?: string; name?: string; apiGroup?: string };
+  responseStatus?: { code?: number };
+  requestReceivedTimestamp: string;
+  stageTimestamp: string;
+  stage: string;
+}
+
+/** The audit events recorded so far (ResponseComplete stage only). */
+export function auditEvents(cp: Pick<ControlPlane, 'auditLogPath'>): AuditEvent[] {
+  let text = '';
+  try {
+    text = readFileSync(cp.auditLogPath, 'utf8');
+  } catch {
+    return [];
+  }
+  return text
+    .split('\n')
+    .filter((l) => l.trim())
+    .map((l) => JSON.parse(l) as AuditEvent)
+    .filter((e) => e.stage === 'ResponseComplete');
 }
 
 export interface ControlPlaneOptions {
@@ -183,6 +238,37 @@ spec:
     delete: true
 `;
 
+/** What recordWatch gives: every event so far, and a way to end the watch (saying whether the server ended it first). */
+export interface RecordedWatch<T> {
+  /** events in the API server's order; objects as JSON (timestamps are strings, not Dates) */
+  events: Array<{ type: string; obj: T }>;
+  /** the server or the connection ended the watch before stop() */
+  endedEarly(): boolean;
+  stop(): { endedEarly: boolean; error?: unknown };
+}
+
+/**
+ * Every event of a watch from `resourceVersion` on, in the API server's own order (nothing sampled, nothing
+ * missed), until stopped. A watch the server ended early is reported by stop(), never silently short.
+ */
+export async function recordWatch<T>(kc: KubeConfig, path: string, resourceVersion: string, query: Record<string, string> = {}): Promise<RecordedWatch<T>> {
+  const events: Array<{ type: string; obj: T }> = [];
+  let stopping = false;
+  let ended: { error?: unknown } | undefined;
+  const req = await new Watch(kc).watch(path, { ...query, resourceVersion }, (type, obj: T) => void events.push({ type, obj }), (error: unknown) => {
+    if (!stopping) ended = { error };
+  });
+  return {
+    events,
+    endedEarly: () => ended !== undefined,
+    stop() {
+      stopping = true;
+      req.abort();
+      return { endedEarly: ended !== undefined, ...(ended?.error ? { error: ended.error } : {}) };
+    },
+  };
+}
+
 const REPO_ROOT = resolve(import.meta.dirname, '../..');
 
 async function freePort(): Promise<number> {
@@ -294,13 +380,19 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
     }
   };
 
-  const waitFor = async (what: string, p: Proc[], timeoutMs: number, check: () => Promise<boolean>) => {
-    const deadline = Date.now() + timeoutMs;
+  /** a liveness wait of start-up: `budgetMs` on an unloaded machine, scaled by VMOPS_TIME_SCALE */
+  const waitFor = async (what: string, p: Proc[], budgetMs: number, check: () => Promise<boolean>) => {
+    const budget = liveness(budgetMs);
+    const t0 = performance.now();
+    const deadline = Date.now() + budget;
     for (;;) {
       p.forEach(failIfExited);
-      if (await check()) return;
+      if (await check()) {
+        noteWait(`control plane start-up: ${what}`, budget, performance.now() - t0);
+        return;
+      }
       if (Date.now() > deadline) {
-        throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}; logs: ${p.map((x) => x.logPath).join(', ')}\n${p.map((x) => `--- ${x.name}\n${tail(x.logPath)}`).join('\n')}`);
+        throw new Error(`timed out after ${budget} ms waiting for ${what}; logs: ${p.map((x) => x.logPath).join(', ')}\n${p.map((x) => `--- ${x.name}\n${tail(x.logPath)}`).join('\n')}`);
       }
       await sleep(200);
     }
@@ -323,6 +415,9 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
     const tokenFile = join(pki, 'tokens.csv');
     writeFileSync(tokenFile, `${token},admin,admin-uid,"system:masters"\n`, { mode: 0o600 });
     const certDir = join(pki, 'apiserver');
+    const auditPolicyPath = join(dataDir, 'audit-policy.yaml');
+    writeFileSync(auditPolicyPath, AUDIT_POLICY);
+    const auditLogPath = join(dataDir, 'audit.log');
 
     // ---- etcd ----------------------------------------------------------------------------------
     const [etcdClient, etcdPeer, apiPort] = [await freePort(), await freePort(), await freePort()];
@@ -360,6 +455,10 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
       '--allow-privileged=true',
       '--endpoint-reconciler-type=none', // the kubernetes Service cannot point at a loopback address anyway
       '--profiling=false',
+      `--audit-policy-file=${auditPolicyPath}`,
+      `--audit-log-path=${auditLogPath}`,
+      '--audit-log-format=json',
+      '--audit-log-mode=blocking', // written as each request completes, not batched
       '--v=1',
     ]);
     const caPath = join(certDir, 'apiserver.crt');
@@ -419,7 +518,7 @@ export async function startControlPlane(opts: ControlPlaneOptions): Promise<Cont
     });
     const startupMs = Date.now() - t0;
     writeFileSync(join(dataDir, 'startup.json'), JSON.stringify({ startupMs, server, binDir }) + '\n');
-    return { server, kubeconfigPath, kubeconfigYaml, binDir, dataDir, startupMs, stop };
+    return { server, kubeconfigPath, kubeconfigYaml, binDir, dataDir, startupMs, auditLogPath, stop };
   } catch (err) {
     await stop();
     throw err;

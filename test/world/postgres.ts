@@ -12,6 +12,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { promisify } from 'node:util';
 import pg from 'pg';
+import { liveness, noteWait } from './budget.js';
 import { freePort } from './sandbox.js';
 
 const execFileP = promisify(execFile);
@@ -66,15 +67,23 @@ export async function startPostgres(opts: { user?: string } = {}): Promise<TestP
     '-c', 'fsync=off', '-c', 'synchronous_commit=off', '-c', 'full_page_writes=off', '-c', 'max_connections=50'], { ...spawnOpts, stdio: ['ignore', logFd, logFd] });
   const exited = new Promise<void>((r) => child.once('exit', () => r()));
   const url = `postgres://${user}:${encodeURIComponent(password)}@127.0.0.1:${port}/postgres`;
-  for (let i = 0; ; i++) {
+  // a liveness budget (scaled by VMOPS_TIME_SCALE): the server accepting connections
+  const budget = liveness(30_000);
+  const t0 = performance.now();
+  const deadline = Date.now() + budget;
+  for (;;) {
     if (child.exitCode !== null) throw new Error(`postgres exited with ${child.exitCode}; see ${join(base, 'postgres.log')}`);
     const client = new pg.Client({ connectionString: url });
     const ok = await client.connect().then(() => true, () => false);
     await client.end().catch(() => undefined);
     if (ok) break;
-    if (i > 150) throw new Error(`postgres did not accept connections within 30 s; see ${join(base, 'postgres.log')}`);
+    if (Date.now() > deadline) {
+      child.kill('SIGKILL');
+      throw new Error(`postgres did not accept connections within ${budget} ms; see ${join(base, 'postgres.log')}`);
+    }
     await new Promise((r) => setTimeout(r, 200));
   }
+  noteWait('postgres accepting connections', budget, performance.now() - t0);
   const stop = async () => {
     if (child.exitCode === null && child.signalCode === null) {
       child.kill('SIGINT'); // fast shutdown: disconnects clients, no waiting for them

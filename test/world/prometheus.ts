@@ -7,6 +7,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { closeSync, mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import { stringify } from 'yaml';
+import { liveness, noteWait } from './budget.js';
 import { freePort } from './sandbox.js';
 
 export const RULES_FILE = resolve(import.meta.dirname, '../../manifests/monitoring/rules.yaml');
@@ -19,7 +20,7 @@ export interface TestPrometheus {
   /** instant query; throws on a query error */
   query(expr: string): Promise<PrometheusSample[]>;
   alerts(): Promise<PrometheusAlert[]>;
-  /** polls until `check` returns a value (not undefined) */
+  /** polls until `check` returns a value (not undefined); `timeoutMs` is a liveness budget, scaled by VMOPS_TIME_SCALE */
   waitFor<T>(what: string, check: () => Promise<T | undefined>, timeoutMs?: number): Promise<T>;
   /** scrape targets as Prometheus sees them (health, lastError) */
   targets(): Promise<Array<{ scrapeUrl: string; health: string; lastError: string; labels: Record<string, string> }>>;
@@ -67,12 +68,17 @@ export async function startPrometheus(opts: PrometheusOptions): Promise<TestProm
     return body.data;
   };
   const waitFor = async <T>(what: string, check: () => Promise<T | undefined>, timeoutMs = 60_000): Promise<T> => {
-    const deadline = Date.now() + timeoutMs;
+    const budget = liveness(timeoutMs);
+    const t0 = performance.now();
+    const deadline = Date.now() + budget;
     for (;;) {
       if (!running()) throw new Error(`prometheus exited; log ${logPath}:\n${readFileSync(logPath, 'utf8').slice(-2000)}`);
       const v = await check().catch(() => undefined);
-      if (v !== undefined) return v;
-      if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} (prometheus log ${logPath})`);
+      if (v !== undefined) {
+        noteWait(`prometheus: ${what}`, budget, performance.now() - t0);
+        return v;
+      }
+      if (Date.now() > deadline) throw new Error(`timed out after ${budget} ms waiting for ${what} (prometheus log ${logPath})`);
       await new Promise((r) => setTimeout(r, 250));
     }
   };

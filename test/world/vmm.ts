@@ -4,7 +4,6 @@
  * kubectl, count live QEMU processes per VM, and a kubeconfig with the
  * shipped ServiceAccount's token (so the operator runs with the shipped RBAC).
  */
-import { spawn } from 'node:child_process';
 import { readdir, readFile } from 'node:fs/promises';
 import { writeFileSync } from 'node:fs';
 import { dirname, join } from 'node:path';
@@ -13,7 +12,9 @@ import { expect } from 'vitest';
 import { parse, stringify } from 'yaml';
 import { qemuName } from '../../src/api/inventory.js';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
-import { REPO_ROOT, SECRET_NAMESPACE, type Sandbox } from './sandbox.js';
+import { liveness, noteWait } from './budget.js';
+import { kubectlRun } from './kubectl.js';
+import { SECRET_NAMESPACE, type Sandbox } from './sandbox.js';
 
 export async function getVmm(sb: Pick<Sandbox, 'kc'>, name: string): Promise<VMMigration | undefined> {
   const api = sb.kc.makeApiClient(CustomObjectsApi);
@@ -25,13 +26,21 @@ export async function getVmm(sb: Pick<Sandbox, 'kc'>, name: string): Promise<VMM
   }
 }
 
-/** Polls until `pred` holds for the object (or its absence); returns the last object seen. */
+/**
+ * Polls until `pred` holds for the object (or its absence); returns the last object seen. `timeoutMs` is a
+ * liveness budget on an unloaded machine, scaled by VMOPS_TIME_SCALE (test/world/budget.ts).
+ */
 export async function waitVmm(sb: Sandbox, name: string, what: string, pred: (o: VMMigration | undefined) => boolean, timeoutMs: number, everyMs = 200): Promise<VMMigration | undefined> {
-  const deadline = Date.now() + timeoutMs;
+  const budget = liveness(timeoutMs);
+  const t0 = performance.now();
+  const deadline = Date.now() + budget;
   for (;;) {
     const o = await getVmm(sb, name);
-    if (pred(o)) return o;
-    if (Date.now() > deadline) throw new Error(`${name}: gave up waiting for ${what}; status: ${JSON.stringify(o?.status)}`);
+    if (pred(o)) {
+      noteWait(`${name}: ${what}`, budget, performance.now() - t0);
+      return o;
+    }
+    if (Date.now() > deadline) throw new Error(`${name}: gave up waiting for ${what} after ${budget} ms; status: ${JSON.stringify(o?.status)}`);
     await new Promise((r) => setTimeout(r, everyMs));
   }
 }
@@ -41,15 +50,7 @@ export function migrationManifest(name: string, spec: Record<string, unknown>): 
 }
 
 export async function kubectlStdin(sb: Sandbox, args: string[], stdin: string): Promise<{ code: number; stdout: string; stderr: string }> {
-  return new Promise((resolve) => {
-    const p = spawn('kubectl', ['--kubeconfig', sb.controlPlane.kubeconfigPath, ...args], { cwd: REPO_ROOT });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d) => (stdout += d));
-    p.stderr.on('data', (d) => (stderr += d));
-    p.on('close', (code) => resolve({ code: code ?? 1, stdout, stderr }));
-    p.stdin.end(stdin);
-  });
+  return kubectlRun(sb.controlPlane.kubeconfigPath, args, stdin);
 }
 
 /**
@@ -77,14 +78,21 @@ export async function qemuCensus(environment: string): Promise<Map<string, numbe
   return new Map([...hostsOf].map(([name, where]) => [name, where.size]));
 }
 
-/** Samples `environment`'s census until stopped; `worst` is the highest number of hosts any one VM was ever live on at once. */
-export function watchSplitBrain(environment: string, everyMs = 150): { stop(): Promise<{ worst: number; samples: number; offenders: string[] }> } {
+/**
+ * Samples `environment`'s census until stopped; `worst` is the highest number of hosts any one VM was ever
+ * live on at once; `sampled()` is the number of samples so far (a test checks that each phase it cares about
+ * was sampled). A sampler left running by a failed test ends at `maxMs` (a liveness budget, scaled), and
+ * stop() then says so instead of returning a census with a hole in it.
+ */
+export function watchSplitBrain(environment: string, everyMs = 150, maxMs = 3_600_000): { sampled(): number; stop(): Promise<{ worst: number; samples: number; offenders: string[] }> } {
   let worst = 0;
   let samples = 0;
   const offenders = new Set<string>();
   let running = true;
+  const deadline = Date.now() + liveness(maxMs);
   const loop = (async () => {
     while (running) {
+      if (Date.now() > deadline) throw new Error(`split-brain sampler of ${environment} ran past its ${liveness(maxMs)} ms budget`);
       for (const [name, n] of await qemuCensus(environment)) {
         worst = Math.max(worst, n);
         if (n > 1) offenders.add(name);
@@ -93,7 +101,9 @@ export function watchSplitBrain(environment: string, everyMs = 150): { stop(): P
       await new Promise((r) => setTimeout(r, everyMs));
     }
   })();
+  loop.catch(() => undefined); // reported by stop()
   return {
+    sampled: () => samples,
     async stop() {
       running = false;
       await loop;
