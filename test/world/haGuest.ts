@@ -32,6 +32,7 @@ import { createGuestNodes, VmLivenessBridge } from './guestCluster.js';
 import { ensureHostUser, startHosts, type TestHosts } from './hosts.js';
 import { createCa, pem } from './haPki.js';
 import { VmRunStateObserver, type VmRunState } from './haVmState.js';
+import { liveness, noteWait } from './budget.js';
 
 const execFileP = promisify(execFile);
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -40,6 +41,17 @@ export const ETCD_PORT = 2379;
 export const ETCD_PEER_PORT = 2380;
 export const API_PORT = 6443;
 export const LB_UPSTREAM = 'kube_apiservers';
+/** The beachhead NGINX's passive check and timeouts, as the seed's team had them (HaGuestOptions.nginx overrides). */
+export const NGINX_DEFAULTS = { maxFails: 1, failTimeoutSeconds: 10, connectTimeoutSeconds: 10, workerShutdownTimeoutSeconds: 3 } as const;
+/**
+ * etcd's raft timing in this world (its defaults, set explicitly): a follower that hears nothing from its
+ * leader for an election timeout (randomized up to twice this) stops naming it and campaigns. A watch
+ * after a leader's stop that covers twice this would see its followers lose their leader. Pre-vote (etcd's
+ * default since 3.5, set explicitly): a member that was cut off for a while cannot unseat a leader that
+ * a majority still follows when it comes back.
+ */
+export const ETCD_HEARTBEAT_MS = 100;
+export const ETCD_ELECTION_TIMEOUT_MS = 1000;
 
 export interface HaGuestOptions {
   dir: string;
@@ -61,11 +73,53 @@ export interface HaGuestOptions {
 
 export interface MemberStatus {
   vm: string;
+  /** it answered with its status (seen: 'answered') */
   ok: boolean;
   memberId?: string;
   leader?: string;
   raftIndex?: number;
+  raftTerm?: number;
   error?: string;
+  /** the request went out / its answer (or the giving up) came, ms since the epoch (the test process's clock) */
+  sentAt: number;
+  at: number;
+  /**
+   * What the probe says about the member as a voter: 'answered' (its own view is in the other fields);
+   * 'down' (its VM does not run, so it is not asked; or the request was refused or failed: it serves
+   * nothing); 'unknown' (its VM runs but no answer came in time, even when asked again with time to
+   * spare: a slow or stalled member, not a missing one — only a second signal may call it missing).
+   */
+  seen: 'answered' | 'down' | 'unknown';
+}
+
+/** Whether the members' answers show an etcd quorum with a leader. */
+export type QuorumVerdict = 'held' | 'lost' | 'unknown';
+
+/**
+ * One round of status answers judged: 'held' when a majority of the members answered and named the same
+ * leader; 'lost' when even counting every member that did not answer ('unknown') as a vote for the leader
+ * most named, no majority is reached (members whose VM is down or that refused count as no vote); else
+ * 'unknown'. A probe that did not answer never makes a round 'lost' by itself.
+ */
+export function quorumOf(st: MemberStatus[]): { verdict: QuorumVerdict; leader?: string; votes: number; unknown: number; majority: number } {
+  const majority = Math.floor(st.length / 2) + 1;
+  const votes = new Map<string, number>();
+  for (const x of st) if (x.seen === 'answered' && x.leader && x.leader !== '0') votes.set(x.leader, (votes.get(x.leader) ?? 0) + 1);
+  const [leader, best] = [...votes.entries()].sort((a, b) => b[1] - a[1])[0] ?? [undefined, 0];
+  const unknown = st.filter((x) => x.seen === 'unknown').length;
+  const verdict: QuorumVerdict = best >= majority ? 'held' : best + unknown < majority ? 'lost' : 'unknown';
+  return { verdict, ...(verdict === 'held' ? { leader } : {}), votes: best, unknown, majority };
+}
+
+/** A quorum sample: a round of answers; one that is not 'held' is confirmed by a second round (`confirm`). */
+export interface QuorumSample {
+  /** when the round was sent */
+  at: number;
+  st: MemberStatus[];
+  /** 'lost' only when the second round, every member asked with time to spare, showed no quorum either */
+  verdict: QuorumVerdict;
+  leader?: string;
+  confirm?: MemberStatus[];
 }
 
 export interface HaGuest {
@@ -86,10 +140,18 @@ export interface HaGuest {
   /** the client sessions NGINX has logged so far (those still open are not in it yet) */
   nginxSessions(): Promise<NginxSession[]>;
   runState(vm: string): VmRunState;
-  /** what the world did, in order: `<ms> <vm> <state>` */
-  transitions: { at: number; vm: string; state: VmRunState }[];
-  /** status of each member, asked directly from the test process (short timeout) */
-  etcdStatus(): Promise<MemberStatus[]>;
+  /** what the world did, in order, each published once carried out (see RunTransition) */
+  transitions: RunTransition[];
+  /** periods in which `vm` did not run, from the transitions since `from` (see downWindows) */
+  downWindows(vm: string, from: number, kind: 'vm' | 'dark'): { start: number; end: number }[];
+  /**
+   * Status of each member, asked directly from the test process: a member whose VM does not run is not
+   * asked ('down'); one that does not answer within 1 s is asked again with 5 s (liveness budgets), or
+   * with `patientMs` at once.
+   */
+  etcdStatus(opts?: { patientMs?: number }): Promise<MemberStatus[]>;
+  /** one quorum sample (quorumOf), a round that is not 'held' confirmed by a second, patient round */
+  etcdQuorum(): Promise<QuorumSample>;
   /** waits until every controller VM runs and its API server is ready, and the guest nodes are Ready */
   waitHealthy(timeoutMs?: number): Promise<void>;
   bridge: VmLivenessBridge;
@@ -105,6 +167,43 @@ export interface NginxSession {
   status: number;
   /** the backends NGINX tried, in order (`address:port`); more than one means a connect failed */
   upstreams: string[];
+}
+
+/**
+ * A VM's run state change as the world carried it out. `at`: when the world saw it (its observer's pass;
+ * before it acted on it). `appliedAt`: when it had acted — for 'frozen'/'off' the VM's address drops every
+ * packet and its services are frozen or gone; for 'running' its services run (or restart) and the drop is
+ * removed. A transition is published (here and as runState) only once applied.
+ */
+export interface RunTransition {
+  at: number;
+  appliedAt: number;
+  vm: string;
+  state: VmRunState;
+  /** acting on it failed (the world's log has the rest) */
+  error?: string;
+}
+
+/**
+ * Periods in which `vm` did not run, from `transitions` since `from` (a period still open ends now):
+ * - 'vm': from the world seeing it stop running to seeing it run again — when it was down as a machine
+ *   (its services are stopped within the period and started after it). What must be true of every
+ *   moment a VM was down (nothing sent to it, out of the load balancer) is checked against this.
+ * - 'dark': from its drop being in place (appliedAt) to the world seeing it run again (the drop goes only
+ *   after that): every packet to its address was dropped throughout. A session sent to it then hung.
+ */
+export function downWindows(transitions: RunTransition[], vm: string, from: number, kind: 'vm' | 'dark'): { start: number; end: number }[] {
+  const out: { start: number; end: number }[] = [];
+  let start: number | undefined;
+  for (const t of transitions.filter((x) => x.vm === vm && x.at >= from)) {
+    if (t.state !== 'running' && start === undefined) start = kind === 'vm' ? t.at : t.appliedAt;
+    if (t.state === 'running' && start !== undefined) {
+      if (t.at > start) out.push({ start, end: t.at });
+      start = undefined;
+    }
+  }
+  if (start !== undefined) out.push({ start, end: Date.now() });
+  return out;
 }
 
 /** The session was open at some time in `w`. */
@@ -142,6 +241,9 @@ function signal(s: Svc, sig: NodeJS.Signals): void {
   }
 }
 
+/** A request that got no answer in time (as opposed to one that was refused or failed). */
+class RequestTimeout extends Error {}
+
 function postJson(url: string, body: unknown, tls: { ca: string; cert?: string; key?: string }, timeoutMs: number): Promise<{ status: number; body: string }> {
   return new Promise((res, rej) => {
     const payload = JSON.stringify(body);
@@ -152,15 +254,30 @@ function postJson(url: string, body: unknown, tls: { ca: string; cert?: string; 
       r.on('end', () => res({ status: r.statusCode ?? 0, body: b }));
       r.on('error', rej);
     });
-    req.on('timeout', () => req.destroy(new Error(`timeout after ${timeoutMs} ms`)));
+    req.on('timeout', () => req.destroy(new RequestTimeout(`no answer within ${timeoutMs} ms`)));
     req.on('error', rej);
     req.end(body === undefined ? undefined : payload);
   });
 }
 
-/** nftables: one table per world with a set of "powered-off" addresses whose packets are dropped. */
+/**
+ * nftables: one table per world with a set of "powered-off" addresses whose packets are dropped. The set is
+ * kept here too: a table deleted under the world (scripts/reap.sh of another run on the same machine
+ * deletes every vmops_* table) is put back whole — checked every second and on every change — and the
+ * world's log says so.
+ */
 class AddressBlackhole {
-  constructor(private readonly table: string) {}
+  private readonly dark = new Set<string>();
+  private queue: Promise<unknown> = Promise.resolve();
+  private watchdog: NodeJS.Timeout | undefined;
+  private closed = false;
+  constructor(private readonly table: string, private readonly say: (line: string) => void) {}
+  /** one nft operation at a time (the watchdog's repair must not interleave with a change) */
+  private serial<T>(fn: () => Promise<T>): Promise<T> {
+    const next = this.queue.then(fn, fn);
+    this.queue = next.catch(() => undefined);
+    return next;
+  }
   private nft(script: string): Promise<void> {
     return new Promise<void>((res, rej) => {
       const c = spawn('nft', ['-f', '-'], { stdio: ['pipe', 'ignore', 'pipe'] });
@@ -171,22 +288,49 @@ class AddressBlackhole {
       c.stdin.end(script);
     });
   }
-  async create(): Promise<void> {
-    await this.destroy();
+  private tableExists(): Promise<boolean> {
+    return execFileP('nft', ['list', 'table', 'ip', this.table]).then(() => true, () => false);
+  }
+  private async write(): Promise<void> {
+    await execFileP('nft', ['delete', 'table', 'ip', this.table]).catch(() => undefined);
     await this.nft(`table ip ${this.table} {
-  set down { type ipv4_addr; }
+  set down { type ipv4_addr; ${this.dark.size ? `elements = { ${[...this.dark].join(', ')} }; ` : ''}}
   chain input { type filter hook input priority -10; policy accept; ip daddr @down drop; ip saddr @down drop; }
 }
 `);
   }
+  private async repair(): Promise<void> {
+    if (this.closed || (await this.tableExists())) return;
+    this.say(`HA guest: nftables table ${this.table} was deleted under the world (another run's reaper?); putting it back with ${[...this.dark].join(', ') || 'no address'} dark`);
+    await this.write();
+  }
+  async create(): Promise<void> {
+    await this.serial(() => this.write());
+    this.watchdog = setInterval(() => void this.serial(() => this.repair()).catch(() => undefined), 1000);
+    this.watchdog.unref();
+  }
+  private change(op: 'add' | 'delete', address: string): Promise<void> {
+    return this.serial(async () => {
+      if (op === 'add') this.dark.add(address);
+      else this.dark.delete(address);
+      try {
+        await execFileP('nft', [op, 'element', 'ip', this.table, 'down', `{ ${address} }`]);
+      } catch (err) {
+        if (this.closed || (await this.tableExists())) throw err;
+        await this.repair();
+      }
+    });
+  }
   async down(address: string): Promise<void> {
-    await execFileP('nft', ['add', 'element', 'ip', this.table, 'down', `{ ${address} }`]);
+    await this.change('add', address);
   }
   async up(address: string): Promise<void> {
-    await execFileP('nft', ['delete', 'element', 'ip', this.table, 'down', `{ ${address} }`]);
+    await this.change('delete', address);
   }
   async destroy(): Promise<void> {
-    await execFileP('nft', ['delete', 'table', 'ip', this.table]).catch(() => undefined);
+    this.closed = true;
+    if (this.watchdog) clearInterval(this.watchdog);
+    await this.serial(() => execFileP('nft', ['delete', 'table', 'ip', this.table]).then(() => undefined, () => undefined));
   }
 }
 
@@ -340,6 +484,7 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
           `--listen-peer-urls=http://${a}:${ETCD_PEER_PORT}`, `--initial-advertise-peer-urls=http://${a}:${ETCD_PEER_PORT}`,
           `--initial-cluster=${initialCluster}`, '--initial-cluster-state=new', `--initial-cluster-token=${o.environment}`,
           `--cert-file=${s.cert}`, `--key-file=${s.key}`, `--trusted-ca-file=${etcdCa.cert}`, '--client-cert-auth',
+          `--heartbeat-interval=${ETCD_HEARTBEAT_MS}`, `--election-timeout=${ETCD_ELECTION_TIMEOUT_MS}`, '--pre-vote=true',
           '--listen-metrics-urls=', '--unsafe-no-fsync', '--log-level=warn',
         ], sdir);
         const t = apiServing.get(vm.name)!;
@@ -365,7 +510,7 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
     const bh = beachheadHosts.hosts[0]!;
     const beachheadSsh: HostSpec = { ...bh, name: 'beachhead' };
     await appendFile(bh.authorizedKeysFile!, `${o.operatorPublicKey}\n`);
-    const blackhole = new AddressBlackhole(`vmops_ha_${o.environment.replace(/[^a-z0-9]/g, '_')}`);
+    const blackhole = new AddressBlackhole(`vmops_ha_${o.environment.replace(/[^a-z0-9]/g, '_')}`, say);
     await blackhole.create();
     // removed first on stop (see stop below) so nothing waits on a dropped address while shutting down
     dropBlackhole = () => blackhole.destroy();
@@ -376,7 +521,7 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
     await mkdir(join(nginxPrefix, 'conf.d'), { recursive: true });
     const nginxMain = join(nginxPrefix, 'nginx.conf');
     const nginxUpstreams = join(nginxPrefix, 'conf.d', 'kube-apiserver.conf');
-    const n = o.nginx ?? {};
+    const n = { ...NGINX_DEFAULTS, ...o.nginx };
     await writeFile(nginxMain, [
       '# the beachhead\'s load balancer (its own instance: prefix, pid and logs here)',
       'load_module /usr/lib/nginx/modules/ngx_stream_module.so;',
@@ -384,7 +529,7 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
       `pid ${join(nginxPrefix, 'nginx.pid')};`,
       `error_log ${join(nginxPrefix, 'error.log')} warn;`,
       // after a reload, old workers close what they still hold: long-lived watches then move to the remaining backends
-      `worker_shutdown_timeout ${n.workerShutdownTimeoutSeconds ?? 3}s;`,
+      `worker_shutdown_timeout ${n.workerShutdownTimeoutSeconds}s;`,
       'events { worker_connections 1024; }',
       'stream {',
       `  include ${nginxUpstreams};`,
@@ -395,7 +540,7 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
       '  server {',
       `    listen ${lbAddress}:${API_PORT};`,
       `    proxy_pass ${LB_UPSTREAM};`,
-      `    proxy_connect_timeout ${n.connectTimeoutSeconds ?? 10}s;`,
+      `    proxy_connect_timeout ${n.connectTimeoutSeconds}s;`,
       '    proxy_timeout 10m;',
       `    proxy_bind ${lbAddress};`,
       '  }',
@@ -404,7 +549,7 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
     ].join('\n'));
     await writeFile(nginxUpstreams, [
       `upstream ${LB_UPSTREAM} {`,
-      ...controllers.map((c) => `    server ${c.address}:${API_PORT} max_fails=${n.maxFails ?? 1} fail_timeout=${n.failTimeoutSeconds ?? 10}s;`),
+      ...controllers.map((c) => `    server ${c.address}:${API_PORT} max_fails=${n.maxFails} fail_timeout=${n.failTimeoutSeconds}s;`),
       '}',
       '',
     ].join('\n'));
@@ -416,28 +561,44 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
     };
 
     // ---- VMs' running state drives their services -----------------------------------------------------
-    const transitions: HaGuest['transitions'] = [];
+    const transitions: RunTransition[] = [];
     const onChange = async (vmName: string, state: VmRunState, prev: VmRunState) => {
       const vm = vms.find((v) => v.name === vmName)!;
-      transitions.push({ at: Date.now(), vm: vmName, state });
+      const at = Date.now();
       say(`HA guest: ${vmName} ${prev} → ${state}`);
+      const errors: string[] = [];
+      // each effect is attempted whatever became of the one before: a drop that failed must not leave the
+      // services of a stopped VM running (a restart would then find their ports taken)
+      const attempt = async (what: string, fn: () => Promise<void> | void) => {
+        try {
+          await fn();
+        } catch (err) {
+          errors.push(`${what}: ${(err as Error).message}`);
+        }
+      };
       const svcs = vmSvcs.get(vmName) ?? [];
       if (state === 'running') {
         if (prev === 'frozen' && svcs.length) for (const s of svcs) signal(s, 'SIGCONT');
-        else vmSvcs.set(vmName, await startServices(vm));
-        if (vm.address) await blackhole.up(vm.address);
-        return;
-      }
-      if (vm.address) await blackhole.down(vm.address);
-      if (state === 'frozen') for (const s of svcs) signal(s, 'SIGSTOP');
-      else {
-        for (const s of svcs) {
-          s.stopped = true;
-          signal(s, 'SIGKILL');
+        else await attempt('starting its services', async () => void vmSvcs.set(vmName, await startServices(vm)));
+        if (vm.address) await attempt('removing its drop', () => blackhole.up(vm.address!));
+      } else {
+        if (vm.address) await attempt('dropping its address', () => blackhole.down(vm.address!));
+        if (state === 'frozen') for (const s of svcs) signal(s, 'SIGSTOP');
+        else {
+          for (const s of svcs) {
+            s.stopped = true;
+            signal(s, 'SIGKILL');
+          }
+          await Promise.all(svcs.map((s) => s.exited));
+          vmSvcs.delete(vmName);
         }
-        await Promise.all(svcs.map((s) => s.exited));
-        vmSvcs.delete(vmName);
       }
+      // published once carried out: a test that reads "down since t" must not see traffic the drop did not
+      // stop yet (the observer publishes the run state after this returns, too)
+      const error = errors.join('; ');
+      transitions.push({ at, appliedAt: Date.now(), vm: vmName, state, ...(error ? { error } : {}) });
+      say(`HA guest: ${vmName} ${state} applied${error ? ` with errors: ${error}` : ''}`);
+      if (error) throw new Error(`${vmName} ${state}: ${error}`);
     };
     const observer = new VmRunStateObserver(o.environment, vms.filter((v) => v.role !== 'worker').map((v) => v.name), {
       dirPrefix: '/',
@@ -487,22 +648,45 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
     cleanups.push(() => bridge.stop());
 
     const memberStatus = async (c: (typeof controllers)[number], timeoutMs: number): Promise<MemberStatus> => {
+      const sentAt = Date.now();
       try {
         const r = await postJson(`https://${c.address}:${ETCD_PORT}/v3/maintenance/status`, {}, etcdClient, timeoutMs);
-        const j = JSON.parse(r.body) as { header?: { member_id?: string }; leader?: string; raftIndex?: string };
-        return { vm: c.name, ok: r.status === 200, memberId: j.header?.member_id, leader: j.leader, raftIndex: Number(j.raftIndex ?? 0) };
+        const j = JSON.parse(r.body) as { header?: { member_id?: string }; leader?: string; raftIndex?: string; raftTerm?: string };
+        const ok = r.status === 200;
+        return {
+          vm: c.name, ok, memberId: j.header?.member_id, leader: j.leader, raftIndex: Number(j.raftIndex ?? 0), raftTerm: Number(j.raftTerm ?? 0),
+          sentAt, at: Date.now(), seen: ok ? 'answered' : 'down', ...(ok ? {} : { error: `HTTP ${r.status}` }),
+        };
       } catch (err) {
-        return { vm: c.name, ok: false, error: (err as Error).message };
+        const timedOut = err instanceof RequestTimeout;
+        // no answer from a running VM's member: not known to be missing (a refusal or a failed request is an answer)
+        return { vm: c.name, ok: false, error: (err as Error).message, sentAt, at: Date.now(), seen: timedOut && observer.state(c.name) === 'running' ? 'unknown' : 'down' };
       }
+    };
+    const notAsked = (c: (typeof controllers)[number]): MemberStatus => {
+      const now = Date.now();
+      return { vm: c.name, ok: false, error: `VM ${observer.state(c.name)}, not asked`, sentAt: now, at: now, seen: 'down' };
     };
     // A member whose VM runs but did not answer within 1 s is asked again with time to spare: on a loaded
     // machine a live member's reply can take longer, and the quorum checks would count it as a missing
-    // vote. A stopped member's packets are dropped (blackhole), so it is not waited for twice.
-    const etcdStatus = async (): Promise<MemberStatus[]> =>
+    // vote. A member whose VM does not run cannot vote (its packets are dropped): it is not asked.
+    const etcdStatus = async (opts: { patientMs?: number } = {}): Promise<MemberStatus[]> =>
       Promise.all(controllers.map(async (c): Promise<MemberStatus> => {
-        const quick = await memberStatus(c, 1000);
-        return quick.ok || observer.state(c.name) !== 'running' ? quick : memberStatus(c, 5000);
+        if (observer.state(c.name) !== 'running') return notAsked(c);
+        if (opts.patientMs) return memberStatus(c, opts.patientMs);
+        const quick = await memberStatus(c, liveness(1000));
+        return quick.seen !== 'unknown' ? quick : memberStatus(c, liveness(5000));
       }));
+    const etcdQuorum = async (): Promise<QuorumSample> => {
+      const at = Date.now();
+      const st = await etcdStatus();
+      const first = quorumOf(st);
+      if (first.verdict === 'held') return { at, st, verdict: 'held', leader: first.leader! };
+      // "lost" needs a second signal: every running member asked again, each with time to spare
+      const confirm = await etcdStatus({ patientMs: liveness(5000) });
+      const second = quorumOf(confirm);
+      return { at, st, confirm, verdict: first.verdict === 'lost' && second.verdict === 'lost' ? 'lost' : 'unknown' };
+    };
 
     const diagnose = async (): Promise<string> => {
       const tail = (f: string) => {
@@ -519,7 +703,9 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
     };
     let nodesCreated = false;
     const waitHealthy = async (timeoutMs = 180_000) => {
-      const deadline = Date.now() + timeoutMs;
+      const budget = liveness(timeoutMs);
+      const t0 = performance.now();
+      const deadline = Date.now() + budget;
       const check = async (): Promise<string | undefined> => {
         for (const c of controllers) if (observer.state(c.name) !== 'running') return `${c.name} not running`;
         for (const c of controllers) {
@@ -533,7 +719,7 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
       for (;;) {
         const why = await check();
         if (!why) break;
-        if (Date.now() > deadline) throw new Error(`HA guest not healthy after ${timeoutMs} ms: ${why}; logs under ${dir}\n${await diagnose()}`);
+        if (Date.now() > deadline) throw new Error(`HA guest not healthy after ${budget} ms: ${why}; logs under ${dir}\n${await diagnose()}`);
         await sleep(500);
       }
       if (!nodesCreated) {
@@ -544,8 +730,11 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
       for (;;) {
         const out = await execFileP('kubectl', ['--kubeconfig', kubeconfigPath, '--request-timeout=10s', 'get', 'nodes', '-o', 'jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status} {end}'], { timeout: 20_000 }).then((r) => r.stdout, () => '');
         const notReady = vms.filter((v) => observer.state(v.name) === 'running' || workersObserver.state(v.name) === 'running').filter((v) => !out.includes(`${v.nodeName}=True`));
-        if (!notReady.length) return;
-        if (Date.now() > deadline) throw new Error(`guest nodes not Ready: ${notReady.map((v) => v.nodeName).join(', ')}`);
+        if (!notReady.length) {
+          noteWait('HA guest healthy', budget, performance.now() - t0);
+          return;
+        }
+        if (Date.now() > deadline) throw new Error(`guest nodes not Ready after ${budget} ms: ${notReady.map((v) => v.nodeName).join(', ')}`);
         await sleep(500);
       }
     };
@@ -555,7 +744,7 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
       nginxConfigPath: nginxUpstreams,
       nginxSessions: async () => parseNginxSessions(await readFile(join(nginxPrefix, 'sessions.log'), 'utf8').catch(() => '')),
       runState: (vm) => (vms.find((v) => v.name === vm)?.role === 'worker' ? workersObserver.state(vm) : observer.state(vm)),
-      transitions, etcdStatus, waitHealthy, bridge, stop,
+      transitions, downWindows: (vm, from, kind) => downWindows(transitions, vm, from, kind), etcdStatus, etcdQuorum, waitHealthy, bridge, stop,
     };
   } catch (err) {
     await stop();
@@ -563,16 +752,30 @@ export async function startHaGuest(o: HaGuestOptions): Promise<HaGuest> {
   }
 }
 
-/** Whether something accepts TCP connections on address:port within timeoutMs (a dropped address: false). */
-export function tcpAnswers(address: string, port: number, timeoutMs: number): Promise<boolean> {
+/**
+ * What a TCP connect to address:port gets within timeoutMs: 'connected', 'refused' (a reset: nothing
+ * listens, the machine answered), another error code, or 'no answer' (neither: a dropped address, or a
+ * powered-off machine). The verdict is taken only after the event loop has handled whatever arrived
+ * meanwhile: a test process busy past the deadline does not turn a late-handled answer into 'no answer'.
+ */
+export function tcpProbe(address: string, port: number, timeoutMs: number): Promise<'connected' | 'refused' | 'no answer' | string> {
   return new Promise((res) => {
     const s = net.connect({ host: address, port });
-    const done = (v: boolean) => {
+    let settled = false;
+    const done = (v: string) => {
+      if (settled) return;
+      settled = true;
       s.destroy();
       res(v);
     };
-    s.once('connect', () => done(true));
-    s.once('error', () => done(false));
-    s.setTimeout(timeoutMs, () => done(false));
+    s.once('connect', () => done('connected'));
+    s.once('error', (err: NodeJS.ErrnoException) => done(err.code === 'ECONNREFUSED' ? 'refused' : (err.code ?? err.message)));
+    // timers run before I/O in a loop turn: look again after the I/O phase before calling it no answer
+    s.setTimeout(timeoutMs, () => setImmediate(() => done('no answer')));
   });
+}
+
+/** Whether something accepts TCP connections on address:port within timeoutMs (a dropped address: false). */
+export async function tcpAnswers(address: string, port: number, timeoutMs: number): Promise<boolean> {
+  return (await tcpProbe(address, port, timeoutMs)) === 'connected';
 }

@@ -42,6 +42,11 @@ export async function startHaSandbox(opts: {
   firstAddress?: number;
   /** the guest's load balancer on 127.0.0.N, its controllers on N+1..N+3 (default 30) */
   addressBase?: number;
+  /**
+   * the controllers' disks (default like every VM's: 16 MiB, ~2 MiB of it written): more data keeps a
+   * controller down longer while a capped copy moves it
+   */
+  controllerDisk?: { sizeMiB: number; denseMiB: number };
 }): Promise<HaSandbox> {
   const say = opts.log ?? (() => undefined);
   const dir = resolve(opts.dir);
@@ -88,7 +93,8 @@ export async function startHaSandbox(opts: {
     for (const vm of environment.vms) {
       const vmDir = h01.vmDir(environment.name, vm);
       mkdirSync(vmDir, { recursive: true });
-      await createDiskImage(join(vmDir, 'disk0.qcow2'), { sizeMiB: 16, format: 'qcow2', seed: seed++, regions: 4 });
+      const disk = vm.role === 'controller' && opts.controllerDisk ? opts.controllerDisk : { sizeMiB: 16, denseMiB: 0 };
+      await createDiskImage(join(vmDir, 'disk0.qcow2'), { sizeMiB: disk.sizeMiB, denseMiB: disk.denseMiB, format: 'qcow2', seed: seed++, regions: 4 });
       await h01.startVm(environment.name, vm);
     }
     say('waiting for etcd, the API servers, NGINX and the guest nodes…');

@@ -4,6 +4,7 @@
  */
 import { execFile } from 'node:child_process';
 import { mkdir } from 'node:fs/promises';
+import { liveness } from './budget.js';
 
 export interface StudentSample {
   /** Date.now() at the start */
@@ -45,7 +46,14 @@ export class KubectlStudent {
 
   constructor(
     private readonly kubeconfigPath: string,
-    private readonly opts: { cacheDir: string; namespace?: string; parallel?: number; pauseMs?: number },
+    private readonly opts: {
+      cacheDir: string;
+      namespace?: string;
+      parallel?: number;
+      pauseMs?: number;
+      /** the loops end by themselves after this long (a liveness budget; default 30 min) if stop() never comes */
+      maxRunMs?: number;
+    },
   ) {}
 
   private kubectl(args: string[]): Promise<{ ok: boolean; error?: string }> {
@@ -69,8 +77,10 @@ export class KubectlStudent {
     await mkdir(this.opts.cacheDir, { recursive: true });
     this.running = true;
     const ns = this.opts.namespace ?? 'default';
+    // a test that failed before stop() must not leave kubectl loops running into the next test or file
+    const deadline = Date.now() + (this.opts.maxRunMs ?? liveness(1_800_000));
     const loop = async (worker: number) => {
-      while (this.running) {
+      while (this.running && Date.now() < deadline) {
         const n = `student-${worker}-${this.seq++}`;
         await this.one('get', ['get', 'namespace', ns, '-o', 'name']);
         if (!this.running) break;
@@ -84,6 +94,7 @@ export class KubectlStudent {
     this.loops = Array.from({ length: this.opts.parallel ?? 2 }, (_, i) => loop(i));
   }
 
+  /** Ends the loops after their current call; returns every sample (idempotent). */
   async stop(): Promise<StudentSample[]> {
     this.running = false;
     await Promise.all(this.loops);
