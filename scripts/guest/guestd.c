@@ -16,6 +16,11 @@
  *   power      the ACPI power button (input event KEY_POWER from button.ko via evdev): the writer
  *              finishes its record, everything is synced, "POWEROFF clean acked=<seq>" is printed and
  *              the guest powers off. vmops.acpi=ignore makes the guest ignore the button ("POWER ignored").
+ *   console    once a second PID 1 prints on the console only (ttyS0, QEMU: serial.log, a file that
+ *              never pushes back):  "CONSOLE <n> hb=<beats written whole> ttyS1.tx=<bytes>"  with the
+ *              transmit count of ttyS1's UART from /proc/tty/driver/serial — when the heartbeat port
+ *              goes silent, a console that keeps counting with a frozen tx says the UART is stuck (the
+ *              guest runs), a console that stops says the guest is hung.
  *
  * Raw ring instead of a file system: the check does not depend on fs recovery after a killed guest,
  * and a torn write can only affect the one record that was never acknowledged.
@@ -50,6 +55,7 @@ struct shared {
   volatile int stop;            /* writer: finish and exit */
   volatile int verify_req;      /* set by the heartbeat on "verify" */
   int line_lock;                /* held while one process writes one line to the tty */
+  volatile uint64_t hb_written; /* last heartbeat whose line reached the tty whole */
 };
 
 static struct shared *sh;
@@ -74,35 +80,41 @@ static void lines_unlock(void) {
 /* The tty is O_NONBLOCK (the heartbeat reads host commands without blocking), so a write can take
  * part of a line or nothing: EAGAIN when the UART's buffer is full, and also whenever another
  * process is writing (tty_write_lock() only tries the lock under O_NONBLOCK). Such lines were lost
- * or torn; the rest is now written as soon as there is room. QEMU always drains the port (it drops
- * bytes no client takes), so this waits for the guest's own UART only; 10 s bounds it anyway. */
-static void tty_write_all(const char *p, size_t n) {
+ * or torn; the rest is now written as soon as there is room. QEMU drops the bytes no client takes,
+ * but holds the UART while a connected client is slow to read (and, after a live migration that
+ * loaded such a held UART with no client on the target's socket, for good: see the console beat);
+ * 10 s bounds the wait. */
+static int tty_write_all(const char *p, size_t n) {
   uint64_t give_up = now_ns() + 10000000000ULL;
   while (n > 0) {
     ssize_t w = write(tty, p, n);
     if (w > 0) { p += w; n -= (size_t)w; continue; }
-    if ((w < 0 && errno != EAGAIN && errno != EINTR) || now_ns() > give_up) return;
+    if ((w < 0 && errno != EAGAIN && errno != EINTR) || now_ns() > give_up) return 0;
     struct pollfd room = {tty, POLLOUT, 0};
     (void)poll(&room, 1, 10);
     usleep(200);
   }
+  return 1;
 }
 
-static void emit(int console, const char *fmt, ...) {
+/* 1 if the line reached the tty whole (or there is no tty to write to) */
+static int emit(int console, const char *fmt, ...) {
   char buf[256];
   va_list ap;
   va_start(ap, fmt);
   int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
   va_end(ap);
-  if (n < 0) return;
+  if (n < 0) return 0;
   if (n > (int)sizeof buf - 2) n = sizeof buf - 2;
   buf[n++] = '\n';
+  int whole = 1;
   if (tty >= 0) {
     lines_lock();
-    tty_write_all(buf, (size_t)n);
+    whole = tty_write_all(buf, (size_t)n);
     lines_unlock();
   }
   if (console) (void)!write(2, buf, n);
+  return whole;
 }
 #define say(...) emit(1, __VA_ARGS__)
 
@@ -274,7 +286,7 @@ static void heartbeat(void) {
   size_t inlen = 0;
   for (;;) {
     beat++;
-    emit(0, "HB %llu %llu %u", (unsigned long long)beat, (unsigned long long)sh->acked, sh->boot);
+    if (emit(0, "HB %llu %llu %u", (unsigned long long)beat, (unsigned long long)sh->acked, sh->boot)) sh->hb_written = beat;
     /* commands from the host, line by line */
     ssize_t n;
     while ((n = read(tty, in + inlen, sizeof in - 1 - inlen)) > 0) {
@@ -359,6 +371,31 @@ static long pwr_count(void) {
   return atol(b);
 }
 
+/* bytes the 8250 driver handed to ttyS1's UART ("1: uart:16550A port:000002F8 irq:3 tx:<n> rx:<n> ..."), or -1 */
+static long ttys1_tx(void) {
+  char b[4096];
+  size_t len = 0;
+  int f = open("/proc/tty/driver/serial", O_RDONLY);
+  if (f < 0) return -1;
+  for (ssize_t k; len < sizeof b - 1 && (k = read(f, b + len, sizeof b - 1 - len)) > 0;) len += (size_t)k;
+  close(f);
+  b[len] = 0;
+  char *l = strstr(b, "\n1: ");
+  if (!l) return -1;
+  char *eol = strchr(l + 1, '\n');
+  char *tx = strstr(l, " tx:");
+  if (!tx || (eol && tx > eol)) return -1;
+  return atol(tx + 4);
+}
+
+/* the console beat: ttyS0 only (see the header) */
+static void console_beat(void) {
+  static uint64_t n = 0;
+  char buf[128];
+  int k = snprintf(buf, sizeof buf, "CONSOLE %llu hb=%llu ttyS1.tx=%ld\n", (unsigned long long)++n, (unsigned long long)sh->hb_written, ttys1_tx());
+  if (k > 0) (void)!write(2, buf, (size_t)k < sizeof buf ? (size_t)k : sizeof buf - 1);
+}
+
 static void power_pressed(pid_t wr, pid_t hb) {
   int status;
   if (acpi_ignore) { say("POWER ignored (vmops.acpi=ignore)"); return; }
@@ -397,7 +434,13 @@ int main(void) {
   struct pollfd fds[8];
   int nfds = 0, scans = 0;
   long pwr_seen = pwr_count();
+  uint64_t next_console = now_ns() + 1000000000ULL;
   for (;;) {
+    if (now_ns() >= next_console) {
+      console_beat();
+      next_console += 1000000000ULL;
+      if (next_console < now_ns()) next_console = now_ns() + 1000000000ULL;
+    }
     /* the button's event node may appear after we start (evdev, devtmpfs): rescan until it is there */
     if (!acpi_button_found && scans < 100) {
       for (int i = 0; i < nfds; i++) close(fds[i].fd);

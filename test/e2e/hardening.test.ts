@@ -17,6 +17,8 @@ import { parse, stringify } from 'yaml';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
 import { LOOPBACK } from '../world/loopback.js';
+import { liveness } from '../world/budget.js';
+import { until } from '../world/until.js';
 
 const DIR = join(REPO_ROOT, '.sandbox', 'hardening');
 const TOKEN = 'tok-9f8e7d6c5b4a39281706f5e4d3c2b1a0-secret';
@@ -44,13 +46,23 @@ async function getVmm(name: string): Promise<VMMigration> {
   return (await api.getNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, name })) as VMMigration;
 }
 
+/** Liveness budgets of this file's waits (nominal ms, scaled by liveness()): a test's timeout is their sum. */
+const W = {
+  /** a VMMigration to Failed or Succeeded */
+  finished: 120_000,
+  /** the bounded steps around it: kubectl, an operator (re)start, hashing the VM's files */
+  steps: 60_000,
+};
+
 async function waitFinished(name: string): Promise<VMMigration> {
-  const deadline = Date.now() + 120_000;
-  for (;;) {
-    const o = await getVmm(name).catch(() => undefined);
-    if (o?.status?.phase === 'Failed' || o?.status?.phase === 'Succeeded') return o;
-    if (Date.now() > deadline) throw new Error(`${name} did not finish (status: ${JSON.stringify(o?.status)})`);
-    await new Promise((r) => setTimeout(r, 300));
+  let last: VMMigration | undefined;
+  try {
+    return await until(`${name} Failed or Succeeded`, W.finished, async () => {
+      last = await getVmm(name).catch(() => last);
+      return last?.status?.phase === 'Failed' || last?.status?.phase === 'Succeeded' ? last : undefined;
+    }, 300);
+  } catch (err) {
+    throw new Error(`${(err as Error).message} (status: ${JSON.stringify(last?.status)})`);
   }
 }
 
@@ -99,7 +111,7 @@ describe('kubeconfig Secrets are data, never code, and never echoed', () => {
     const visible = await everythingVisible('leaky-secret');
     expect(visible).toContain('leaky-secret');
     for (const secret of [TOKEN, TOKEN.slice(0, 16), KEY_MARK, KEY_MARK.slice(0, 16)]) expect(visible).not.toContain(secret);
-  });
+  }, liveness(W.finished + W.steps));
 
   it('an exec credential plugin is refused, naming the Secret, and never runs', async () => {
     rmSync(PWNED, { force: true });
@@ -113,7 +125,7 @@ describe('kubeconfig Secrets are data, never code, and never echoed', () => {
     expect(msg).toMatch(/exec credential plugins are refused/);
     expect(existsSync(PWNED)).toBe(false);
     await expectUntouched();
-  });
+  }, liveness(W.finished + W.steps));
 });
 
 describe('an SSH host whose key does not match the inventory', () => {
@@ -141,7 +153,7 @@ describe('an SSH host whose key does not match the inventory', () => {
     expect(readyMessage(o)).toMatch(/SSH host key of host host02 does not match the inventory/);
     expect(o.status?.conditions?.find((c) => c.type === 'Degraded')?.status).toBe('True');
     await expectUntouched();
-  });
+  }, liveness(W.steps + W.finished + W.steps));
 });
 
 describe('transfer mode Direct through the operator', () => {
@@ -167,5 +179,5 @@ describe('transfer mode Direct through the operator', () => {
     expect(left.toString()).toBe('');
     // the private key never reached the operator
     expect(readFileSync(operatorLog, 'utf8')).not.toMatch(/PRIVATE KEY|vmops-direct\+/);
-  });
+  }, liveness(W.steps + W.finished + W.steps));
 });

@@ -11,6 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
 import { CORDONED_BY_ANNOTATION } from '../../src/guest/drain.js';
 import { deployStudentWorkload } from '../world/guestCluster.js';
+import { liveness } from '../world/budget.js';
 import { until } from '../world/until.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
 import { LOOPBACK } from '../world/loopback.js';
@@ -19,6 +20,16 @@ const ENV = 'student-77';
 const STRICT_NS = `${ENV}-strict`;
 let sb: Sandbox;
 let operator: OperatorProcess;
+
+/** Liveness budgets of the test's waits (nominal ms, scaled by liveness()): its timeout is their sum. */
+const W = {
+  /** the student's PDB reports its one pod healthy */
+  pdb: 90_000,
+  /** the migration fails: the beachhead moves, node-1's drain runs into its 10 s timeout, the rollback */
+  failed: 300_000,
+  /** the bounded steps around them: kubectl cordon/apply, the workload's objects, API reads */
+  steps: 60_000,
+};
 
 beforeAll(async () => {
   sb = await startSandbox({ dir: join(REPO_ROOT, '.sandbox', 'drain-operator'), environment: ENV, firstAddress: LOOPBACK.drainOperator.first, diskMiB: 16 });
@@ -40,7 +51,7 @@ describe('a drain blocked by a PodDisruptionBudget, through the operator', () =>
     await sb.kubectl(['cordon', beachhead]);
     // a database the student protects completely: one replica, minAvailable 1, on node-1
     await deployStudentWorkload(sb.kc, { namespace: STRICT_NS, name: 'db', replicas: 1, minAvailable: 1, nodeNames: [node1.nodeName] });
-    await until('db PDB allows 0 disruptions', 90_000, async () => {
+    await until('db PDB allows 0 disruptions', W.pdb, async () => {
       const pdb = await sb.kc.makeApiClient(PolicyV1Api).readNamespacedPodDisruptionBudget({ name: 'db', namespace: STRICT_NS });
       return pdb.status?.currentHealthy === 1 && pdb.status.disruptionsAllowed === 0;
     });
@@ -65,7 +76,7 @@ describe('a drain blocked by a PodDisruptionBudget, through the operator', () =>
     });
     const api = sb.kc.makeApiClient(CustomObjectsApi);
     const get = async () => (await api.getNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, name })) as VMMigration;
-    const final = await until('migration Failed', 300_000, async () => {
+    const final = await until('migration Failed', W.failed, async () => {
       const o = await get();
       if (o.status?.phase === 'Succeeded') throw new Error('the migration succeeded although the PDB allows no disruption');
       return o.status?.phase === 'Failed' ? o : undefined;
@@ -103,5 +114,5 @@ describe('a drain blocked by a PodDisruptionBudget, through the operator', () =>
     expect(n1.metadata?.annotations?.[CORDONED_BY_ANNOTATION]).toBeUndefined();
     const dbNow = (await core.listNamespacedPod({ namespace: STRICT_NS })).items;
     expect(dbNow.map((p) => [p.metadata?.uid, p.metadata?.deletionTimestamp])).toEqual([[db!.metadata!.uid, undefined]]);
-  });
+  }, liveness(W.pdb + W.failed + W.steps));
 });

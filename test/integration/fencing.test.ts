@@ -13,6 +13,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { qemuName, vmDirectory, type HostSpec, type VMSpec } from '../../src/api/inventory.js';
 import type { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { buildQemuArgv } from '../../src/hosts/qemuArgv.js';
+import { liveness } from '../world/budget.js';
 import { adoptHostFile, HOST_USER, startTwoHosts, type TwoHosts } from '../world/hosts.js';
 import { createDiskImage } from '../world/images.js';
 import { LOOPBACK } from '../world/loopback.js';
@@ -151,9 +152,9 @@ describe('fencing on a real host', () => {
     argv.splice(drive, 2);
     const child = spawn('runuser', ['-u', HOST_USER, '--', ...argv], { stdio: 'ignore' });
     extra.push(child);
-    await expect.poll(() => existsSync(path.join(otherDir, 'qmp.sock')), { timeout: 10_000 }).toBe(true);
+    await expect.poll(() => existsSync(path.join(otherDir, 'qmp.sock')), { timeout: liveness(10_000) }).toBe(true);
     // QEMU creates its sockets before it initializes the accelerator: only an answer proves it is up
-    await expect.poll(() => qmpStatus(path.join(otherDir, 'qmp.sock')), { timeout: 10_000 }).toMatch(/"status": ?"(running|prelaunch)"/);
+    await expect.poll(() => qmpStatus(path.join(otherDir, 'qmp.sock')), { timeout: liveness(10_000) }).toMatch(/"status": ?"(running|prelaunch)"/);
     await expect(hv.vmStatus(ENV, vm)).rejects.toThrow(/cannot prove .*2 QEMU processes/);
     await expect(hv.startVm(ENV, vm)).rejects.toThrow(/cannot prove/);
   });

@@ -249,8 +249,16 @@ describe('roll forward once the VM ran on the target (real hosts, real QEMU)', (
   it('leadership lost during the guest\'s ACPI shutdown: stopVm gives up without the quit, the VM is left for the next leader', async () => {
     const { vm } = await runningOnHost01('rf-lease');
     const ac = new AbortController();
-    setTimeout(() => ac.abort(new Error('lost leadership')), 300);
-    await expect(two.hv1.stopVm(ENV, vm, { powerdownTimeoutMs: 30_000, signal: ac.signal })).rejects.toThrow(/lost leadership/);
+    // leadership goes once the guest was asked to power down (QEMU's POWERDOWN event, seen on the second monitor)
+    const observe = await QmpClient.open(connect(`${vmDirectory(two.h1, ENV, vm.name)}/qmp-observe.sock`), { timeoutMs: 10_000 });
+    const pressed = observe.waitForEvent('POWERDOWN', 60_000).then(() => ac.abort(new Error('lost leadership')));
+    pressed.catch(() => undefined); // awaited below; a failure before that must not go unhandled
+    try {
+      await expect(two.hv1.stopVm(ENV, vm, { powerdownTimeoutMs: 30_000, signal: ac.signal })).rejects.toThrow(/lost leadership/);
+      await pressed;
+    } finally {
+      observe.close();
+    }
     // had it waited out the 30 s it would have quit QEMU: still running means it gave up without acting
     expect((await two.hv1.vmStatus(ENV, vm)).qmpStatus).toBe('running');
   }, 60_000);

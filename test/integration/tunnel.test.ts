@@ -12,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openTunnel, tunnelSocketPath, type Tunnel } from '../../src/transfer/tunnel.js';
 import { adoptHostFile, startTwoHosts, type TwoHosts } from '../world/hosts.js';
 import { LOOPBACK } from '../world/loopback.js';
+import { until } from '../world/until.js';
 
 interface Served {
   server: net.Server;
@@ -110,11 +111,16 @@ describe('operator tunnel under stress (real sshd on both ends)', () => {
     // The echo is complete and B's channel closed while most of the reply still waits in the
     // operator behind A's SSH window (the client is not reading): releasing the pair on that close
     // used to drop the queued bytes (ssh2 discards writes to a channel it has sent CLOSE on).
-    const echo = await serve('echo-slow.sock', (s) => s.pipe(s));
+    const clients = 4;
+    let finished = 0;
+    const echo = await serve('echo-slow.sock', (s) => {
+      s.pipe(s);
+      s.on('close', () => finished++);
+    });
     const tun = await openTunnel({ a: two.c1, b: two.c2, socketPathOnA: tunnelSocketPath(dirA, 'r'), destination: { unixPath: echo.path } });
     try {
       const results = await Promise.all(
-        Array.from({ length: 4 }, async () => {
+        Array.from({ length: clients }, async () => {
           const payload = randomBytes(3 << 20);
           const got = await new Promise<Buffer>((resolve, reject) => {
             const s = net.connect({ path: tun.socketPathOnA, allowHalfOpen: true });
@@ -123,12 +129,12 @@ describe('operator tunnel under stress (real sshd on both ends)', () => {
             s.on('error', reject);
             s.end(payload);
             // 3 MiB fits in the buffers along the way (two SSH windows, the operator's stream
-            // buffers): by the time the client reads, the echo has finished and B's channel closed.
-            setTimeout(() => {
+            // buffers): the client reads once every echo has finished and closed its end on B.
+            until('every echo finished and closed on B', 60_000, async () => finished >= clients, 50).then(() => {
               s.on('data', (d: Buffer) => chunks.push(d));
               s.on('end', () => resolve(Buffer.concat(chunks)));
               s.resume();
-            }, 3000);
+            }, reject);
           });
           return { sent: payload.length, got: got.length, same: got.equals(payload) };
         }),

@@ -15,6 +15,7 @@ import { promisify } from 'node:util';
 import type { HostQemu, HostSpec } from '../../src/api/inventory.js';
 import { Hypervisor } from '../../src/hosts/hypervisor.js';
 import { HostConnection } from '../../src/hosts/ssh.js';
+import { liveness } from './budget.js';
 
 const execFileP = promisify(execFile);
 
@@ -217,7 +218,7 @@ async function freePort(address: string): Promise<number> {
 }
 
 /** Waits for the SSH banner, not just an open port, so the first real connect does not race sshd start-up. */
-async function waitForSsh(address: string, port: number, child: ChildProcess, logFile: string, timeoutMs = 10_000): Promise<void> {
+async function waitForSsh(address: string, port: number, child: ChildProcess, logFile: string, timeoutMs = liveness(10_000)): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (Date.now() < deadline) {
     if (child.exitCode !== null) {
