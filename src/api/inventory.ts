@@ -47,6 +47,7 @@ export interface VMFile {
   name: string;
   /** disk images are attached to QEMU; other files (firmware vars, seed) only move with the VM */
   kind: 'disk' | 'file';
+  /** required for disks (the inventory parser refuses a disk without it): QEMU never probes a disk's format */
   format?: 'qcow2' | 'raw';
 }
 

@@ -245,8 +245,12 @@ function parseVm(v: unknown, at: string, hosts: Set<string>): VMSpec {
     checkFileName(`${at}.files[${i}].name`, fname);
     const kind = str(fo.kind ?? 'disk', `${at}.files[${i}].kind`);
     if (kind !== 'disk' && kind !== 'file') throw new Error(`${at}.files[${i}].kind must be disk or file`);
+    // A disk's format is stated, never probed: a raw disk the guest wrote a qcow2 header into (naming a
+    // backing file: another tenant's image, a host device) would otherwise be opened as that qcow2.
+    if (kind === 'disk' && fo.format === undefined) throw new Error(`${at}.files[${i}].format is required for a disk (qcow2 or raw): QEMU must not guess it from the image's first bytes, which the guest writes`);
     const format = fo.format === undefined ? undefined : str(fo.format, `${at}.files[${i}].format`);
     if (format !== undefined && format !== 'qcow2' && format !== 'raw') throw new Error(`${at}.files[${i}].format must be qcow2 or raw`);
+    if (format !== undefined && kind !== 'disk') throw new Error(`${at}.files[${i}].format is for disks only (kind: disk)`);
     return format ? { name: fname, kind, format } : { name: fname, kind };
   });
   files.forEach((f, i) => {

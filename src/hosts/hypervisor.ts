@@ -139,6 +139,18 @@ const LOCK_SCRIPT = [
   `cat -- "$1/${SOURCE_LOCK_FILE}"`,
 ].join('\n');
 
+/**
+ * "The guest may have run from this directory": written by a move's `start` step on the target right
+ * before its QEMU boots or resumes the guest, and never removed but with the directory. From then on
+ * this copy may hold writes no other copy has (DESIGN rule 2), whatever a journal says — a database
+ * restored from an older backup has no record of that start. A copy (relay, direct, mirror, live
+ * incoming) onto a directory that carries it is refused, and so is removing it as a stale target.
+ */
+export const RAN_MARKER_FILE = 'guest-ran-here';
+/** Prints "ran" (the marker is there: nothing happens), else creates the directory and prints "ok". */
+const COPY_TARGET_SCRIPT = `[ -e "$1/${RAN_MARKER_FILE}" ] && { echo ran; exit 0; }
+mkdir -p -- "$1" && echo ok`;
+
 /** Who holds a VM's source copy (see SOURCE_LOCK_FILE); no secrets, shown to administrators as is. */
 export interface SourceLock {
   /** the holding VMMigration's uid */
@@ -408,6 +420,34 @@ export class Hypervisor {
     }
   }
 
+  /** The uid of the migration that recorded the guest may have run from this VM directory (RAN_MARKER_FILE), if one did. */
+  async ranHere(environment: string, vm: VMSpec): Promise<string | undefined> {
+    const file = `${this.vmDir(environment, vm)}/${RAN_MARKER_FILE}`;
+    const r = await this.conn.exec(['cat', '--', file]);
+    if (r.code === 0) return r.stdout.toString('utf8').trim().slice(0, 200) || '(empty marker)';
+    if (/No such file or directory|Not a directory/.test(r.stderr.toString())) return undefined;
+    throw new Error(`on ${this.host.name}: cannot read ${file} (${r.code}): ${r.stderr.toString().trim()}`);
+  }
+
+  /** Records, before the target runs the guest, that it may have (see RAN_MARKER_FILE); idempotent. */
+  async markRanHere(environment: string, vm: VMSpec, migrationUid: string): Promise<void> {
+    const dir = this.vmDir(environment, vm);
+    assertSafePath('directory', dir);
+    // written to a temporary name and renamed: a full disk leaves no half-written marker
+    await this.conn.execOk(['sh', '-c', 'printf "%s\\n" "$2" > "$1/.ran.$$" && mv -f -- "$1/.ran.$$" "$1/$3"', 'mark-ran', dir, migrationUid, RAN_MARKER_FILE]);
+  }
+
+  /**
+   * Creates a copy's target directory, refusing one the guest may have run from: a stale copy must
+   * never be written over the newest one (RAN_MARKER_FILE).
+   */
+  async ensureCopyTarget(dir: string): Promise<void> {
+    assertSafePath('directory', dir);
+    const out = (await this.conn.execOk(['sh', '-c', COPY_TARGET_SCRIPT, 'copy-target', dir])).toString('utf8').trim();
+    if (out === 'ran') throw new Error(`refusing to copy into ${dir} on ${this.host.name}: the guest may have run from it (${RAN_MARKER_FILE}); its disks may hold writes no other copy has`);
+    if (out !== 'ok') throw new Error(`on ${this.host.name}: unexpected output preparing ${dir}: ${JSON.stringify(out.slice(0, 80))}`);
+  }
+
   /** Regular files directly inside the VM directory (not only those in VMSpec.files: stale .partial files show up too). */
   async listVmFiles(environment: string, vm: VMSpec): Promise<VmFileInfo[]> {
     const dir = this.vmDir(environment, vm);
@@ -428,8 +468,12 @@ export class Hypervisor {
     await this.conn.execOk(['mkdir', '-p', '--', path]);
   }
 
-  /** Deletes a VM directory; refuses while a QEMU for the VM is alive (its disks are in use). */
-  async removeVmDir(environment: string, vm: VMSpec): Promise<void> {
+  /**
+   * Deletes a VM directory; refuses while a QEMU for the VM is alive (its disks are in use), and with
+   * `staleCopy` (a target copy that never ran: a rollback, an interrupted copy) also when the guest
+   * may have run from it (RAN_MARKER_FILE).
+   */
+  async removeVmDir(environment: string, vm: VMSpec, opts: { staleCopy?: boolean } = {}): Promise<void> {
     const dir = this.vmDir(environment, vm);
     const root = this.host.vmDir.replace(/\/+$/, '');
     if (!dir.startsWith(`${root}/`) || dir.split('/').length < root.split('/').length + 2) {
@@ -438,6 +482,9 @@ export class Hypervisor {
     const p = await this.probe(environment, vm);
     if (p.state === 'absent') return;
     if (p.state === 'alive') throw new Error(`refusing to remove ${dir} on ${this.host.name}: QEMU pid ${p.pid} is alive`);
+    if (opts.staleCopy && (await this.ranHere(environment, vm)) !== undefined) {
+      throw new Error(`refusing to remove ${dir} on ${this.host.name} as a stale copy: the guest may have run from it (${RAN_MARKER_FILE})`);
+    }
     await this.conn.execOk(['rm', '-rf', '--', dir]);
   }
 

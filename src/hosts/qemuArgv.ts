@@ -77,11 +77,17 @@ export function buildQemuArgv(dir: string, environment: string, vm: VMSpec, opts
   for (const f of vm.files) {
     if (f.kind !== 'disk') continue;
     assertSafeName('disk file', f.name);
-    const fmt = f.format ?? 'qcow2';
-    if (fmt !== 'qcow2' && fmt !== 'raw') throw new Error(`disk ${f.name}: unsupported format ${String(fmt)}`);
+    const fmt = diskFormat(f);
     argv.push('-drive', `file=${dir}/${f.name},format=${fmt},if=virtio`);
   }
   if (opts.paused) argv.push('-S');
   if (opts.incomingDefer) argv.push('-incoming', 'defer');
   return argv;
+}
+
+/** A disk's stated format; never guessed (QEMU's probe reads the guest-written first bytes). */
+export function diskFormat(f: VMSpec['files'][number]): 'qcow2' | 'raw' {
+  if (f.format === undefined) throw new Error(`disk ${f.name} has no format: the inventory must state qcow2 or raw`);
+  if (f.format !== 'qcow2' && f.format !== 'raw') throw new Error(`disk ${f.name}: unsupported format ${String(f.format)}`);
+  return f.format;
 }

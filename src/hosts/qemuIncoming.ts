@@ -12,7 +12,7 @@ import { TIMEOUTS } from '../api/types.js';
 import { sleep } from '../util/sleep.js';
 import type { Hypervisor } from './hypervisor.js';
 import { QmpClient } from './qmp.js';
-import { buildQemuArgv } from './qemuArgv.js';
+import { buildQemuArgv, diskFormat } from './qemuArgv.js';
 
 export { buildQemuArgv, type QemuArgvOptions } from './qemuArgv.js';
 
@@ -44,7 +44,7 @@ export async function queryDisks(qmp: QmpClient, dir: string, vm: VMSpec): Promi
     const size = b?.inserted?.image?.['virtual-size'];
     if (!b || typeof size !== 'number') throw new Error(`QEMU has no drive for ${path} (query-block: ${blocks.map((e) => e.inserted?.file ?? e.device).join(', ')})`);
     const nodeName = b.inserted?.['node-name'];
-    disks.push({ file: f.name, device: b.device, format: f.format ?? 'qcow2', virtualSize: size, ...(nodeName ? { nodeName } : {}) });
+    disks.push({ file: f.name, device: b.device, format: diskFormat(f), virtualSize: size, ...(nodeName ? { nodeName } : {}) });
   }
   return disks;
 }
@@ -270,7 +270,7 @@ export async function verifyGuestData(source: Hypervisor, target: Hypervisor, en
   const results: DiskVerification[] = [];
   for (const f of vm.files) {
     if (f.kind !== 'disk') continue;
-    const fmt = f.format ?? 'qcow2';
+    const fmt = diskFormat(f);
     const [s, t] = await Promise.all([guestContentSha256(source, `${srcDir}/${f.name}`, fmt), guestContentSha256(target, `${dstDir}/${f.name}`, fmt)]);
     results.push({ file: f.name, sourceSha256: s, targetSha256: t });
   }

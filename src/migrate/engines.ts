@@ -4,7 +4,7 @@
  * step list.
  */
 import type { HostSpec, VMSpec } from '../api/inventory.js';
-import type { MigrationSettings } from '../api/types.js';
+import type { LiveFallback, MigrationSettings } from '../api/types.js';
 import type { Hypervisor } from '../hosts/hypervisor.js';
 import { flushDisks, openQmpAt, pauseSourceForCutover, quitQemu, resumeIncoming, resumeSource, verifyGuestData } from '../hosts/qemuIncoming.js';
 import type { HostConnection } from '../hosts/ssh.js';
@@ -36,6 +36,15 @@ const finiteOrUndefined = (n: number): number | undefined => (Number.isFinite(n)
 
 function changedRangesVerified(ranges: number, bytes: number, prepassMs: number): string {
   return `guest data verified: ${ranges} changed range(s), ${mib(bytes)} compared at the cut-over; the rest compared while the guest ran (${(prepassMs / 1000).toFixed(1)} s)`;
+}
+
+/**
+ * A failed live migration continues with the fallback strategy from the source only when its abort
+ * proved the target gone (LiveMigrationAbortedError.targetGone); otherwise the move fails, and its
+ * rollback deals with what is left on the target first (failing closed while it cannot).
+ */
+export function liveFallback(err: unknown, fallback: LiveFallback): boolean {
+  return err instanceof LiveMigrationAbortedError && err.targetGone && fallback !== 'None';
 }
 
 export function hypervisorEngines(o: EngineOptions): MoveEngines {
@@ -112,7 +121,7 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
           ...(p.cpuThrottlePercent !== undefined ? { cpuThrottlePercent: p.cpuThrottlePercent } : {}),
         }),
       }).catch((err: unknown) => {
-        if (err instanceof LiveMigrationAbortedError && settings.live.fallback !== 'None') throw new LiveFellBack(err.message);
+        if (liveFallback(err, settings.live.fallback)) throw new LiveFellBack((err as Error).message);
         throw err;
       });
       return {

@@ -2,8 +2,9 @@
  * The administrator's decision after a move ended `stuck-on-target` (Degraded, rule 2): the VM ran
  * on the target and stays there; its source image was kept, never started. `release-source`
  * deletes that image once the target is confirmed as the VM's home: only for a Degraded move, only
- * while the target holds a live QEMU of the VM and the source holds none. The placement is set to
- * the target and the decision is journaled.
+ * while the target's QEMU runs the guest (QMP `running`: an incoming QEMU of a partial live migration
+ * is alive too, but holds no complete guest) after a start this migration journaled, and only while
+ * the source holds no QEMU of it. The placement is set to the target and the decision is journaled.
  */
 import type { VMSpec } from '../api/inventory.js';
 import { targetMayHaveRun, type MoveHost, type MoveStore } from './vmMove.js';
@@ -22,7 +23,10 @@ export async function releaseSource(o: { store: ReleaseStore; migrationUid: stri
   if (rec.phase !== 'Degraded') throw new Error(`the move of ${environment}/${vm.name} is ${rec.phase}, not Degraded: only the kept source image of a move that stayed on its target is released`);
   if (rec.fromHost !== source.host.name || rec.toHost !== target.host.name) throw new Error(`the move went ${rec.fromHost} → ${rec.toHost}, not ${source.host.name} → ${target.host.name}`);
   const [src, dst] = await Promise.all([source.vmStatus(environment, vm), target.vmStatus(environment, vm)]);
-  if (!live(dst.state)) throw new Error(`${environment}/${vm.name} has no live QEMU on ${target.host.name} (${dst.state}): start it there first; the source image stays`);
+  if (dst.qmpStatus !== 'running') throw new Error(`${environment}/${vm.name} does not run on ${target.host.name} (${dst.qmpStatus ?? dst.state}): the source image stays until the VM runs there`);
+  if (!journalShowsStart(await store.journalEntries(migrationUid, environment, vm.name))) {
+    throw new Error(`the journal of migration ${migrationUid} shows no completed start of ${environment}/${vm.name} on ${target.host.name}: the operator never saw that copy start, so it is not known to be the VM's whole disk; the source image stays`);
+  }
   if (live(src.state)) throw new Error(`${environment}/${vm.name} has a live QEMU on ${source.host.name}: refusing to delete its image`);
   await store.journal(migrationUid, environment, vm.name, 'cleanup', 'begin', { by: 'release-source' });
   if (src.state !== 'absent') await source.removeVmDir(environment, vm);
@@ -31,6 +35,16 @@ export async function releaseSource(o: { store: ReleaseStore; migrationUid: stri
   const message = `source image on ${source.host.name} released by an administrator; ${vm.name} lives on ${target.host.name}`;
   await store.updateMove(migrationUid, environment, vm.name, { message });
   return message;
+}
+
+/** One VM's journal → a `start` that ended, with no rollback after it. */
+function journalShowsStart(entries: readonly { step: string; event: string }[]): boolean {
+  let started = false;
+  for (const e of entries) {
+    if (e.step === 'rollback') started = false;
+    if (e.step === 'start' && e.event === 'end') started = true;
+  }
+  return started;
 }
 
 /** A host whose source lock an administrator can read and clear. */

@@ -39,7 +39,12 @@ export interface MoveHost {
   startVm(environment: string, vm: VMSpec, opts?: { lockHolder?: string }): Promise<unknown>;
   /** `signal` ends the wait for the guest's own shutdown early (no quit after it fired) */
   stopVm(environment: string, vm: VMSpec, opts: { powerdownTimeoutMs: number; signal?: AbortSignal }): Promise<unknown>;
-  removeVmDir(environment: string, vm: VMSpec): Promise<void>;
+  /** `staleCopy`: a target copy that never ran — refused when the host recorded that the guest may have run from it */
+  removeVmDir(environment: string, vm: VMSpec, opts?: { staleCopy?: boolean }): Promise<void>;
+  /** who recorded on the host that the guest may have run from this VM directory (src/hosts/hypervisor.ts RAN_MARKER_FILE) */
+  ranHere?(environment: string, vm: VMSpec): Promise<string | undefined>;
+  /** records it, right before the target runs the guest; idempotent */
+  markRanHere?(environment: string, vm: VMSpec, migrationUid: string): Promise<void>;
   /** a live but halted QEMU (paused, or shut down by ACPI with action pause) runs its guest again */
   resumeVm?(environment: string, vm: VMSpec, opts?: { lockHolder?: string }): Promise<void>;
   /**
@@ -224,7 +229,8 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
     throw err instanceof MoveError ? err : new MoveError('precheck', err.message, 'untouched');
   });
   const converged = await journalSaysConverged(ctx);
-  const ranBefore = await journalSaysTargetRan(ctx);
+  // the journal, or the target host's own record when the journal lost it (a restored database)
+  const ranBefore = (await journalSaysTargetRan(ctx)) || (location === 'target-stopped' && (await ctx.target.ranHere?.(ctx.environment.name, ctx.vm)) !== undefined);
   const planFor = (loc: Location, liveFellBack = false, targetRan = ranBefore): FlowPlan => flowSteps({
     location: loc, journal: { converged, targetRan }, settings: ctx.settings, role: ctx.vm.role,
     capabilities: { loadBalancer: ctx.safety.loadBalancer !== undefined }, liveFellBack, ahead: ctx.turn !== undefined,
@@ -355,24 +361,40 @@ async function journalSaysConverged(ctx: MoveContext): Promise<boolean> {
 }
 
 const live = (s: string) => s === 'running' || s === 'paused' || s === 'other';
+/**
+ * A live QEMU that has not run the guest (yet): an incoming target waiting for or loading a live
+ * migration's stream, or one started with -S. Its disks hold a partial copy, never the newest writes.
+ */
+const neverRan = (s: VmStatus) => s.qmpStatus === 'inmigrate' || s.qmpStatus === 'prelaunch';
 
 /**
  * Finds the VM. Exactly one host may hold a QEMU that ran the guest; two is the split-brain the
- * fencing exists to prevent, and we stop rather than guess.
+ * fencing exists to prevent, and we stop rather than guess. A target counts as running the guest only
+ * when QMP says `running`; whether it may have run before is known from the journal and, should the
+ * journal be lost or restored from an older backup, from the target host's own record
+ * (RAN_MARKER_FILE). A target QEMU in a state nobody can account for is refused.
  */
 async function locate(ctx: MoveContext): Promise<Location> {
   const { source, target, vm, environment } = ctx;
   const env = environment.name;
   // nothing of this run exists yet: any qemu-nbd export in the target's VM directory is an interrupted run's
   await target.clearStaleExports?.(env, vm);
-  const [src, dst, ran] = await Promise.all([source.vmStatus(env, vm), target.vmStatus(env, vm), journalSaysTargetRan(ctx)]);
+  const [src, dstSeen, journalRan, marker] = await Promise.all([source.vmStatus(env, vm), target.vmStatus(env, vm), journalSaysTargetRan(ctx), target.ranHere?.(env, vm)]);
+  let dst = dstSeen;
+  const ran = journalRan || marker !== undefined;
+  const evidence = journalRan ? 'journal: start began' : `recorded on ${target.host.name} by migration ${marker ?? '?'}`;
+  /** the target's QEMU never ran the guest: stop it and remove its partial copy (refused if the guest may have run from that directory) */
+  const discardTarget = async (): Promise<void> => {
+    if (marker !== undefined) throw new Error(`VM ${vm.name} has a ${dst.qmpStatus} QEMU on ${target.host.name} in a directory the guest may have run from (${evidence}); refusing to touch it`);
+    await target.stopVm(env, vm, { powerdownTimeoutMs: 0 });
+    await assertStopped(target, env, vm);
+    await target.removeVmDir(env, vm, { staleCopy: true });
+  };
   if (live(src.state) && live(dst.state)) {
     // An interrupted live migration leaves two QEMUs, but only one of them ever ran the guest:
     // a target still waiting for the incoming stream never ran it, a source that finished handing over never will again.
-    if (src.qmpStatus === 'running' && (dst.qmpStatus === 'inmigrate' || dst.qmpStatus === 'prelaunch')) {
-      await target.stopVm(env, vm, { powerdownTimeoutMs: 0 });
-      await assertStopped(target, env, vm);
-      await target.removeVmDir(env, vm);
+    if (src.qmpStatus === 'running' && neverRan(dst)) {
+      await discardTarget();
       return 'source-running';
     }
     if (src.qmpStatus === 'postmigrate' && dst.qmpStatus === 'running') {
@@ -383,20 +405,28 @@ async function locate(ctx: MoveContext): Promise<Location> {
     if (src.qmpStatus === 'postmigrate' && dst.qmpStatus === 'paused') return 'handover-pending';
     throw new Error(`VM ${vm.name} has a live QEMU on both ${source.host.name} (${src.qmpStatus ?? src.state}) and ${target.host.name} (${dst.qmpStatus ?? dst.state}); refusing to touch it`);
   }
-  // a paused target beside a stopped source holds a migrated guest that was never resumed (or whose
-  // resume was interrupted): it has to be resumed, not waited for
-  if (live(dst.state)) return dst.qmpStatus === 'paused' ? 'handover-pending' : 'target-running';
+  if (live(dst.state)) {
+    if (dst.qmpStatus === 'running') return 'target-running';
+    // a paused target beside a stopped source holds a migrated guest that was never resumed (or whose
+    // resume was interrupted): it has to be resumed, not waited for — and once it may have run, it is
+    // the truth: resumed as it is, never verified against (or replaced by) the older source copy
+    if (dst.qmpStatus === 'paused') return ran ? 'target-stopped' : 'handover-pending';
+    if (!neverRan(dst)) throw new Error(`VM ${vm.name} has a QEMU in state ${dst.qmpStatus ?? dst.state} on ${target.host.name} beside a stopped source on ${source.host.name}; the operator cannot tell whether it ran the guest: refusing to touch either copy`);
+    // a partial live migration's incoming QEMU (the source was stopped since): it never ran the guest
+    await discardTarget();
+    dst = { state: 'absent' };
+  }
   // Rule 2: once `start` began the target may have run; its disk is the truth, even when the source
   // files are still there and the target QEMU is gone (crashed, host rebooted). Never copy over it.
   if (ran) {
-    if (live(src.state)) throw new Error(`VM ${vm.name} ran on ${target.host.name} (journal: start began) but a QEMU of it runs on ${source.host.name} again; refusing to touch either copy`);
-    if (dst.state === 'absent') throw new Error(`VM ${vm.name} ran on ${target.host.name} (journal: start began) but its files are gone there; refusing to fall back to the stale copy on ${source.host.name}`);
+    if (live(src.state)) throw new Error(`VM ${vm.name} may have run on ${target.host.name} (${evidence}) but a QEMU of it runs on ${source.host.name} again; refusing to touch either copy — an administrator decides which one is the VM`);
+    if (dst.state === 'absent') throw new Error(`VM ${vm.name} may have run on ${target.host.name} (${evidence}) but its files are gone there; refusing to fall back to the stale copy on ${source.host.name}`);
     return 'target-stopped';
   }
   if (live(src.state)) {
     if (src.qmpStatus !== 'running' && src.qmpStatus !== undefined && (await haltedForCutover(ctx))) return 'source-halted';
     // files on the target that never ran (a rolled-back or interrupted copy): stale, the move starts over
-    if (dst.state === 'stopped') await target.removeVmDir(env, vm);
+    if (dst.state === 'stopped') await target.removeVmDir(env, vm, { staleCopy: true });
     return 'source-running';
   }
   if (src.state === 'absent' && dst.state === 'stopped') {
@@ -585,6 +615,9 @@ const ACTIONS: Record<MoveStep, Action> = {
     const onTarget = st.live ? undefined : await target.vmStatus(environment.name, vm);
     checkpoint(ctx, 'starting the target');
     st.stoppedAt ??= Date.now();
+    // recorded on the target host itself before the guest may run there: a journal lost or restored
+    // from an older backup can never turn this copy into a copy target again (RAN_MARKER_FILE)
+    await target.markRanHere?.(environment.name, vm, ctx.migrationUid);
     // from here on the target may run: a failure rolls forward, never back (rule 2)
     st.targetStarted = true;
     if (st.live) st.runningAt = await st.live.resumeTarget();
@@ -669,7 +702,7 @@ async function rollback(ctx: MoveContext, st: MoveState): Promise<void> {
     // the source runs again and is the VM's only copy: nothing left to guard
     await source.unlockSource(env, vm, ctx.migrationUid);
     if (targetUnreachable) ctx.observer.progress({ message: `target ${target.host.name} unreachable during the rollback (${targetUnreachable}); its never-started copy is removed by the next attempt` });
-    else if (onTarget.state !== 'absent') await target.removeVmDir(env, vm);
+    else if (onTarget.state !== 'absent') await target.removeVmDir(env, vm, { staleCopy: true });
     if (st.lbOut) await ctx.safety.loadBalancer?.addBackend(vm, ctx.signal);
     await guest.uncordon(vm.nodeName);
   });

@@ -35,13 +35,21 @@ import { changedSincePrepass, prepassVerify, type ChangedRanges, type Prepass } 
 export const QEMU_DEFAULT_MAX_BANDWIDTH = 128 * 1024 * 1024;
 
 export class LiveMigrationAbortedError extends Error {
+  /**
+   * The abort proved the target's QEMU gone and its files removed. Only then may the move go on from
+   * the source (a fallback strategy): a partial incoming QEMU left behind must be dealt with by a
+   * rollback that looks at the target first (fails closed while it cannot).
+   */
+  readonly targetGone: boolean;
   constructor(
     message: string,
-    /** where it stopped: the source still runs the VM, the target was cleaned */
+    /** where it stopped: the source still runs the VM (unless the message names cleanup problems) */
     readonly phase: 'prepare' | 'mirror' | 'migrate' | 'handover',
+    opts: { targetGone: boolean } = { targetGone: true },
   ) {
     super(message);
     this.name = 'LiveMigrationAbortedError';
+    this.targetGone = opts.targetGone;
   }
 }
 
@@ -194,7 +202,7 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
     // Target first: once it is proven gone, the source may safely run again.
     try {
       await quitQemu(target, environment, vm, incoming?.qmp);
-      if (createdDir) await target.removeVmDir(environment, vm);
+      if (createdDir) await target.removeVmDir(environment, vm, { staleCopy: true });
       else for (const d of disks) await target.removeFile(`${dstDir}/${d.file}`);
     } catch (e) {
       problems.push(`target cleanup: ${(e as Error).message}`);
@@ -213,7 +221,7 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
     }
     src.close();
     const extra = problems.length ? ` (cleanup problems: ${problems.join('; ')})` : '';
-    throw new LiveMigrationAbortedError(`live migration of ${vm.name} aborted in ${phase}: ${reason.message}${extra}`, phase);
+    throw new LiveMigrationAbortedError(`live migration of ${vm.name} aborted in ${phase}: ${reason.message}${extra}`, phase, { targetGone: !problems.some((p) => p.startsWith('target cleanup')) });
   };
 
   let tPrepared = 0;
@@ -247,7 +255,7 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
         if (await target.exists(`${dstDir}/${d.file}`)) throw new Error(`${dstDir}/${d.file} already exists on ${target.host.name}`);
       }
     }
-    await target.ensureDir(dstDir);
+    await target.ensureCopyTarget(dstDir);
     await createDisks(target, dstDir, disks);
     // non-disk files are not opened by QEMU (see Hypervisor.startVm): copy them now
     await copyNonDiskFiles({ source, target, environment, vm, signal: opts.signal });

@@ -352,7 +352,7 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
     // The target must hold no live QEMU of this VM; files of an earlier attempt are replaced.
     const tst = await target.vmStatus(environment, vm);
     if (tst.state !== 'absent' && tst.state !== 'stopped') throw new Error(`a QEMU for ${vm.name} is ${tst.state} on ${target.host.name}`);
-    await target.ensureDir(dstDir);
+    await target.ensureCopyTarget(dstDir);
     await createDisks(target, dstDir, disks, PARTIAL);
     for (const d of disks) {
       const e: NbdExport = {

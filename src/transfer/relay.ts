@@ -595,7 +595,7 @@ export async function relayVmFiles(opts: RelayVmOptions): Promise<VmFileRelayRes
   if (tst.state !== 'absent' && tst.state !== 'stopped') {
     throw new Error(`refusing to copy ${environment}/${vm.name} to ${target.host.name}: a QEMU for it is ${tst.state} there`);
   }
-  await target.ensureDir(dstDir);
+  await target.ensureCopyTarget(dstDir);
 
   const results: VmFileRelayResult[] = [];
   for (const f of vm.files) {

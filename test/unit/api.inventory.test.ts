@@ -170,7 +170,7 @@ describe('inventory: names', () => {
     rejects((d) => {
       d.environments[0]!.name = 'a.b';
       d.environments[0]!.vms[0]!.name = 'c';
-      d.environments.push({ name: 'a', kubeconfigSecret: { namespace: 'ns', name: 'kc2' }, vms: [{ name: 'b.c', role: 'worker', host: 'host01', files: [{ name: 'disk0.qcow2' }] }] });
+      d.environments.push({ name: 'a', kubeconfigSecret: { namespace: 'ns', name: 'kc2' }, vms: [{ name: 'b.c', role: 'worker', host: 'host01', files: [{ name: 'disk0.qcow2', format: 'qcow2' }] }] });
     }, /environments\[1\]\.vms\[0\] \(a\/b\.c\) and environments\[0\]\.vms\[0\] \(a\.b\/c\) would both run as QEMU "a\.b\.c"/);
   });
   const hostile = ['a;reboot', '$(reboot)', '`reboot`', '../x', 'a b', 'a\nb', 'x'.repeat(300), '..', 'a..b'];

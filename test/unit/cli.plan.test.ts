@@ -24,8 +24,8 @@ writeFileSync(inventory, stringify({
     { name: 'host02', address: '10.0.0.2', hostKey: KEY, vmDir: '/srv/vms' },
   ],
   environments: [{ name: 'student-42', kubeconfigSecret: { namespace: 'ns', name: 'kc' }, vms: [
-    { name: 'beachhead', role: 'beachhead', host: 'host01', files: [{ name: 'disk0.qcow2' }] },
-    { name: 'node-1', role: 'worker', host: 'host01', files: [{ name: 'disk0.qcow2' }] },
+    { name: 'beachhead', role: 'beachhead', host: 'host01', files: [{ name: 'disk0.qcow2', format: 'qcow2' }] },
+    { name: 'node-1', role: 'worker', host: 'host01', files: [{ name: 'disk0.qcow2', format: 'qcow2' }] },
   ] }],
 }));
 

@@ -19,6 +19,8 @@ export interface FakeHost extends MoveHost {
   qmpStatus?: string;
   /** the uid holding the source lock, like the lock file in the VM directory */
   lock?: string;
+  /** the migration that recorded the guest may have run from this VM directory (the host's marker file) */
+  marker?: string;
 }
 
 export function fakeHost(name: string, initial: State, calls: string[]): FakeHost {
@@ -31,7 +33,12 @@ export function fakeHost(name: string, initial: State, calls: string[]): FakeHos
       calls.push(`${name}:start`); h.state = 'running'; h.qmpStatus = undefined;
     },
     stopVm: async () => { calls.push(`${name}:stop`); const was = h.state; h.state = 'stopped'; h.qmpStatus = undefined; return was === 'running' ? 'quit' : 'already-stopped'; },
-    removeVmDir: async () => { calls.push(`${name}:remove`); h.state = 'absent'; h.lock = undefined; },
+    removeVmDir: async (_e, _v, o) => {
+      if (o?.staleCopy && h.marker) throw new Error(`${name}: refusing to remove a directory the guest may have run from`);
+      calls.push(`${name}:remove`); h.state = 'absent'; h.lock = undefined; h.marker = undefined;
+    },
+    ranHere: async () => (h.state === 'absent' ? undefined : h.marker),
+    markRanHere: async (_e, _v, uid) => { h.marker ??= uid; },
     lockSource: async (_e, _v, holder) => {
       if (h.state === 'absent') return 'absent';
       if (h.lock && h.lock !== holder.uid) throw new Error(`${name}: locked by migration ${h.lock}`);
@@ -67,7 +74,10 @@ export const env: EnvironmentSpec = { name: 'e', kubeconfigSecret: { namespace: 
 /** Byte movers that act on the fake hosts the way the real ones act on QEMU. */
 export function fakeEngines(source: FakeHost, target: FakeHost, calls: string[]): MoveEngines & { liveFails?: 'fallback' | 'hard' } {
   const e: MoveEngines & { liveFails?: 'fallback' | 'hard' } = {
-    copyAll: async () => { calls.push('transfer'); target.state = 'stopped'; return 100; },
+    copyAll: async () => {
+      if (target.marker) throw new Error('host02: refusing to copy into a directory the guest may have run from');
+      calls.push('transfer'); target.state = 'stopped'; return 100;
+    },
     copyNonDisk: async () => { calls.push('copy-files'); return 1; },
     startMirror: async () => {
       calls.push('mirror');

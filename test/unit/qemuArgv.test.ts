@@ -1,7 +1,11 @@
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import type { VMSpec } from '../../src/api/inventory.js';
 import { parseInventory } from '../../src/api/inventoryFile.js';
-import { buildQemuArgv, liveMigrationMismatch, QEMU_DEFAULTS } from '../../src/hosts/qemuArgv.js';
+import { buildQemuArgv, diskFormat, liveMigrationMismatch, QEMU_DEFAULTS } from '../../src/hosts/qemuArgv.js';
 
 const DIR = '/var/lib/vms/env/vm1';
 const guest = (over: Partial<VMSpec> = {}): VMSpec => ({
@@ -54,7 +58,7 @@ describe('QEMU argv from the inventory', () => {
 });
 
 describe('inventory file: hosts[].qemu and vms[].boot', () => {
-  const vm = { name: 'vm1', role: 'worker', host: 'h1', files: [{ name: 'disk0.qcow2' }, { name: 'vmlinuz', kind: 'file' }], boot: { kernel: 'vmlinuz', append: 'console=ttyS0' } };
+  const vm = { name: 'vm1', role: 'worker', host: 'h1', files: [{ name: 'disk0.qcow2', format: 'qcow2' }, { name: 'vmlinuz', kind: 'file' }], boot: { kernel: 'vmlinuz', append: 'console=ttyS0' } };
 
   it('parses and keeps them', () => {
     const i = parseInventory(inv(host({ machine: 'q35', accel: 'tcg' }), vm));
@@ -68,5 +72,36 @@ describe('inventory file: hosts[].qemu and vms[].boot', () => {
     expect(() => parseInventory(inv(host({ binary: '../qemu-system-x86_64' }), vm))).toThrow(/hosts\[0\]\.qemu\.binary/);
     expect(() => parseInventory(inv(host(), { ...vm, boot: { kernel: 'disk0.qcow2' } }))).toThrow(/vms\[0\]\.boot\.kernel "disk0.qcow2" must be one of the VM's files \(kind file\)/);
     expect(() => parseInventory(inv(host(), { ...vm, boot: { kernel: 'vmlinuz', append: 'init=/bin/sh;x' } }))).toThrow(/vms\[0\]\.boot\.append/);
+  });
+});
+
+describe('a disk format is stated, never probed (a guest writes its disk\'s first bytes)', () => {
+  it('the inventory refuses a disk without a format, and a format on a non-disk file', () => {
+    const vm = { name: 'vm1', role: 'worker', host: 'h1', files: [{ name: 'disk0.img' }] };
+    expect(() => parseInventory(inv(host(), vm))).toThrow(/vms\[0\]\.files\[0\]\.format is required for a disk \(qcow2 or raw\)/);
+    expect(() => parseInventory(inv(host(), { ...vm, files: [{ name: 'seed.iso', kind: 'file', format: 'raw' }] }))).toThrow(/files\[0\]\.format is for disks only/);
+  });
+
+  it('QEMU is never started on a disk whose format nobody stated', () => {
+    expect(() => buildQemuArgv(DIR, 'env', guest({ files: [{ name: 'disk0.img', kind: 'disk' }], boot: undefined }))).toThrow(/disk0.img has no format/);
+    expect(buildQemuArgv(DIR, 'env', guest({ files: [{ name: 'disk0.img', kind: 'disk', format: 'raw' }], boot: undefined }))).toContain(`file=${DIR}/disk0.img,format=raw,if=virtio`);
+  });
+
+  it('real qemu-img: a raw disk whose guest wrote a qcow2 header naming a host file is opened as that qcow2 when probed, and as plain bytes when stated raw', () => {
+    const dir = mkdtempSync(join(tmpdir(), 'vmops-format-'));
+    try {
+      const other = join(dir, 'another-tenant.img');
+      writeFileSync(other, 'not yours');
+      // what a guest can write into the first sector of its raw disk: a qcow2 header whose backing file is a host path
+      const disk = join(dir, 'disk0.img');
+      execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', '-b', other, '-F', 'raw', disk, '1M']);
+      const probed = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', disk]).toString()) as { format: string; 'backing-filename'?: string };
+      expect(probed).toMatchObject({ format: 'qcow2', 'backing-filename': other });
+      const stated = JSON.parse(execFileSync('qemu-img', ['info', '--output=json', '-f', diskFormat({ name: 'disk0.img', kind: 'disk', format: 'raw' }), disk]).toString()) as { format: string; 'backing-filename'?: string };
+      expect(stated.format).toBe('raw');
+      expect(stated['backing-filename']).toBeUndefined();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
