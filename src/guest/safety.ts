@@ -4,10 +4,10 @@
  * it describes a load balancer. Credentials are fetched lazily from Secrets by the guard; nothing here logs them.
  */
 import type { Duplex } from 'node:stream';
-import { KubeConfig } from '@kubernetes/client-node';
 import type { EnvironmentSpec, LoadBalancerSpec } from '../api/inventory.js';
 import type { ControlPlaneGuard, LoadBalancerControl } from '../migrate/guestSafety.js';
 import { EtcdGuard } from './etcdGuard.js';
+import { loadGuestKubeconfig, type SecretRef } from './kubeconfig.js';
 import { NginxLoadBalancer, type RemoteShell } from './nginxLoadBalancer.js';
 
 export interface GuestSafetyDeps {
@@ -20,12 +20,15 @@ export interface GuestSafetyDeps {
   onLoadBalancerChange?(environment: string, what: string): void;
 }
 
-/** The CA the guest kubeconfig trusts for its API server(s): inline data only, never a file path or exec plugin. */
-export function kubeconfigCa(yaml: string): string {
-  const kc = new KubeConfig();
-  kc.loadFromString(yaml);
-  const data = kc.getCurrentCluster()?.caData;
-  if (!data) throw new Error('guest kubeconfig has no certificate-authority-data for its current cluster');
+/**
+ * The CA the guest kubeconfig trusts for its API server(s), from the kubeconfig as loadGuestKubeconfig
+ * validated it (inline data only, never a file path or exec plugin). Never parsed again with another
+ * parser: client-node's quotes the lines around an error — the token — into its message, which would
+ * become the quorum verdict, the condition, the Event and the log.
+ */
+export function kubeconfigCa(yaml: string, ref: SecretRef): string {
+  const data = loadGuestKubeconfig(yaml, ref).getCurrentCluster()?.caData;
+  if (!data) throw new Error(`guest kubeconfig in Secret ${ref.namespace}/${ref.name} has no certificate-authority-data for its current cluster`);
   return Buffer.from(data, 'base64').toString('utf8');
 }
 
@@ -46,7 +49,7 @@ export function guestSafetyParts(env: EnvironmentSpec, deps: GuestSafetyDeps): {
         const ks = env.kubeconfigSecret;
         const kubeconfig = (await deps.readSecret(ks.namespace, ks.name))[ks.key];
         if (!kubeconfig) throw new Error(`Secret ${ks.namespace}/${ks.name} has no key ${ks.key}`);
-        return { etcdTls: { ca: etcd['ca.crt']!, cert: etcd['tls.crt']!, key: etcd['tls.key']! }, apiServerCa: kubeconfigCa(kubeconfig) };
+        return { etcdTls: { ca: etcd['ca.crt']!, cert: etcd['tls.crt']!, key: etcd['tls.key']! }, apiServerCa: kubeconfigCa(kubeconfig, ks) };
       },
     });
   }

@@ -108,10 +108,21 @@ describe('guestSafetyParts', () => {
     expect(v.message).toMatch(/Secret ns\/etcd lacks tls\.crt, tls\.key/);
     expect(v.message).not.toMatch(/SECRET-CA-CONTENT/);
   });
+  it('a kubeconfig Secret with one control byte never puts its token into the verdict (condition, Event, journal, log)', async () => {
+    const token = 'sEcReT-ToKeN-0123456789abcdef';
+    // DEL (0x7f) inside a quoted token: the yaml parser takes it; client-node's parser refuses it and quotes four lines
+    const kubeconfig = `apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: "https://10.0.0.11:6443", certificate-authority-data: ${Buffer.from('PEM').toString('base64')}}}]\nusers:\n- name: u\n  user:\n    token: ${token}\x7f\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n`;
+    const parts = guestSafetyParts(env({ controlPlane: { etcdClientSecret: { namespace: 'ns', name: 'etcd' } } }), deps({ 'ns/etcd': { 'ca.crt': 'CA', 'tls.crt': 'CRT', 'tls.key': 'KEY' }, 'ns/kc': { kubeconfig } }));
+    const v = await parts.guard!.checkSafeToStop({ name: 'controller-1', role: 'controller', nodeName: 'n', host: 'h1', memoryMiB: 32, cpus: 1, files: [] });
+    expect(v.safe).toBe(false);
+    expect(v.message).not.toContain(token.slice(0, 12));
+    expect(v.message).not.toMatch(/token/i);
+  });
   it('kubeconfigCa takes inline CA data only', () => {
     const yaml = (cluster: Record<string, unknown>) => `apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: ${JSON.stringify({ server: 'https://x', ...cluster })}}]\nusers: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n`;
-    expect(kubeconfigCa(yaml({ 'certificate-authority-data': Buffer.from('PEM').toString('base64') }))).toBe('PEM');
-    expect(() => kubeconfigCa(yaml({ 'certificate-authority': '/etc/ca.crt' }))).toThrow(/no certificate-authority-data/);
+    const ref = { namespace: 'ns', name: 'kc', key: 'kubeconfig' };
+    expect(kubeconfigCa(yaml({ 'certificate-authority-data': Buffer.from('PEM').toString('base64') }), ref)).toBe('PEM');
+    expect(() => kubeconfigCa(yaml({ 'certificate-authority': '/etc/ca.crt' }), ref)).toThrow(/certificate-authority reads a file of the operator's disk/);
   });
 });
 
