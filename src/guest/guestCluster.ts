@@ -172,8 +172,12 @@ export class GuestCluster {
     }
   }
 
-  /** GET /readyz of the guest API server (true only for HTTP 200). */
-  async apiHealthy(timeoutMs = 5000): Promise<boolean> {
+  /**
+   * GET /readyz of the guest API server (true only for HTTP 200). `timeoutMs` bounds the whole
+   * exchange, not just idle time: a student's API server that drips one byte every half second would
+   * otherwise keep a move (and the worker running it) waiting for ever. The body is not kept.
+   */
+  async apiHealthy(timeoutMs = 5000, signal?: AbortSignal): Promise<boolean> {
     const cluster = this.kc.getCurrentCluster();
     if (!cluster) return false;
     const url = new URL('/readyz', cluster.server);
@@ -183,14 +187,31 @@ export class GuestCluster {
     } catch {
       return false;
     }
+    if (signal?.aborted) return false;
     return new Promise<boolean>((res) => {
+      let done = false;
+      const finish = (ok: boolean): void => {
+        if (done) return;
+        done = true;
+        clearTimeout(deadline);
+        signal?.removeEventListener('abort', onAbort);
+        req.destroy();
+        res(ok);
+      };
+      const onAbort = (): void => finish(false);
       const req = (url.protocol === 'https:' ? request : httpRequest)(url, opts, (resp) => {
-        resp.resume();
-        resp.on('end', () => res(resp.statusCode === 200));
-        resp.on('error', () => res(false));
+        let bytes = 0;
+        resp.on('data', (d: Buffer) => {
+          bytes += d.length;
+          if (bytes > 64 << 10) finish(false);
+        });
+        resp.on('end', () => finish(resp.statusCode === 200));
+        resp.on('error', () => finish(false));
       });
-      req.on('timeout', () => req.destroy(new Error('timeout')));
-      req.on('error', () => res(false));
+      const deadline = setTimeout(() => finish(false), timeoutMs);
+      signal?.addEventListener('abort', onAbort, { once: true });
+      req.on('timeout', () => finish(false));
+      req.on('error', () => finish(false));
       req.end();
     });
   }

@@ -14,7 +14,7 @@ import { sleep } from '../util/sleep.js';
 
 /** What the load balancer needs of an SSH connection (HostConnection provides it). */
 export interface RemoteShell {
-  exec(argv: string[], opts?: { stdin?: Buffer | string; timeoutMs?: number }): Promise<{ stdout: Buffer; stderr: string; code: number }>;
+  exec(argv: string[], opts?: { stdin?: Buffer | string; timeoutMs?: number; maxOutputBytes?: number; signal?: AbortSignal }): Promise<{ stdout: Buffer; stderr: string; code: number }>;
 }
 
 /** The inventory's description of the NGINX (LoadBalancerSpec), plus how to reach it and its backends. */
@@ -31,28 +31,103 @@ export interface NginxLoadBalancerOptions extends Pick<LoadBalancerSpec, 'config
   onChange?: (what: string) => void;
 }
 
+/** A load balancer's configuration is the student's: larger than this is refused, never parsed (or held). */
+export const MAX_CONFIG_BYTES = 1 << 20;
+/** `nginx -T` prints every included file too */
+const MAX_DUMP_BYTES = 4 << 20;
+
+interface Token {
+  /** the word (quotes removed) or one of { } ; */
+  text: string;
+  start: number;
+  end: number;
+}
+
+const isSpace = (c: number) => c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d || c === 0x0b || c === 0x0c;
+
 /**
- * Sets or clears the `down` flag of `backend` in upstream `upstream`. Pure; throws when the upstream or the
- * server line is missing. Only the one server line changes; comments, order and other parameters stay.
+ * NGINX configuration text as tokens, the way nginx's own reader splits it: words (quoted or not),
+ * `{`, `}` and `;`, with `#` comments and whitespace skipped. One pass over the text, no backtracking:
+ * the config belongs to a student, and a regular expression with nested quantifiers over it blocked
+ * the event loop for seconds (Lease lapsed, the standby hit the same file).
+ */
+export function nginxTokens(conf: string, maxBytes = MAX_CONFIG_BYTES): Token[] {
+  if (conf.length > maxBytes) throw new Error(`the NGINX configuration is ${conf.length} bytes, more than the ${maxBytes} the operator reads`);
+  const out: Token[] = [];
+  const n = conf.length;
+  let i = 0;
+  while (i < n) {
+    const c = conf.charCodeAt(i);
+    if (isSpace(c)) {
+      i++;
+    } else if (c === 0x23 /* # */) {
+      const nl = conf.indexOf('\n', i);
+      i = nl < 0 ? n : nl + 1;
+    } else if (c === 0x7b || c === 0x7d || c === 0x3b /* { } ; */) {
+      out.push({ text: conf[i] as string, start: i, end: i + 1 });
+      i++;
+    } else if (c === 0x22 || c === 0x27 /* " ' */) {
+      let j = i + 1;
+      while (j < n && conf.charCodeAt(j) !== c) j += conf.charCodeAt(j) === 0x5c /* \ */ ? 2 : 1;
+      out.push({ text: conf.slice(i + 1, Math.min(j, n)), start: i, end: Math.min(j + 1, n) });
+      i = j + 1;
+    } else {
+      let j = i;
+      while (j < n) {
+        const d = conf.charCodeAt(j);
+        if (isSpace(d) || d === 0x7b || d === 0x7d || d === 0x3b) break;
+        j++;
+      }
+      out.push({ text: conf.slice(i, j), start: i, end: j });
+      i = j;
+    }
+  }
+  return out;
+}
+
+/**
+ * Sets or clears the `down` flag of `backend` in upstream `upstream`. Pure, linear in the text; throws
+ * when the upstream or the server line is missing. Only the server statement changes (its parameters
+ * re-joined by single spaces); comments, order and other statements stay as they are.
  */
 export function setBackendDown(conf: string, upstream: string, backend: string, down: boolean): string {
-  const head = new RegExp(`(^|[\\s;{}])upstream\\s+${upstream}\\s*\\{`, 'm').exec(conf);
-  if (!head) throw new Error(`no upstream ${upstream} in the NGINX configuration`);
-  const start = head.index + head[0].length;
-  const end = conf.indexOf('}', start);
-  if (end < 0) throw new Error(`upstream ${upstream} is not closed`);
-  const block = conf.slice(start, end);
-  const esc = backend.replace(/[.*+?^${}()|[\]\\]/g, '\\$&');
-  const line = new RegExp(`(^|[\\s;])(server\\s+${esc})((?:\\s+[^;\\s]+)*)\\s*;`, 'g');
-  let found = 0;
-  const next = block.replace(line, (_m, pre: string, server: string, params: string) => {
-    found++;
-    const kept = params.split(/\s+/).filter((p) => p && p !== 'down');
-    if (down) kept.push('down');
-    return `${pre}${server}${kept.map((p) => ` ${p}`).join('')};`;
-  });
-  if (found === 0) throw new Error(`upstream ${upstream} has no server ${backend}`);
-  return conf.slice(0, start) + next + conf.slice(end);
+  const t = nginxTokens(conf);
+  /** { } ; as punctuation (a quoted "{" is a word) */
+  const is = (x: Token | undefined, p: string) => x !== undefined && x.text === p && x.end - x.start === 1;
+  const statementStart = (k: number) => k === 0 || is(t[k - 1], '{') || is(t[k - 1], '}') || is(t[k - 1], ';');
+  let k = t.findIndex((x, i) => x.text === 'upstream' && statementStart(i) && t[i + 1]?.text === upstream && is(t[i + 2], '{'));
+  if (k < 0) throw new Error(`no upstream ${upstream} in the NGINX configuration`);
+  k += 3;
+  const edits: { start: number; end: number; text: string }[] = [];
+  let depth = 1;
+  let statement: Token[] = [];
+  for (; k < t.length && depth > 0; k++) {
+    const x = t[k] as Token;
+    if (is(x, '{')) depth++;
+    else if (is(x, '}')) depth--;
+    else if (is(x, ';')) {
+      if (depth === 1 && statement[0]?.text === 'server' && statement[1]?.text === backend) {
+        const params = statement.slice(2).filter((p) => p.text !== 'down').map((p) => conf.slice(p.start, p.end));
+        if (down) params.push('down');
+        const first = statement[0] as Token;
+        edits.push({ start: first.start, end: x.end, text: `${conf.slice(first.start, (statement[1] as Token).end)}${params.map((p) => ` ${p}`).join('')};` });
+      }
+      statement = [];
+      continue;
+    } else if (depth === 1) {
+      statement.push(x);
+    }
+    if (is(x, '{') || is(x, '}')) statement = [];
+  }
+  if (depth > 0) throw new Error(`upstream ${upstream} is not closed`);
+  if (edits.length === 0) throw new Error(`upstream ${upstream} has no server ${backend}`);
+  let out = '';
+  let at = 0;
+  for (const e of edits) {
+    out += conf.slice(at, e.start) + e.text;
+    at = e.end;
+  }
+  return out + conf.slice(at);
 }
 
 /** Whether `backend` is currently marked down (undefined if not in the upstream). */
@@ -66,7 +141,17 @@ export function isBackendDown(conf: string, upstream: string, backend: string): 
  * (`-p`, else the compiled-in `--prefix`). Pure.
  */
 export function nginxPidFile(dumpedConfig: string, versionInfo: string, prefix?: string): string {
-  const configured = /^\s*pid\s+("?)([^";\s]+)\1\s*;/m.exec(dumpedConfig)?.[2];
+  // the statement `pid PATH;` at the top level, found by the tokenizer (no regular expression over the student's text)
+  const t = nginxTokens(dumpedConfig, MAX_DUMP_BYTES);
+  let depth = 0;
+  let configured: string | undefined;
+  for (let i = 0; i < t.length && configured === undefined; i++) {
+    const x = t[i] as Token;
+    const punct = x.end - x.start === 1 ? x.text : '';
+    if (punct === '{') depth++;
+    else if (punct === '}') depth--;
+    else if (depth === 0 && x.text === 'pid' && (i === 0 || ['{', '}', ';'].includes((t[i - 1] as Token).text)) && t[i + 2]?.text === ';') configured = t[i + 1]?.text;
+  }
   const path = configured ?? /--pid-path=(\S+)/.exec(versionInfo)?.[1];
   if (!path) throw new Error('load balancer: NGINX names no pid file (no pid directive, no --pid-path): its reload cannot be followed');
   if (path.startsWith('/')) return path;
@@ -92,7 +177,8 @@ export class NginxLoadBalancer implements LoadBalancerControl {
   }
 
   private async run(sh: RemoteShell, argv: string[], stdin?: string): Promise<string> {
-    const r = await sh.exec(argv, { stdin, timeoutMs: 30_000 });
+    // every answer here comes from the student's machine: bounded in time and in bytes
+    const r = await sh.exec(argv, { stdin, timeoutMs: 30_000, maxOutputBytes: MAX_DUMP_BYTES });
     if (r.code !== 0) throw new Error(`${argv[0]} ${argv.slice(1).filter((a) => !a.startsWith('/')).join(' ')} exited with ${r.code}: ${r.stderr.trim().slice(0, 1000)}`);
     return r.stdout.toString('utf8');
   }
@@ -105,7 +191,7 @@ export class NginxLoadBalancer implements LoadBalancerControl {
 
   /** The PID of NGINX's master, through its pid file (as `nginx -s` finds it). */
   private async masterPid(sh: RemoteShell, dumpedConfig: string): Promise<string> {
-    const version = await sh.exec(this.nginx('-V'), { timeoutMs: 30_000 });
+    const version = await sh.exec(this.nginx('-V'), { timeoutMs: 30_000, maxOutputBytes: 64 << 10 });
     const pidFile = nginxPidFile(dumpedConfig, `${version.stdout.toString('utf8')}\n${version.stderr}`, this.o.prefix);
     const master = (await this.run(sh, ['cat', '--', pidFile])).trim();
     if (!/^\d+$/.test(master)) throw new Error(`load balancer: NGINX's pid file ${pidFile} holds no PID`);
@@ -115,7 +201,7 @@ export class NginxLoadBalancer implements LoadBalancerControl {
   /** Worker processes of the master. */
   private async workers(sh: RemoteShell, master: string): Promise<{ pid: number; accepting: boolean }[]> {
     // ps exits 1 when the master has no children (it is restarting them): that is an empty list
-    const r = await sh.exec(['ps', '-o', 'pid=,args=', '--ppid', master], { timeoutMs: 30_000 });
+    const r = await sh.exec(['ps', '-o', 'pid=,args=', '--ppid', master], { timeoutMs: 30_000, maxOutputBytes: 1 << 20 });
     return nginxWorkers(r.stdout.toString('utf8'));
   }
 

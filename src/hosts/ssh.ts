@@ -40,6 +40,19 @@ export interface ExecResult {
  * A streaming remote command. stdout must be consumed (or resume()d) even if unused: the channel
  * only reports its end, and so `exit`, once its readable side has been read to EOF.
  */
+/** stdout (and stderr) an exec collects at most, unless the caller says otherwise */
+export const DEFAULT_MAX_OUTPUT_BYTES = 16 << 20;
+
+export interface ExecOptions {
+  stdin?: Buffer | string;
+  /** bounds the whole call, the channel's opening included */
+  timeoutMs?: number;
+  /** ends the call (and the remote command) early */
+  signal?: AbortSignal;
+  /** stdout beyond this fails the call (stderr beyond it is dropped); default DEFAULT_MAX_OUTPUT_BYTES */
+  maxOutputBytes?: number;
+}
+
 export interface SpawnedCommand {
   stdin: Writable;
   stdout: Readable;
@@ -66,6 +79,14 @@ function hostKeyBlob(host: HostSpec): Buffer {
   const b64 = host.hostKey.trim().split(/\s+/)[1];
   if (!b64) throw new Error(`host ${host.name}: hostKey is not an OpenSSH public-key line`);
   return Buffer.from(b64, 'base64');
+}
+
+/** The host-key algorithms that can present the pinned key (an RSA key signs with SHA-2 or SHA-1). */
+function hostKeyAlgorithms(host: HostSpec): NonNullable<NonNullable<ConnectConfig['algorithms']>['serverHostKey']> {
+  const type = host.hostKey.trim().split(/\s+/)[0] ?? '';
+  if (type === 'ssh-rsa') return ['rsa-sha2-512', 'rsa-sha2-256', 'ssh-rsa'];
+  if (['ssh-ed25519', 'ecdsa-sha2-nistp256', 'ecdsa-sha2-nistp384', 'ecdsa-sha2-nistp521'].includes(type)) return [type as 'ssh-ed25519'];
+  throw new Error(`host ${host.name}: hostKey type ${JSON.stringify(type.slice(0, 40))} is not supported (ssh-ed25519, ecdsa-sha2-*, ssh-rsa)`);
 }
 
 export class HostConnection {
@@ -117,6 +138,9 @@ export class HostConnection {
           // GCM is AES-NI accelerated and needs no separate MAC pass: the relay's bottleneck is crypto in this process.
           algorithms: {
             cipher: ['aes128-gcm@openssh.com', 'aes256-gcm@openssh.com', 'chacha20-poly1305@openssh.com', 'aes128-ctr', 'aes256-ctr'],
+            // only the pinned key's type: a host that also offers another type would otherwise present
+            // that one, and a correct pin would fail as a possible man in the middle
+            serverHostKey: hostKeyAlgorithms(host),
           },
           hostVerifier: (key: Buffer) => {
             const ok = key.length === expected.length && key.equals(expected);
@@ -188,39 +212,66 @@ export class HostConnection {
     });
   }
 
-  async exec(argv: string[], opts: { stdin?: Buffer | string; timeoutMs?: number } = {}): Promise<ExecResult> {
-    const { ch, exitCode } = await this.openExec(argv);
+  /**
+   * Runs a command and collects its output. `timeoutMs` bounds the whole call, the channel's opening
+   * included (a host that never confirms the channel must not hang a move); `signal` ends it early;
+   * `maxOutputBytes` (stdout and stderr each; default 16 MiB) ends a command that prints more — what a
+   * student controls (a config file, a guest's answer) must not grow the operator's memory unbounded.
+   */
+  exec(argv: string[], opts: ExecOptions = {}): Promise<ExecResult> {
+    const limit = opts.maxOutputBytes ?? DEFAULT_MAX_OUTPUT_BYTES;
     return new Promise<ExecResult>((resolve, reject) => {
-      const out: Buffer[] = [];
-      const err: Buffer[] = [];
-      let timer: NodeJS.Timeout | undefined;
-      if (opts.timeoutMs !== undefined) {
-        timer = setTimeout(() => {
-          try {
-            ch.signal('KILL');
-          } catch {
-            // the channel may already be closing; close() below still releases it
-          }
-          ch.close();
-          reject(new Error(`on ${this.host.name}: ${argv[0] ?? ''} timed out after ${opts.timeoutMs} ms`));
-        }, opts.timeoutMs);
-      }
-      ch.on('data', (d: Buffer) => out.push(d));
-      ch.stderr.on('data', (d: Buffer) => err.push(d));
-      ch.on('error', (e: Error) => {
+      let ch: ClientChannel | undefined;
+      let settled = false;
+      const kill = (c: ClientChannel | undefined): void => {
+        if (!c) return;
+        try {
+          c.signal('KILL');
+        } catch {
+          // the channel may already be closing; close() below still releases it
+        }
+        c.close();
+      };
+      const settle = (fn: () => void): void => {
+        if (settled) return;
+        settled = true;
         if (timer) clearTimeout(timer);
-        reject(e);
+        opts.signal?.removeEventListener('abort', onAbort);
+        fn();
+      };
+      const fail = (err: Error): void => settle(() => {
+        kill(ch);
+        reject(err);
       });
-      ch.on('close', () => {
-        if (timer) clearTimeout(timer);
-        resolve({ stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString('utf8'), code: exitCode() });
-      });
-      if (opts.stdin !== undefined) ch.end(opts.stdin);
-      else ch.end();
+      const timer = opts.timeoutMs === undefined ? undefined : setTimeout(() => fail(new Error(`on ${this.host.name}: ${argv[0] ?? ''} timed out after ${opts.timeoutMs} ms${ch ? '' : ' (the host never opened the channel)'}`)), opts.timeoutMs);
+      const onAbort = (): void => fail(new Error(`on ${this.host.name}: ${argv[0] ?? ''} cancelled: ${String((opts.signal?.reason as Error | undefined)?.message ?? opts.signal?.reason ?? 'aborted')}`));
+      if (opts.signal?.aborted) return onAbort();
+      opts.signal?.addEventListener('abort', onAbort, { once: true });
+      this.openExec(argv).then(({ ch: c, exitCode }) => {
+        if (settled) return kill(c);
+        ch = c;
+        const out: Buffer[] = [];
+        const err: Buffer[] = [];
+        let outBytes = 0;
+        let errBytes = 0;
+        c.on('data', (d: Buffer) => {
+          outBytes += d.length;
+          if (outBytes > limit) return fail(new Error(`on ${this.host.name}: ${argv[0] ?? ''} printed more than ${limit} bytes; stopped`));
+          out.push(d);
+        });
+        c.stderr.on('data', (d: Buffer) => {
+          errBytes += d.length;
+          if (errBytes <= limit) err.push(d);
+        });
+        c.on('error', (e: Error) => fail(e));
+        c.on('close', () => settle(() => resolve({ stdout: Buffer.concat(out), stderr: Buffer.concat(err).toString('utf8'), code: exitCode() })));
+        if (opts.stdin !== undefined) c.end(opts.stdin);
+        else c.end();
+      }, (e: Error) => fail(e));
     });
   }
 
-  async execOk(argv: string[], opts: { stdin?: Buffer | string; timeoutMs?: number } = {}): Promise<Buffer> {
+  async execOk(argv: string[], opts: ExecOptions = {}): Promise<Buffer> {
     const r = await this.exec(argv, opts);
     if (r.code !== 0) throw new RemoteCommandError(this.host.name, argv, r.code, r.stderr);
     return r.stdout;

@@ -18,20 +18,74 @@ export interface Segment {
   dataBytes: number;
 }
 
-/** Data extents from `qemu-img map -f raw --output=json` (SEEK_DATA/SEEK_HOLE of the file itself). */
-export function parseQemuImgMap(json: string, size: number): Extent[] {
-  const entries = JSON.parse(json) as Array<{ start: number; length: number; data: boolean }>;
-  const out: Extent[] = [];
-  for (const e of entries) {
-    if (!e.data || e.length <= 0) continue;
-    const offset = e.start;
-    const length = Math.min(e.length, size - offset);
-    if (length <= 0) continue;
-    const prev = out[out.length - 1];
-    if (prev && prev.offset + prev.length === offset) prev.length += length;
-    else out.push({ offset, length });
+/**
+ * At most this many extents are kept of one file. `qemu-img map` of a fragmented sparse disk prints
+ * ~30 MB of JSON per GiB; held whole (and planned) it ends the operator with an out-of-memory, and a
+ * cold move resumes at `transfer` after every restart: a crash loop. Beyond the bound, holes narrower
+ * than a growing granule are taken as data — read from the source as the zeros they are — so the map
+ * stays small and the copy stays exact (holes are an optimisation, never a correctness matter).
+ */
+export const MAX_EXTENTS = 32_768;
+/** a qemu-img map JSON entry is ~120 bytes; a longer line is not one */
+const MAX_MAP_LINE = 4096;
+
+/** Data extents in ascending order, merged, bounded in count (see MAX_EXTENTS). */
+export class ExtentMap {
+  private readonly out: Extent[] = [];
+  /** holes shorter than this many bytes are absorbed into the data around them */
+  private granule = 1;
+
+  constructor(
+    private readonly size: number,
+    private readonly max = MAX_EXTENTS,
+  ) {}
+
+  /** one data extent, offsets ascending */
+  add(offset: number, length: number): void {
+    const len = Math.min(length, this.size - offset);
+    if (!(len > 0) || !Number.isSafeInteger(offset) || offset < 0) return;
+    const prev = this.out[this.out.length - 1];
+    if (prev && offset < prev.offset) throw new Error(`extent map out of order at ${offset}`);
+    if (prev && offset - (prev.offset + prev.length) < this.granule) prev.length = Math.max(prev.offset + prev.length, offset + len) - prev.offset;
+    else this.out.push({ offset, length: len });
+    if (this.out.length > this.max) this.coarsen();
   }
-  return out;
+
+  /** One line of `qemu-img map --output=json` (it prints one entry per line); other lines ([, ]) are ignored. */
+  line(text: string): void {
+    if (text.length > MAX_MAP_LINE) throw new Error(`qemu-img map printed a line of ${text.length} bytes: not an extent entry`);
+    const t = text.trim().replace(/^\[/, '').replace(/[,\]]+$/, '').trim();
+    if (!t.startsWith('{')) return;
+    const e = JSON.parse(t) as { start?: unknown; length?: unknown; data?: unknown };
+    if (typeof e.start !== 'number' || typeof e.length !== 'number') throw new Error('qemu-img map printed an entry without start and length');
+    if (e.data === true) this.add(e.start, e.length);
+  }
+
+  extents(): Extent[] {
+    return this.out.map((e) => ({ ...e }));
+  }
+
+  /** Widens the granule until the map holds at most half its bound. */
+  private coarsen(): void {
+    while (this.out.length > this.max / 2) {
+      this.granule = this.granule < 4096 ? 4096 : this.granule * 4;
+      let w = 0;
+      for (let r = 1; r < this.out.length; r++) {
+        const prev = this.out[w] as Extent;
+        const cur = this.out[r] as Extent;
+        if (cur.offset - (prev.offset + prev.length) < this.granule) prev.length = cur.offset + cur.length - prev.offset;
+        else this.out[++w] = cur;
+      }
+      this.out.length = w + 1;
+    }
+  }
+}
+
+/** Data extents from `qemu-img map -f raw --output=json` (SEEK_DATA/SEEK_HOLE of the file itself). */
+export function parseQemuImgMap(json: string, size: number, max = MAX_EXTENTS): Extent[] {
+  const map = new ExtentMap(size, max);
+  for (const e of JSON.parse(json) as Array<{ start: number; length: number; data: boolean }>) if (e.data) map.add(e.start, e.length);
+  return map.extents();
 }
 
 /** Segments of `segmentBytes` that contain data; segments that are all hole need nothing sent. */
@@ -70,16 +124,18 @@ export function opsText(segments: Segment[], withEnds: boolean): string {
 
 /** Ranges of `data` not covered by `covered` (both sorted, non-overlapping within themselves). */
 export function subtractExtents(data: Extent[], covered: Extent[]): Extent[] {
+  // both ascending and non-overlapping: one pass over each (a bounded map has tens of thousands)
   const out: Extent[] = [];
+  let c = 0;
   for (const d of data) {
     let pos = d.offset;
     const end = d.offset + d.length;
-    for (const c of covered) {
-      const cEnd = c.offset + c.length;
-      if (cEnd <= pos || c.offset >= end) continue;
-      if (c.offset > pos) out.push({ offset: pos, length: c.offset - pos });
-      pos = Math.max(pos, cEnd);
-      if (pos >= end) break;
+    while (c < covered.length && (covered[c] as Extent).offset + (covered[c] as Extent).length <= pos) c++;
+    for (let k = c; k < covered.length && pos < end; k++) {
+      const cv = covered[k] as Extent;
+      if (cv.offset >= end) break;
+      if (cv.offset > pos) out.push({ offset: pos, length: cv.offset - pos });
+      pos = Math.max(pos, cv.offset + cv.length);
     }
     if (pos < end) out.push({ offset: pos, length: end - pos });
   }

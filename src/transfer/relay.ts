@@ -24,9 +24,9 @@ import type { Hypervisor } from '../hosts/hypervisor.js';
 import { RemoteCommandError, type HostConnection, type SpawnedCommand } from '../hosts/ssh.js';
 import { log } from '../util/log.js';
 import { openDirectChannel, type DirectChannel } from './direct.js';
-import { FrameParser, opsText, parseQemuImgMap, planSegments, subtractExtents, type Extent, type Segment } from './plan.js';
+import { ExtentMap, FrameParser, opsText, planSegments, subtractExtents, type Extent, type Segment } from './plan.js';
 import { SegmentHasher } from './hasher.js';
-import { FINAL_SH, PREPARE_SH, PROBE_SH, READER, WRITER } from './scripts.js';
+import { MAP_SH, PREPARE_SH, PROBE_SH, READER, WRITER } from './scripts.js';
 import { TokenBucket } from './throttle.js';
 
 const logger = log.child({ component: 'relay' });
@@ -166,35 +166,71 @@ interface SourceProbe {
   extents: Extent[];
 }
 
-function parseMapOutput(out: string, size: number): Extent[] {
-  const t = out.trim();
-  // no qemu-img (or it failed): every byte is data
-  if (t === '' || t === 'NOMAP') return size > 0 ? [{ offset: 0, length: size }] : [];
-  return parseQemuImgMap(t, size);
+/**
+ * The data extents of a file on a host, read from `qemu-img map` as it prints them: never held whole
+ * (a fragmented sparse disk prints ~30 MB per GiB) and bounded in count (ExtentMap). Without qemu-img
+ * (or when it fails) every byte is data.
+ */
+async function mapExtents(conn: HostConnection, path: string, size: number): Promise<Extent[]> {
+  const cmd = await conn.spawn(['sh', '-c', MAP_SH, 'relay-map', path]);
+  const map = new ExtentMap(size);
+  let failed: Error | undefined;
+  let noMap = false;
+  const timer = setTimeout(() => {
+    failed ??= new Error(`on ${conn.host.name}: qemu-img map of ${path} took over 10 minutes`);
+    cmd.kill();
+  }, 10 * 60_000);
+  cmd.stdin.end();
+  cmd.stderr.resume();
+  onLines(cmd.stdout, (line) => {
+    if (failed) return;
+    if (line.trim() === 'NOMAP') noMap = true;
+    try {
+      map.line(line);
+    } catch (err) {
+      failed = new Error(`on ${conn.host.name}: qemu-img map of ${path}: ${(err as Error).message}`);
+      cmd.kill();
+    }
+  }, 8192);
+  const code = await cmd.exit.finally(() => clearTimeout(timer));
+  if (failed) throw failed;
+  if (code !== 0) throw new Error(`on ${conn.host.name}: mapping ${path} failed (exit ${code})`);
+  if (noMap) return size > 0 ? [{ offset: 0, length: size }] : [];
+  return map.extents();
 }
 
 async function probeSource(conn: HostConnection, path: string): Promise<SourceProbe> {
   const out = (await conn.execOk(['sh', '-c', PROBE_SH, 'relay-probe', path], { timeoutMs: 120_000 })).toString('utf8');
-  const [statLine = '', zstdLine = '', ...rest] = out.split('\n');
+  const [statLine = '', zstdLine = ''] = out.split('\n');
   const size = Number(statLine.split(' ')[0]);
   if (!Number.isSafeInteger(size) || size < 0) throw new Error(`on ${conn.host.name}: cannot stat ${path}: ${JSON.stringify(statLine)}`);
-  return { size, identity: statLine.trim(), zstd: zstdLine.trim() === 'zstd=1', extents: parseMapOutput(rest.join('\n'), size) };
+  return { size, identity: statLine.trim(), zstd: zstdLine.trim() === 'zstd=1', extents: await mapExtents(conn, path, size) };
 }
 
 async function sourceIdentity(conn: HostConnection, path: string): Promise<string> {
   return (await conn.execOk(['stat', '-L', '-c', '%s %.9Y %.9Z %i', path])).toString('utf8').trim();
 }
 
-/** Collects a stream's lines. */
-function onLines(stream: NodeJS.ReadableStream, fn: (line: string) => void): void {
+/** Collects a stream's lines; with `maxLine`, a longer line is cut there (what follows up to its newline is dropped). */
+function onLines(stream: NodeJS.ReadableStream, fn: (line: string) => void, maxLine = Infinity): void {
   let buf = '';
+  let skipping = false;
   stream.on('data', (d: Buffer) => {
     buf += d.toString('utf8');
     let nl: number;
     while ((nl = buf.indexOf('\n')) >= 0) {
-      fn(buf.slice(0, nl));
+      if (!skipping) fn(buf.slice(0, nl));
+      skipping = false;
       buf = buf.slice(nl + 1);
     }
+    if (buf.length > maxLine) {
+      if (!skipping) fn(buf);
+      skipping = true;
+      buf = '';
+    }
+  });
+  stream.on('end', () => {
+    if (buf && !skipping) fn(buf);
   });
 }
 
@@ -541,12 +577,12 @@ export async function relayFile(opts: RelayOptions): Promise<RelayResult> {
   }
 
   async function finalCheck(): Promise<void> {
-    const [after, fin] = await Promise.all([sourceIdentity(source, sourcePath), target.execOk(['sh', '-c', FINAL_SH, 'relay-final', partial], { timeoutMs: 120_000 })]);
+    const [after, fin] = await Promise.all([sourceIdentity(source, sourcePath), target.execOk(['stat', '-c', '%s', partial], { timeoutMs: 120_000 })]);
     if (after !== probe.identity) throw new SourceChangedError(sourcePath, probe.identity, after);
-    const [sizeLine = '', ...rest] = fin.toString('utf8').split('\n');
-    if (Number(sizeLine.trim()) !== probe.size) throw new Error(`on ${target.host.name}: ${partial} has size ${sizeLine.trim()}, expected ${probe.size}`);
+    const sizeLine = fin.toString('utf8').trim();
+    if (Number(sizeLine) !== probe.size) throw new Error(`on ${target.host.name}: ${partial} has size ${sizeLine}, expected ${probe.size}`);
     // Holes must read as zeros: anything the target has allocated outside the source's data must be zero bytes.
-    const extra = subtractExtents(parseMapOutput(rest.join('\n'), probe.size), probe.extents);
+    const extra = subtractExtents(await mapExtents(target, partial, probe.size), probe.extents);
     if (extra.length > 0) {
       const r = await target.exec(['perl', '-e', READER, 'z', partial], { stdin: opsText([{ index: -1, start: 0, end: probe.size, extents: extra, dataBytes: 0 }], false), timeoutMs: 30 * 60_000 });
       if (r.code !== 0 || r.stdout.toString().trim() !== 'zero') throw new Error(`on ${target.host.name}: ${partial} has non-zero data where the source has holes: ${r.stderr.trim()}`);

@@ -57,12 +57,14 @@ close($f) or die "close $path: $!\n";
 print "END\n";
 `;
 
-/** sh: probe a source file: "size mtime ctime inode", then "zstd=0|1", then the qemu-img extent map (or NOMAP). */
+/** sh: probe a source file: "size mtime ctime inode", then "zstd=0|1" (its extents: MAP_SH, streamed). */
 export const PROBE_SH = [
   'stat -L -c "%s %.9Y %.9Z %i" "$1" || exit 3',
   'if command -v zstd >/dev/null 2>&1; then echo zstd=1; else echo zstd=0; fi',
-  'qemu-img map -U -f raw --output=json "$1" 2>/dev/null || echo NOMAP',
 ].join('\n');
+
+/** sh: $1 file: its qemu-img extent map, one JSON entry per line (or NOMAP without a working qemu-img). */
+export const MAP_SH = 'qemu-img map -U -f raw --output=json "$1" 2>/dev/null || echo NOMAP';
 
 /** sh: $1 partial, $2 size, $3 fresh(1|0): (re)creates the sparse partial file; prints "new" or "kept". */
 export const PREPARE_SH = [
@@ -70,8 +72,6 @@ export const PREPARE_SH = [
   'if command -v zstd >/dev/null 2>&1; then echo zstd=1; else echo zstd=0; fi',
 ].join('\n');
 
-/** sh: $1 partial: size and extent map of the written file, for the hole check before commit. */
-export const FINAL_SH = ['stat -c %s "$1" || exit 3', 'qemu-img map -U -f raw --output=json "$1" 2>/dev/null || echo NOMAP'].join('\n');
 
 /**
  * HASHER file sync(0|1) cmd…, stdin = segment requests (`D off len` lines, then `E seg`): for each

@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { parseInventory } from '../../src/api/inventoryFile.js';
 import { quorumAfterStop } from '../../src/guest/etcdGuard.js';
-import { isBackendDown, nginxPidFile, nginxWorkers, setBackendDown } from '../../src/guest/nginxLoadBalancer.js';
+import { isBackendDown, MAX_CONFIG_BYTES, nginxPidFile, nginxWorkers, setBackendDown } from '../../src/guest/nginxLoadBalancer.js';
 import { guestSafetyParts, kubeconfigCa } from '../../src/guest/safety.js';
 
 describe('quorumAfterStop (Cluster API rule: voting − unhealthy − 1 ≥ ⌊voting/2⌋ + 1)', () => {
@@ -55,6 +55,18 @@ upstream kube_apiservers {
   });
   it('names a missing upstream', () => {
     expect(() => setBackendDown(conf, 'nope', '10.0.0.11:6443', true)).toThrow(/no upstream nope/);
+  });
+  it('reads statements as NGINX does: comments, quoted words and a `server` inside another word are not statements', () => {
+    const tricky = `upstream kube_apiservers {\n  # server 10.0.0.11:6443;\n  server "10.0.0.11:6443" weight=2; # trailing\n  xserver 10.0.0.11:6443;\n}\n`;
+    expect(setBackendDown(tricky, 'kube_apiservers', '10.0.0.11:6443', true)).toBe(`upstream kube_apiservers {\n  # server 10.0.0.11:6443;\n  server "10.0.0.11:6443" weight=2 down; # trailing\n  xserver 10.0.0.11:6443;\n}\n`);
+  });
+  it("a student's 1 MiB of unterminated server lines is answered, not backtracked over (the regular expression it replaces was quadratic: 0.2 s at 26 KB, minutes at 1 MiB, blocking the event loop)", () => {
+    const hostile = `upstream kube_apiservers {\n${'server 10.0.0.12:6443 '.repeat(Math.floor((MAX_CONFIG_BYTES - 64) / 22))}\n}\n`;
+    expect(hostile.length).toBeLessThanOrEqual(MAX_CONFIG_BYTES);
+    expect(() => setBackendDown(hostile, 'kube_apiservers', '10.0.0.12:6443', true)).toThrow(/has no server 10.0.0.12:6443/);
+  });
+  it('a configuration over 1 MiB is refused, never parsed', () => {
+    expect(() => setBackendDown(`${conf}#${'x'.repeat(MAX_CONFIG_BYTES)}`, 'kube_apiservers', '10.0.0.11:6443', true)).toThrow(/more than the 1048576 the operator reads/);
   });
 });
 
