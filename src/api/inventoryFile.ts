@@ -116,7 +116,7 @@ function checkAddress(at: string, address: string): void {
 }
 
 /** Files the operator itself creates in a VM directory (qemuArgv, mirror, live, tunnel, source lock); an inventory file of that name would be overwritten or deleted. */
-const RESERVED_FILES = new Set(['qemu.pid', 'qmp.sock', 'serial.log', 'nbd.sock', 'migrate.sock']);
+const RESERVED_FILES = new Set(['qemu.pid', 'qmp.sock', 'serial.log', 'nbd.sock', 'migrate.sock', 'guest-ran-here']);
 const RESERVED_SUFFIXES = ['.partial', '.sock', '.pid', '.lock'];
 
 function checkFileName(at: string, name: string): void {

@@ -133,9 +133,17 @@ print -d $dir ? "stopped\n" : "absent\n";
  * Prints "absent" (no VM directory), "locked" (created now) or the existing lock's content.
  */
 export const SOURCE_LOCK_FILE = 'migration.lock';
-const LOCK_SCRIPT = [
+/**
+ * The lock is written whole to a temporary file and linked into place (a hard link is exclusive, like
+ * O_EXCL): a disk that fills up mid-write leaves no half-written lock, which nobody could read — not
+ * the move, not `unlock-source` — and which would block the VM for good.
+ */
+export const LOCK_SCRIPT = [
   '[ -d "$1" ] || { echo absent; exit 0; }',
-  `if (set -C; printf '%s\\n' "$2" > "$1/${SOURCE_LOCK_FILE}") 2>/dev/null; then echo locked; exit 0; fi`,
+  'tmp="$1/.migration.lock.$$"',
+  `if printf '%s\\n' "$2" > "$tmp" 2>/dev/null && ln -- "$tmp" "$1/${SOURCE_LOCK_FILE}" 2>/dev/null; then rm -f -- "$tmp"; echo locked; exit 0; fi`,
+  'rm -f -- "$tmp"',
+  `[ -e "$1/${SOURCE_LOCK_FILE}" ] || { echo "cannot write $1/${SOURCE_LOCK_FILE} (disk full?)" >&2; exit 4; }`,
   `cat -- "$1/${SOURCE_LOCK_FILE}"`,
 ].join('\n');
 
