@@ -15,6 +15,7 @@
 import { CustomObjectsApi, type KubeConfig, type KubernetesListObject } from '@kubernetes/client-node';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../api/types.js';
 import { readCapacity, vmAllocatedBytes } from '../hosts/capacity.js';
+import { sweepDirect } from '../transfer/direct.js';
 import type { HostPool } from '../hosts/pool.js';
 import * as metrics from '../metrics/metrics.js';
 import type { Store } from '../store/store.js';
@@ -60,6 +61,8 @@ export class MigrationController {
   private elector: LeaseLeaderElector | undefined;
   private leading: AbortSignal | undefined;
   private queueRunning: Promise<void> | undefined;
+  /** what direct copies of an earlier leader left on the hosts is removed before this one moves anything */
+  private swept: Promise<void> | undefined;
 
   constructor(private readonly opts: ControllerOptions) {
     const api = opts.kc.makeApiClient(CustomObjectsApi);
@@ -92,6 +95,7 @@ export class MigrationController {
     const le = this.opts.leaderElection;
     if (!le) {
       this.leading = new AbortController().signal;
+      this.swept = this.sweepHosts();
       metrics.leaderIsLeader.set(1);
       this.queueRunning = this.queue.run((key, signal) => this.reconcile(key, signal));
       return;
@@ -101,6 +105,7 @@ export class MigrationController {
       onStartedLeading: (signal) => {
         this.opts.log.info({ identity: le.identity }, 'leading: reconciling VMMigrations');
         this.leading = signal;
+        this.swept = this.sweepHosts();
         metrics.leaderIsLeader.set(1);
         for (const o of this.informer.list()) this.queue.add(objectKey(o));
         signal.addEventListener('abort', () => {
@@ -126,8 +131,26 @@ export class MigrationController {
     await this.elector?.stop({ release: true });
   }
 
+  /**
+   * Removes, from every host of the inventory, the per-copy keys and authorizations direct copies left
+   * behind (an operator killed mid-copy); an unreachable host is logged and left to the lines' own
+   * expiry-time. Bounded: moves wait for it at most a minute.
+   */
+  private async sweepHosts(): Promise<void> {
+    const hosts = await this.opts.store.hosts().catch(() => []);
+    const sweep = Promise.allSettled(hosts.map(async (h) => {
+      try {
+        await sweepDirect((await this.opts.pool.hypervisor(h)).conn);
+      } catch (err) {
+        this.opts.log.warn({ host: h.name, err: (err as Error).message }, 'could not sweep direct-copy keys left on the host; they expire on their own');
+      }
+    }));
+    await Promise.race([sweep, new Promise((r) => setTimeout(r, 60_000).unref())]);
+  }
+
   private async reconcile(key: string, _signal: AbortSignal): Promise<void | { requeueAfterMs?: number }> {
     if (!this.leading || this.leading.aborted) return;
+    await this.swept;
     const [namespace, name] = key.includes('/') ? key.split('/') as [string, string] : [undefined, key];
     const obj = this.informer.get(name, namespace);
     if (!obj) {

@@ -98,7 +98,7 @@ const AUTHORIZATION_LIFETIME_MS = 60 * 60_000;
 export function directTag(environment: string, vm: string): string {
   assertSafeName('environment', environment);
   assertSafeName('VM', vm);
-  return `vmops-direct:${environment}/${vm}:`;
+  return `${DIRECT_TAG_PREFIX}${environment}/${vm}:`;
 }
 
 /** `[address]:port` as known_hosts and sshd write it (plain address for port 22). */
@@ -142,6 +142,21 @@ export interface DirectOptions {
 /** Removes every authorization of this VM's direct copies from the target's authorized_keys. */
 export async function revokeDirect(target: HostConnection, environment: string, vm: string): Promise<void> {
   await target.execOk(['sh', '-c', AUTHORIZE_SH, 'vmops-authorize', target.host.authorizedKeysFile ?? '', directTag(environment, vm), '']);
+}
+
+/** The tag's prefix that every direct copy's authorized_keys line carries, whatever its VM. */
+export const DIRECT_TAG_PREFIX = 'vmops-direct:';
+
+/**
+ * Removes what direct copies of any VM left on a host — authorized_keys lines tagged vmops-direct and
+ * key directories /tmp/vmops-direct+… — as an operator does when it starts leading, before any copy:
+ * one killed mid-copy leaves both, and that VM's next direct copy may be far away or never come.
+ */
+export async function sweepDirect(conn: HostConnection): Promise<void> {
+  const r = await conn.exec(['sh', '-c', AUTHORIZE_SH, 'vmops-authorize', conn.host.authorizedKeysFile ?? '', DIRECT_TAG_PREFIX, ''], { timeoutMs: 60_000 });
+  // no authorized_keys file: no direct copy ever authorized anything there
+  if (r.code !== 0 && !/does not exist/.test(r.stderr)) throw new Error(`on ${conn.host.name}: removing direct-copy authorizations failed (${r.code}): ${r.stderr.trim().slice(0, 300)}`);
+  await conn.execOk(['sh', '-c', 'for d in /tmp/vmops-direct+*; do [ -d "$d" ] && rm -rf -- "$d"; done; exit 0'], { timeoutMs: 60_000 });
 }
 
 /** Sets up one file's direct copy: a fresh key on the source, authorized on the target for this file only. */
