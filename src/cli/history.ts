@@ -3,6 +3,7 @@
  * with start time, duration and outcome — the audit trail a resume is decided from.
  */
 import type { Store } from '../store/store.js';
+import { boundedText } from '../util/text.js';
 
 interface Row { step: string; event: string; at: string; detail_json: string | null }
 
@@ -51,7 +52,7 @@ export async function history(store: Store, ref: string, out: (line: string) => 
       out(`  ${vm}  ${move ? `${move.phase} ${move.fromHost} → ${move.toHost}, attempts ${move.attempts}` : ''}`);
       for (const l of stepLines(rows.filter((r) => `${r.environment}/${r.vm}` === vm))) {
         const dur = l.durationMs === undefined ? '' : `${(l.durationMs / 1000).toFixed(2)} s`;
-        out(`    ${l.startedAt}  ${l.step.padEnd(14)} ${l.outcome.padEnd(8)} ${dur.padStart(9)}${l.message ? `  ${l.message}` : ''}`);
+        out(`    ${l.startedAt}  ${l.step.padEnd(14)} ${l.outcome.padEnd(8)} ${dur.padStart(9)}${l.message ? `  ${boundedText(l.message, 2048)}` : ''}`);
       }
     }
   }

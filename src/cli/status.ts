@@ -5,6 +5,7 @@
 import { CustomObjectsApi, KubeConfig, Watch } from '@kubernetes/client-node';
 import { GROUP, PLURAL, VERSION, type VMMigration, type VMStatus } from '../api/types.js';
 import { mib } from '../util/units.js';
+import { boundedText } from '../util/text.js';
 
 const BAR = 20;
 const TERMINAL = new Set(['Succeeded', 'Failed']);
@@ -61,7 +62,7 @@ export function renderStatus(o: VMMigration, now = new Date()): string {
   if (generation !== undefined && s.observedGeneration !== undefined && s.observedGeneration < generation) {
     lines.push(`  (status is for generation ${s.observedGeneration}; the spec is at ${generation})`);
   }
-  for (const c of s.conditions ?? []) lines.push(`  ${c.type.padEnd(12)} ${c.status.padEnd(6)} ${c.reason}: ${c.message}`);
+  for (const c of s.conditions ?? []) lines.push(`  ${c.type.padEnd(12)} ${c.status.padEnd(6)} ${c.reason}: ${boundedText(c.message)}`);
   const plan = s.plan ?? [];
   const envs = [...new Set([...plan.map((p) => p.environment), ...vms.map((v) => v.environment)])];
   for (const env of envs) {
@@ -77,10 +78,10 @@ export function renderStatus(o: VMMigration, now = new Date()): string {
       const vEta = v.phase === 'Running' && v.etaSeconds !== undefined ? duration(v.etaSeconds) : '';
       const down = v.downtimeSeconds !== undefined ? `${v.downtimeSeconds.toFixed(2)} s` : '';
       lines.push(`  ${v.name.padEnd(14)} ${v.phase.padEnd(10)} ${(v.phase === 'Running' ? v.step ?? '' : '').padEnd(10)} ${bar(vmFraction(v)).padEnd(25)} ${copied.padEnd(22)} ${rate.padEnd(12)} ${vEta.padEnd(7)} ${down}`.trimEnd());
-      if (v.message && v.phase !== 'Succeeded') lines.push(`      ${v.message}`);
+      if (v.message && v.phase !== 'Succeeded') lines.push(`      ${boundedText(v.message)}`);
     }
   }
-  if (s.message && !(s.conditions ?? []).some((c) => c.message === s.message)) lines.push('', s.message);
+  if (s.message && !(s.conditions ?? []).some((c) => c.message === s.message)) lines.push('', boundedText(s.message));
   return lines.join('\n');
 }
 

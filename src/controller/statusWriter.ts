@@ -3,6 +3,7 @@ import pRetry from 'p-retry';
 import { GROUP, KIND, PLURAL, VERSION, type VMMigration, type VMMigrationStatus } from '../api/types.js';
 import type { Logger } from '../util/log.js';
 import { withKstatus } from './kstatus.js';
+import { boundedStrings, boundedText } from '../util/text.js';
 
 /**
  * Owns the status of one VMMigration while it runs. Progress updates arrive
@@ -39,7 +40,8 @@ export class StatusWriter {
     while (this.inFlight) await this.inFlight.catch(() => undefined);
     if (!this.dirty) return;
     this.dirty = false;
-    const body = { status: structuredClone(withKstatus(this.status)) };
+    // messages carry guest text (pod names, API answers): bounded, so the patch stays far below the API server's limit
+    const body = { status: boundedStrings(withKstatus(this.status)) };
     const { name, namespace } = this.obj.metadata;
     this.inFlight = pRetry(
       () => this.api.patchNamespacedCustomObjectStatus({ group: GROUP, version: VERSION, namespace, plural: PLURAL, name, body }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch)),
@@ -78,7 +80,7 @@ export class EventRecorder {
     const body = {
       metadata: { generateName: `${name}.`, namespace },
       involvedObject: { apiVersion: `${GROUP}/${VERSION}`, kind: KIND, name, namespace, uid },
-      type, reason, message: message.slice(0, 1024),
+      type, reason, message: boundedText(message),
       source: { component: this.component },
       firstTimestamp: now, lastTimestamp: now, count: 1,
       reportingComponent: this.component, reportingInstance: process.env.HOSTNAME ?? 'local',

@@ -29,6 +29,9 @@ import { abortReason, sleep } from '../util/sleep.js';
 export const CORDONED_BY_ANNOTATION = 'vmops.dev/cordoned-by';
 const CORDONED_BY_VALUE = 'vm-migration-operator';
 const MIRROR_POD_ANNOTATION = 'kubernetes.io/config.mirror';
+/** pods read per list request, and at most on one node (the guest is the student's) */
+const POD_PAGE = 500;
+const MAX_PODS_PER_NODE = 5000;
 
 /** kubectl drain's flags, with kubectl's defaults when left out. */
 export interface DrainPolicy {
@@ -75,7 +78,7 @@ export interface DrainReport extends DrainResult {
   warnings: string[];
 }
 
-export type DrainFailure = 'Refused' | 'Timeout' | 'EvictionFailed' | 'APIUnreachable';
+export type DrainFailure = 'Refused' | 'Timeout' | 'EvictionFailed' | 'APIUnreachable' | 'TooManyPods';
 
 export class DrainError extends Error {
   constructor(
@@ -279,8 +282,20 @@ export class NodeDrainer {
     return this.retry(() => this.core.patchNode({ name: node, body }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch)));
   }
 
+  /**
+   * The pods on a node, read a page at a time and bounded: the guest cluster is the student's, and a
+   * node with hundreds of thousands of pods must not grow the operator's memory without limit.
+   */
   private async podsOn(node: string, signal?: AbortSignal): Promise<V1Pod[]> {
-    return (await this.retry(() => this.core.listPodForAllNamespaces({ fieldSelector: `spec.nodeName=${node}` }), signal)).items;
+    const pods: V1Pod[] = [];
+    let _continue: string | undefined;
+    do {
+      const page = await this.retry(() => this.core.listPodForAllNamespaces({ fieldSelector: `spec.nodeName=${node}`, limit: POD_PAGE, ...(_continue ? { _continue } : {}) }), signal);
+      pods.push(...page.items);
+      if (pods.length > MAX_PODS_PER_NODE) throw new DrainError(`node ${node} has more than ${MAX_PODS_PER_NODE} pods; the operator does not drain such a node`, [], 'TooManyPods');
+      _continue = page.metadata?._continue || undefined;
+    } while (_continue);
+    return pods;
   }
 
   /** What a drain with this policy would do with each pod on the node now (kubectl drain --dry-run). */

@@ -2,6 +2,7 @@ import { Kysely, Migrator } from 'kysely';
 import type { EnvironmentSpec, HostQemu, HostSpec, Inventory, VMBoot, VMFile, VMRole, VMSpec } from '../api/inventory.js';
 import { connect, redactLocation, StoreOpenError, type ConnectOptions } from './connect.js';
 import { migrations, type Backend, type Database, type MoveRow } from './schema.js';
+import { boundedStrings } from '../util/text.js';
 
 export { isPostgresUrl, redactLocation, StoreOpenError } from './connect.js';
 
@@ -146,7 +147,7 @@ export class Store {
   async journal(migrationUid: string, environment: string, vm: string, step: string, event: JournalEvent, detail?: unknown): Promise<void> {
     await this.db.insertInto('journal').values({
       migration_uid: migrationUid, environment, vm, step, event,
-      detail_json: detail === undefined ? null : JSON.stringify(detail),
+      detail_json: detail === undefined ? null : JSON.stringify(boundedStrings(detail, 2048)),
       at: new Date().toISOString(),
       actor: this.actor,
     }).execute();
