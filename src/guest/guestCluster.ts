@@ -26,6 +26,8 @@ export interface NodeState {
   exists: boolean;
   ready: boolean;
   unschedulable: boolean;
+  /** the addresses the node reports as InternalIP (what ties it to a VM: the inventory's address) */
+  internalIPs?: string[];
 }
 
 export interface QuorumResult {
@@ -128,7 +130,8 @@ export class GuestCluster {
   async nodeState(node: string): Promise<NodeState> {
     try {
       const n = await this.call(() => this.core.readNode({ name: node }));
-      return { exists: true, ready: isReady(n), unschedulable: n.spec?.unschedulable === true };
+      const internalIPs = (n.status?.addresses ?? []).filter((a) => a.type === 'InternalIP').map((a) => a.address).slice(0, 16);
+      return { exists: true, ready: isReady(n), unschedulable: n.spec?.unschedulable === true, internalIPs };
     } catch (err) {
       if (statusCode(err) === 404) return { exists: false, ready: false, unschedulable: false };
       throw err;

@@ -343,10 +343,15 @@ async function precheck(ctx: MoveContext): Promise<Location> {
     const verdict = { safe: false, reason: 'WaitingForAPIServer', message: `the API server of ${environment.name}'s guest cluster is not healthy (/readyz)` };
     throw new MoveError('precheck', verdict.message, 'waiting', verdict);
   }
-  const where = await locate(ctx);
   const node = await guest.nodeState(vm.nodeName);
   if (!node.exists) throw new Error(`node ${vm.nodeName} of VM ${vm.name} does not exist in the guest cluster of ${environment.name}`);
-  return where;
+  // The guest cluster is the student's: a node named like the VM is not proof that it runs on that VM.
+  // Where both say where they are, they must agree before anything is drained or stopped for it.
+  const ips = node.internalIPs ?? [];
+  if (vm.address && ips.length > 0 && !ips.includes(vm.address)) {
+    throw new Error(`node ${vm.nodeName} reports InternalIP ${ips.slice(0, 4).join(', ')}, but VM ${vm.name} has address ${vm.address} in the inventory: the node is not known to run on this VM; refusing to drain it or move the VM`);
+  }
+  return locate(ctx);
 }
 
 /** True when this VM's journal shows a converged pre-copy mirror since its last mirror start and rollback. */

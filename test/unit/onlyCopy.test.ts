@@ -132,3 +132,25 @@ describe('the target may have run: recorded on the host, not only in the journal
     expect(calls.filter((c) => /remove|transfer|stop|start/.test(c))).toEqual([]);
   });
 });
+
+describe('a node is tied to its VM by address before anything is drained for it', () => {
+  it('a node whose InternalIP is not the VM\'s inventory address: refused, untouched (nothing cordoned, drained or stopped)', async () => {
+    const { ctx, calls, guest } = await context('running', 'absent');
+    ctx.vm = { ...ctx.vm, address: '10.0.0.11' };
+    guest.nodeState = async () => ({ exists: true, ready: true, unschedulable: false, internalIPs: ['10.9.9.9'] });
+    const err = await moveVm(ctx).catch((e: unknown) => e);
+    expect((err as MoveError).outcome).toBe('untouched');
+    expect((err as Error).message).toMatch(/reports InternalIP 10\.9\.9\.9, but VM controller-1 has address 10\.0\.0\.11/);
+    expect(calls).toEqual([]);
+  });
+
+  it('the same address, or nothing to compare (no address on one side), goes ahead', async () => {
+    for (const internalIPs of [['10.0.0.11'], []]) {
+      const { ctx, guest, target } = await context('running', 'absent');
+      ctx.vm = { ...ctx.vm, address: '10.0.0.11' };
+      guest.nodeState = async () => ({ exists: true, ready: true, unschedulable: false, internalIPs });
+      await moveVm(ctx);
+      expect(target.state).toBe('running');
+    }
+  });
+});
