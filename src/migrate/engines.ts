@@ -97,6 +97,7 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
         haltSource: (powerdownTimeoutMs) => pauseSourceForCutover(handle.sourceQmp, { powerdownTimeoutMs }),
         converge: async () => (await handle.complete()).bytes,
         quitSource: () => quitQemu(source, environment, vm, handle.sourceQmp),
+        detach: () => handle.detach(),
         async abortAndResume() {
           await handle.abort().catch((e: Error) => log.warn({ err: e.message }, 'aborting the mirror failed'));
           // the handle closes its QMP client when it ends; a halted guest is resumed through a fresh one
@@ -151,6 +152,11 @@ export function hypervisorEngines(o: EngineOptions): MoveEngines {
         abort: (reason) => h.abort(reason).catch(() => undefined),
         async release() {
           h.targetQmp.close();
+          await h.cleanup().catch((e: Error) => log.warn({ err: e.message }, 'closing the live migration tunnels failed'));
+        },
+        async detach() {
+          h.targetQmp.close();
+          h.sourceQmp.close();
           await h.cleanup().catch((e: Error) => log.warn({ err: e.message }, 'closing the live migration tunnels failed'));
         },
       };

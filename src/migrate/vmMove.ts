@@ -97,6 +97,8 @@ export interface MirrorSession {
   verify(): Promise<string>;
   /** rollback before the fence: drop the mirror and run the guest on the source again */
   abortAndResume(): Promise<void>;
+  /** handed over: let go of the source QEMU's monitor and the tunnels, undoing nothing (the next leader resumes) */
+  detach(): Promise<void>;
 }
 
 /** A live migration that reached its handover: source postmigrate, target paused with the state. */
@@ -118,6 +120,8 @@ export interface LiveSession {
    * the paused target QEMU's only QMP connection and closes the tunnels, so the rollback can stop it
    */
   release(): Promise<void>;
+  /** handed over: let go of both QEMUs' monitors and the tunnels, undoing nothing (the next leader resumes) */
+  detach(): Promise<void>;
 }
 
 export class LiveFellBack extends Error {}
@@ -273,7 +277,11 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
   } catch (err) {
     const failedStep = (err as { step?: MoveStep }).step ?? 'precheck';
     if (err instanceof MoveError && err.outcome === 'waiting') throw err;
-    if (interruptedBy(ctx)) throw new MoveError(failedStep, `interrupted: ${interruptedBy(ctx)}`, 'interrupted');
+    if (interruptedBy(ctx)) {
+      // QEMU serves one client per monitor: a session kept open would make the next leader see the VM as "other"
+      await Promise.allSettled([st.mirror?.detach(), st.live?.detach()]);
+      throw new MoveError(failedStep, `interrupted: ${interruptedBy(ctx)}`, 'interrupted');
+    }
     const reason = (err as Error).message;
     if (!st.touched) throw Object.assign(new MoveError(failedStep, reason, 'untouched'), { cause: err });
     // A lost reply (e.g. to the live handover's `cont`) can hide a target that runs: look before deciding.

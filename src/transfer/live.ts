@@ -34,6 +34,11 @@ import { changedSincePrepass, prepassVerify, type ChangedRanges, type Prepass } 
 /** QEMU's default max-bandwidth (MAX_THROTTLE, 128 MiB/s) */
 export const QEMU_DEFAULT_MAX_BANDWIDTH = 128 * 1024 * 1024;
 
+/** The run was handed over (leadership lost, shutdown): its abort reason says it is resumable. */
+export function handedOver(signal: AbortSignal | undefined): boolean {
+  return signal?.aborted === true && (signal.reason as { resumable?: unknown } | undefined)?.resumable === true;
+}
+
 export class LiveMigrationAbortedError extends Error {
   /**
    * The abort proved the target's QEMU gone and its files removed. Only then may the move go on from
@@ -183,6 +188,18 @@ export async function liveMigrateUntilHandover(opts: LiveMigrateOptions): Promis
 
   /** Every failure before the handover ends here: source running, target gone. */
   const abort = async (reason: Error): Promise<never> => {
+    if (handedOver(opts.signal)) {
+      // Leadership lost (or a shutdown): the next leader resumes from what it finds, and must find it
+      // as it is — no migrate_cancel, no quit, no cont from a replica that may no longer act. Let go of
+      // QEMU's monitors (one client each) and the tunnels; a migration cut off that way fails on its
+      // own (the source runs on, the incoming QEMU exits).
+      logger.warn({ phase }, 'handed over mid live migration: letting go of both QEMUs, undoing nothing');
+      jobs?.dispose();
+      for (const t of tunnels) await t.close().catch(() => undefined);
+      incoming?.qmp.close();
+      src.close();
+      throw opts.signal?.reason instanceof Error ? opts.signal.reason : reason;
+    }
     logger.warn({ phase, err: reason.message }, 'live migration failed; aborting');
     const problems: string[] = [];
     if (migrateStarted) {

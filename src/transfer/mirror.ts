@@ -300,6 +300,11 @@ export interface PrecopyHandle {
   copyRemainingFiles(signal?: AbortSignal): Promise<number>;
   /** Drops the mirrors, stops the exports, removes the target's partial disks; the source is untouched. Idempotent. */
   abort(): Promise<void>;
+  /**
+   * Handed over (leadership lost): lets go of the source QEMU's monitor and the tunnels, undoing
+   * nothing — the next leader finds the VM as it is and decides (QEMU serves one monitor client).
+   */
+  detach(): Promise<void>;
 }
 
 interface NbdExport {
@@ -501,6 +506,13 @@ export async function startPrecopy(opts: PrecopyOptions): Promise<PrecopyHandle>
       if (!changed) return { how: 'full', disks: await verifyGuestData(source, target, environment, vm), why: prepassFailure };
       const r = await verifyChangedRanges({ source, target, srcDir, dstDir, changed });
       return { how: 'incremental', disks: r.disks, ranges: r.ranges, bytes: r.bytes, prepassMs: changed.prepassMs };
+    },
+    async detach() {
+      if (aborted) return;
+      aborted = true;
+      aheadAbort.abort(new Error('handed over'));
+      for (const t of tunnels) await t.close().catch(() => undefined);
+      if (ownQmp) qmp.close();
     },
     async abort() {
       if (aborted) return;

@@ -90,6 +90,7 @@ export function fakeEngines(source: FakeHost, target: FakeHost, calls: string[])
         copyFiles: (signal) => e.copyNonDisk(signal),
         verify: async () => { await e.verify(); return 'guest data verified'; },
         abortAndResume: async () => { calls.push('mirror-abort'); target.state = 'absent'; source.state = 'running'; },
+        detach: async () => { calls.push('mirror-detach'); },
       };
     },
     live: async () => {
@@ -107,6 +108,7 @@ export function fakeEngines(source: FakeHost, target: FakeHost, calls: string[])
         resumeTarget: async () => { calls.push('resume-target'); target.state = 'running'; return Date.now(); },
         abort: async () => { calls.push('live-abort'); },
         release: async () => { calls.push('live-release'); },
+        detach: async () => { calls.push('live-detach'); },
       };
     },
     verify: async () => { calls.push('verify'); },

@@ -6,9 +6,9 @@
 import { describe, expect, it } from 'vitest';
 import { settingsFrom } from '../../src/api/types.js';
 import { releaseSource } from '../../src/migrate/releaseSource.js';
-import { moveVm, MoveError } from '../../src/migrate/vmMove.js';
+import { Handover, moveVm, MoveError } from '../../src/migrate/vmMove.js';
 import { liveFallback } from '../../src/migrate/engines.js';
-import { LiveMigrationAbortedError } from '../../src/transfer/live.js';
+import { handedOver, LiveMigrationAbortedError } from '../../src/transfer/live.js';
 import { context, env, vm } from './moveDoubles.js';
 
 describe('a target QEMU that never ran the guest is not "running"', () => {
@@ -152,5 +152,34 @@ describe('a node is tied to its VM by address before anything is drained for it'
       await moveVm(ctx);
       expect(target.state).toBe('running');
     }
+  });
+});
+
+describe('a replica that lost the Lease lets go of the QEMUs and undoes nothing', () => {
+  it('pre-copy: handed over mid-drain, the mirror session is detached (its monitor and tunnels closed), not aborted, and nothing is rolled back', async () => {
+    const { ctx, calls, source, guest } = await context('running', 'absent');
+    ctx.settings = settingsFrom({ targetHost: 'host02', environments: ['e'], transfer: { precopy: true } });
+    const ac = new AbortController();
+    ctx.signal = ac.signal;
+    guest.drain = async () => {
+      calls.push('drain');
+      ac.abort(new Handover('lost leadership'));
+      throw new Error('drain aborted');
+    };
+    await expect(moveVm(ctx)).rejects.toMatchObject({ outcome: 'interrupted' });
+    expect(calls).toContain('mirror-detach');
+    expect(calls).not.toContain('mirror-abort');
+    expect(calls.filter((c) => /host0[12]:(stop|start|remove)|uncordon/.test(c))).toEqual([]);
+    expect(source.state).toBe('running');
+  });
+
+  it('the live engine hands over the same way: handedOver() is true only for a resumable abort reason', () => {
+    const ac = new AbortController();
+    expect(handedOver(ac.signal)).toBe(false);
+    ac.abort(new Handover('lost leadership'));
+    expect(handedOver(ac.signal)).toBe(true);
+    const cancel = new AbortController();
+    cancel.abort(new Error('deleted'));
+    expect(handedOver(cancel.signal)).toBe(false);
   });
 });
