@@ -10,6 +10,7 @@ import { settingsFrom, strategyName, type PlanEntry, type VMMigration, type VMSt
 import { GuestCluster } from '../guest/guestCluster.js';
 import { loadGuestKubeconfig } from '../guest/kubeconfig.js';
 import { measureHosts } from '../hosts/capacity.js';
+import { HostReservations } from '../migrate/reservations.js';
 import type { HostPool } from '../hosts/pool.js';
 import { HostKeyMismatchError } from '../hosts/ssh.js';
 import * as metrics from '../metrics/metrics.js';
@@ -56,6 +57,8 @@ export interface RunnerDeps {
   move?: (ctx: MoveContext) => Promise<MoveResult>;
   /** measured room on hosts (src/hosts/capacity.ts over the pool); absent = not measured, and status says so */
   capacity?: { host(h: HostSpec): Promise<HostCapacity>; vmBytes(h: HostSpec, environment: string, vm: string): Promise<number> };
+  /** room promised to moves in flight; default: one registry for the whole process */
+  reservations?: HostReservations;
   /** the VMMigration (namespace/name) holding an environment, for the waiting condition */
   holderOf?: (environment: string) => string | undefined;
 }
@@ -75,6 +78,9 @@ export class RetryLater extends Error {
 /** The run stopped on purpose (handover, deletion); nothing to retry here. */
 export class Aborted extends Error {}
 
+/** Room promised to the moves in flight of every migration this process runs (src/migrate/reservations.ts). */
+const sharedReservations = new HostReservations();
+
 export async function runMigration(vmm: VMMigration, deps: RunnerDeps, signal: AbortSignal): Promise<void> {
   const endRun = metrics.migrationRunStarted();
   const writer = deps.statusSink?.(vmm) ?? new StatusWriter(deps.kc, vmm, vmm.status ?? {}, deps.log, deps.statusIntervalMs);
@@ -88,6 +94,7 @@ export async function runMigration(vmm: VMMigration, deps: RunnerDeps, signal: A
 
 async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, signal: AbortSignal): Promise<void> {
   const { store, log } = deps;
+  const reservations = deps.reservations ?? sharedReservations;
   const generation = vmm.metadata.generation ?? 1;
   const settings = settingsFrom(vmm.spec);
   const uid = vmm.metadata.uid;
@@ -200,6 +207,8 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
       const stepTimers = new Map<MoveStep, () => number>();
       const inFlight = metrics.moveInFlight();
       let reportedBytes = 0;
+      const reservationKey = `${uid}/${name}`;
+      const releases: (() => void)[] = [];
       try {
         const env = await mustEnvironment(store, entry.environment);
         const vmSpec = env.vms.find((v) => v.name === entry.vm);
@@ -220,9 +229,12 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
             deps.capacity.vmBytes(sourceHost, entry.environment, entry.vm), deps.capacity.host(targetHost), scratch ? deps.capacity.host(sourceHost) : undefined,
           ]);
           const scratchBytes = scratch ? bytes : 0;
-          const fit = vmFits({ vm: name, target: entry.to, allocatedBytes: bytes, scratchBytes, memoryBytes: vmSpec.memoryMiB * 1048576, capacity: room, placement: settings.placement });
-          const srcFit = sourceRoom ? sourceScratchFits({ vm: name, source: entry.from, scratchBytes, capacity: sourceRoom, placement: settings.placement }) : { ok: true as const };
+          // what moves already on their way were promised comes off what the hosts report
+          const fit = vmFits({ vm: name, target: entry.to, allocatedBytes: bytes, scratchBytes, memoryBytes: vmSpec.memoryMiB * 1048576, capacity: reservations.remaining(room, reservationKey), placement: settings.placement });
+          const srcFit = sourceRoom ? sourceScratchFits({ vm: name, source: entry.from, scratchBytes, capacity: reservations.remaining(sourceRoom, reservationKey), placement: settings.placement }) : { ok: true as const };
           for (const f of [fit, srcFit]) if (!f.ok) throw new MoveError('precheck', f.message, 'waiting', { safe: false, reason: 'WaitingForCapacity', message: f.message });
+          releases.push(reservations.reserve(entry.to, reservationKey, { diskBytes: bytes + scratchBytes, memoryBytes: vmSpec.memoryMiB * 1048576 }));
+          if (scratch) releases.push(reservations.reserve(entry.from, reservationKey, { diskBytes: scratchBytes, memoryBytes: 0 }));
         }
         const guest = await (deps.openGuest ?? ((e) => openGuestCluster(deps.kc, e)))(env);
         const safety = (deps.guestSafety ?? ((_e, g) => ({ guard: readinessGuard(g) })))(env, guest);
@@ -340,6 +352,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         return { kind: 'failed', message };
       } finally {
         inFlight.ended();
+        for (const release of releases) release();
       }
     };
 

@@ -11,6 +11,7 @@ import type { VMMigration, VMMigrationStatus } from '../../src/api/types.js';
 import { RetryLater, runMigration, type RunnerDeps, type StatusSink } from '../../src/controller/migrationRunner.js';
 import { MoveError, type MoveContext, type MoveResult } from '../../src/migrate/vmMove.js';
 import type { HostCapacity } from '../../src/planner/placement.js';
+import { HostReservations } from '../../src/migrate/reservations.js';
 import { Store } from '../../src/store/store.js';
 
 const log = pino({ level: 'silent' });
@@ -311,5 +312,20 @@ describe('runner: pre-copy mirrored ahead (pipelined environment)', () => {
     expect(status.vms?.map((v) => [v.name, v.phase])).toEqual([['node-1', 'RolledBack'], ['node-2', 'Pending'], ['node-3', 'Pending']]);
     expect(status.vms?.find((v) => v.name === 'node-2')?.message).toMatch(/^not moved: not cut over: a\/node-1 failed at step verify: guest data differ .*; its mirror ahead was dropped, the VM never stopped$/);
     expect((await store.moves('uid-1')).map((m) => [m.vm, m.phase])).toEqual([['node-1', 'RolledBack'], ['node-2', 'Pending'], ['node-3', 'Pending']]);
+  });
+});
+
+describe('runner: room promised to moves in flight (a reservation per move)', () => {
+  it('two environments moving at once to one host: the second VM waits while the first holds the room it will fill, and goes once that move ended', async () => {
+    // room for one 64 MiB VM above the 1 GiB reserve, not for two; the host reading does not change while the copies run
+    const oneVm: HostCapacity = { ...roomy('h2'), diskFreeBytes: GiB + 100 * 1048576 };
+    const capacity = { host: async (h: HostSpec) => (h.name === 'h2' ? oneVm : roomy(h.name)), vmBytes: async () => 64 * 1048576 };
+    spec = { environments: ['a', 'b'], targetHost: 'h2', maxParallelEnvironments: 2, hostLimits: { maxInboundPerHost: 2 } };
+    const t = tracker(() => 50);
+    const err = await runMigration(vmm(spec), deps(t.move, { capacity, reservations: new HostReservations() }), new AbortController().signal).catch((e: unknown) => e);
+    // before reservations both checks read the same free space and both copies started: 128 MiB into 100 MiB
+    expect(t.peaks.vms).toBe(1);
+    expect(err === undefined || err instanceof RetryLater).toBe(true);
+    expect(JSON.stringify(status.conditions)).toMatch(/h2 has no room for [ab]\/node-1: disk: 36\.0 MiB free/);
   });
 });
