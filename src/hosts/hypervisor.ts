@@ -496,6 +496,17 @@ export class Hypervisor {
     await this.conn.execOk(['rm', '-rf', '--', dir]);
   }
 
+  /**
+   * Removes the temporary raw copies a guest-data verification makes beside the VM's disks
+   * (<disk>.verify.XXXXXX), left on the source too when the operator died mid-comparison: each is as
+   * large as the VM's data.
+   */
+  async sweepScratch(environment: string, vm: VMSpec): Promise<void> {
+    const dir = this.vmDir(environment, vm);
+    assertSafePath('directory', dir);
+    await this.conn.execOk(['sh', '-c', '[ -d "$1" ] || exit 0; rm -f -- "$1"/*.verify.??????', 'sweep-scratch', dir]);
+  }
+
   /** Stops qemu-nbd exports and removes migration sockets an interrupted move left in the VM directory. */
   async clearStaleExports(environment: string, vm: VMSpec): Promise<void> {
     const dir = this.vmDir(environment, vm);

@@ -57,6 +57,8 @@ export interface MoveHost {
   unlockSource(environment: string, vm: VMSpec, uid: string): Promise<void>;
   /** stop qemu-nbd exports / remove migration sockets an interrupted earlier run left in the VM directory */
   clearStaleExports?(environment: string, vm: VMSpec): Promise<void>;
+  /** remove the temporary copies an interrupted guest-data verification left beside the VM's disks */
+  sweepScratch?(environment: string, vm: VMSpec): Promise<void>;
 }
 
 /** The guest cluster operations a move uses (src/guest/guestCluster.ts implements them). */
@@ -390,8 +392,9 @@ const neverRan = (s: VmStatus) => s.qmpStatus === 'inmigrate' || s.qmpStatus ===
 async function locate(ctx: MoveContext): Promise<Location> {
   const { source, target, vm, environment } = ctx;
   const env = environment.name;
-  // nothing of this run exists yet: any qemu-nbd export in the target's VM directory is an interrupted run's
-  await target.clearStaleExports?.(env, vm);
+  // nothing of this run exists yet: any qemu-nbd export in the target's VM directory is an interrupted
+  // run's, and so is any verification scratch copy beside the source's disks
+  await Promise.all([target.clearStaleExports?.(env, vm), source.sweepScratch?.(env, vm)]);
   const [src, dstSeen, journalRan, marker] = await Promise.all([source.vmStatus(env, vm), target.vmStatus(env, vm), journalSaysTargetRan(ctx), target.ranHere?.(env, vm)]);
   let dst = dstSeen;
   const ran = journalRan || marker !== undefined;
