@@ -24,7 +24,7 @@ import { promisify } from 'node:util';
 import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js';
 import { guestContentSha256 } from '../../src/hosts/qemuIncoming.js';
-import type { Hypervisor, VmStatus } from '../../src/hosts/hypervisor.js';
+import { RAN_MARKER_FILE, type Hypervisor, type VmStatus } from '../../src/hosts/hypervisor.js';
 import { QmpClient } from '../../src/hosts/qmp.js';
 import { liveness } from '../world/budget.js';
 import { sha256File } from '../world/images.js';
@@ -404,7 +404,8 @@ async function moveWithKills(name: string, spec: Record<string, unknown>, killAt
     expect(a.state, `${name}: left on ${from}`).toBe('absent');
     expect(b.qmpStatus, `${name}: not running on ${to}`).toBe('running');
     // only the VM's own files and what its QEMU made: no partial disk, export socket, pidfile of a qemu-nbd
-    const allowed = new Set([...vm.files.map((f) => f.name), 'qemu.pid', 'qmp.sock', 'qmp-observe.sock', 'serial.log', 'heartbeat.sock']);
+    // and the host's record that the guest ran from this directory (RAN_MARKER_FILE): it stays with the VM
+    const allowed = new Set([...vm.files.map((f) => f.name), 'qemu.pid', 'qmp.sock', 'qmp-observe.sock', 'serial.log', 'heartbeat.sock', RAN_MARKER_FILE]);
     const entries = (await target.conn.execOk(['ls', '-A', target.vmDir(ENV, vm)])).toString().trim().split('\n');
     expect(entries.filter((f) => !allowed.has(f)), `${name}: stray files on ${to}`).toEqual([]);
     // [q]: the remote shell that runs pgrep carries the pattern in its own command line
