@@ -1,7 +1,7 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { AppsV1Api, CoreV1Api, KubeConfig, PolicyV1Api, type V1Deployment, type V1Pod } from '@kubernetes/client-node';
+import { AppsV1Api, CoreV1Api, KubeConfig, PatchStrategy, PolicyV1Api, setHeaderOptions, type V1Deployment, type V1Pod } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EnvironmentSpec, VMSpec } from '../../src/api/inventory.js';
 import type { DrainReport } from '../../src/guest/drain.js';
@@ -13,7 +13,7 @@ import { liveness, timed } from '../world/budget.js';
 import { until } from '../world/until.js';
 
 const ENV = 'gst';
-const vm = (name: string, role: VMSpec['role']): VMSpec => ({ name, role, nodeName: `${ENV}-${name}`, host: 'h', memoryMiB: 256, cpus: 2, files: [] });
+const vm = (name: string, role: VMSpec['role']): VMSpec => ({ name, role, nodeName: `${ENV}-${name}`, host: 'h', memoryMiB: 256, cpus: 2, files: [], ...(role === 'controller' ? { address: `10.0.0.1${name.slice(-1)}` } : {}) });
 const env: EnvironmentSpec = {
   name: ENV,
   kubeconfigSecret: { namespace: 'x', name: 'x', key: 'kubeconfig' },
@@ -64,6 +64,16 @@ describe('GuestCluster against a real control plane with KWOK nodes', () => {
     await qemu?.kill();
     await cp?.stop();
     if (dir && !process.env.KEEP_TEST_DIRS) await rm(dir, { recursive: true, force: true });
+  });
+
+  it('a node reports the address its VM has in the inventory as its InternalIP (what ties them before a drain), also once KWOK runs it', async () => {
+    const c1 = env.vms.find((v) => v.name === 'controller-1')!;
+    expect(c1.address).toBeDefined();
+    expect(await guest.nodeState(c1.nodeName)).toMatchObject({ exists: true, ready: true, internalIPs: [c1.address] });
+    // the student owns the guest: an edited address is what the operator then sees (and refuses to move for)
+    await core.patchNodeStatus({ name: c1.nodeName, body: { status: { addresses: [{ type: 'InternalIP', address: '10.99.0.1' }] } } }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch));
+    expect((await guest.nodeState(c1.nodeName)).internalIPs).toEqual(['10.99.0.1']);
+    await core.patchNodeStatus({ name: c1.nodeName, body: { status: { addresses: [{ type: 'InternalIP', address: c1.address! }, { type: 'Hostname', address: c1.nodeName }] } } }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch));
   });
 
   it('places the student workload on workers only, spread over them', async () => {

@@ -65,8 +65,9 @@ export function guestNode(env: EnvironmentSpec, vm: VMSpec, managed = true): V1N
     kind: 'Node',
     metadata: { name: vm.nodeName, labels, annotations: { 'node.alpha.kubernetes.io/ttl': '0' } },
     spec: { taints: taintsFor(vm) },
-    // KWOK keeps capacity/allocatable it finds; the rest of the status is its job.
-    status: { capacity: resources, allocatable: resources },
+    // KWOK keeps capacity/allocatable and addresses it finds; the rest of the status is its job. The
+    // address is the VM's, as its kubelet would report it (the operator checks the two agree).
+    status: { capacity: resources, allocatable: resources, ...(vm.address ? { addresses: [{ type: 'InternalIP', address: vm.address }, { type: 'Hostname', address: vm.nodeName }] } : {}) },
   };
 }
 
