@@ -26,6 +26,7 @@ import { GROUP, PLURAL, VERSION, type VMMigration } from '../../src/api/types.js
 import { guestContentSha256 } from '../../src/hosts/qemuIncoming.js';
 import { RAN_MARKER_FILE, type Hypervisor, type VmStatus } from '../../src/hosts/hypervisor.js';
 import { QmpClient } from '../../src/hosts/qmp.js';
+import { buildQemuArgv } from '../../src/hosts/qemuArgv.js';
 import { liveness } from '../world/budget.js';
 import { sha256File } from '../world/images.js';
 import { REPO_ROOT, SECRET_NAMESPACE, startSandbox, type OperatorProcess, type Sandbox } from '../world/sandbox.js';
@@ -531,4 +532,117 @@ describe('warm migration: pre-copy before the window opens', () => {
       await journal.close();
     }
   }, caseTimeout(2, 30_000));
+});
+
+/** A VMMigration of the VM to `to`, cold, awaited to the end (no kills). */
+async function migrate(name: string, to: string): Promise<VMMigration> {
+  const api = world().kc.makeApiClient(CustomObjectsApi);
+  current = name;
+  await api.createNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, body: { apiVersion: `${GROUP}/${VERSION}`, kind: 'VMMigration', metadata: { name }, spec: { environments: [ENV], targetHost: to, shutdown: { powerdownTimeout: '1s' } } } });
+  return until(`${name} finishes (Succeeded or Failed)`, FINISH_MS, async () => {
+    const o = await getVmm(name);
+    return o?.status?.phase === 'Succeeded' || o?.status?.phase === 'Failed' ? o : undefined;
+  }, 300);
+}
+
+/** Deletes every row the operator's store holds of a migration (journal, moves), whichever store it runs on; only while no operator runs. */
+async function forgetMigration(uid: string): Promise<void> {
+  const dbPath = world().dbPath;
+  const tables = ['journal', 'vm_moves'];
+  if (dbPath.startsWith('postgres')) {
+    const client = new pg.Client({ connectionString: dbPath });
+    await client.connect();
+    try {
+      for (const t of tables) await client.query(`DELETE FROM ${t} WHERE migration_uid = $1`, [uid]);
+    } finally {
+      await client.end();
+    }
+    return;
+  }
+  const db = new BetterSqlite3(dbPath, { fileMustExist: true });
+  try {
+    for (const t of tables) db.prepare(`DELETE FROM ${t} WHERE migration_uid = ?`).run(uid);
+  } finally {
+    db.close();
+  }
+}
+
+/** The journal's steps of a migration, `step:event` in order. */
+async function journalSteps(uid: string): Promise<string[]> {
+  const journal = await openJournal(world().dbPath);
+  try {
+    return (await journal.rows(uid)).map((r) => `${r.step}:${r.event}`);
+  } finally {
+    await journal.close();
+  }
+}
+
+describe('the only copy: nothing a fault or a lost database does deletes or overwrites the newest copy of a VM', () => {
+  it('a partial live migration left its incoming QEMU on the target, and the source was stopped since: the source is copied again and its image goes only after the VM ran on the target', async () => {
+    const { from, to } = await placement();
+    const [source, target] = [await world().hypervisor(from), await world().hypervisor(to)];
+    const vm = world().environment.vms[0]!;
+    const [srcDir, dstDir] = [source.vmDir(ENV, vm), target.vmDir(ENV, vm)];
+    // What a live abort that could not reach the target leaves (src/transfer/live.ts): the target's VM
+    // directory with empty disks of the VM's size, and a QEMU waiting for a stream that never comes.
+    await target.ensureCopyTarget(dstDir);
+    for (const f of vm.files) {
+      if (f.kind !== 'disk') continue;
+      const info = JSON.parse((await source.conn.execOk(['qemu-img', 'info', '-U', '--output=json', `${srcDir}/${f.name}`])).toString()) as { 'virtual-size': number };
+      await target.conn.execOk(['qemu-img', 'create', '-q', '-f', f.format ?? 'qcow2', `${dstDir}/${f.name}`, String(info['virtual-size'])]);
+    }
+    await target.conn.execOk(buildQemuArgv(dstDir, ENV, vm, { qemu: target.host.qemu, incomingDefer: true }), { timeoutMs: 60_000 });
+    expect((await target.vmStatus(ENV, vm)).qmpStatus).toBe('inmigrate');
+    // then the student powers the source off
+    await source.stopVm(ENV, vm, { powerdownTimeoutMs: 0 });
+    const before = await fingerprint(from);
+    const o = await migrate('f-inmigrate', to);
+    const steps = await journalSteps(o.metadata.uid);
+    console.log(`[faults] f-inmigrate (${from} → ${to}): ${o.status?.phase}; journal ${steps.join(' ')}`);
+    // before: the inmigrate QEMU counted as "running": nodeReady → commit → cleanup removed the source's
+    // image, with no copy and no start — the VM's only copy gone, an empty disk on the target
+    expect(o.status?.phase, JSON.stringify(o.status?.vms)).toBe('Succeeded');
+    expect(steps.indexOf('transfer:end'), 'the source was copied').toBeGreaterThanOrEqual(0);
+    expect(steps.indexOf('start:end'), 'started on the target after the copy').toBeGreaterThan(steps.indexOf('transfer:end'));
+    expect(steps.indexOf('cleanup:begin'), 'the source image went only after the start').toBeGreaterThan(steps.indexOf('start:end'));
+    expect((await target.vmStatus(ENV, vm)).qmpStatus).toBe('running');
+    expect(await fingerprint(to), 'the guest data on the target is the source\'s').toEqual(before);
+  }, caseTimeout(0));
+
+  it('the VM ran on the target, then the operator\'s database was restored from a backup taken before the move: the target copy is started, never overwritten by the older source', async () => {
+    const { from, to } = await placement();
+    const target = await world().hypervisor(to);
+    const vm = world().environment.vms[0]!;
+    const api = world().kc.makeApiClient(CustomObjectsApi);
+    current = 'f-restored';
+    await api.createNamespacedCustomObject({ group: GROUP, version: VERSION, namespace: SECRET_NAMESPACE, plural: PLURAL, body: { apiVersion: `${GROUP}/${VERSION}`, kind: 'VMMigration', metadata: { name: 'f-restored' }, spec: { environments: [ENV], targetHost: to, shutdown: { powerdownTimeout: '1s' } } } });
+    const uid = await until('f-restored: its uid', 30_000, async () => (await getVmm('f-restored'))?.metadata.uid, 50);
+    // the VM ran on the target: its node is being awaited there
+    await until('f-restored: the VM started on the target (journal: nodeReady began)', FINISH_MS, async () => (await journalSteps(uid)).includes('nodeReady:begin'), 50);
+    let afterRun: Record<string, string> = {};
+    await killOperator(async () => {
+      // the host goes down; what the guest wrote there is only on the target's disk
+      await target.stopVm(ENV, vm, { powerdownTimeoutMs: 0 });
+      const disk = vm.files.find((f) => f.kind === 'disk')!;
+      await target.conn.execOk(['qemu-io', '-f', disk.format ?? 'qcow2', '-c', 'write -P 0x5a 1M 64k', `${target.vmDir(ENV, vm)}/${disk.name}`]);
+      afterRun = await fingerprint(to);
+      // and the operator's database comes back from a backup taken before the move: nothing of this
+      // migration in it (the rows it holds of this migration are what such a backup lacks)
+      await forgetMigration(uid);
+    });
+    const before = await fingerprint(from).catch(() => undefined);
+    expect(afterRun, 'the target copy differs from the source').not.toEqual(before);
+    const o = await until('f-restored finishes (Succeeded or Failed)', FINISH_MS, async () => {
+      const x = await getVmm('f-restored');
+      return x?.status?.phase === 'Succeeded' || x?.status?.phase === 'Failed' ? x : undefined;
+    }, 300);
+    const steps = await journalSteps(uid);
+    console.log(`[faults] f-restored (${from} → ${to}): ${o.status?.phase}; journal after the restore ${steps.join(' ')}`);
+    // before: both copies stopped, an empty journal → "source stopped" → a cold copy of the older
+    // source over the target: every write the guest made on the target lost
+    expect(steps.filter((s) => s.startsWith('transfer:')), 'nothing was copied over the target').toEqual([]);
+    expect(o.status?.phase, JSON.stringify(o.status?.vms)).toBe('Succeeded');
+    expect((await target.vmStatus(ENV, vm)).qmpStatus).toBe('running');
+    expect(await fingerprint(to), 'the target kept what the guest wrote there').toEqual(afterRun);
+  }, caseTimeout(1));
 });
