@@ -47,3 +47,14 @@ export function setState(s: VMMigrationStatus, generation: number, state: Migrat
     s.conditions = setCondition(s.conditions, { type, status: c[0], reason: c[1], message: detail, observedGeneration: generation }, now);
   }
 }
+
+/**
+ * Marks the status as reflecting `generation` (never an older one): status.observedGeneration and every
+ * condition's. Called when the operator has processed that spec without a change of phase: an edit
+ * during a run, or an edit of a finished migration (which stays finished).
+ */
+export function observeGeneration(s: VMMigrationStatus, generation: number): void {
+  if (!s.phase || (s.observedGeneration ?? 0) >= generation) return;
+  s.observedGeneration = generation;
+  s.conditions = s.conditions?.map((c) => ({ ...c, observedGeneration: generation }));
+}

@@ -83,7 +83,7 @@ const sharedReservations = new HostReservations();
 
 export async function runMigration(vmm: VMMigration, deps: RunnerDeps, signal: AbortSignal): Promise<void> {
   const endRun = metrics.migrationRunStarted();
-  const writer = deps.statusSink?.(vmm) ?? new StatusWriter(deps.kc, vmm, vmm.status ?? {}, deps.log, deps.statusIntervalMs);
+  const writer = deps.statusSink?.(vmm) ?? new StatusWriter(deps.kc, vmm, vmm.status ?? {}, deps.log, deps.statusIntervalMs, () => latestOf(deps, vmm)?.metadata.generation);
   try {
     await execute(vmm, deps, writer, signal);
   } finally {
@@ -95,12 +95,17 @@ export async function runMigration(vmm: VMMigration, deps: RunnerDeps, signal: A
 async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, signal: AbortSignal): Promise<void> {
   const { store, log } = deps;
   const reservations = deps.reservations ?? sharedReservations;
-  const generation = vmm.metadata.generation ?? 1;
+  // The generation whose spec this run acts on now: edits of what may change during a run (paused,
+  // cancel, the window; per VM: bandwidth limit, drain and shutdown options, timeouts) are read as they
+  // come, so each status write says which generation it reflects (kubectl wait, kstatus, Flux, Argo CD).
+  const generation = () => latestOf(deps, vmm)?.metadata.generation ?? vmm.metadata.generation ?? 1;
   const settings = settingsFrom(vmm.spec);
+  /** the spec as it is now (the plan, strategy and transfer mode are fixed for the run: CEL keeps them) */
+  const currentSettings = () => settingsFrom(latestOf(deps, vmm)?.spec ?? vmm.spec);
   const uid = vmm.metadata.uid;
   const strategy = strategyName(settings);
   const state = async (st: MigrationState, reason: string, message: string) => {
-    writer.update((s) => setState(s, generation, st, reason, message));
+    writer.update((s) => setState(s, generation(), st, reason, message));
     await writer.flush();
   };
   const finishFailed = async (reason: string, message: string) => {
@@ -119,7 +124,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     }
     const announce = writer.current.conditions?.find((c) => c.type === 'Progressing')?.reason !== verdict.reason;
     writer.update((s) => {
-      setState(s, generation, 'waiting', verdict.reason, verdict.message);
+      setState(s, generation(), 'waiting', verdict.reason, verdict.message);
       s.waitingSince ??= new Date(since).toISOString();
     });
     await writer.flush();
@@ -150,7 +155,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     const entries = plan;
     const reasons = new Map(result.environments.map((c) => [c.environment, c.reason]));
     writer.update((s) => {
-      s.observedGeneration = generation;
+      s.observedGeneration = generation();
       s.plan = entries;
       s.vms = initialVmList(entries);
       s.environments = environmentSummaries(entries, reasons);
@@ -171,7 +176,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     writer.update((s) => {
       s.startedAt ??= new Date().toISOString();
       // A re-check during a wait keeps the waiting condition until a step changes something again.
-      if (!waitingBefore) setState(s, generation, 'running', 'InProgress', startedMessage);
+      if (!waitingBefore) setState(s, generation(), 'running', 'InProgress', startedMessage);
     });
     await writer.flush();
     if (!resuming) {
@@ -208,6 +213,8 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
       const inFlight = metrics.moveInFlight();
       let reportedBytes = 0;
       const reservationKey = `${uid}/${name}`;
+      // this VM moves with the spec as it is now (limits, timeouts, drain and shutdown options edited since the run began)
+      const vmSettings = currentSettings();
       const releases: (() => void)[] = [];
       try {
         const env = await mustEnvironment(store, entry.environment);
@@ -240,8 +247,8 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
         const safety = (deps.guestSafety ?? ((_e, g) => ({ guard: readinessGuard(g) })))(env, guest);
         const result = await (deps.move ?? moveVm)({
           migrationUid: uid, migrationName: `${vmm.metadata.namespace}/${vmm.metadata.name}`, environment: env, vm: vmSpec,
-          source, target, guest, safety, store, settings, signal, log: vmLog, ...(turn ? { turn } : {}),
-          engines: hypervisorEngines({ source, target, environment: env.name, vm: vmSpec, settings, log: vmLog, reconnect: (h) => deps.pool.connectFresh(h), sharedBandwidth: bandwidth?.forCopy(entry.from, entry.to), qemuStreamBytesPerSec }),
+          source, target, guest, safety, store, settings: vmSettings, currentSettings, signal, log: vmLog, ...(turn ? { turn } : {}),
+          engines: hypervisorEngines({ source, target, environment: env.name, vm: vmSpec, settings: vmSettings, log: vmLog, reconnect: (h) => deps.pool.connectFresh(h), sharedBandwidth: bandwidth?.forCopy(entry.from, entry.to), qemuStreamBytesPerSec }),
           observer: {
             step(step, event, info) {
               if (event === 'begin') stepTimers.set(step, metrics.startStepTimer(step));
@@ -259,7 +266,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
               if (changing) underway?.();
               if (changing && writer.current.waitingSince) {
                 // the wait is over: the move changes something again
-                writer.update((s) => setState(s, generation, 'running', 'InProgress', startedMessage));
+                writer.update((s) => setState(s, generation(), 'running', 'InProgress', startedMessage));
               }
               const reason = STEP_EVENT_REASON[step];
               if (event === 'end' && reason) deps.events.emit(vmm, 'Normal', reason, `${name}: ${step} done in ${((info.durationMs ?? 0) / 1000).toFixed(1)} s`);
@@ -280,12 +287,12 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
               if (verdict) {
                 const announce = writer.current.conditions?.find((c) => c.type === 'Progressing')?.reason !== verdict.reason;
                 writer.update((s) => {
-                  setState(s, generation, 'waiting', verdict.reason, `${name}: ${verdict.message}`);
+                  setState(s, generation(), 'waiting', verdict.reason, `${name}: ${verdict.message}`);
                   s.waitingSince ??= new Date().toISOString();
                 });
                 if (announce) deps.events.emit(vmm, 'Normal', verdict.reason, `${name}: ${verdict.message}`);
               } else {
-                writer.update((s) => setState(s, generation, 'running', 'InProgress', startedMessage));
+                writer.update((s) => setState(s, generation(), 'running', 'InProgress', startedMessage));
               }
             },
             resumed: (info) => {
@@ -384,7 +391,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     if (stop.kind === 'failed') return await finishFailed('MoveFailed', stop.message);
     if (stop.kind === 'wait') return await waitOrFail(stop.verdict);
     if (stop.kind === 'window') {
-      writer.update((s) => setState(s, generation, 'waiting', 'WaitingForWindow', stop.message));
+      writer.update((s) => setState(s, generation(), 'waiting', 'WaitingForWindow', stop.message));
       await writer.flush();
       throw new RetryLater(stop.retryAfterMs);
     }
@@ -401,17 +408,27 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
   }
 }
 
-async function waitWhilePaused(deps: RunnerDeps, writer: StatusSink, generation: number, signal: AbortSignal): Promise<void> {
+/** The informer's copy of this VMMigration (not a namesake created after a delete). */
+function latestOf(deps: RunnerDeps, vmm: VMMigration): VMMigration | undefined {
+  const l = deps.latest();
+  return l && l.metadata.uid === vmm.metadata.uid ? l : undefined;
+}
+
+async function waitWhilePaused(deps: RunnerDeps, writer: StatusSink, generation: () => number, signal: AbortSignal): Promise<void> {
   let announced = false;
   while (deps.latest()?.spec.paused) {
     if (!announced) {
-      writer.update((s) => setState(s, generation, 'paused', 'Paused', 'spec.paused is true; the next VM starts when it is false'));
+      writer.update((s) => setState(s, generation(), 'paused', 'Paused', 'spec.paused is true; the next VM starts when it is false'));
       await writer.flush();
       announced = true;
+    } else if ((writer.current.observedGeneration ?? 0) < generation()) {
+      // another edit while paused (a limit, a window): seen, the status says so
+      writer.update(() => undefined);
+      await writer.flush();
     }
     await sleep(1000, signal);
   }
-  if (announced) writer.update((s) => setState(s, generation, 'running', 'InProgress', 'resumed'));
+  if (announced) writer.update((s) => setState(s, generation(), 'running', 'InProgress', 'resumed'));
 }
 
 async function mustEnvironment(store: Store, name: string): Promise<EnvironmentSpec> {

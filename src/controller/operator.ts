@@ -12,7 +12,7 @@
  * interrupted move in the store and runs it cancelled from the start: the
  * move locates the VM and rolls back from wherever it was.
  */
-import { CustomObjectsApi, type KubeConfig, type KubernetesListObject } from '@kubernetes/client-node';
+import { CustomObjectsApi, PatchStrategy, setHeaderOptions, type KubeConfig, type KubernetesListObject } from '@kubernetes/client-node';
 import { GROUP, PLURAL, VERSION, type VMMigration } from '../api/types.js';
 import { readCapacity, vmAllocatedBytes } from '../hosts/capacity.js';
 import { sweepDirect } from '../transfer/direct.js';
@@ -27,6 +27,7 @@ import { LeaseLeaderElector } from './runtime/leaderElection.js';
 import { WorkQueue } from './runtime/workQueue.js';
 import { EventRecorder } from './statusWriter.js';
 import { FINALIZER, Finalizers, hasFinalizer } from './finalizer.js';
+import { observeGeneration } from './conditions.js';
 
 export interface ControllerOptions {
   kc: KubeConfig;
@@ -163,7 +164,11 @@ export class MigrationController {
     if (obj.metadata.deletionTimestamp) return this.finalize(obj, key);
     const uid = obj.metadata.uid;
     if (this.runs.has(uid)) return;
-    if (!needsWork(obj)) return;
+    // a finished migration stays finished; an edit of it (a limit, a label of the spec) is seen and said so
+    if (!needsWork(obj)) {
+      if (obj.status?.phase === 'Succeeded' && (obj.status.observedGeneration ?? 0) < (obj.metadata.generation ?? 1)) await this.acknowledge(obj);
+      return;
+    }
     const wait = this.notBefore.get(uid);
     // Too early (an event, e.g. our own status write, re-queued the key, and the queue's add() drops a
     // pending delayed add): look again when the wait is over, or the wait lasts until the next relist.
@@ -172,6 +177,18 @@ export class MigrationController {
     // Before any side effect: from now on a delete waits for us.
     await this.finalizers.add(obj);
     this.startRun(obj, key);
+  }
+
+  /** Records that the current generation of a finished migration was seen: observedGeneration, on the status and each condition. */
+  private async acknowledge(obj: VMMigration): Promise<void> {
+    const status = structuredClone(obj.status ?? {});
+    observeGeneration(status, obj.metadata.generation ?? 1);
+    const api = this.opts.kc.makeApiClient(CustomObjectsApi);
+    const { name, namespace } = obj.metadata;
+    await api.patchNamespacedCustomObjectStatus(
+      { group: GROUP, version: VERSION, namespace, plural: PLURAL, name, body: { status: { observedGeneration: status.observedGeneration, conditions: status.conditions ?? [] } } },
+      setHeaderOptions('Content-Type', PatchStrategy.MergePatch),
+    );
   }
 
   /** Deletion requested: cancel what runs, roll back what an earlier run left in flight, then let the object go. */
@@ -262,7 +279,8 @@ export class MigrationController {
 /** Terminal phases stay terminal unless the spec changed after a failure. */
 function needsWork(obj: VMMigration): boolean {
   const phase = obj.status?.phase;
-  if (phase === 'Succeeded') return false;
+  // a dry run whose spec now says dryRun: false is to be done for real
+  if (phase === 'Succeeded') return obj.status?.conditions?.find((c) => c.type === 'Ready')?.reason === 'DryRun' && obj.spec.dryRun !== true;
   if (phase === 'Failed') return (obj.status?.observedGeneration ?? 0) < (obj.metadata.generation ?? 1);
   return true;
 }

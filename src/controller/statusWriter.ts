@@ -3,6 +3,7 @@ import pRetry from 'p-retry';
 import { GROUP, KIND, PLURAL, VERSION, type VMMigration, type VMMigrationStatus } from '../api/types.js';
 import type { Logger } from '../util/log.js';
 import { withKstatus } from './kstatus.js';
+import { observeGeneration } from './conditions.js';
 import { boundedStrings, boundedText } from '../util/text.js';
 
 /**
@@ -17,10 +18,24 @@ export class StatusWriter {
   private timer: NodeJS.Timeout | undefined;
   private readonly api: CustomObjectsApi;
 
-  constructor(kc: KubeConfig, private readonly obj: Pick<VMMigration, 'metadata'>, initial: VMMigrationStatus, private readonly log: Logger, private readonly intervalMs = 1000) {
+  /**
+   * `observed`: the generation the run acts on now (its spec read as it comes), stamped on every write
+   * so that an edit during a long step is acknowledged without waiting for the step to end.
+   */
+  constructor(kc: KubeConfig, private readonly obj: Pick<VMMigration, 'metadata'>, initial: VMMigrationStatus, private readonly log: Logger, private readonly intervalMs = 1000, private readonly observed?: () => number | undefined) {
     this.api = kc.makeApiClient(CustomObjectsApi);
     this.status = structuredClone(initial);
+    // a step may run for long without a status change (a drain held by a PDB, a copy between
+    // progress reports): an edit is acknowledged within a few seconds all the same
+    if (observed) {
+      this.watch = setInterval(() => {
+        const g = observed();
+        if (g !== undefined && this.status.phase && (this.status.observedGeneration ?? 0) < g) this.update(() => undefined);
+      }, 2000);
+      this.watch.unref();
+    }
   }
+  private readonly watch: NodeJS.Timeout | undefined;
 
   get current(): VMMigrationStatus {
     return this.status;
@@ -38,6 +53,11 @@ export class StatusWriter {
 
   async flush(): Promise<void> {
     while (this.inFlight) await this.inFlight.catch(() => undefined);
+    const generation = this.observed?.();
+    if (generation !== undefined && (this.status.observedGeneration ?? 0) < generation && this.status.phase) {
+      observeGeneration(this.status, generation);
+      this.dirty = true;
+    }
     if (!this.dirty) return;
     this.dirty = false;
     // messages carry guest text (pod names, API answers): bounded, so the patch stays far below the API server's limit
@@ -63,6 +83,7 @@ export class StatusWriter {
 
   close(): void {
     if (this.timer) clearTimeout(this.timer);
+    if (this.watch) clearInterval(this.watch);
     this.timer = undefined;
   }
 }

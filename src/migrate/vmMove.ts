@@ -167,6 +167,8 @@ export interface MoveContext {
   store: MoveStore;
   engines: MoveEngines;
   settings: MigrationSettings;
+  /** the migration's settings as they are now (an edited window is honoured by a move that waits for it) */
+  currentSettings?: () => MigrationSettings;
   observer: MoveObserver;
   log: Logger;
   signal: AbortSignal;
@@ -518,7 +520,8 @@ async function gate(ctx: MoveContext, st: MoveState): Promise<void> {
  */
 async function windowGate(ctx: MoveContext): Promise<void> {
   for (let waited = false; ; waited = true) {
-    const w = windowState(ctx.settings.window, Date.now());
+    // read anew each time: the window may be edited (opened, closed, moved) while the move waits
+    const w = windowState((ctx.currentSettings?.() ?? ctx.settings).window, Date.now());
     if (w.open) {
       if (waited) ctx.observer.waiting?.(undefined);
       return;
@@ -527,7 +530,7 @@ async function windowGate(ctx: MoveContext): Promise<void> {
     const message = `pre-copy mirror running, the VM undisturbed; the cut-over waits: ${w.reason}`;
     ctx.observer.waiting?.({ safe: false, reason: 'WaitingForWindow', message });
     ctx.observer.progress({ message });
-    await sleep(Math.min(Math.max(w.opensAtMs - Date.now(), 0), 60_000), ctx.signal);
+    await sleep(Math.min(Math.max(w.opensAtMs - Date.now(), 0), 10_000), ctx.signal);
   }
 }
 

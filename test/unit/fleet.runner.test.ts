@@ -329,3 +329,32 @@ describe('runner: room promised to moves in flight (a reservation per move)', ()
     expect(JSON.stringify(status.conditions)).toMatch(/h2 has no room for [ab]\/node-1: disk: 36\.0 MiB free/);
   });
 });
+
+describe('runner: every status it writes says which generation of the spec it acts on', () => {
+  it('an edit during the run (generation 1 → 3): the run goes on with it, and the final status and every condition carry generation 3', async () => {
+    spec = { environments: ['a'], targetHost: 'h2' };
+    let generation = 1;
+    const t = tracker((ctx) => {
+      // the spec is edited while the VMs move (say a bandwidth limit, then a drain timeout)
+      if (ctx.vm.name === 'node-2') generation = 3;
+      return 5;
+    });
+    await runMigration(vmm(spec), deps(t.move, { latest: () => ({ ...vmm(spec), metadata: { ...vmm(spec).metadata, generation } }) }), new AbortController().signal);
+    expect(status.phase).toBe('Succeeded');
+    expect(status.observedGeneration).toBe(3);
+    expect(status.conditions?.map((c) => [c.type, c.observedGeneration])).toEqual(status.conditions?.map((c) => [c.type, 3]));
+  });
+
+  it('each VM moves with the spec as it is when its turn comes (a limit edited mid-run applies to the next VM)', async () => {
+    let limit = 10;
+    spec = { environments: ['a'], targetHost: 'h2', transfer: { bandwidthLimitMiBps: 10 } };
+    const seen: number[] = [];
+    const move = async (ctx: MoveContext): Promise<MoveResult> => {
+      seen.push((ctx.settings.bandwidthLimitBytesPerSec ?? 0) / 1048576);
+      limit = 20;
+      return { downtimeMs: 1, nodeReadyMs: 1, bytes: 1, resumedFrom: 'cordon', mode: 'cold' };
+    };
+    await runMigration(vmm(spec), deps(move, { latest: () => vmm({ ...spec, transfer: { bandwidthLimitMiBps: limit } }) }), new AbortController().signal);
+    expect(seen).toEqual([10, 20, 20]);
+  });
+});
