@@ -65,3 +65,8 @@ go mod download "github.com/prometheus-operator/prometheus-operator@${VMOPS_PROM
 
 echo "[setup] control plane binaries: $(node scripts/build-control-plane.mjs --print-dir)"
 node scripts/build-control-plane.mjs
+
+# kstatus (sigs.k8s.io/cli-utils) and Flux's healthCheckExprs evaluator, as a small Go tool the GitOps
+# tests judge VMMigrations with (test/tools/kstatus); cached by its sources' hash
+echo "[setup] kstatus checker: $(bash scripts/build-kstatus-check.sh)"
+

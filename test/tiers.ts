@@ -65,6 +65,7 @@ export const TIERS: Tier[] = [
       'test/e2e/finalizer.test.ts',
       'test/e2e/failover.test.ts',
       'test/e2e/fleet.test.ts',
+      'test/e2e/gitops.test.ts',
       'test/integration/guestHa.test.ts',
       'test/e2e/ha.test.ts',
     ],

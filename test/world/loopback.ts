@@ -28,6 +28,7 @@ export const LOOPBACK = {
   guestHaHost: { first: 100, count: 1 },
   guestHa: { first: 102, count: 4 },
   rollforward: { first: 120, count: 2 },
+  gitops: { first: 126, count: 2 },
 } as const satisfies Record<string, { first: number; count: number }>;
 
 /** Names of the ranges that share an address, each pair once (empty when the table is sound). */
