@@ -86,11 +86,11 @@ describe('GuestCluster against a real control plane with KWOK nodes', () => {
 
   it('cordons and uncordons', async () => {
     const n = `${ENV}-node-2`;
-    expect(await guest.nodeState(n)).toEqual({ exists: true, ready: true, unschedulable: false });
+    expect(await guest.nodeState(n)).toMatchObject({ exists: true, ready: true, unschedulable: false });
     await guest.cordon(n);
-    expect(await guest.nodeState(n)).toEqual({ exists: true, ready: true, unschedulable: true });
+    expect(await guest.nodeState(n)).toMatchObject({ exists: true, ready: true, unschedulable: true });
     await guest.uncordon(n);
-    expect(await guest.nodeState(n)).toEqual({ exists: true, ready: true, unschedulable: false });
+    expect(await guest.nodeState(n)).toMatchObject({ exists: true, ready: true, unschedulable: false });
     expect(await guest.nodeState('no-such-node')).toEqual({ exists: false, ready: false, unschedulable: false });
   });
 
