@@ -9,7 +9,7 @@ import { mkdir, readFile, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { vmDirectory, type VMSpec } from '../../src/api/inventory.js';
-import { directTag } from '../../src/transfer/direct.js';
+import { directTag, sweepDirect } from '../../src/transfer/direct.js';
 import { relayFile, relayVmFiles, SegmentVerifyError } from '../../src/transfer/relay.js';
 import { adoptHostFile, startTwoHosts, type TwoHosts } from '../world/hosts.js';
 import { createDiskImage, sha256File } from '../world/images.js';
@@ -150,6 +150,19 @@ describe('transfer mode Direct between two real hosts', () => {
     expect(seconds).toBeGreaterThanOrEqual(bytes / (32 * 1048576) - 0.05);
     expect(await readFile(file, 'utf8')).toBe(`${keysBefore}${other}\n`);
     expect(await keyDirsOnSource()).toEqual([]);
+    await writeFile(file, keysBefore);
+  });
+
+  it('a new leader sweeps what killed copies of any VM left on a host: every vmops-direct line and key directory, nothing else', async () => {
+    const file = two.h2.authorizedKeysFile!;
+    const line = (tag: string) => `restrict,command="false" ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDZQ3Y2m0cQ3Vb9ZQ1m2x6n8p9s0t1u2v3w4x5y6z7a8 ${tag}0123456789ab`;
+    // two VMs' copies killed mid-way (their next direct copy may never come), beside an administrator's own key
+    const admin = 'ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIDZQ3Y2m0cQ3Vb9ZQ1m2x6n8p9s0t1u2v3w4x5y6z7a8 admin@bastion';
+    await writeFile(file, `${keysBefore}${line(directTag(ENV, 'vm-a'))}\n${admin}\n${line(directTag('env-other', 'vm-b'))}\n`);
+    for (const d of [`/tmp/vmops-direct+${ENV}+vm-a+x1`, '/tmp/vmops-direct+env-other+vm-b+x2']) await two.c1.execOk(['sh', '-c', 'umask 077; mkdir "$1" && echo stale > "$1/key"', 'stale', d]);
+    await Promise.all([sweepDirect(two.c1), sweepDirect(two.c2)]);
+    expect(await readFile(file, 'utf8')).toBe(`${keysBefore}${admin}\n`);
+    expect((await two.c1.execOk(['sh', '-c', 'ls -d /tmp/vmops-direct+* 2>/dev/null; true'])).toString().trim()).toBe('');
     await writeFile(file, keysBefore);
   });
 });
