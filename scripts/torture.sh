@@ -9,7 +9,7 @@
 #                  QEMU, NGINX, sshd) is SIGSTOPped for 0.5–3 s, then continued
 #     --repeat K   K runs; stops at the first red one
 # Ends with the budget report: every liveness wait that used more than half its budget. Needs root
-# (cgroups v1 or v2) and the build in dist/ (npm test builds it; or: npx tsc -p tsconfig.json).
+# (cgroups v1 or v2); compiles dist/ first (the operator and CLI the tests start).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -26,7 +26,11 @@ while [ $# -gt 0 ]; do
 done
 [ ${#files[@]} -gt 0 ] || { echo "usage: scripts/torture.sh FILE... [--slow N] [--stress M] [--stall] [--repeat K]" >&2; exit 2; }
 command -v stress-ng >/dev/null || [ "$stress" = 0 ] || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq stress-ng >/dev/null; }
-[ -f dist/src/cli/main.js ] && export VMOPS_TEST_CLI=dist
+# the operator and CLI the tests start are the build (as in npm test): compile it from these sources
+# first — a dist/ left from older sources would run old operator code under new tests
+echo "[torture] building dist/ (tsc)"
+rm -rf dist && npx tsc -p tsconfig.json || exit 1
+export VMOPS_TEST_CLI=dist
 
 tag="vmops-torture-$$"
 cgroup=""
@@ -41,6 +45,7 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 if [ "$slow" != 1 ]; then
   cores=$(nproc)

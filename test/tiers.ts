@@ -47,6 +47,7 @@ export const TIERS: Tier[] = [
       'test/integration/direct.test.ts',
       'test/integration/rollforward.test.ts',
       'test/integration/fleet.capacity.test.ts',
+      'test/integration/vmDefinition.test.ts',
     ],
   },
   {

@@ -65,7 +65,27 @@ export interface VMSpec {
   boot?: VMBoot;
   /** the VM's own address on its hypervisor's network: where a controller's etcd member and API server listen */
   address?: string;
+  /** the CPU model the VM runs with (QEMU -cpu); a live migration's target must offer the same */
+  cpu?: { model: string };
+  /**
+   * The VM's network interfaces: each on a host bridge of that name (present on every host the VM may
+   * move to), with a fixed MAC, so a moved VM keeps its network identity. QEMU attaches them through
+   * its bridge helper (-netdev bridge); see the inventory docs for the host's side.
+   */
+  nics?: VMNic[];
 }
+
+export interface VMNic {
+  /** the host bridge (Linux interface name) the NIC is attached to, the same name on every host */
+  bridge: string;
+  /** unicast, lower-case, e.g. 52:54:00:12:34:56 */
+  mac: string;
+  /** the QEMU NIC device model */
+  model: VMNicModel;
+}
+
+export const NIC_MODELS = ['virtio-net-pci', 'e1000', 'e1000e', 'rtl8139'] as const;
+export type VMNicModel = (typeof NIC_MODELS)[number];
 
 export interface EnvironmentSpec {
   name: string;
@@ -156,6 +176,26 @@ export function assertVmBoot(kind: string, b: VMBoot, files: VMFile[]): void {
     if (!files.some((f) => f.name === name && f.kind === 'file')) throw new Error(`${kind}.${field} ${JSON.stringify(name)} must be one of the VM's files (kind file), so it moves with the VM`);
   }
   if (b.append !== undefined && (b.append.length > 1024 || !KERNEL_APPEND.test(b.append))) throw new Error(`${kind}.append must be space-separated words of letters, digits and . _ = , : / + -`);
+}
+
+/** Linux interface names: 1–15 characters, no '/', no whitespace; kept to a conservative set. */
+export const BRIDGE_NAME = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$/;
+/** a unicast MAC address (the first octet's low bit clear), lower-case */
+export const UNICAST_MAC = /^[0-9a-f][02468ace](:[0-9a-f]{2}){5}$/;
+/** QEMU -cpu: a model name, then optional +flag/-flag/flag=value features */
+export const CPU_MODEL = /^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}(,[+-]?[a-z0-9_.-]{1,32}(=[a-z0-9_.-]{1,32})?){0,32}$/;
+
+/** The VM's CPU model and NICs are replayed into QEMU's argv: only validated tokens, never a string QEMU would parse further. */
+export function assertVmDevices(kind: string, vm: Pick<VMSpec, 'cpu' | 'nics'>): void {
+  if (vm.cpu !== undefined && !CPU_MODEL.test(vm.cpu.model)) throw new Error(`${kind}.cpu.model ${quoted(vm.cpu.model)} is not a QEMU CPU model (a name, then optional ,+flag ,-flag ,flag=value)`);
+  const macs = new Set<string>();
+  for (const [i, n] of (vm.nics ?? []).entries()) {
+    if (!BRIDGE_NAME.test(n.bridge)) throw new Error(`${kind}.nics[${i}].bridge ${quoted(n.bridge)} is not a network interface name (1–15 letters, digits, '_', '.', '-')`);
+    if (!UNICAST_MAC.test(n.mac)) throw new Error(`${kind}.nics[${i}].mac ${quoted(n.mac)} is not a unicast MAC address in lower case (like 52:54:00:12:34:56)`);
+    if (!(NIC_MODELS as readonly string[]).includes(n.model)) throw new Error(`${kind}.nics[${i}].model must be one of ${NIC_MODELS.join(', ')}`);
+    if (macs.has(n.mac)) throw new Error(`${kind}.nics[${i}].mac ${n.mac} appears twice in this VM`);
+    macs.add(n.mac);
+  }
 }
 
 /** Directory of one VM on a host. */

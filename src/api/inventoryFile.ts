@@ -2,7 +2,7 @@ import { readFileSync } from 'node:fs';
 import { isIP } from 'node:net';
 import { posix } from 'node:path';
 import { parse } from 'yaml';
-import { assertHostQemu, assertSafeName, assertSafePath, assertVmBoot, qemuName, quoted, type EnvironmentSpec, type GuestControlPlaneSpec, type HostQemu, type HostSpec, type Inventory, type LoadBalancerSpec, type VMBoot, type VMFile, type VMRole, type VMSpec } from './inventory.js';
+import { assertHostQemu, assertSafeName, assertSafePath, assertVmBoot, assertVmDevices, qemuName, quoted, type EnvironmentSpec, type GuestControlPlaneSpec, type HostQemu, type HostSpec, type Inventory, type LoadBalancerSpec, type VMBoot, type VMFile, type VMNicModel, type VMRole, type VMSpec } from './inventory.js';
 
 /**
  * Reads and validates the inventory YAML (format documented in README, "Inventory file").
@@ -63,6 +63,12 @@ function checkQemuNames(environments: EnvironmentSpec[], source: string): void {
       const other = seen.get(q);
       if (other) throw new Error(`${source}: ${at} and ${other} would both run as QEMU "${q}"; rename one`);
       seen.set(q, at);
+      // a MAC is an identity on the L2 network the hosts' bridges share: two VMs must not claim one
+      for (const n of v.nics ?? []) {
+        const owner = seen.get(`mac ${n.mac}`);
+        if (owner) throw new Error(`${source}: ${at} and ${owner} both have a NIC with MAC ${n.mac}`);
+        seen.set(`mac ${n.mac}`, at);
+      }
     }),
   );
 }
@@ -267,6 +273,17 @@ function parseVm(v: unknown, at: string, hosts: Set<string>): VMSpec {
     assertVmBoot(`${at}.boot`, boot, files);
     spec.boot = boot;
   }
+  if (o.cpu !== undefined) {
+    const c = obj(o.cpu, `${at}.cpu`);
+    spec.cpu = { model: str(c.model, `${at}.cpu.model`) };
+  }
+  if (o.nics !== undefined) {
+    spec.nics = arr(o.nics, `${at}.nics`).map((n, i) => {
+      const no = obj(n, `${at}.nics[${i}]`);
+      return { bridge: str(no.bridge, `${at}.nics[${i}].bridge`), mac: str(no.mac, `${at}.nics[${i}].mac`), model: str(no.model ?? 'virtio-net-pci', `${at}.nics[${i}].model`) as VMNicModel };
+    });
+  }
+  assertVmDevices(at, spec);
   if (o.address !== undefined) {
     const address = str(o.address, `${at}.address`);
     if (!/^[0-9a-fA-F.:]+$/.test(address)) throw new Error(`${at}.address ${JSON.stringify(address)} is not an IP address`);

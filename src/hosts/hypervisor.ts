@@ -7,7 +7,7 @@ import { assertSafePath, qemuName, vmDirectory, type HostSpec, type VMSpec } fro
 import { TIMEOUTS } from '../api/types.js';
 import { log as rootLog, type Logger } from '../util/log.js';
 import { sleep } from '../util/sleep.js';
-import { buildQemuArgv } from './qemuArgv.js';
+import { buildQemuArgv, resolveHostQemu } from './qemuArgv.js';
 import { resumeSource } from './qemuIncoming.js';
 import { QmpClient } from './qmp.js';
 import type { HostConnection } from './ssh.js';
@@ -158,6 +158,33 @@ export const RAN_MARKER_FILE = 'guest-ran-here';
 /** Prints "ran" (the marker is there: nothing happens), else creates the directory and prints "ok". */
 const COPY_TARGET_SCRIPT = `[ -e "$1/${RAN_MARKER_FILE}" ] && { echo ran; exit 0; }
 mkdir -p -- "$1" && echo ok`;
+
+/**
+ * What a host must offer to run a VM as the inventory defines it. $1 QEMU binary, $2 machine type,
+ * $3 accelerator, $4 CPU model (empty: QEMU's default), then the VM's bridges. Prints "version <QEMU's
+ * version line>" and one line per thing missing: "qemu", "machine", "kvm", "cpu", "bridge <name>",
+ * "bridge-acl <name>" (QEMU's bridge helper reads its ACL from /etc/qemu: `allow <bridge>` or `allow all`).
+ */
+const READINESS_SCRIPT = [
+  'b=$1; m=$2; a=$3; c=$4; shift 4',
+  'if ! command -v "$b" >/dev/null 2>&1; then echo qemu; exit 0; fi',
+  'echo "version $("$b" --version 2>/dev/null | head -n 1)"',
+  '"$b" -machine help 2>/dev/null | awk \'NR > 1 {print $1}\' | grep -qxF -- "$m" || echo machine',
+  'if [ "$a" = kvm ] && ! [ -w /dev/kvm ]; then echo kvm; fi',
+  'if [ -n "$c" ]; then "$b" -cpu help 2>/dev/null | awk \'{print $2}\' | grep -qxF -- "${c%%,*}" || echo cpu; fi',
+  'for br in "$@"; do',
+  '  [ -d "/sys/class/net/$br/bridge" ] || echo "bridge $br"',
+  '  cat /etc/qemu/*.conf 2>/dev/null | awk -v br="$br" \'$1 == "allow" && ($2 == br || $2 == "all") {ok = 1} END {exit !ok}\' || echo "bridge-acl $br"',
+  'done',
+].join('\n');
+
+/** What Hypervisor.readiness found: the host's QEMU (version line, machine type, accelerator) and what it lacks for a VM. */
+export interface HostReadiness {
+  version?: string;
+  machine: string;
+  accel: string;
+  missing: string[];
+}
 
 /** Who holds a VM's source copy (see SOURCE_LOCK_FILE); no secrets, shown to administrators as is. */
 export interface SourceLock {
@@ -454,6 +481,29 @@ export class Hypervisor {
     const out = (await this.conn.execOk(['sh', '-c', COPY_TARGET_SCRIPT, 'copy-target', dir])).toString('utf8').trim();
     if (out === 'ran') throw new Error(`refusing to copy into ${dir} on ${this.host.name}: the guest may have run from it (${RAN_MARKER_FILE}); its disks may hold writes no other copy has`);
     if (out !== 'ok') throw new Error(`on ${this.host.name}: unexpected output preparing ${dir}: ${JSON.stringify(out.slice(0, 80))}`);
+  }
+
+  /**
+   * Whether this host can run `vm` as the inventory defines it — its QEMU, machine type, accelerator,
+   * CPU model, and each NIC's bridge (and the bridge helper's ACL for it) — asked before anything is
+   * touched. Returns QEMU's version line and what is missing, in words for a condition.
+   */
+  async readiness(vm: VMSpec): Promise<HostReadiness> {
+    const q = resolveHostQemu(this.host.qemu);
+    const bridges = [...new Set((vm.nics ?? []).map((n) => n.bridge))];
+    const out = (await this.conn.execOk(['sh', '-c', READINESS_SCRIPT, 'readiness', q.binary, q.machine, q.accel, vm.cpu?.model ?? '', ...bridges], { timeoutMs: 60_000, maxOutputBytes: 64 << 10 })).toString('utf8');
+    let version: string | undefined;
+    const missing: string[] = [];
+    for (const line of out.split('\n').map((l) => l.trim()).filter(Boolean)) {
+      if (line.startsWith('version ')) version = line.slice('version '.length);
+      else if (line === 'qemu') missing.push(`no ${q.binary}`);
+      else if (line === 'machine') missing.push(`QEMU has no machine type ${q.machine}`);
+      else if (line === 'kvm') missing.push('no usable /dev/kvm (accel kvm)');
+      else if (line === 'cpu') missing.push(`QEMU has no CPU model ${vm.cpu?.model.split(',')[0] ?? ''}`);
+      else if (line.startsWith('bridge-acl ')) missing.push(`QEMU's bridge helper may not use bridge ${line.slice('bridge-acl '.length)} (no "allow ${line.slice('bridge-acl '.length)}" in /etc/qemu/*.conf)`);
+      else if (line.startsWith('bridge ')) missing.push(`no bridge ${line.slice('bridge '.length)}`);
+    }
+    return { ...(version ? { version } : {}), machine: q.machine, accel: q.accel, missing };
   }
 
   /** Regular files directly inside the VM directory (not only those in VMSpec.files: stale .partial files show up too). */

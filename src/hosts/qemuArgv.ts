@@ -1,4 +1,4 @@
-import { assertHostQemu, assertSafeName, assertSafePath, assertVmBoot, qemuName, type HostQemu, type VMSpec } from '../api/inventory.js';
+import { assertHostQemu, assertSafeName, assertSafePath, assertVmBoot, assertVmDevices, qemuName, type HostQemu, type VMSpec } from '../api/inventory.js';
 
 /** What a host runs when the inventory says nothing: a real hypervisor host has KVM. */
 export const QEMU_DEFAULTS: Required<HostQemu> = { binary: 'qemu-system-x86_64', machine: 'pc', accel: 'kvm' };
@@ -80,6 +80,12 @@ export function buildQemuArgv(dir: string, environment: string, vm: VMSpec, opts
     const fmt = diskFormat(f);
     argv.push('-drive', `file=${dir}/${f.name},format=${fmt},if=virtio`);
   }
+  // The VM's own definition: its CPU model and its NICs on the host's bridges with their MACs, so the
+  // same VM (the same identity on its network, the same CPU a live migration's target must match) runs
+  // wherever it moves. -nodefaults above: nothing else is added.
+  assertVmDevices(`VM ${vm.name}`, vm);
+  if (vm.cpu) argv.push('-cpu', vm.cpu.model);
+  for (const [i, n] of (vm.nics ?? []).entries()) argv.push('-netdev', `bridge,id=nic${i},br=${n.bridge}`, '-device', `${n.model},netdev=nic${i},mac=${n.mac}`);
   if (opts.paused) argv.push('-S');
   if (opts.incomingDefer) argv.push('-incoming', 'defer');
   return argv;

@@ -20,13 +20,13 @@
 import type { EnvironmentSpec, VMSpec } from '../api/inventory.js';
 import type { LiveFigures, MigrationSettings, VMStatus } from '../api/types.js';
 import type { DrainOptions, DrainResult, NodeState } from '../guest/guestCluster.js';
-import type { VmStatus } from '../hosts/hypervisor.js';
+import type { HostReadiness, VmStatus } from '../hosts/hypervisor.js';
 import type { JournalEvent } from '../store/store.js';
 import type { Logger } from '../util/log.js';
 import { abortReason, backoffMs, sleep } from '../util/sleep.js';
 import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from './guestSafety.js';
 import { windowState, type Turn } from './fleet.js';
-import { flowSteps, type FlowPlan, type Location, type MoveMode, type StepName } from './steps.js';
+import { flowSteps, moveMode, type FlowPlan, type Location, type MoveMode, type StepName } from './steps.js';
 import { mib } from '../util/units.js';
 
 export type MoveStep = StepName;
@@ -59,6 +59,8 @@ export interface MoveHost {
   clearStaleExports?(environment: string, vm: VMSpec): Promise<void>;
   /** remove the temporary copies an interrupted guest-data verification left beside the VM's disks */
   sweepScratch?(environment: string, vm: VMSpec): Promise<void>;
+  /** what this host offers to run the VM as the inventory defines it (src/hosts/hypervisor.ts) */
+  readiness?(vm: VMSpec): Promise<HostReadiness>;
 }
 
 /** The guest cluster operations a move uses (src/guest/guestCluster.ts implements them). */
@@ -357,6 +359,7 @@ async function precheck(ctx: MoveContext): Promise<Location> {
   }
   const node = await guest.nodeState(vm.nodeName);
   if (!node.exists) throw new Error(`node ${vm.nodeName} of VM ${vm.name} does not exist in the guest cluster of ${environment.name}`);
+  await targetReady(ctx);
   // The guest cluster is the student's: a node named like the VM is not proof that it runs on that VM.
   // Where both say where they are, they must agree before anything is drained or stopped for it.
   const ips = node.internalIPs ?? [];
@@ -364,6 +367,38 @@ async function precheck(ctx: MoveContext): Promise<Location> {
     throw new Error(`node ${vm.nodeName} reports InternalIP ${ips.slice(0, 4).join(', ')}, but VM ${vm.name} has address ${vm.address} in the inventory: the node is not known to run on this VM; refusing to drain it or move the VM`);
   }
   return locate(ctx);
+}
+
+/**
+ * The target can run the VM as it is defined — its bridges (with the bridge helper's consent), its
+ * CPU model, the host's machine type and accelerator — and, for a live migration, load the source's
+ * stream: the same machine type and accelerator, and a QEMU at least as new. Asked before anything is
+ * touched; what is missing ends the move untouched, named.
+ */
+async function targetReady(ctx: MoveContext): Promise<void> {
+  const { source, target, vm } = ctx;
+  if (!target.readiness) return;
+  const live = moveMode(ctx.settings) === 'live';
+  const [t, s] = await Promise.all([target.readiness(vm), live ? source.readiness?.(vm) : undefined]);
+  const missing = [...t.missing];
+  if (live && s) {
+    if (s.machine !== t.machine) missing.push(`machine type ${t.machine}, the source runs ${s.machine} (a live migration needs the same)`);
+    if (s.accel !== t.accel) missing.push(`accelerator ${t.accel}, the source runs ${s.accel} (a live migration needs the same)`);
+    const older = qemuVersionOlder(t.version, s.version);
+    if (older) missing.push(`QEMU ${older.target} is older than the source's ${older.source}: it cannot load a live migration's stream from it`);
+  }
+  if (missing.length > 0) throw new Error(`${target.host.name} cannot run VM ${vm.name} as it is defined: ${missing.join('; ')}. Nothing was touched; the VM stays on ${source.host.name}`);
+}
+
+/** "QEMU emulator version 7.2.22 (…)" lines → which is older, when the target's is (undefined when unknown or not older). */
+export function qemuVersionOlder(target?: string, source?: string): { target: string; source: string } | undefined {
+  const v = (line?: string) => /version (\d+)\.(\d+)\.(\d+)/.exec(line ?? '')?.slice(1).map(Number);
+  const [a, b] = [v(target), v(source)];
+  if (!a || !b) return undefined;
+  for (let i = 0; i < 3; i++) {
+    if ((a[i] as number) !== (b[i] as number)) return (a[i] as number) < (b[i] as number) ? { target: a.join('.'), source: b.join('.') } : undefined;
+  }
+  return undefined;
 }
 
 /** True when this VM's journal shows a converged pre-copy mirror since its last mirror start and rollback. */

@@ -37,6 +37,7 @@ export interface VmsTable {
   /** VMSpec.boot as JSON (null: BIOS boot from the first disk) */
   boot_json: string | null;
   address: string | null;
+  devices_json: string | null;
 }
 
 export interface MoveRow {
@@ -160,6 +161,12 @@ export function migrations(backend: Backend): Record<string, Migration> {
         await db.schema.alterTable('hosts').addColumn('authorized_keys_file', 'text').execute();
         await db.schema.alterTable('vms').addColumn('boot_json', 'text').execute();
         await db.schema.alterTable('vms').addColumn('address', 'text').execute();
+      },
+    },
+    '0004_vm_devices': {
+      async up(db: Kysely<unknown>) {
+        // the VM's CPU model and NICs (bridge, MAC, model): its definition moves with it
+        await db.schema.alterTable('vms').addColumn('devices_json', 'text').execute();
       },
     },
   };

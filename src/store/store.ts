@@ -104,7 +104,7 @@ export class Store {
         const row = { name: e.name, secret_namespace: e.kubeconfigSecret.namespace, secret_name: e.kubeconfigSecret.name, secret_key: e.kubeconfigSecret.key };
         await tx.insertInto('environments').values(row).onConflict((oc) => oc.column('name').doUpdateSet(row)).execute();
         for (const vm of e.vms) {
-          const desc = { role: vm.role, node_name: vm.nodeName, memory_mib: vm.memoryMiB, cpus: vm.cpus, files_json: JSON.stringify(vm.files), boot_json: vm.boot ? JSON.stringify(vm.boot) : null, address: vm.address ?? null, updated_at: now };
+          const desc = { role: vm.role, node_name: vm.nodeName, memory_mib: vm.memoryMiB, cpus: vm.cpus, files_json: JSON.stringify(vm.files), boot_json: vm.boot ? JSON.stringify(vm.boot) : null, address: vm.address ?? null, devices_json: vm.cpu || vm.nics ? JSON.stringify({ cpu: vm.cpu, nics: vm.nics }) : null, updated_at: now };
           await tx.insertInto('vms').values({ environment: e.name, name: vm.name, host: vm.host, ...desc })
             .onConflict((oc) => oc.columns(['environment', 'name']).doUpdateSet(desc)).execute();
         }
@@ -274,7 +274,13 @@ function toVmSpec(v: Database['vms']): VMSpec {
     name: v.name, role: v.role as VMRole, nodeName: v.node_name, host: v.host, memoryMiB: v.memory_mib, cpus: v.cpus, files: JSON.parse(v.files_json) as VMFile[],
     ...(v.boot_json ? { boot: JSON.parse(v.boot_json) as VMBoot } : {}),
     ...(v.address ? { address: v.address } : {}),
+    ...(v.devices_json ? devicesOf(v.devices_json) : {}),
   };
+}
+
+function devicesOf(json: string): Pick<VMSpec, 'cpu' | 'nics'> {
+  const d = JSON.parse(json) as Pick<VMSpec, 'cpu' | 'nics'>;
+  return { ...(d.cpu ? { cpu: d.cpu } : {}), ...(d.nics ? { nics: d.nics } : {}) };
 }
 
 function toMove(r: { migration_uid: string; environment: string; vm: string; from_host: string; to_host: string; phase: string; step: string | null; attempts: number; downtime_ms: number | null; bytes: number; started_at: string | null; finished_at: string | null; message: string | null }): MoveRecord {
