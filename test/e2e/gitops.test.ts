@@ -131,12 +131,16 @@ describe('what kubectl wait, kstatus, Flux and Argo CD say at each phase and aft
 
   it('deleted with a move in flight: terminating, never done; the move rolls back before the object goes', async () => {
     await apply('g-back', { environments: [ENV], targetHost: 'host01', shutdown: { powerdownTimeout: '1s' }, transfer: { bandwidthLimitMiBps: 1 } });
-    await waitFor('g-back', 'a move in flight', liveness(60_000), (o) => o.status?.phase === 'Running' && (o.status.currentVM ?? '') !== '');
+    // in flight = past its checks and before the target runs (a move still in its checks touched nothing,
+    // and a deletion then lets the object go at once — seen under torture, where the delete landed during
+    // precheck; after the start a deletion finishes the move on the target instead, rule 2)
+    const touched = ['cordon', 'drain', 'stop', 'fence', 'transfer'];
+    await waitFor('g-back', 'a move in flight (past its checks, before the target runs)', liveness(120_000), (o) => o.status?.phase === 'Running' && (o.status.vms ?? []).some((v) => touched.includes(v.step ?? '')));
     await kubectl(['delete', 'vmm', 'g-back', '-n', NS, '--wait=false']);
     const row = await judged('deleted with a move in flight', 'g-back');
     expect(row).toMatchObject({ wait: 'not Ready', kstatus: 'Terminating' });
     expect(row.flux).not.toBe('Current');
     expect(row.argo).not.toBe('Healthy');
     await until('g-back gone after its rollback', liveness(300_000), async () => (await get('g-back')) === undefined, 500);
-  }, liveness(60_000 + 30_000 + 300_000));
+  }, liveness(120_000 + 30_000 + 300_000));
 });
