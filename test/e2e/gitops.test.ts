@@ -9,6 +9,7 @@
 import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parse } from 'yaml';
+import { Watch } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { VMMigration } from '../../src/api/types.js';
 import { argoHealth } from '../world/argoHealth.js';
@@ -72,8 +73,13 @@ const kubectlWait = async (name: string, seconds: number) =>
 async function judged(state: string, name: string, waitSeconds = 2): Promise<Row> {
   const o = await get(name);
   if (!o) throw new Error(`${name} is gone`);
+  return judgedObject(state, name, o, waitSeconds);
+}
+
+/** The same for an object as the API server sent it (a watch event); kubectl wait is asked of the live object. */
+async function judgedObject(state: string, name: string, o: VMMigration, waitSeconds = 2): Promise<Row> {
   const wait = await kubectlWait(name, waitSeconds);
-  const again = (await get(name)) ?? o;
+  const again = o.metadata.deletionTimestamp ? o : (await get(name)) ?? o;
   const [verdict] = await judge([again], FLUX);
   const argo = await argoHealth(again);
   const row: Row = { state, generation: again.metadata.generation ?? 0, observed: again.status?.observedGeneration, wait, kstatus: verdict!.kstatus.status, flux: verdict!.flux.status, argo: argo.status };
@@ -136,8 +142,20 @@ describe('what kubectl wait, kstatus, Flux and Argo CD say at each phase and aft
     // precheck; after the start a deletion finishes the move on the target instead, rule 2)
     const touched = ['cordon', 'drain', 'stop', 'fence', 'transfer'];
     await waitFor('g-back', 'a move in flight (past its checks, before the target runs)', liveness(120_000), (o) => o.status?.phase === 'Running' && (o.status.vms ?? []).some((v) => touched.includes(v.step ?? '')));
-    await kubectl(['delete', 'vmm', 'g-back', '-n', NS, '--wait=false']);
-    const row = await judged('deleted with a move in flight', 'g-back');
+    // The rollback of a move cancelled before its stop takes ~0.1 s: the object's terminating state is
+    // read from the API server's own watch event (deletionTimestamp set, finalizer still on), not by a
+    // get that may come after the object went
+    const events: VMMigration[] = [];
+    const watching = await new Watch(sb.kc).watch(`/apis/vmops.dev/v1alpha1/namespaces/${NS}/vmmigrations`, { fieldSelector: 'metadata.name=g-back' }, (_type: string, obj: VMMigration) => events.push(obj), () => undefined);
+    let row: Row;
+    try {
+      await kubectl(['delete', 'vmm', 'g-back', '-n', NS, '--wait=false']);
+      const deleting = await until('g-back: the API server reported it terminating', liveness(30_000), async () => events.find((e) => e.metadata.deletionTimestamp), 50);
+      expect(deleting.metadata.finalizers ?? []).toContain('vmops.dev/migration-protection');
+      row = await judgedObject('deleted with a move in flight', 'g-back', deleting);
+    } finally {
+      watching.abort();
+    }
     expect(row).toMatchObject({ wait: 'not Ready', kstatus: 'Terminating' });
     expect(row.flux).not.toBe('Current');
     expect(row.argo).not.toBe('Healthy');
