@@ -48,6 +48,7 @@ export const TIERS: Tier[] = [
       'test/integration/rollforward.test.ts',
       'test/integration/fleet.capacity.test.ts',
       'test/integration/vmDefinition.test.ts',
+      'test/integration/handover.test.ts',
     ],
   },
   {
