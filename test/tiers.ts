@@ -68,6 +68,7 @@ export const TIERS: Tier[] = [
       'test/e2e/failover.test.ts',
       'test/e2e/fleet.test.ts',
       'test/e2e/gitops.test.ts',
+      'test/e2e/outage.test.ts',
       'test/integration/guestHa.test.ts',
       'test/e2e/ha.test.ts',
     ],

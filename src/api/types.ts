@@ -68,7 +68,10 @@ export interface VMStatus {
   phase: VMPhase;
   step?: string;
   attempts: number;
-  downtimeSeconds?: number;
+  /** the student's outage: from the last moment the guest served to the first it served again (src/migrate/outage.ts) */
+  outageSeconds?: number;
+  /** how the outage's end was seen, and its parts; stopToStartSeconds is the operator's share */
+  outage?: { until: 'NodeReady' | 'GuestResumed'; startedAt: string; endedAt: string; shutdownSeconds?: number; copySeconds?: number; bootSeconds?: number; stopToStartSeconds: number };
   bytesTransferred?: number;
   bytesTotal?: number;
   /** while copying: current rate and time left at that rate */

@@ -44,7 +44,7 @@ const HELP: Record<string, string> = {
   --leader-elect        hold the Lease vm-migration-operator before acting (VMOPS_LEADER_ELECT=true)
   --lease-namespace NS  where the Lease lives; default vm-migration-system (VMOPS_LEASE_NAMESPACE)`,
   plan: `vm-migration-operator plan -f migration.yaml --inventory F [--db F]
-  Dry run: prints the ordered plan of a VMMigration manifest, with copy time and downtime
+  Dry run: prints the ordered plan of a VMMigration manifest, with copy time and outage
   estimated from the moves recorded in --db. Touches nothing.
   -f, --file F          the VMMigration manifest
   --inventory F         inventory YAML (VMOPS_INVENTORY)
@@ -57,7 +57,7 @@ const HELP: Record<string, string> = {
   Each VM's journaled steps with timings for a migration (its uid or name), from the store.
   --db F                the store (VMOPS_DB)`,
   status: `vm-migration-operator status NAME [--namespace NS] [--kubeconfig F] [--watch]
-  A VMMigration's progress per environment and per VM (bars, rate, ETA, downtime), read from
+  A VMMigration's progress per environment and per VM (bars, rate, ETA, outage), read from
   its status; needs only read access to VMMigrations.
   --namespace NS        default vm-migration-system (VMOPS_NAMESPACE)
   --kubeconfig F        default: $KUBECONFIG, ~/.kube/config, or the in-cluster ServiceAccount

@@ -1,6 +1,6 @@
 /**
  * `vm-migration-operator status NAME [--watch]`: a VMMigration's progress per environment and per
- * VM (bars, rate, ETA, downtime), read from the resource's status only — no database, no SSH.
+ * VM (bars, rate, ETA, the student's outage), read from the resource's status only — no database, no SSH.
  */
 import { CustomObjectsApi, KubeConfig, Watch } from '@kubernetes/client-node';
 import { GROUP, PLURAL, VERSION, type VMMigration, type VMStatus } from '../api/types.js';
@@ -71,18 +71,26 @@ export function renderStatus(o: VMMigration, now = new Date()): string {
     const fraction = ev.length ? ev.reduce((a, v) => a + vmFraction(v), 0) / ev.length : 0;
     lines.push('');
     lines.push(`ENVIRONMENT ${env}   ${bar(fraction)}   ${ev.filter((v) => v.phase === 'Succeeded').length}/${ev.length} VMs   ${route}`);
-    lines.push(`  ${'VM'.padEnd(14)} ${'PHASE'.padEnd(10)} ${'STEP'.padEnd(10)} ${'PROGRESS'.padEnd(25)} ${'COPIED'.padEnd(22)} ${'RATE'.padEnd(12)} ${'ETA'.padEnd(7)} DOWNTIME`);
+    lines.push(`  ${'VM'.padEnd(14)} ${'PHASE'.padEnd(10)} ${'STEP'.padEnd(10)} ${'PROGRESS'.padEnd(25)} ${'COPIED'.padEnd(22)} ${'RATE'.padEnd(12)} ${'ETA'.padEnd(7)} OUTAGE (STUDENT'S)`);
     for (const v of ev) {
       const copied = v.bytesTotal ? `${mib(v.bytesTransferred ?? 0)} of ${mib(v.bytesTotal)}` : v.bytesTransferred ? mib(v.bytesTransferred) : '';
       const rate = v.phase === 'Running' && v.bytesPerSecond ? `${mib(v.bytesPerSecond)}/s` : '';
       const vEta = v.phase === 'Running' && v.etaSeconds !== undefined ? duration(v.etaSeconds) : '';
-      const down = v.downtimeSeconds !== undefined ? `${v.downtimeSeconds.toFixed(2)} s` : '';
+      const down = outageCell(v);
       lines.push(`  ${v.name.padEnd(14)} ${v.phase.padEnd(10)} ${(v.phase === 'Running' ? v.step ?? '' : '').padEnd(10)} ${bar(vmFraction(v)).padEnd(25)} ${copied.padEnd(22)} ${rate.padEnd(12)} ${vEta.padEnd(7)} ${down}`.trimEnd());
       if (v.message && v.phase !== 'Succeeded') lines.push(`      ${boundedText(v.message)}`);
     }
   }
   if (s.message && !(s.conditions ?? []).some((c) => c.message === s.message)) lines.push('', boundedText(s.message));
   return lines.join('\n');
+}
+
+/** The student's outage first; the operator's stop→start beside it, so the two are never mistaken for one another. */
+function outageCell(v: VMStatus): string {
+  if (v.outageSeconds === undefined) return '';
+  if (v.outage?.until === 'GuestResumed') return `${v.outageSeconds.toFixed(2)} s (live pause)`;
+  const share = v.outage ? `, stop→start ${v.outage.stopToStartSeconds.toFixed(1)} s` : '';
+  return `${v.outageSeconds.toFixed(1)} s (to node Ready${share})`;
 }
 
 export interface StatusCommandOptions {

@@ -21,6 +21,7 @@ import { readinessGuard } from '../migrate/readinessGuard.js';
 import { runFleet, TurnWithdrawn, type FleetOutcome, type Turn } from '../migrate/fleet.js';
 import { boundVmList, environmentSummaries, initialVmList, patchEnvironment, patchVm, targetsText } from '../migrate/fleetStatus.js';
 import { afterMove, resumePlan, safetyWait } from '../migrate/rules.js';
+import { describeOutage, outageStatus } from '../migrate/outage.js';
 import { moveVm, MoveError, type MoveContext, type MoveResult, type MoveStep } from '../migrate/vmMove.js';
 import { planMigration } from '../planner/plan.js';
 import { sourceScratchFits, vmFits, type HostCapacity } from '../planner/placement.js';
@@ -307,11 +308,17 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
           },
         });
         done++;
-        metrics.recordVmMove('success', result.downtimeMs / 1000);
+        const { outage } = result;
+        metrics.recordVmMove('success', outage);
         if (result.bytes > reportedBytes) metrics.recordTransferBytes(result.bytes - reportedBytes);
         metrics.transferRate.set(0);
-        await store.updateMove(uid, entry.environment, entry.vm, { phase: 'Succeeded', finishedAt: now(), downtimeMs: result.downtimeMs, bytes: result.bytes });
-        vmStatus({ phase: 'Succeeded', finishedAt: now(), downtimeSeconds: result.downtimeMs / 1000, bytesTransferred: result.bytes, step: undefined, message: `downtime ${(result.downtimeMs / 1000).toFixed(1)} s, node Ready ${(result.nodeReadyMs / 1000).toFixed(1)} s after start` });
+        await store.updateMove(uid, entry.environment, entry.vm, {
+          phase: 'Succeeded', finishedAt: now(), bytes: result.bytes,
+          ...(outage ? { outageMs: Math.round(outage.seconds * 1000), stopToStartMs: Math.round(outage.stopToStartSeconds * 1000) } : {}),
+        });
+        const outageText = outage ? describeOutage(outage) : 'no outage figure: the VM was not running when its move began';
+        vmStatus({ phase: 'Succeeded', finishedAt: now(), bytesTransferred: result.bytes, step: undefined, message: outageText, ...(outage ? outageStatus(outage) : {}) });
+        deps.events.emit(vmm, 'Normal', 'VMMoved', `${name}: on ${entry.to}; ${outageText}`);
         writer.update((s) => {
           s.progress = `${done}/${entries.length}`;
           s.currentVM = (s.currentVM ?? '').split(', ').filter((x) => x && x !== name).join(', ');

@@ -28,6 +28,8 @@ export interface NodeState {
   unschedulable: boolean;
   /** the addresses the node reports as InternalIP (what ties it to a VM: the inventory's address) */
   internalIPs?: string[];
+  /** the boot its kubelet reports (status.nodeInfo.bootID: the guest kernel's random boot_id, new at every boot) */
+  bootId?: string;
 }
 
 export interface QuorumResult {
@@ -131,7 +133,8 @@ export class GuestCluster {
     try {
       const n = await this.call(() => this.core.readNode({ name: node }));
       const internalIPs = (n.status?.addresses ?? []).filter((a) => a.type === 'InternalIP').map((a) => a.address).slice(0, 16);
-      return { exists: true, ready: isReady(n), unschedulable: n.spec?.unschedulable === true, internalIPs };
+      const bootId = n.status?.nodeInfo?.bootID ? n.status.nodeInfo.bootID.slice(0, 128) : undefined;
+      return { exists: true, ready: isReady(n), unschedulable: n.spec?.unschedulable === true, internalIPs, ...(bootId ? { bootId } : {}) };
     } catch (err) {
       if (statusCode(err) === 404) return { exists: false, ready: false, unschedulable: false };
       throw err;
@@ -155,21 +158,26 @@ export class GuestCluster {
    * a Ready condition can be stale for up to the node-monitor grace period
    * after the kubelet died, so when the node has a heartbeat Lease, its
    * renewTime must also advance while we wait (compared with itself, not with
-   * our clock, so guest clock skew does not matter).
+   * our clock, so guest clock skew does not matter). After the guest was
+   * stopped and booted again (`notBoot`: the boot the node reported before the
+   * stop), the node must also report another boot: only the kubelet of the new
+   * boot proves the guest serves again. A renew that was in flight when the old
+   * kubelet died, or a Ready condition nobody has updated yet, does not.
    */
-  async waitNodeReady(node: string, opts: { timeoutMs: number; signal?: AbortSignal; pollMs?: number }): Promise<void> {
+  async waitNodeReady(node: string, opts: { timeoutMs: number; signal?: AbortSignal; pollMs?: number; notBoot?: string }): Promise<void> {
     const deadline = Date.now() + opts.timeoutMs;
     const firstRenew = await this.leaseRenewTime(node);
     let last: NodeState | undefined;
     for (;;) {
       if (opts.signal?.aborted) throw abortError(opts.signal);
       last = await this.nodeState(node);
-      if (last.ready) {
+      if (last.ready && (opts.notBoot === undefined || (last.bootId !== undefined && last.bootId !== opts.notBoot))) {
         const renew = firstRenew === undefined ? undefined : await this.leaseRenewTime(node);
         if (firstRenew === undefined || (renew !== undefined && renew !== firstRenew)) return;
       }
       if (Date.now() >= deadline) {
-        throw new Error(`node ${node} did not become Ready within ${opts.timeoutMs} ms (exists=${last.exists}, ready=${last.ready})`);
+        const boot = opts.notBoot === undefined ? '' : `, new boot=${last.bootId !== undefined && last.bootId !== opts.notBoot}`;
+        throw new Error(`node ${node} did not become Ready within ${opts.timeoutMs} ms (exists=${last.exists}, ready=${last.ready}${boot})`);
       }
       await sleep(opts.pollMs ?? 500, opts.signal);
     }

@@ -80,10 +80,22 @@ export const vmMoves = new Counter({
   registers: [registry],
 });
 
-export const vmDowntime = new Histogram({
-  name: 'vmops_vm_downtime_seconds',
-  help: 'Time a VM was not running during a move (stop on source to running on target)',
-  buckets: [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600],
+const SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600];
+
+/** The headline: what the student saw. Labelled by how its end was seen (cold and pre-copy: node Ready; live: guest resumed). */
+export const vmOutage = new Histogram({
+  name: 'vmops_vm_outage_seconds',
+  help: "The student's outage of a moved VM: from the stop until its node is Ready again (live: the guest's pause for the hand-over)",
+  labelNames: ['until'] as const,
+  buckets: SECONDS_BUCKETS,
+  registers: [registry],
+});
+
+/** The operator's share of the outage, a breakdown beside it: the guest's boot and kubelet's start are not in it. */
+export const vmStopToStart = new Histogram({
+  name: 'vmops_vm_stop_to_start_seconds',
+  help: "From the stop command on the source until the target's QEMU runs the guest (part of the outage; without the boot)",
+  buckets: SECONDS_BUCKETS,
   registers: [registry],
 });
 
@@ -250,11 +262,11 @@ export function migrationRunStarted(): () => void {
   };
 }
 
-export function recordVmMove(result: string, downtimeSeconds?: number): void {
+export function recordVmMove(result: string, outage?: { seconds: number; until: 'NodeReady' | 'GuestResumed'; stopToStartSeconds: number }): void {
   vmMoves.inc({ result: resultLabel(result) });
-  if (downtimeSeconds !== undefined && Number.isFinite(downtimeSeconds) && downtimeSeconds >= 0) {
-    vmDowntime.observe(downtimeSeconds);
-  }
+  const ok = (x: number) => Number.isFinite(x) && x >= 0;
+  if (outage && ok(outage.seconds)) vmOutage.observe({ until: outage.until }, outage.seconds);
+  if (outage && ok(outage.stopToStartSeconds)) vmStopToStart.observe(outage.stopToStartSeconds);
 }
 
 export function recordTransferBytes(bytes: number): void {

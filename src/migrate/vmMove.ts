@@ -28,6 +28,7 @@ import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from './gu
 import { windowState, type Turn } from './fleet.js';
 import { flowSteps, moveMode, type FlowPlan, type Location, type MoveMode, type StepName } from './steps.js';
 import { mib } from '../util/units.js';
+import { marksFromJournal, outageOf, type Outage } from './outage.js';
 
 export type MoveStep = StepName;
 
@@ -70,13 +71,14 @@ export interface MoveGuest {
   cordon(node: string): Promise<void>;
   uncordon(node: string): Promise<void>;
   drain(node: string, opts: DrainOptions): Promise<DrainResult>;
-  waitNodeReady(node: string, opts: { timeoutMs: number; signal?: AbortSignal }): Promise<void>;
+  /** `notBoot`: the boot the node reported before its guest was stopped; Ready counts only from another boot */
+  waitNodeReady(node: string, opts: { timeoutMs: number; signal?: AbortSignal; notBoot?: string }): Promise<void>;
 }
 
 /** The store operations a move uses (src/store/store.ts implements them). */
 export interface MoveStore {
   journal(migrationUid: string, environment: string, vm: string, step: string, event: JournalEvent, detail?: unknown): Promise<void>;
-  journalEntries(migrationUid: string, environment?: string, vm?: string): Promise<{ step: string; event: string }[]>;
+  journalEntries(migrationUid: string, environment?: string, vm?: string): Promise<{ step: string; event: string; at: string }[]>;
   updateMove(migrationUid: string, environment: string, vm: string, patch: { step?: string }): Promise<void>;
   setPlacement(environment: string, vm: string, host: string): Promise<void>;
 }
@@ -182,7 +184,8 @@ export interface MoveContext {
 }
 
 export interface MoveResult {
-  downtimeMs: number;
+  /** the student's outage and its parts; undefined when no stop of this move was seen (the VM was already down) */
+  outage: Outage | undefined;
   nodeReadyMs: number;
   bytes: number;
   /** the first step that changes something (a fresh move: cordon, or mirror/live) */
@@ -218,11 +221,16 @@ const CHECKS: ReadonlySet<MoveStep> = new Set(['precheck', 'quorum', 'turn']);
 interface MoveState {
   mode: MoveMode;
   touched: boolean;
+  /** the outage's edges as this run saw them (the operator's clock); an earlier run's are in the journal */
   stoppedAt?: number;
+  haltedAt?: number;
+  startingAt?: number;
   runningAt?: number;
+  readyAt?: number;
+  /** the boot the node reported right before this run stopped its guest */
+  bootBefore?: string;
   nodeReadyMs: number;
   bytes: number;
-  downtimeMs?: number;
   mirror?: MirrorSession;
   live?: LiveSession;
   sourceFenced: boolean;
@@ -276,7 +284,7 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
         queue.splice(0, queue.length, ...plan.steps);
       }
     }
-    return { downtimeMs: st.downtimeMs ?? 0, nodeReadyMs: st.nodeReadyMs, bytes: st.bytes, resumedFrom, mode: st.mode };
+    return { outage: await outageSeen(ctx, st), nodeReadyMs: st.nodeReadyMs, bytes: st.bytes, resumedFrom, mode: st.mode };
   };
   try {
     return await runSteps(plan.steps);
@@ -402,6 +410,17 @@ export function qemuVersionOlder(target?: string, source?: string): { target: st
 }
 
 /** True when this VM's journal shows a converged pre-copy mirror since its last mirror start and rollback. */
+/** The outage from what this run saw, and from the journal for what an earlier run did (a resumed move). */
+async function outageSeen(ctx: MoveContext, st: MoveState): Promise<Outage | undefined> {
+  const seen = { stoppedAt: st.stoppedAt, haltedAt: st.haltedAt, startingAt: st.startingAt, runningAt: st.runningAt };
+  const journaled = Object.values(seen).some((v) => v === undefined) ? marksFromJournal(await ctx.store.journalEntries(ctx.migrationUid, ctx.environment.name, ctx.vm.name)) : {};
+  const stoppedAt = seen.stoppedAt ?? journaled.stoppedAt;
+  const runningAt = seen.runningAt ?? journaled.runningAt;
+  // no stop of this move anywhere: the VM was down before it began, and its outage is not the move's
+  if (stoppedAt === undefined || runningAt === undefined) return undefined;
+  return outageOf({ mode: st.mode, stoppedAt, haltedAt: seen.haltedAt ?? journaled.haltedAt, startingAt: seen.startingAt ?? journaled.startingAt, runningAt, readyAt: st.readyAt });
+}
+
 async function journalSaysConverged(ctx: MoveContext): Promise<boolean> {
   const entries = await ctx.store.journalEntries(ctx.migrationUid, ctx.environment.name, ctx.vm.name);
   let converged = false;
@@ -613,14 +632,23 @@ const ACTIONS: Record<MoveStep, Action> = {
     if (st.mode === 'live' && st.live) {
       // QEMU stopped the guest itself (stop-and-copy); the source must be postmigrate now.
       st.stoppedAt = st.live.stoppedAt;
+      st.haltedAt = st.stoppedAt;
       const runState = await st.live.sourceRunState();
       if (runState !== 'postmigrate') throw new Error(`source is ${runState} after the live migration, expected postmigrate`);
       return runState;
     }
+    // the boot its kubelet reports now: after the stop, node Ready counts only from another boot
+    const before = await ctx.guest.nodeState(vm.nodeName).catch(() => undefined);
+    st.bootBefore = before?.bootId;
     checkpoint(ctx, 'stopping the source');
     st.stoppedAt = Date.now();
-    if (st.mirror) return st.mirror.haltSource(settings.powerdownTimeoutMs);
+    if (st.mirror) {
+      const how = await st.mirror.haltSource(settings.powerdownTimeoutMs);
+      st.haltedAt = Date.now();
+      return how;
+    }
     const how = await source.stopVm(environment.name, vm, { powerdownTimeoutMs: settings.powerdownTimeoutMs, signal: ctx.signal });
+    st.haltedAt = Date.now();
     await assertStopped(source, environment.name, vm);
     return how;
   },
@@ -649,7 +677,6 @@ const ACTIONS: Record<MoveStep, Action> = {
       st.bytes += await (st.mirror ? st.mirror.copyFiles(ctx.signal) : ctx.engines.copyNonDisk(ctx.signal));
       return;
     }
-    st.stoppedAt ??= Date.now();
     st.bytes = await ctx.engines.copyAll({ signal: ctx.signal, onProgress: (p) => ctx.observer.progress(p) });
     ctx.observer.progress({ bytesTransferred: st.bytes, bytesTotal: st.bytes, bytesPerSecond: 0, etaSeconds: 0 });
   },
@@ -668,7 +695,7 @@ const ACTIONS: Record<MoveStep, Action> = {
     // running already (lost reply), paused (handover not done) or without QEMU (boot it)
     const onTarget = st.live ? undefined : await target.vmStatus(environment.name, vm);
     checkpoint(ctx, 'starting the target');
-    st.stoppedAt ??= Date.now();
+    st.startingAt = Date.now();
     // recorded on the target host itself before the guest may run there: a journal lost or restored
     // from an older backup can never turn this copy into a copy target again (RAN_MARKER_FILE)
     await target.markRanHere?.(environment.name, vm, ctx.migrationUid);
@@ -681,13 +708,12 @@ const ACTIONS: Record<MoveStep, Action> = {
       await target.startVm(environment.name, vm);
       st.runningAt = Date.now();
     }
-    st.downtimeMs = st.runningAt - st.stoppedAt;
-    ctx.observer.progress({ downtimeSeconds: Math.round(st.downtimeMs) / 1000 });
   },
   nodeReady: async (ctx, st) => {
     const t0 = Date.now();
-    await ctx.guest.waitNodeReady(ctx.vm.nodeName, { timeoutMs: ctx.settings.nodeReadyTimeoutMs, signal: ctx.signal });
-    st.nodeReadyMs = Date.now() - (st.runningAt ?? t0);
+    await ctx.guest.waitNodeReady(ctx.vm.nodeName, { timeoutMs: ctx.settings.nodeReadyTimeoutMs, signal: ctx.signal, ...(st.bootBefore !== undefined ? { notBoot: st.bootBefore } : {}) });
+    st.readyAt = Date.now();
+    st.nodeReadyMs = st.readyAt - (st.runningAt ?? t0);
   },
   memberHealthy: (ctx) => ctx.safety.guard.waitMemberHealthy(ctx.vm, { timeoutMs: ctx.settings.nodeReadyTimeoutMs, signal: ctx.signal }),
   lbIn: async (ctx, st) => {

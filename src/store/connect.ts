@@ -154,7 +154,7 @@ function connectPostgres(url: string, opts: ConnectOptions): Connection {
     connectionString: url,
     max: 4,
     connectionTimeoutMillis: opts.connectTimeoutMs ?? 10_000,
-    // bigint columns (bytes, downtime) as numbers: they stay far below 2^53.
+    // bigint columns (bytes, durations) as numbers: they stay far below 2^53.
     types: { getTypeParser: (oid: number, format?: 'text' | 'binary') => (oid === 20 ? (v: string) => Number(v) : pg.types.getTypeParser(oid, format as 'text')) },
   });
   pool.on('error', (err) => opts.onIdleError?.(scrub(err.message, url)));

@@ -50,7 +50,10 @@ export interface MoveRow {
   phase: string;
   step: string | null;
   attempts: number;
-  downtime_ms: number | null;
+  /** the operator's stop→start (before 0005: downtime_ms) */
+  stop_to_start_ms: number | null;
+  /** the student's outage (src/migrate/outage.ts); null when none was measured */
+  outage_ms: number | null;
   bytes: number;
   started_at: string | null;
   finished_at: string | null;
@@ -167,6 +170,13 @@ export function migrations(backend: Backend): Record<string, Migration> {
       async up(db: Kysely<unknown>) {
         // the VM's CPU model and NICs (bridge, MAC, model): its definition moves with it
         await db.schema.alterTable('vms').addColumn('devices_json', 'text').execute();
+      },
+    },
+    '0005_outage': {
+      async up(db: Kysely<unknown>) {
+        // "downtime" meant the operator's stop→start; the student's outage is a figure of its own
+        await db.schema.alterTable('vm_moves').renameColumn('downtime_ms', 'stop_to_start_ms').execute();
+        await db.schema.alterTable('vm_moves').addColumn('outage_ms', int64).execute();
       },
     },
   };

@@ -17,7 +17,10 @@ export interface MoveRecord {
   phase: string;
   step: string | null;
   attempts: number;
-  downtimeMs: number | null;
+  /** the operator's stop→start */
+  stopToStartMs: number | null;
+  /** the student's outage */
+  outageMs: number | null;
   bytes: number;
   startedAt: string | null;
   finishedAt: string | null;
@@ -174,7 +177,7 @@ export class Store {
   async ensureMove(m: { migrationUid: string; environment: string; vm: string; fromHost: string; toHost: string }): Promise<MoveRecord> {
     await this.db.insertInto('vm_moves').values({
       migration_uid: m.migrationUid, environment: m.environment, vm: m.vm, from_host: m.fromHost, to_host: m.toHost,
-      phase: 'Pending', step: null, attempts: 0, downtime_ms: null, bytes: 0, started_at: null, finished_at: null, message: null,
+      phase: 'Pending', step: null, attempts: 0, stop_to_start_ms: null, outage_ms: null, bytes: 0, started_at: null, finished_at: null, message: null,
     }).onConflict((oc) => oc.columns(['migration_uid', 'environment', 'vm']).doNothing()).execute();
     return (await this.move(m.migrationUid, m.environment, m.vm))!;
   }
@@ -222,7 +225,8 @@ export class Store {
     if (patch.phase !== undefined) set.phase = patch.phase;
     if (patch.step !== undefined) set.step = patch.step;
     if (patch.attempts !== undefined) set.attempts = patch.attempts;
-    if (patch.downtimeMs !== undefined) set.downtime_ms = patch.downtimeMs;
+    if (patch.stopToStartMs !== undefined) set.stop_to_start_ms = patch.stopToStartMs;
+    if (patch.outageMs !== undefined) set.outage_ms = patch.outageMs;
     if (patch.bytes !== undefined) set.bytes = patch.bytes;
     if (patch.startedAt !== undefined) set.started_at = patch.startedAt;
     if (patch.finishedAt !== undefined) set.finished_at = patch.finishedAt;
@@ -283,9 +287,9 @@ function devicesOf(json: string): Pick<VMSpec, 'cpu' | 'nics'> {
   return { ...(d.cpu ? { cpu: d.cpu } : {}), ...(d.nics ? { nics: d.nics } : {}) };
 }
 
-function toMove(r: { migration_uid: string; environment: string; vm: string; from_host: string; to_host: string; phase: string; step: string | null; attempts: number; downtime_ms: number | null; bytes: number; started_at: string | null; finished_at: string | null; message: string | null }): MoveRecord {
+function toMove(r: { migration_uid: string; environment: string; vm: string; from_host: string; to_host: string; phase: string; step: string | null; attempts: number; stop_to_start_ms: number | null; outage_ms: number | null; bytes: number; started_at: string | null; finished_at: string | null; message: string | null }): MoveRecord {
   return {
     migrationUid: r.migration_uid, environment: r.environment, vm: r.vm, fromHost: r.from_host, toHost: r.to_host, phase: r.phase,
-    step: r.step, attempts: r.attempts, downtimeMs: r.downtime_ms, bytes: r.bytes, startedAt: r.started_at, finishedAt: r.finished_at, message: r.message,
+    step: r.step, attempts: r.attempts, stopToStartMs: r.stop_to_start_ms, outageMs: r.outage_ms, bytes: r.bytes, startedAt: r.started_at, finishedAt: r.finished_at, message: r.message,
   };
 }

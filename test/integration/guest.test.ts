@@ -1,7 +1,7 @@
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { AppsV1Api, CoreV1Api, KubeConfig, PatchStrategy, PolicyV1Api, setHeaderOptions, type V1Deployment, type V1Pod } from '@kubernetes/client-node';
+import { AppsV1Api, CoordinationV1Api, CoreV1Api, KubeConfig, PatchStrategy, PolicyV1Api, setHeaderOptions, type V1Deployment, type V1Pod } from '@kubernetes/client-node';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { EnvironmentSpec, VMSpec } from '../../src/api/inventory.js';
 import type { DrainReport } from '../../src/guest/drain.js';
@@ -75,6 +75,33 @@ describe('GuestCluster against a real control plane with KWOK nodes', () => {
     expect((await guest.nodeState(c1.nodeName)).internalIPs).toEqual(['10.99.0.1']);
     await core.patchNodeStatus({ name: c1.nodeName, body: { status: { addresses: [{ type: 'InternalIP', address: c1.address! }, { type: 'Hostname', address: c1.nodeName }] } } }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch));
   });
+
+  it('after a reboot, Ready counts only from the new boot: renews and a Ready condition of the old kubelet do not end the wait', async () => {
+    const n3 = `${ENV}-node-3`;
+    const coordination = kc.makeApiClient(CoordinationV1Api);
+    const renewTime = async () => String((await coordination.readNamespacedLease({ name: n3, namespace: 'kube-node-lease' })).spec?.renewTime);
+    const setBoot = (bootID: string) => core.patchNodeStatus({ name: n3, body: { status: { nodeInfo: { bootID } } } }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch));
+    const renewsAfter = async (from: string, n: number) => {
+      const seen = new Set([from]);
+      await until(`${n} renews of ${n3}'s Lease`, liveness(30_000), async () => (seen.add(await renewTime()).size > n ? true : undefined), 100);
+    };
+    await setBoot('boot-a');
+    // KWOK keeps running the node (renewing its Lease every second) and keeps the boot it was given
+    await renewsAfter(await renewTime(), 2);
+    expect((await guest.nodeState(n3)).bootId).toBe('boot-a');
+
+    // control: without a boot to compare, the next renew ends the wait
+    await guest.waitNodeReady(n3, { timeoutMs: liveness(30_000), pollMs: 100 });
+
+    let newBoot = false;
+    const waited = guest.waitNodeReady(n3, { timeoutMs: liveness(60_000), pollMs: 100, notBoot: 'boot-a' }).then(() => newBoot);
+    // the old kubelet's renews (KWOK's, here) and its Ready condition go on while the guest "reboots"
+    await renewsAfter(await renewTime(), 3);
+    newBoot = true;
+    await setBoot('boot-b');
+    // it returned only once the node reported the new boot
+    expect(await waited).toBe(true);
+  }, liveness(150_000));
 
   it('places the student workload on workers only, spread over them', async () => {
     const pods = (await core.listNamespacedPod({ namespace: NS })).items;

@@ -113,10 +113,11 @@ describe.each(backends)('Store on $name', ({ name, fresh }) => {
     const s = await Store.open(await fresh());
     await s.ensureMove({ migrationUid: 'u1', environment: 'e1', vm: 'node-1', fromHost: 'host01', toHost: 'host02' });
     const bytes = 5 * 2 ** 40 + 12345;
-    await s.updateMove('u1', 'e1', 'node-1', { bytes, downtimeMs: 2 ** 33, phase: 'Succeeded' });
+    await s.updateMove('u1', 'e1', 'node-1', { bytes, stopToStartMs: 2 ** 33, outageMs: 2 ** 33 + 1, phase: 'Succeeded' });
     const m = (await s.move('u1', 'e1', 'node-1'))!;
     expect(m.bytes).toBe(bytes);
-    expect(m.downtimeMs).toBe(2 ** 33);
+    expect(m.stopToStartMs).toBe(2 ** 33);
+    expect(m.outageMs).toBe(2 ** 33 + 1);
     expect(await s.unfinishedMoves('u1')).toEqual([]);
     await s.close();
   });

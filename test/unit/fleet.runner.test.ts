@@ -46,7 +46,7 @@ function tracker(delayMs: (ctx: MoveContext) => number = () => 5) {
     peaks.perEnv = Math.max(peaks.perEnv, ...[...new Set(envs)].map((e) => envs.filter((x) => x === e).length));
     await new Promise((r) => setTimeout(r, delayMs(ctx)));
     live.delete(key);
-    return { downtimeMs: 1, nodeReadyMs: 1, bytes: 1, resumedFrom: 'cordon', mode: 'cold' };
+    return { outage: undefined, nodeReadyMs: 1, bytes: 1, resumedFrom: 'cordon', mode: 'cold' };
   };
   return { move, peaks, order };
 }
@@ -266,7 +266,7 @@ describe('runner: pre-copy mirrored ahead (pipelined environment)', () => {
       down.set(env, down.get(env)! - 1);
       mirroring.delete(key);
       if (key === opts.failAt) throw new MoveError('verify', 'guest data differ', 'rolled-back');
-      return { downtimeMs: opts.downMs, nodeReadyMs: 1, bytes: 1, resumedFrom: 'mirror', mode: 'precopy' };
+      return { outage: undefined, nodeReadyMs: 1, bytes: 1, resumedFrom: 'mirror', mode: 'precopy' };
     };
     return { move, peaks, cutovers };
   }
@@ -352,7 +352,7 @@ describe('runner: every status it writes says which generation of the spec it ac
     const move = async (ctx: MoveContext): Promise<MoveResult> => {
       seen.push((ctx.settings.bandwidthLimitBytesPerSec ?? 0) / 1048576);
       limit = 20;
-      return { downtimeMs: 1, nodeReadyMs: 1, bytes: 1, resumedFrom: 'cordon', mode: 'cold' };
+      return { outage: undefined, nodeReadyMs: 1, bytes: 1, resumedFrom: 'cordon', mode: 'cold' };
     };
     await runMigration(vmm(spec), deps(move, { latest: () => vmm({ ...spec, transfer: { bandwidthLimitMiBps: limit } }) }), new AbortController().signal);
     expect(seen).toEqual([10, 20, 20]);

@@ -50,7 +50,7 @@ function deps(move: (ctx: MoveContext) => Promise<MoveResult>, over: Partial<Run
   };
 }
 
-const ok = async (): Promise<MoveResult> => ({ downtimeMs: 1000, nodeReadyMs: 10, bytes: 5, resumedFrom: 'cordon', mode: 'cold' });
+const ok = async (): Promise<MoveResult> => ({ outage: { seconds: 12, until: 'NodeReady', startedAt: '2026-12-07T06:00:00.000Z', endedAt: '2026-12-07T06:00:12.000Z', shutdownSeconds: 2, copySeconds: 1, bootSeconds: 9, stopToStartSeconds: 3.5 }, nodeReadyMs: 10, bytes: 5, resumedFrom: 'cordon', mode: 'cold' });
 
 beforeEach(async () => {
   store = await Store.open(':memory:');

@@ -32,7 +32,7 @@ const sink = (initial: VMMigration): StatusSink => {
   return { update: (m) => m(status), flush: async () => undefined, close: () => undefined, get current() { return status; } };
 };
 
-function deps(move: (ctx: MoveContext) => Promise<MoveResult> = async () => ({ downtimeMs: 1, nodeReadyMs: 1, bytes: 1, resumedFrom: 'cordon', mode: 'cold' })): RunnerDeps {
+function deps(move: (ctx: MoveContext) => Promise<MoveResult> = async () => ({ outage: undefined, nodeReadyMs: 1, bytes: 1, resumedFrom: 'cordon', mode: 'cold' })): RunnerDeps {
   return {
     kc: new KubeConfig(), store, log, events: { emit: (_o, type, reason, message) => { events.push(`${type}/${reason}: ${message}`); } }, latest: () => undefined,
     pool: { hypervisor: async (h) => ({ host: h, withLogger() { return this; } }) as never, connectFresh: async () => { throw new Error('unused'); } },
@@ -56,7 +56,7 @@ describe('resume: the plan comes from the operator\'s store, not from status', (
   it('a fresh run records the whole plan in the store before the first move', async () => {
     await runMigration(vmm(), deps(async () => {
       expect((await store.moves('uid-1')).map((m) => `${m.environment}/${m.vm}:${m.fromHost}->${m.toHost}`)).toEqual(['e/node-1:h1->h2', 'e/node-2:h1->h2']);
-      return { downtimeMs: 1, nodeReadyMs: 1, bytes: 1, resumedFrom: 'cordon', mode: 'cold' };
+      return { outage: undefined, nodeReadyMs: 1, bytes: 1, resumedFrom: 'cordon', mode: 'cold' };
     }), new AbortController().signal);
     expect(status.phase).toBe('Succeeded');
   });

@@ -33,7 +33,8 @@ describe('metrics', () => {
     recordMigrationFinished('live', true);
     recordMigrationStarted('cold');
     recordMigrationFinished('cold', false);
-    recordVmMove('success', 0.3);
+    recordVmMove('success', { seconds: 0.3, until: 'GuestResumed', stopToStartSeconds: 0.3 });
+    recordVmMove('success', { seconds: 14, until: 'NodeReady', stopToStartSeconds: 3.2 });
     recordTransferBytes(1024);
     startStepTimer('mirror')();
     const q = new WorkQueue({ metrics: workQueueMetricsHooks(), baseDelayMs: 10_000 });
@@ -51,10 +52,13 @@ describe('metrics', () => {
     expect(body).toMatch(/^vmops_migrations_succeeded_total\{strategy="live"\} 1$/m);
     expect(body).toMatch(/^vmops_migrations_failed_total\{strategy="cold"\} 1$/m);
     expect(body).toMatch(/^vmops_migrations_active 0$/m);
-    expect(body).toMatch(/^vmops_vm_moves_total\{result="success"\} 1$/m);
-    expect(body).toMatch(/^vmops_vm_downtime_seconds_bucket\{le="0.05"\} 0$/m);
-    expect(body).toMatch(/^vmops_vm_downtime_seconds_bucket\{le="0.5"\} 1$/m);
-    expect(body).toMatch(/^vmops_vm_downtime_seconds_bucket\{le="600"\} 1$/m);
+    expect(body).toMatch(/^vmops_vm_moves_total\{result="success"\} 2$/m);
+    // the student's outage, by how its end was seen; the operator's stop→start beside it
+    expect(body).toMatch(/^vmops_vm_outage_seconds_bucket\{le="0.5",until="GuestResumed"\} 1$/m);
+    expect(body).toMatch(/^vmops_vm_outage_seconds_bucket\{le="10",until="NodeReady"\} 0$/m);
+    expect(body).toMatch(/^vmops_vm_outage_seconds_bucket\{le="30",until="NodeReady"\} 1$/m);
+    expect(body).toMatch(/^vmops_vm_stop_to_start_seconds_bucket\{le="0.5"\} 1$/m);
+    expect(body).toMatch(/^vmops_vm_stop_to_start_seconds_bucket\{le="5"\} 2$/m);
     expect(body).toMatch(/^vmops_transfer_bytes_total 1024$/m);
     expect(body).toMatch(/^vmops_step_duration_seconds_count\{step="mirror"\} 1$/m);
     expect(body).toMatch(/^vmops_workqueue_depth 0$/m); // shutdown dropped the queued keys
@@ -109,7 +113,7 @@ describe('metrics', () => {
 
   it('metric names and labels never contain anything outside the allowed label sets', async () => {
     const metrics = await registry.getMetricsAsJSON();
-    const allowed = new Set(['strategy', 'result', 'step', 'le', 'quantile']);
+    const allowed = new Set(['strategy', 'result', 'step', 'le', 'quantile', 'until']);
     for (const m of metrics.filter((x) => x.name.startsWith('vmops_') && !x.name.includes('process') && !x.name.includes('nodejs'))) {
       for (const v of m.values) {
         for (const label of Object.keys(v.labels)) expect(allowed.has(label), `${m.name}:${label}`).toBe(true);

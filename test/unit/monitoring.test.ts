@@ -57,7 +57,7 @@ describe('Prometheus rules (manifests/monitoring/rules.yaml)', () => {
   it('cover what the issue asks for, each alert with severity, summary, description and runbook', () => {
     const alerts = allRules.filter((r) => r.alert).map((r) => r.alert);
     expect(alerts).toEqual(expect.arrayContaining([
-      'VMOpsMigrationFailed', 'VMOpsVMMoveStuck', 'VMOpsVMDowntimeAboveSLO', 'VMOpsVMMoveRolledBack',
+      'VMOpsMigrationFailed', 'VMOpsVMMoveStuck', 'VMOpsVMOutageAboveSLO', 'VMOpsVMMoveRolledBack',
       'VMOpsVMMoveNeedsHuman', 'VMOpsNoLeader', 'VMOpsInformerNotSynced', 'VMOpsWorkQueueRetriesClimbing',
     ]));
     for (const r of allRules.filter((x) => x.alert)) {
@@ -116,7 +116,7 @@ describe('the operator\'s /metrics', () => {
     recordMigrationStarted('cold');
     startStepTimer('transfer')();
     recordTransferBytes(4096);
-    recordVmMove('success', 1.5);
+    recordVmMove('success', { seconds: 9.5, until: 'NodeReady', stopToStartSeconds: 1.5 });
     recordMigrationFinished('cold', true);
     server = await startMetricsServer({ port: 0, host: '127.0.0.1', readiness: () => ({ ready: true }) });
     body = await (await fetch(`http://127.0.0.1:${server.port}/metrics`)).text();
@@ -162,7 +162,7 @@ describe('the Grafana dashboard (manifests/monitoring/grafana-dashboard.json)', 
 
   it('shows what the issue asks for', () => {
     const titles = dashboard.panels.map((p) => p.title).join(' | ');
-    for (const t of ['in flight', 'downtime distribution', 'throughput', 'Step duration', 'Failures']) expect(titles).toContain(t);
+    for (const t of ['in flight', 'student outage distribution', 'throughput', 'Step duration', 'Failures']) expect(titles).toContain(t);
   });
 
   it('names only exported metrics, recording rules of rules.yaml, or Prometheus\'s own ALERTS', async () => {

@@ -35,7 +35,7 @@ function render(o: VMMigration): string[] {
 function vmLine(v: VMStatus): string {
   const step = v.phase === 'Running' ? (v.step ?? '') : '';
   const rate = v.phase === 'Running' && v.bytesPerSecond ? `${mib(v.bytesPerSecond)}/s${v.etaSeconds !== undefined ? ` ETA ${v.etaSeconds} s` : ''}` : '';
-  const down = v.downtimeSeconds !== undefined ? `down ${v.downtimeSeconds.toFixed(2)} s` : rate;
+  const down = v.outageSeconds !== undefined ? `outage ${v.outageSeconds.toFixed(1)} s` : rate;
   return `  ${v.name.padEnd(13)} ${v.phase.padEnd(10)} ${step.padEnd(10)} ${bar(v.bytesTransferred, v.bytesTotal)} ${mib(v.bytesTransferred).padStart(10)}  ${down}`;
 }
 
@@ -87,14 +87,17 @@ async function main(): Promise<void> {
     say('$ kubectl get vmm -n vm-migration-system');
     process.stdout.write((await sb.kubectl(['get', 'vmm', '-n', SECRET_NAMESPACE])).stdout);
     console.log('\nSummary');
-    console.log('  VM             from    → to       downtime    bytes moved');
+    console.log('  VM             from    → to       outage (shutdown + copy + boot)      stop→start   bytes moved');
     let bytes = 0;
     for (const v of last.status?.vms ?? []) {
       const p = last.status?.plan?.find((x) => x.vm === v.name);
       bytes += v.bytesTransferred ?? 0;
-      console.log(`  ${v.name.padEnd(14)} ${(p?.from ?? '').padEnd(7)} → ${(p?.to ?? '').padEnd(7)}  ${(v.downtimeSeconds?.toFixed(2) ?? '-').padStart(7)} s  ${mib(v.bytesTransferred).padStart(12)}   ${v.phase}`);
+      const o = v.outage;
+      const parts = o?.until === 'NodeReady' ? `(${o.shutdownSeconds?.toFixed(1)} + ${o.copySeconds?.toFixed(1)} + ${o.bootSeconds?.toFixed(1)})` : o ? '(live pause)' : '';
+      console.log(`  ${v.name.padEnd(14)} ${(p?.from ?? '').padEnd(7)} → ${(p?.to ?? '').padEnd(7)}  ${(v.outageSeconds?.toFixed(1) ?? '-').padStart(6)} s ${parts.padEnd(24)} ${(o?.stopToStartSeconds.toFixed(2) ?? '-').padStart(8)} s  ${mib(v.bytesTransferred).padStart(12)}   ${v.phase}`);
     }
     console.log(`  total: ${total.toFixed(1)} s wall time, ${mib(bytes)} moved, result ${last.status?.phase}: ${last.status?.message ?? ''}`);
+    console.log("  outage: the student's, from the stop until the node is Ready again; stop→start: the operator's share, without the boot");
     if (sb.observers.size > 0) {
       console.log('\nSeen from inside the guests (heartbeat every 10 ms, fsync\'d log verified by the guest after its boot on the target)');
       for (const [name, obs] of sb.observers) {
@@ -106,12 +109,13 @@ async function main(): Promise<void> {
         await obs.waitBeat({ since: performance.now(), timeoutMs: 60_000 }).catch(() => undefined);
         const gap = obs.longestGap(startedPerf);
         const clean = obs.lines.some((l) => l.t >= startedPerf && l.text.startsWith('POWEROFF clean'));
-        console.log(`  ${name.padEnd(14)} longest heartbeat gap ${(gap.ms / 1000).toFixed(2)} s  ${clean ? 'clean ACPI shutdown' : 'no clean shutdown seen'}  ${verdict ?? 'no verification seen'}`);
+        const outage = last.status?.vms?.find((x) => x.name === name)?.outageSeconds;
+        console.log(`  ${name.padEnd(14)} longest heartbeat gap ${(gap.ms / 1000).toFixed(2)} s (operator's outage ${outage?.toFixed(1) ?? '-'} s)  ${clean ? 'clean ACPI shutdown' : 'no clean shutdown seen'}  ${verdict ?? 'no verification seen'}`);
       }
     }
     const metrics = await (await fetch(`${op.metricsUrl}/metrics`)).text();
     console.log('\nFrom /metrics:');
-    for (const l of metrics.split('\n')) if (/^vmops_(migrations_(started|succeeded|failed)_total|vm_moves_total|transfer_bytes_total|vm_downtime_seconds_(sum|count))/.test(l)) console.log(`  ${l}`);
+    for (const l of metrics.split('\n')) if (/^vmops_(migrations_(started|succeeded|failed)_total|vm_moves_total|transfer_bytes_total|vm_(outage|stop_to_start)_seconds_(sum|count))/.test(l)) console.log(`  ${l}`);
     if (last.status?.phase !== 'Succeeded') process.exitCode = 1;
     if (keep) {
       say(`sandbox kept: export KUBECONFIG=${sb.controlPlane.kubeconfigPath}; Ctrl-C to tear down`);

@@ -133,6 +133,8 @@ export class VmLivenessBridge {
   private readonly applied = new Map<string, boolean>();
   /** when the bridge last removed each node's label */
   private readonly removedAt = new Map<string, number>();
+  /** the boot each node was last given */
+  private readonly appliedBoot = new Map<string, string>();
   readonly transitions: BridgeTransition[] = [];
   private readonly core: CoreV1Api;
 
@@ -149,6 +151,11 @@ export class VmLivenessBridge {
       minDownMs?: number;
       /** bound of one API request (default 10 s, as the operator's guest requests) */
       requestTimeoutMs?: number;
+      /**
+       * the boot a live VM's guest runs (undefined: not known yet); reported as the node's
+       * status.nodeInfo.bootID, as a kubelet reports its kernel's boot_id, before the node counts as alive
+       */
+      boot?: (qemuName: string) => string | undefined;
     } = {},
   ) {
     // Bounded requests, on a copy of the kubeconfig (its other users may watch). Tests power the guest
@@ -183,8 +190,17 @@ export class VmLivenessBridge {
     const live = await (this.opts.live ?? liveQemuNames)();
     await Promise.all(
       this.vms.map(async ({ nodeName, qemuName }) => {
-        const alive = live.has(qemuName);
+        let alive = live.has(qemuName);
         try {
+          if (alive && this.opts.boot) {
+            // a kubelet posts its boot with its first status: a node never runs on before that
+            const boot = this.opts.boot(qemuName);
+            if (boot === undefined) alive = false;
+            else if (this.appliedBoot.get(nodeName) !== boot) {
+              await this.core.patchNodeStatus({ name: nodeName, body: { status: { nodeInfo: { bootID: boot } } } }, setHeaderOptions('Content-Type', PatchStrategy.MergePatch));
+              this.appliedBoot.set(nodeName, boot);
+            }
+          }
           let current = this.applied.get(nodeName);
           if (current === undefined) {
             const node = await this.core.readNode({ name: nodeName });

@@ -205,7 +205,15 @@ export async function startSandbox(opts: SandboxOptions): Promise<Sandbox> {
 
     say('registering the guest cluster nodes (KWOK) and the student workload with its PodDisruptionBudget…');
     await createGuestNodes(kc, environment);
-    const bridge = new VmLivenessBridge(kc, environment.vms.map((v) => ({ nodeName: v.nodeName, qemuName: `${environment.name}.${v.name}` })));
+    // With a real guest a node is Ready while its guest serves (beats), as a kubelet would be — not
+    // while a QEMU process merely exists: a booting or shutting-down guest is down for the student.
+    const serving = async () => new Set([...observers].filter(([, o]) => o.isBeating(2000)).map(([name]) => `${environment.name}.${name}`));
+    // and its kubelet reports the guest's boot (guestd's boot count, new at every boot) as the node's bootID
+    const bootOf = (qemuName: string) => {
+      const b = observers.get(qemuName.slice(environment.name.length + 1))?.lastBeat();
+      return b && b.boot > 0 ? `${qemuName}-boot-${b.boot}` : undefined;
+    };
+    const bridge = new VmLivenessBridge(kc, environment.vms.map((v) => ({ nodeName: v.nodeName, qemuName: `${environment.name}.${v.name}` })), guest === 'linux' ? { live: serving, boot: bootOf } : {});
     bridge.start();
     cleanups.push(() => bridge.stop());
     await kubectl(['wait', '--for=condition=Ready', ...environment.vms.map((v) => `node/${v.nodeName}`), '--timeout=120s']);
