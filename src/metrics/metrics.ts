@@ -82,6 +82,8 @@ export const vmMoves = new Counter({
 
 const SECONDS_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600];
 
+const OUTAGE_ENDS = ['NodeReady', 'GuestResumed'] as const;
+
 /** The headline: what the student saw. Labelled by how its end was seen (cold and pre-copy: node Ready; live: guest resumed). */
 export const vmOutage = new Histogram({
   name: 'vmops_vm_outage_seconds',
@@ -195,6 +197,7 @@ export function initLabelledCounters(): void {
     migrationsFailed.inc({ strategy }, 0);
   }
   for (const result of MOVE_RESULTS) vmMoves.inc({ result }, 0);
+  for (const until of OUTAGE_ENDS) vmOutage.zero({ until });
 }
 
 /**
@@ -262,7 +265,7 @@ export function migrationRunStarted(): () => void {
   };
 }
 
-export function recordVmMove(result: string, outage?: { seconds: number; until: 'NodeReady' | 'GuestResumed'; stopToStartSeconds: number }): void {
+export function recordVmMove(result: string, outage?: { seconds: number; until: (typeof OUTAGE_ENDS)[number]; stopToStartSeconds: number }): void {
   vmMoves.inc({ result: resultLabel(result) });
   const ok = (x: number) => Number.isFinite(x) && x >= 0;
   if (outage && ok(outage.seconds)) vmOutage.observe({ until: outage.until }, outage.seconds);

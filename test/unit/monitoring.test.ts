@@ -132,6 +132,9 @@ describe('the operator\'s /metrics', () => {
   it('export every label value of the labelled counters from the start (so increase() sees the first failure)', () => {
     for (const s of ['cold', 'precopy', 'live', 'other']) expect(body).toMatch(new RegExp(`^vmops_migrations_failed_total\\{strategy="${s}"\\} \\d+$`, 'm'));
     for (const r of ['success', 'failure', 'rolled_back', 'stuck']) expect(body).toMatch(new RegExp(`^vmops_vm_moves_total\\{result="${r}"\\} \\d+$`, 'm'));
+    // the outage histogram by how its end was seen: a live move's series exists before the first live move
+    expect(body).toMatch(/^vmops_vm_outage_seconds_count\{until="GuestResumed"\} 0$/m);
+    expect(body).toMatch(/^vmops_vm_outage_seconds_count\{until="NodeReady"\} 1$/m);
     expect(body).toMatch(/^vmops_informer_synced 1$/m);
     // the move ended: no move in flight, so no progress timestamp that could look stuck
     expect(body).toMatch(/^vmops_vm_move_last_progress_timestamp_seconds 0$/m);
