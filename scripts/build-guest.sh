@@ -70,7 +70,7 @@ add_module() {
   esac >"rootfs/lib/modules/$name.ko"
   echo "$name.ko" >>rootfs/modules.list
 }
-for m in virtio_pci virtio_blk button evdev; do add_module "$m"; done
+for m in virtio_pci virtio_blk virtio_net button evdev; do add_module "$m"; done
 
 mkdir -p "$out.tmp"
 (cd rootfs && find . -print0 | sort -z | ../pkg/bin/busybox cpio -o -H newc -0 2>/dev/null) | gzip -9 >"$out.tmp/initrd.img"

@@ -54,7 +54,7 @@ export const TIERS: Tier[] = [
   {
     name: 'real-guest',
     needs: 'QEMU booting the Linux test guest (TCG here)',
-    files: ['test/integration/realGuest.test.ts', 'test/integration/strategies.test.ts'],
+    files: ['test/integration/realGuest.test.ts', 'test/integration/strategies.test.ts', 'test/integration/vmNetwork.test.ts'],
   },
   {
     name: 'operator-e2e',

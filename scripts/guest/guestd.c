@@ -16,6 +16,10 @@
  *   power      the ACPI power button (input event KEY_POWER from button.ko via evdev): the writer
  *              finishes its record, everything is synced, "POWEROFF clean acked=<seq>" is printed and
  *              the guest powers off. vmops.acpi=ignore makes the guest ignore the button ("POWER ignored").
+ *   echo       with vmops.echo=PORT: a TCP server on the guest's address(es) answering every line
+ *              "<text>" with "ECHO <boot> <text>" — a student's service whose connections must survive a
+ *              live move, and whose boot says the guest on the other end is the same one (init gives eth0
+ *              its address from vmops.ip=ADDR/PREFIX)
  *   console    once a second PID 1 prints on the console only (ttyS0, QEMU: serial.log, a file that
  *              never pushes back):  "CONSOLE <n> hb=<beats written whole> ttyS1.tx=<bytes>"  with the
  *              transmit count of ttyS1's UART from /proc/tty/driver/serial — when the heartbeat port
@@ -31,6 +35,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/input.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -41,6 +47,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/reboot.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <time.h>
@@ -60,7 +67,7 @@ struct shared {
 
 static struct shared *sh;
 static char logdev[64] = "vda";
-static long logmib = 8, rate = 50, hb_ms = 10, dirtymib = 0, dirtyrate = 0;
+static long logmib = 8, rate = 50, hb_ms = 10, dirtymib = 0, dirtyrate = 0, echo_port = 0;
 static int acpi_ignore = 0;
 static int tty = -1;
 
@@ -280,6 +287,46 @@ static void burst(long n) {
   _exit(0);
 }
 
+/* one connection: each line back with the boot this guest runs */
+static void echo_conn(int c) {
+  char in[512], out[600];
+  size_t len = 0;
+  int one = 1;
+  setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  for (;;) {
+    ssize_t n = read(c, in + len, sizeof in - 1 - len);
+    if (n <= 0) _exit(0);
+    len += (size_t)n;
+    char *nl;
+    while ((nl = memchr(in, '\n', len))) {
+      *nl = 0;
+      int k = snprintf(out, sizeof out, "ECHO %u %s\n", sh->boot, in);
+      if (k > 0 && write(c, out, (size_t)k < sizeof out ? (size_t)k : sizeof out - 1) < 0) _exit(0);
+      size_t used = (size_t)(nl + 1 - in);
+      memmove(in, nl + 1, len - used);
+      len -= used;
+    }
+    if (len >= sizeof in - 1) len = 0; /* a line too long for us: dropped, not echoed in pieces */
+  }
+}
+
+static void echo_server(void) {
+  signal(SIGCHLD, SIG_IGN); /* connections reap themselves */
+  int s = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+  struct sockaddr_in a = { .sin_family = AF_INET, .sin_port = htons((uint16_t)echo_port), .sin_addr = { htonl(INADDR_ANY) } };
+  if (s < 0 || setsockopt(s, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 || bind(s, (struct sockaddr *)&a, sizeof a) < 0 || listen(s, 16) < 0) {
+    say("ECHO FAIL port %ld: %s", echo_port, strerror(errno));
+    _exit(1);
+  }
+  say("ECHO listening on port %ld", echo_port);
+  for (;;) {
+    int c = accept(s, NULL, NULL);
+    if (c < 0) continue;
+    if (fork() == 0) { close(s); echo_conn(c); }
+    close(c);
+  }
+}
+
 static void heartbeat(void) {
   uint64_t beat = 0, next = now_ns();
   char in[64];
@@ -324,6 +371,7 @@ static void params(void) {
     else if (!strncmp(t, "vmops.hb=", 9)) hb_ms = atol(t + 9);
     else if (!strncmp(t, "vmops.dirtymib=", 15)) dirtymib = atol(t + 15);
     else if (!strncmp(t, "vmops.dirtyrate=", 16)) dirtyrate = atol(t + 16);
+    else if (!strncmp(t, "vmops.echo=", 11)) echo_port = atol(t + 11);
     else if (!strcmp(t, "vmops.acpi=ignore")) acpi_ignore = 1;
   }
   if (logmib < 1) logmib = 1;
@@ -430,6 +478,7 @@ int main(void) {
   pid_t wr = fork();
   if (wr == 0) writer();
   if (dirtymib > 0 && fork() == 0) dirtier();
+  if (echo_port > 0 && fork() == 0) echo_server();
 
   struct pollfd fds[8];
   int nfds = 0, scans = 0;

@@ -10,8 +10,7 @@
  * through its bridge helper, which the world allows for that bridge (/etc/qemu/bridge.conf), as a
  * cloud's hosts would.
  */
-import { execFileSync } from 'node:child_process';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { vmDirectory, type VMSpec } from '../../src/api/inventory.js';
@@ -19,7 +18,7 @@ import { QmpClient } from '../../src/hosts/qmp.js';
 import { liveMigrate } from '../../src/migrate/strategies.js';
 import { relayVmFiles } from '../../src/transfer/relay.js';
 import { liveness } from '../world/budget.js';
-import { adoptHostFile, startTwoHosts, type TwoHosts } from '../world/hosts.js';
+import { adoptHostFile, allowVmBridge, startTwoHosts, type TwoHosts } from '../world/hosts.js';
 import { createDiskImage } from '../world/images.js';
 import { LOOPBACK } from '../world/loopback.js';
 import { connect } from 'node:net';
@@ -32,22 +31,6 @@ const vm: VMSpec = {
   cpu: { model: 'qemu64,+ssse3' },
   nics: [{ bridge: BRIDGE, mac: '52:54:00:0d:ef:01', model: 'virtio-net-pci' }],
 };
-
-/** What the host must allow for QEMU (run as the host user) to put a NIC on the bridge: the bridge, the helper's ACL, /dev/net/tun, the setuid helper. */
-function hostNetwork(): void {
-  execFileSync('sh', ['-c', `ip link show ${BRIDGE} >/dev/null 2>&1 || { ip link add ${BRIDGE} type bridge && ip link set ${BRIDGE} up; }`]);
-  mkdirSync('/etc/qemu', { recursive: true });
-  const acl = (() => {
-    try {
-      return readFileSync('/etc/qemu/bridge.conf', 'utf8');
-    } catch {
-      return '';
-    }
-  })();
-  if (!acl.split('\n').includes(`allow ${BRIDGE}`)) writeFileSync('/etc/qemu/bridge.conf', `${acl}${acl && !acl.endsWith('\n') ? '\n' : ''}allow ${BRIDGE}\n`);
-  execFileSync('chmod', ['0666', '/dev/net/tun']);
-  execFileSync('chmod', ['u+s', '/usr/lib/qemu/qemu-bridge-helper']);
-}
 
 /** The argv of the QEMU that runs this VM on a host, read from /proc (both hosts are this machine). */
 function qemuArgvOn(hostDir: string): string[] {
@@ -78,7 +61,7 @@ describe('a moved VM keeps its definition: CPU model, NIC on its bridge, MAC', (
   };
 
   beforeAll(async () => {
-    hostNetwork();
+    allowVmBridge(BRIDGE);
     two = await startTwoHosts({ tmpPrefix: 'vmop-def-', firstAddress: LOOPBACK.vmDefinition.first });
     dir1 = vmDirectory(two.h1, ENV, vm.name);
     dir2 = vmDirectory(two.h2, ENV, vm.name);

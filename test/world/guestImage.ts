@@ -43,6 +43,10 @@ export interface GuestOptions {
   dirtyMiB?: number;
   /** how fast it rewrites it, MiB/s (0 = as fast as it can) */
   dirtyMiBps?: number;
+  /** eth0's address, ADDR/PREFIX (the VM needs a NIC) */
+  ip?: string;
+  /** a TCP port on which guestd answers each line with "ECHO <boot> <line>" */
+  echoPort?: number;
 }
 
 /** Kernel command line of the test guest. */
@@ -50,11 +54,13 @@ export function guestAppend(o: GuestOptions = {}): string {
   const words = ['console=ttyS0', 'quiet', 'panic=-1', `vmops.rate=${o.writesPerSecond ?? 50}`, `vmops.logmib=${o.logMiB ?? 8}`, `vmops.hb=${o.heartbeatMs ?? 10}`];
   if (o.acpi === 'ignore') words.push('vmops.acpi=ignore');
   if (o.dirtyMiB) words.push(`vmops.dirtymib=${o.dirtyMiB}`, `vmops.dirtyrate=${o.dirtyMiBps ?? 0}`);
+  if (o.ip) words.push(`vmops.ip=${o.ip}`);
+  if (o.echoPort) words.push(`vmops.echo=${o.echoPort}`);
   return words.join(' ');
 }
 
 /** A VMSpec that boots the real guest; its first disk is disk0.qcow2 (the log ring lives at its start). */
-export function realGuestVm(name: string, o: GuestOptions & { memoryMiB?: number; host?: string; role?: VMSpec['role']; nodeName?: string; extraFiles?: VMFile[] } = {}): VMSpec {
+export function realGuestVm(name: string, o: GuestOptions & { memoryMiB?: number; host?: string; role?: VMSpec['role']; nodeName?: string; extraFiles?: VMFile[]; nics?: VMSpec['nics'] } = {}): VMSpec {
   return {
     name,
     role: o.role ?? 'worker',
@@ -69,6 +75,7 @@ export function realGuestVm(name: string, o: GuestOptions & { memoryMiB?: number
       { name: GUEST_INITRD, kind: 'file' },
     ],
     boot: { kernel: GUEST_KERNEL, initrd: GUEST_INITRD, append: guestAppend(o) },
+    ...(o.nics ? { nics: o.nics } : {}),
   };
 }
 

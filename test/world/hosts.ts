@@ -6,7 +6,8 @@
  * that user with TCG. The hosts differ only by address, port, host key and vmDir, which is exactly
  * what the operator sees of a host. sshd itself runs as root (it must switch users).
  */
-import { execFile, spawn, type ChildProcess } from 'node:child_process';
+import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { chmod, chown, copyFile, mkdir, mkdtemp, readFile, stat, writeFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import net from 'node:net';
@@ -382,4 +383,26 @@ export async function startTwoHosts(opts: { tmpPrefix: string; firstAddress: num
       await rm(baseDir, { recursive: true, force: true });
     },
   };
+}
+
+/**
+ * What a host must allow for QEMU (run as the host user) to put a VM's NIC on a bridge, as a cloud's
+ * hosts would: the bridge (up; with `hostAddress` ADDR/PREFIX the host itself is on that network),
+ * the bridge helper's ACL (/etc/qemu/bridge.conf), /dev/net/tun usable, the setuid helper. The two
+ * test hosts share this machine's network namespace, so one bridge is "the bridge on each host".
+ */
+export function allowVmBridge(bridge: string, hostAddress?: string): void {
+  const sh = (cmd: string) => execFileSync('sh', ['-c', cmd]);
+  sh(`ip link show ${bridge} >/dev/null 2>&1 || ip link add ${bridge} type bridge; ip link set ${bridge} up`);
+  if (hostAddress) sh(`ip addr replace ${hostAddress} dev ${bridge}`);
+  mkdirSync('/etc/qemu', { recursive: true });
+  let acl = '';
+  try {
+    acl = readFileSync('/etc/qemu/bridge.conf', 'utf8');
+  } catch {
+    // no ACL yet
+  }
+  if (!acl.split('\n').includes(`allow ${bridge}`)) writeFileSync('/etc/qemu/bridge.conf', `${acl}${acl && !acl.endsWith('\n') ? '\n' : ''}allow ${bridge}\n`);
+  execFileSync('chmod', ['0666', '/dev/net/tun']);
+  execFileSync('chmod', ['u+s', '/usr/lib/qemu/qemu-bridge-helper']);
 }

@@ -32,6 +32,7 @@ export const LOOPBACK = {
   vmDefinition: { first: 130, count: 2 },
   handover: { first: 134, count: 2 },
   outage: { first: 138, count: 2 },
+  vmNetwork: { first: 142, count: 2 },
 } as const satisfies Record<string, { first: number; count: number }>;
 
 /** Names of the ranges that share an address, each pair once (empty when the table is sound). */
