@@ -7,7 +7,7 @@ import { assertSafePath, qemuName, vmDirectory, type HostSpec, type VMSpec } fro
 import { TIMEOUTS } from '../api/types.js';
 import { log as rootLog, type Logger } from '../util/log.js';
 import { sleep } from '../util/sleep.js';
-import { buildQemuArgv, resolveHostQemu } from './qemuArgv.js';
+import { buildQemuArgv, definitionDrift, resolveHostQemu } from './qemuArgv.js';
 import { resumeSource } from './qemuIncoming.js';
 import { QmpClient } from './qmp.js';
 import type { HostConnection } from './ssh.js';
@@ -236,7 +236,18 @@ export class Hypervisor {
    * requires that nothing answers on the VM's QMP socket: a QEMU in another PID namespace is
    * invisible in this /proc but still holds the disks. Anything unsure throws: fencing fails closed.
    */
-  private async probe(environment: string, vm: VMSpec): Promise<{ state: 'absent' | 'stopped' } | { state: 'alive'; pid: number }> {
+  /**
+   * How the VM's live QEMU differs, in what its guest sees, from the VM as the inventory defines it
+   * (what the operator would start on the target); undefined when no QEMU of it runs here. Read from
+   * the process's own command line, so a VM the cloud started with its own tooling is judged too.
+   */
+  async definitionDrift(environment: string, vm: VMSpec): Promise<{ extra: string[]; missing: string[] } | undefined> {
+    const p = await this.probe(environment, vm);
+    if (p.state !== 'alive') return undefined;
+    return definitionDrift(p.argv, buildQemuArgv(this.vmDir(environment, vm), environment, vm, { qemu: this.host.qemu }));
+  }
+
+  private async probe(environment: string, vm: VMSpec): Promise<{ state: 'absent' | 'stopped' } | { state: 'alive'; pid: number; argv: string[] }> {
     const dir = this.vmDir(environment, vm);
     const name = qemuName(environment, vm.name);
     const unsure = (why: string) => new Error(`on ${this.host.name}: cannot prove that VM ${name} is stopped: ${why}; refusing to act on it`);
@@ -258,7 +269,7 @@ export class Hypervisor {
       .filter((a) => a.length > 0);
     // The script matched by -name or by a path in the VM directory; either way this QEMU holds (or may hold) the VM's disks.
     if (!(argv[0]?.split('/').pop() ?? '').startsWith('qemu-system')) throw unsure(`probe matched a non-QEMU process (pid ${m[1]})`);
-    return { state: 'alive', pid: Number(m[1]) };
+    return { state: 'alive', pid: Number(m[1]), argv };
   }
 
   /**

@@ -97,3 +97,81 @@ export function diskFormat(f: VMSpec['files'][number]): 'qcow2' | 'raw' {
   if (f.format !== 'qcow2' && f.format !== 'raw') throw new Error(`disk ${f.name}: unsupported format ${String(f.format)}`);
   return f.format;
 }
+
+/**
+ * Options of a QEMU command line that change nothing the guest sees or keeps: names, monitors,
+ * consoles, the pidfile, how QEMU is run. A VM the cloud started with its own tooling may differ from
+ * the operator's command line in these and still be the VM its inventory entry describes. (Serial
+ * ports are the operator's own: a console and the heartbeat/observer socket, replaced on every host.)
+ */
+const HOST_LOCAL_OPTIONS = new Set([
+  '-name', '-qmp', '-qmp-pretty', '-monitor', '-mon', '-chardev', '-serial', '-display', '-vnc', '-nographic', '-pidfile',
+  '-daemonize', '-D', '-d', '-trace', '-msg', '-S', '-incoming', '-runas', '-sandbox', '-no-shutdown', '-action', '-nodefaults', '-uuid',
+]);
+/** Options that take no value. */
+const FLAG_OPTIONS = new Set(['-daemonize', '-nographic', '-S', '-nodefaults', '-no-shutdown', '-enable-kvm', '-no-reboot', '-no-hpet', '-no-acpi', '-snapshot']);
+
+/** A QEMU argv (argv[0] the binary) as its options, each with its value (undefined for a flag). */
+export function qemuOptions(argv: readonly string[]): { option: string; value: string | undefined }[] {
+  const out: { option: string; value: string | undefined }[] = [];
+  for (let i = 1; i < argv.length; i++) {
+    const a = argv[i]!;
+    const option = a.startsWith('--') ? a.slice(1) : a;
+    if (!option.startsWith('-')) {
+      out.push({ option: '(argument)', value: a });
+      continue;
+    }
+    if (FLAG_OPTIONS.has(option) || i + 1 >= argv.length) out.push({ option, value: undefined });
+    else out.push({ option, value: argv[++i] });
+  }
+  return out;
+}
+
+/** "64", "64M", "size=64M", "1G" → MiB (undefined when unreadable). */
+function memoryMiB(v: string | undefined): number | undefined {
+  const m = /(?:^|,)(?:size=)?(\d+)([MGT]?)(?:,|$)/i.exec(v ?? '');
+  if (!m) return undefined;
+  return Number(m[1]) * ({ '': 1, M: 1, G: 1024, T: 1024 * 1024 } as Record<string, number>)[m[2]!.toUpperCase()]!;
+}
+const smpCpus = (v: string | undefined) => /(?:^|,)(?:cpus=)?(\d+)(?:,|$)/.exec(v ?? '')?.[1];
+const field = (v: string | undefined, key: string) => (v ?? '').split(',').find((p) => p.startsWith(`${key}=`))?.slice(key.length + 1);
+
+/** What the guest sees of a command line, one comparable item per device or setting. */
+function guestVisible(argv: readonly string[]): Set<string> {
+  const items = new Set<string>();
+  const opts = qemuOptions(argv);
+  if (!opts.some((o) => o.option === '-nodefaults')) items.add("QEMU's default devices (no -nodefaults: a NIC, a VGA card, a CD-ROM, a floppy)");
+  for (const { option, value } of opts) {
+    if (HOST_LOCAL_OPTIONS.has(option)) continue;
+    switch (option) {
+      case '-m': items.add(`memory ${memoryMiB(value) ?? value} MiB`); break;
+      case '-smp': items.add(`${smpCpus(value) ?? value} vCPU(s)`); break;
+      case '-machine': case '-M': items.add(`machine ${(value ?? '').split(',')[0]}`); break;
+      case '-cpu': items.add(`CPU model ${value}`); break;
+      case '-kernel': case '-initrd': items.add(`${option.slice(1)} ${value}`); break;
+      case '-append': items.add(`kernel command line "${value}"`); break;
+      case '-drive': items.add(`disk ${field(value, 'file') ?? value}${field(value, 'format') ? ` (${field(value, 'format')})` : ''}${field(value, 'if') ? ` on ${field(value, 'if')}` : ''}`); break;
+      case '-netdev': items.add(`network backend ${(value ?? '').split(',')[0]}${field(value, 'br') ? ` on bridge ${field(value, 'br')}` : ''}`); break;
+      case '-device': {
+        const model = (value ?? '').split(',')[0];
+        const mac = field(value, 'mac');
+        items.add(`device ${model}${mac ? ` with MAC ${mac}` : ''}`);
+        break;
+      }
+      case '-enable-kvm': case '-accel': break; // the accelerator: the host's (readiness compares it for a live move)
+      default: items.add(`${option}${value !== undefined ? ` ${value}` : ''}`);
+    }
+  }
+  return items;
+}
+
+/**
+ * What a running QEMU gives its guest that the VM's inventory definition does not (`extra`: it would
+ * be lost on the target), and what the definition has that the running QEMU lacks (`missing`: the
+ * guest would see a device appear or change). Both empty: the VM moves as the same VM.
+ */
+export function definitionDrift(running: readonly string[], defined: readonly string[]): { extra: string[]; missing: string[] } {
+  const r = guestVisible(running);
+  const d = guestVisible(defined);
+  return { extra: [...r].filter((x) => !d.has(x)), missing: [...d].filter((x) => !r.has(x)) };
+}

@@ -62,6 +62,8 @@ export interface MoveHost {
   sweepScratch?(environment: string, vm: VMSpec): Promise<void>;
   /** what this host offers to run the VM as the inventory defines it (src/hosts/hypervisor.ts) */
   readiness?(vm: VMSpec): Promise<HostReadiness>;
+  /** how the VM's live QEMU here differs from its inventory definition, in what the guest sees (undefined: none runs) */
+  definitionDrift?(environment: string, vm: VMSpec): Promise<{ extra: string[]; missing: string[] } | undefined>;
 }
 
 /** The guest cluster operations a move uses (src/guest/guestCluster.ts implements them). */
@@ -374,7 +376,31 @@ async function precheck(ctx: MoveContext): Promise<Location> {
   if (vm.address && ips.length > 0 && !ips.includes(vm.address)) {
     throw new Error(`node ${vm.nodeName} reports InternalIP ${ips.slice(0, 4).join(', ')}, but VM ${vm.name} has address ${vm.address} in the inventory: the node is not known to run on this VM; refusing to drain it or move the VM`);
   }
-  return locate(ctx);
+  const location = await locate(ctx);
+  if (location === 'source-running') await sourceAsDefined(ctx);
+  return location;
+}
+
+/**
+ * The running source is the VM its inventory entry describes (the operator starts it on the target
+ * from that entry, and a live migration's target must match it): a VM the cloud started with devices
+ * the entry lacks would lose them, and a monitor that does not answer leaves no clean way to stop or
+ * migrate it. Checked before anything is touched.
+ */
+async function sourceAsDefined(ctx: MoveContext): Promise<void> {
+  const { source, environment, vm } = ctx;
+  const st = await source.vmStatus(environment.name, vm);
+  if (st.state === 'other') {
+    const message = `the QEMU of VM ${vm.name} on ${source.host.name}${st.pid ? ` (pid ${st.pid})` : ''} runs but does not answer on its monitor (its VM directory's qmp.sock): busy with another client, wedged, or not started as the operator's contract asks (docs/manual.md, "VMs the operator did not start"); it could be neither shut down cleanly nor migrated. Nothing was touched`;
+    throw new MoveError('precheck', message, 'waiting', { safe: false, reason: 'WaitingForVMMonitor', message });
+  }
+  const drift = await source.definitionDrift?.(environment.name, vm);
+  if (!drift || (drift.extra.length === 0 && drift.missing.length === 0)) return;
+  const parts = [
+    drift.extra.length > 0 ? `it runs with ${drift.extra.slice(0, 8).join('; ')}, which the inventory does not describe (lost on the target)` : '',
+    drift.missing.length > 0 ? `the inventory defines ${drift.missing.slice(0, 8).join('; ')}, which it does not run with (the guest would see it change)` : '',
+  ].filter(Boolean);
+  throw new Error(`VM ${vm.name} on ${source.host.name} is not the VM its inventory entry describes: ${parts.join('; and ')}. Describe the VM fully in the inventory (docs/manual.md, "VMs the operator did not start"); nothing was touched`);
 }
 
 /**

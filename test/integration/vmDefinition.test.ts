@@ -13,7 +13,8 @@
 import { mkdirSync, readFileSync } from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { vmDirectory, type VMSpec } from '../../src/api/inventory.js';
+import { qemuName, vmDirectory, type VMSpec } from '../../src/api/inventory.js';
+import { resolveHostQemu } from '../../src/hosts/qemuArgv.js';
 import { QmpClient } from '../../src/hosts/qmp.js';
 import { liveMigrate } from '../../src/migrate/strategies.js';
 import { relayVmFiles } from '../../src/transfer/relay.js';
@@ -93,6 +94,33 @@ describe('a moved VM keeps its definition: CPU model, NIC on its bridge, MAC', (
     expect((await two.hv2.vmStatus(ENV, vm)).qmpStatus).toBe('running');
     expect(definitionIn(qemuArgvOn(dir2))).toEqual(expected);
     expect(await macsOnQemu(dir2)).toEqual(['52:54:00:0d:ef:01']);
+  }, liveness(180_000));
+
+  it('a VM the cloud started by hand is judged by its own command line: as its entry describes it, it is the same VM and stops through its monitor; with a device the entry lacks, the device is named', async () => {
+    const q = resolveHostQemu(two.h1.qemu);
+    const handVm = async (name: string, extra: string[]): Promise<VMSpec> => {
+      const v: VMSpec = { name, role: 'worker', nodeName: name, host: 'host01', memoryMiB: 32, cpus: 1, files: [{ name: 'disk0.qcow2', kind: 'disk', format: 'qcow2' }] };
+      const d = vmDirectory(two.h1, ENV, name);
+      mkdirSync(d, { recursive: true });
+      await createDiskImage(path.join(d, 'disk0.qcow2'), { sizeMiB: 16, format: 'qcow2', seed: 5, regions: 2 });
+      await adoptHostFile(path.join(d, 'disk0.qcow2'));
+      // the cloud's own tooling: its own option order and units, its monitor where the contract asks, no pidfile, no consoles
+      await two.hv1.conn.execOk([q.binary, '-nodefaults', '-name', qemuName(ENV, name), '-M', q.machine, '-accel', q.accel, '-smp', 'cpus=1', '-m', '32M',
+        '-drive', `file=${d}/disk0.qcow2,format=qcow2,if=virtio`, '-qmp', `unix:${d}/qmp.sock,server=on,wait=off`, '-display', 'none', ...extra, '-daemonize']);
+      return v;
+    };
+    const asDefined = await handVm('byhand', []);
+    expect((await two.hv1.vmStatus(ENV, asDefined)).qmpStatus).toBe('running');
+    expect(await two.hv1.definitionDrift(ENV, asDefined)).toEqual({ extra: [], missing: [] });
+    expect(await two.hv1.stopVm(ENV, asDefined, { powerdownTimeoutMs: 0 })).toBe('quit');
+    expect((await two.hv1.vmStatus(ENV, asDefined)).state).toBe('stopped');
+
+    const withRng = await handVm('byhand-rng', ['-device', 'virtio-rng-pci']);
+    try {
+      expect(await two.hv1.definitionDrift(ENV, withRng)).toEqual({ extra: ['device virtio-rng-pci'], missing: [] });
+    } finally {
+      await two.hv1.stopVm(ENV, withRng, { powerdownTimeoutMs: 0 });
+    }
   }, liveness(180_000));
 
   it('cold: stopped, copied and started back on the first host with the same definition', async () => {
