@@ -30,7 +30,7 @@ import type { Logger } from '../util/log.js';
 import { sleep } from '../util/sleep.js';
 import { setState, type MigrationState } from './conditions.js';
 import { StatusWriter, type EventRecorder } from './statusWriter.js';
-import { moveMode } from '../migrate/steps.js';
+import { changesSomething, moveMode, STEP_TABLE } from '../migrate/steps.js';
 
 /** What the runner writes status through (StatusWriter; a unit test may pass its own). */
 export type StatusSink = Pick<StatusWriter, 'update' | 'flush' | 'close' | 'current'>;
@@ -64,17 +64,12 @@ export interface RunnerDeps {
   holderOf?: (environment: string) => string | undefined;
 }
 
-const STEP_EVENT_REASON: Partial<Record<MoveStep, string>> = {
-  cordon: 'Cordoned', drain: 'Drained', mirror: 'MirrorStarted', live: 'LiveMigrated', stop: 'VMStopped', fence: 'SourceFenced',
-  transfer: 'FilesCopied', verify: 'CopyVerified', start: 'VMStarted', nodeReady: 'NodeReady', leaderMove: 'LeaderMoved',
-  lbOut: 'RemovedFromLoadBalancer', lbIn: 'AddedToLoadBalancer', uncordon: 'Uncordoned', cleanup: 'SourceCleaned', rollback: 'RolledBack',
-};
-
-export class RetryLater extends Error {
-  constructor(readonly afterMs: number) {
-    super(`retry in ${afterMs} ms`);
-  }
-}
+/**
+ * How a run ended, for the work queue: done (finished, failed or dry-run; its status says which) or
+ * to be run again after a while (not safe yet, waiting for the window, an environment held by another
+ * migration). A run stopped on purpose (leadership lost, deleted) throws Aborted instead.
+ */
+export type RunEnd = { kind: 'done' } | { kind: 'retry'; afterMs: number };
 
 /** The run stopped on purpose (handover, deletion); nothing to retry here. */
 export class Aborted extends Error {}
@@ -82,18 +77,18 @@ export class Aborted extends Error {}
 /** Room promised to the moves in flight of every migration this process runs (src/migrate/reservations.ts). */
 const sharedReservations = new HostReservations();
 
-export async function runMigration(vmm: VMMigration, deps: RunnerDeps, signal: AbortSignal): Promise<void> {
+export async function runMigration(vmm: VMMigration, deps: RunnerDeps, signal: AbortSignal): Promise<RunEnd> {
   const endRun = metrics.migrationRunStarted();
   const writer = deps.statusSink?.(vmm) ?? new StatusWriter(deps.kc, vmm, vmm.status ?? {}, deps.log, deps.statusIntervalMs, () => latestOf(deps, vmm)?.metadata.generation);
   try {
-    await execute(vmm, deps, writer, signal);
+    return (await execute(vmm, deps, writer, signal)) ?? { kind: 'done' };
   } finally {
     endRun();
     writer.close();
   }
 }
 
-async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, signal: AbortSignal): Promise<void> {
+async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, signal: AbortSignal): Promise<RunEnd | void> {
   const { store, log } = deps;
   const reservations = deps.reservations ?? sharedReservations;
   // The generation whose spec this run acts on now: edits of what may change during a run (paused,
@@ -115,7 +110,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     metrics.recordMigrationFinished(strategy, false);
   };
   /** Not safe yet: Progressing=False with the verdict's reason, re-queued with backoff until safetyWaitTimeout. */
-  const waitOrFail = async (verdict: Pick<SafetyVerdict, 'reason' | 'message'>): Promise<never> => {
+  const waitOrFail = async (verdict: Pick<SafetyVerdict, 'reason' | 'message'>): Promise<RunEnd> => {
     const now = Date.now();
     const since = Date.parse(writer.current.waitingSince ?? new Date(now).toISOString());
     const next = safetyWait(since, now, settings.safetyWaitTimeoutMs);
@@ -130,7 +125,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     });
     await writer.flush();
     if (announce) deps.events.emit(vmm, 'Normal', verdict.reason, verdict.message);
-    throw new RetryLater(next.retryAfterMs);
+    return { kind: 'retry', afterMs: next.retryAfterMs };
   };
 
   let plan: PlanEntry[] | undefined;
@@ -255,21 +250,21 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
               if (event === 'begin') stepTimers.set(step, metrics.startStepTimer(step));
               else stepTimers.get(step)?.();
               // a cut-over held for the window or for its turn is planned, not stuck
-              if (step === 'window' || step === 'turn') inFlight.plannedWait(event === 'begin');
+              if (STEP_TABLE[step].planned) inFlight.plannedWait(event === 'begin');
               else inFlight.progress();
               // QEMU's live figures describe the RAM migration only: gone with its step
               if (step === 'live' && event !== 'begin') metrics.recordLiveFigures(undefined);
               if (event === 'begin') vmLog.info({ step }, 'step started');
               else if (event === 'end') vmLog.info({ step, durationMs: info.durationMs }, 'step done');
               else vmLog.warn({ step, message: info.message }, 'step failed');
-              // a step that changes something began (checks and the wait for a turn change nothing)
-              const changing = event === 'begin' && step !== 'precheck' && step !== 'quorum' && step !== 'turn';
+              // a step that changes something began (checks and gates change nothing)
+              const changing = event === 'begin' && changesSomething(step);
               if (changing) underway?.();
               if (changing && writer.current.waitingSince) {
                 // the wait is over: the move changes something again
                 writer.update((s) => setState(s, generation(), 'running', 'InProgress', startedMessage));
               }
-              const reason = STEP_EVENT_REASON[step];
+              const reason = STEP_TABLE[step].eventReason;
               if (event === 'end' && reason) deps.events.emit(vmm, 'Normal', reason, `${name}: ${step} done in ${((info.durationMs ?? 0) / 1000).toFixed(1)} s`);
               if (event === 'fail') deps.events.emit(vmm, 'Warning', 'StepFailed', `${name}: ${step} failed: ${info.message ?? ''}`);
             },
@@ -400,7 +395,7 @@ async function execute(vmm: VMMigration, deps: RunnerDeps, writer: StatusSink, s
     if (stop.kind === 'window') {
       writer.update((s) => setState(s, generation(), 'waiting', 'WaitingForWindow', stop.message));
       await writer.flush();
-      throw new RetryLater(stop.retryAfterMs);
+      return { kind: 'retry', afterMs: stop.retryAfterMs };
     }
     writer.update((s) => { s.progress = `${done}/${entries.length}`; });
     const cancelledEnvs = stop.cancelled.filter((k) => !k.includes('/'));

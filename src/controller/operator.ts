@@ -21,7 +21,7 @@ import * as metrics from '../metrics/metrics.js';
 import type { Store } from '../store/store.js';
 import type { Logger } from '../util/log.js';
 import { Handover } from '../migrate/vmMove.js';
-import { Aborted, RetryLater, runMigration, type RunnerDeps } from './migrationRunner.js';
+import { Aborted, runMigration, type RunnerDeps } from './migrationRunner.js';
 import { ResilientInformer, objectKey } from './runtime/informer.js';
 import { LeaseLeaderElector } from './runtime/leaderElection.js';
 import { WorkQueue } from './runtime/workQueue.js';
@@ -55,7 +55,7 @@ export class MigrationController {
   private readonly queue = new WorkQueue<string>({ name: 'vmmigrations', concurrency: 4, metrics: metrics.workQueueMetricsHooks() });
   private readonly runs = new Map<string, ActiveRun>();
   private readonly claims = new Map<string, string>();
-  /** a run that must wait (RetryLater) is not re-run before this time by its own status writes' watch events */
+  /** a run that must wait (it ended with retry) is not re-run before this time by its own status writes' watch events */
   private readonly notBefore = new Map<string, { at: number; generation: number }>();
   private readonly events: EventRecorder;
   private readonly finalizers: Finalizers;
@@ -244,13 +244,13 @@ export class MigrationController {
       statusIntervalMs: this.opts.statusIntervalMs,
       guestSafety: this.opts.guestSafety,
     }, controller.signal).then(
-      () => undefined,
+      (end) => {
+        if (end.kind !== 'retry') return;
+        this.notBefore.set(uid, { at: Date.now() + end.afterMs, generation: obj.metadata.generation ?? 1 });
+        this.queue.addAfter(key, end.afterMs);
+      },
       (err: Error) => {
-        if (err instanceof RetryLater) {
-          this.notBefore.set(uid, { at: Date.now() + err.afterMs, generation: obj.metadata.generation ?? 1 });
-          this.queue.addAfter(key, err.afterMs);
-        }
-        else if (err instanceof Aborted || controller.signal.aborted) log.warn({ reason: err.message }, 'migration run stopped');
+        if (err instanceof Aborted || controller.signal.aborted) log.warn({ reason: err.message }, 'migration run stopped');
         else {
           log.error({ err: err.message }, 'migration run crashed; retrying with backoff');
           this.queue.addRateLimited(key);

@@ -80,25 +80,6 @@ export function describeOutage(o: Outage): string {
   return `outage ${o.seconds.toFixed(1)} s until node Ready (shutdown ${o.shutdownSeconds?.toFixed(1)} s, copy ${o.copySeconds?.toFixed(1)} s, boot ${o.bootSeconds?.toFixed(1)} s; stop→start ${o.stopToStartSeconds.toFixed(1)} s)`;
 }
 
-/**
- * The edges an earlier run journaled (a move resumed after the stop): the last stop and start since
- * the last rollback, by the journal's own times. A resumed move's outage runs from the real stop,
- * through the time no operator ran, not from the resume.
- */
-export function marksFromJournal(entries: readonly { step: string; event: string; at: string }[]): Partial<Pick<OutageMarks, 'stoppedAt' | 'haltedAt' | 'startingAt' | 'runningAt'>> {
-  let marks: Partial<Pick<OutageMarks, 'stoppedAt' | 'haltedAt' | 'startingAt' | 'runningAt'>> = {};
-  for (const e of entries) {
-    const at = Date.parse(e.at);
-    if (!Number.isFinite(at)) continue;
-    if (e.step === 'rollback') marks = {};
-    else if (e.step === 'stop' && e.event === 'begin') marks.stoppedAt = at;
-    else if (e.step === 'stop' && e.event === 'end') marks.haltedAt = at;
-    else if (e.step === 'start' && e.event === 'begin') marks.startingAt = at;
-    else if (e.step === 'start' && e.event === 'end') marks.runningAt = at;
-  }
-  return marks;
-}
-
 /** The outage as a VM's status carries it: the figure, and beside it how it was seen and its parts. */
 export function outageStatus(o: Outage): Pick<VMStatus, 'outageSeconds' | 'outage'> {
   const { seconds, ...parts } = o;

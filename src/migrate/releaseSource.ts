@@ -7,7 +7,8 @@
  * the source holds no QEMU of it. The placement is set to the target and the decision is journaled.
  */
 import type { VMSpec } from '../api/inventory.js';
-import { targetMayHaveRun, type MoveHost, type MoveStore } from './vmMove.js';
+import { journalFacts } from './journal.js';
+import type { MoveHost, MoveStore } from './vmMove.js';
 
 export interface ReleaseStore extends Pick<MoveStore, 'journal' | 'setPlacement' | 'journalEntries'> {
   move(migrationUid: string, environment: string, vm: string): Promise<{ fromHost: string; toHost: string; phase: string } | undefined>;
@@ -24,7 +25,7 @@ export async function releaseSource(o: { store: ReleaseStore; migrationUid: stri
   if (rec.fromHost !== source.host.name || rec.toHost !== target.host.name) throw new Error(`the move went ${rec.fromHost} → ${rec.toHost}, not ${source.host.name} → ${target.host.name}`);
   const [src, dst] = await Promise.all([source.vmStatus(environment, vm), target.vmStatus(environment, vm)]);
   if (dst.qmpStatus !== 'running') throw new Error(`${environment}/${vm.name} does not run on ${target.host.name} (${dst.qmpStatus ?? dst.state}): the source image stays until the VM runs there`);
-  if (!journalShowsStart(await store.journalEntries(migrationUid, environment, vm.name))) {
+  if (!journalFacts(await store.journalEntries(migrationUid, environment, vm.name)).targetStarted) {
     throw new Error(`the journal of migration ${migrationUid} shows no completed start of ${environment}/${vm.name} on ${target.host.name}: the operator never saw that copy start, so it is not known to be the VM's whole disk; the source image stays`);
   }
   if (live(src.state)) throw new Error(`${environment}/${vm.name} has a live QEMU on ${source.host.name}: refusing to delete its image`);
@@ -35,16 +36,6 @@ export async function releaseSource(o: { store: ReleaseStore; migrationUid: stri
   const message = `source image on ${source.host.name} released by an administrator; ${vm.name} lives on ${target.host.name}`;
   await store.updateMove(migrationUid, environment, vm.name, { message });
   return message;
-}
-
-/** One VM's journal → a `start` that ended, with no rollback after it. */
-function journalShowsStart(entries: readonly { step: string; event: string }[]): boolean {
-  let started = false;
-  for (const e of entries) {
-    if (e.step === 'rollback') started = false;
-    if (e.step === 'start' && e.event === 'end') started = true;
-  }
-  return started;
 }
 
 /** A host whose source lock an administrator can read and clear. */
@@ -65,7 +56,7 @@ export async function unlockSource(o: { store: ReleaseStore; migrationUid: strin
   if (!rec) throw new Error(`migration ${migrationUid} has no move of ${environment}/${vm.name}`);
   if (rec.phase === 'Pending' || rec.phase === 'Running') throw new Error(`the move of ${environment}/${vm.name} is ${rec.phase}: the migration may still act on it; let it finish or delete the VMMigration first`);
   if (rec.fromHost !== source.host.name || rec.toHost !== target.host.name) throw new Error(`the move went ${rec.fromHost} → ${rec.toHost}, not ${source.host.name} → ${target.host.name}`);
-  if (targetMayHaveRun(await store.journalEntries(migrationUid, environment, vm.name))) {
+  if (journalFacts(await store.journalEntries(migrationUid, environment, vm.name)).targetRan) {
     throw new Error(`the journal shows ${environment}/${vm.name} may have run on ${target.host.name}: its disk there holds the guest's newest writes and the source copy on ${source.host.name} is stale; start it on ${target.host.name} and use release-source`);
   }
   const dst = await target.vmStatus(environment, vm);

@@ -27,11 +27,61 @@ export type StepName =
   | 'live' | 'stop' | 'converge' | 'fence' | 'transfer' | 'verify' | 'start'
   | 'nodeReady' | 'memberHealthy' | 'lbIn' | 'uncordon' | 'commit' | 'cleanup' | 'rollback';
 
+/**
+ * What a step is. check: looks, changes nothing; gate: waits until it is safe or its time has come,
+ * changing nothing; effect: changes something (taken under the source lock; a journal with one is a
+ * move that touched the VM).
+ */
+export type StepKind = 'check' | 'gate' | 'effect';
+
+export interface StepInfo {
+  kind: StepKind;
+  /** a wait the user planned (the window, the environment's turn): however long, it is not stuck */
+  planned?: true;
+  /** a guest-safety step around the stop (leadership, load balancer): not where a move's own work begins */
+  guestSafety?: true;
+  /** the Event reason when it ends (none: the checks and the waits end silently) */
+  eventReason?: string;
+}
+
+/** One record per step, in flow order: every list of steps (names, checks, Event reasons) is derived from it. */
+export const STEP_TABLE: Readonly<Record<StepName, StepInfo>> = {
+  precheck: { kind: 'check' },
+  quorum: { kind: 'gate' },
+  mirror: { kind: 'effect', eventReason: 'MirrorStarted' },
+  turn: { kind: 'gate', planned: true },
+  window: { kind: 'gate', planned: true },
+  cordon: { kind: 'effect', eventReason: 'Cordoned' },
+  drain: { kind: 'effect', eventReason: 'Drained' },
+  mirrorSync: { kind: 'effect' },
+  leaderMove: { kind: 'effect', guestSafety: true, eventReason: 'LeaderMoved' },
+  lbOut: { kind: 'effect', guestSafety: true, eventReason: 'RemovedFromLoadBalancer' },
+  live: { kind: 'effect', eventReason: 'LiveMigrated' },
+  stop: { kind: 'effect', eventReason: 'VMStopped' },
+  converge: { kind: 'effect' },
+  fence: { kind: 'effect', eventReason: 'SourceFenced' },
+  transfer: { kind: 'effect', eventReason: 'FilesCopied' },
+  verify: { kind: 'effect', eventReason: 'CopyVerified' },
+  start: { kind: 'effect', eventReason: 'VMStarted' },
+  nodeReady: { kind: 'effect', eventReason: 'NodeReady' },
+  memberHealthy: { kind: 'effect', guestSafety: true },
+  lbIn: { kind: 'effect', guestSafety: true, eventReason: 'AddedToLoadBalancer' },
+  uncordon: { kind: 'effect', eventReason: 'Uncordoned' },
+  commit: { kind: 'effect' },
+  cleanup: { kind: 'effect', eventReason: 'SourceCleaned' },
+  rollback: { kind: 'effect', eventReason: 'RolledBack' },
+};
+
 /** Every step name, in flow order (metrics use it as the bounded label set). */
-export const STEP_NAMES: readonly StepName[] = [
-  'precheck', 'quorum', 'mirror', 'turn', 'window', 'cordon', 'drain', 'mirrorSync', 'leaderMove', 'lbOut', 'live', 'stop', 'converge',
-  'fence', 'transfer', 'verify', 'start', 'nodeReady', 'memberHealthy', 'lbIn', 'uncordon', 'commit', 'cleanup', 'rollback',
-];
+export const STEP_NAMES = Object.keys(STEP_TABLE) as readonly StepName[];
+
+/** Does this step change something? (A step name read back from the journal may be any string.) */
+export function changesSomething(step: string): boolean {
+  return (STEP_TABLE as Record<string, StepInfo | undefined>)[step]?.kind === 'effect';
+}
+
+/** The steps that change nothing (checks and gates): before the first of the others nothing was touched. */
+export const NOTHING_CHANGED_STEPS: ReadonlySet<StepName> = new Set(STEP_NAMES.filter((n) => !changesSomething(n)));
 
 /**
  * Where the VM is, as `locate` found it:

@@ -26,9 +26,10 @@ import type { Logger } from '../util/log.js';
 import { abortReason, backoffMs, sleep } from '../util/sleep.js';
 import type { ControlPlaneGuard, LoadBalancerControl, SafetyVerdict } from './guestSafety.js';
 import { windowState, type Turn } from './fleet.js';
-import { flowSteps, moveMode, type FlowPlan, type Location, type MoveMode, type StepName } from './steps.js';
+import { changesSomething, flowSteps, moveMode, STEP_TABLE, type FlowPlan, type Location, type MoveMode, type StepName } from './steps.js';
 import { mib } from '../util/units.js';
-import { marksFromJournal, outageOf, type Outage } from './outage.js';
+import { journalFacts, type JournalFacts } from './journal.js';
+import { outageOf, type Outage } from './outage.js';
 
 export type MoveStep = StepName;
 
@@ -216,8 +217,6 @@ export class MoveError extends Error {
   }
 }
 
-/** Steps that only look (or wait): a failure in them before anything was changed leaves the VM untouched. */
-const CHECKS: ReadonlySet<MoveStep> = new Set(['precheck', 'quorum', 'turn']);
 
 /** What the steps of one move share while it runs. */
 interface MoveState {
@@ -248,9 +247,9 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
     if (interruptedBy(ctx)) throw new MoveError('precheck', `interrupted: ${interruptedBy(ctx)}`, 'interrupted');
     throw err instanceof MoveError ? err : new MoveError('precheck', err.message, 'untouched');
   });
-  const converged = await journalSaysConverged(ctx);
+  const { converged, targetRan } = await journalOf(ctx);
   // the journal, or the target host's own record when the journal lost it (a restored database)
-  const ranBefore = (await journalSaysTargetRan(ctx)) || (location === 'target-stopped' && (await ctx.target.ranHere?.(ctx.environment.name, ctx.vm)) !== undefined);
+  const ranBefore = targetRan || (location === 'target-stopped' && (await ctx.target.ranHere?.(ctx.environment.name, ctx.vm)) !== undefined);
   const planFor = (loc: Location, liveFellBack = false, targetRan = ranBefore): FlowPlan => flowSteps({
     location: loc, journal: { converged, targetRan }, settings: ctx.settings, role: ctx.vm.role,
     capabilities: { loadBalancer: ctx.safety.loadBalancer !== undefined }, liveFellBack, ahead: ctx.turn !== undefined,
@@ -261,7 +260,7 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
     ctx.observer.resumed?.(plan.resume);
   }
   if (ctx.vm.role === 'controller' && !ctx.safety.loadBalancer) ctx.observer.noLoadBalancer?.();
-  const resumedFrom = plan.steps.find((s) => !CHECKS.has(s.name) && s.name !== 'leaderMove' && s.name !== 'lbOut')?.name ?? 'nodeReady';
+  const resumedFrom = plan.steps.find((s) => changesSomething(s.name) && !STEP_TABLE[s.name].guestSafety)?.name ?? 'nodeReady';
 
   // an earlier run's `start` counts too: once the target may have run, this run never rolls back
   const st: MoveState = { mode: plan.mode, touched: false, nodeReadyMs: 0, bytes: 0, sourceFenced: false, targetStarted: location === 'target-running' || ranBefore, lbOut: false, sourceHeld: false };
@@ -269,12 +268,12 @@ export async function moveVm(ctx: MoveContext): Promise<MoveResult> {
     const queue = [...steps];
     while (queue.length > 0) {
       const step = queue.shift()!;
-      if (!CHECKS.has(step.name) && !st.sourceHeld) {
+      if (changesSomething(step.name) && !st.sourceHeld) {
         // before the first side effect: held by another migration means untouched, not rolled back
         await holdSource(ctx).catch((err: Error) => { throw Object.assign(err, { step: step.name }); });
         st.sourceHeld = true;
       }
-      if (!CHECKS.has(step.name)) st.touched = true;
+      if (changesSomething(step.name)) st.touched = true;
       try {
         await run(step.name, () => ACTIONS[step.name](ctx, st));
       } catch (err) {
@@ -439,7 +438,7 @@ export function qemuVersionOlder(target?: string, source?: string): { target: st
 /** The outage from what this run saw, and from the journal for what an earlier run did (a resumed move). */
 async function outageSeen(ctx: MoveContext, st: MoveState): Promise<Outage | undefined> {
   const seen = { stoppedAt: st.stoppedAt, haltedAt: st.haltedAt, startingAt: st.startingAt, runningAt: st.runningAt };
-  const journaled = Object.values(seen).some((v) => v === undefined) ? marksFromJournal(await ctx.store.journalEntries(ctx.migrationUid, ctx.environment.name, ctx.vm.name)) : {};
+  const journaled = Object.values(seen).some((v) => v === undefined) ? (await journalOf(ctx)).outage : {};
   const stoppedAt = seen.stoppedAt ?? journaled.stoppedAt;
   const runningAt = seen.runningAt ?? journaled.runningAt;
   // no stop of this move anywhere: the VM was down before it began, and its outage is not the move's
@@ -447,14 +446,9 @@ async function outageSeen(ctx: MoveContext, st: MoveState): Promise<Outage | und
   return outageOf({ mode: st.mode, stoppedAt, haltedAt: seen.haltedAt ?? journaled.haltedAt, startingAt: seen.startingAt ?? journaled.startingAt, runningAt, readyAt: st.readyAt });
 }
 
-async function journalSaysConverged(ctx: MoveContext): Promise<boolean> {
-  const entries = await ctx.store.journalEntries(ctx.migrationUid, ctx.environment.name, ctx.vm.name);
-  let converged = false;
-  for (const e of entries) {
-    if ((e.step === 'mirror' && e.event === 'begin') || e.step === 'rollback') converged = false;
-    if (e.step === 'converge' && e.event === 'end') converged = true;
-  }
-  return converged;
+/** What this VM's journal (of this migration) says happened. */
+async function journalOf(ctx: MoveContext): Promise<JournalFacts> {
+  return journalFacts(await ctx.store.journalEntries(ctx.migrationUid, ctx.environment.name, ctx.vm.name));
 }
 
 const live = (s: string) => s === 'running' || s === 'paused' || s === 'other';
@@ -477,7 +471,8 @@ async function locate(ctx: MoveContext): Promise<Location> {
   // nothing of this run exists yet: any qemu-nbd export in the target's VM directory is an interrupted
   // run's, and so is any verification scratch copy beside the source's disks
   await Promise.all([target.clearStaleExports?.(env, vm), source.sweepScratch?.(env, vm)]);
-  const [src, dstSeen, journalRan, marker] = await Promise.all([source.vmStatus(env, vm), target.vmStatus(env, vm), journalSaysTargetRan(ctx), target.ranHere?.(env, vm)]);
+  const [src, dstSeen, journal, marker] = await Promise.all([source.vmStatus(env, vm), target.vmStatus(env, vm), journalOf(ctx), target.ranHere?.(env, vm)]);
+  const journalRan = journal.targetRan;
   let dst = dstSeen;
   const ran = journalRan || marker !== undefined;
   const evidence = journalRan ? 'journal: start began' : `recorded on ${target.host.name} by migration ${marker ?? '?'}`;
@@ -522,7 +517,7 @@ async function locate(ctx: MoveContext): Promise<Location> {
     return 'target-stopped';
   }
   if (live(src.state)) {
-    if (src.qmpStatus !== 'running' && src.qmpStatus !== undefined && (await haltedForCutover(ctx))) return 'source-halted';
+    if (src.qmpStatus !== 'running' && src.qmpStatus !== undefined && journal.haltedForCutover) return 'source-halted';
     // files on the target that never ran (a rolled-back or interrupted copy): stale, the move starts over
     if (dst.state === 'stopped') await target.removeVmDir(env, vm, { staleCopy: true });
     return 'source-running';
@@ -535,37 +530,12 @@ async function locate(ctx: MoveContext): Promise<Location> {
   return 'source-stopped';
 }
 
-/** The journal shows a `start` that began (and no rollback since): the VM may have run on the target. */
-async function journalSaysTargetRan(ctx: MoveContext): Promise<boolean> {
-  return targetMayHaveRun(await ctx.store.journalEntries(ctx.migrationUid, ctx.environment.name, ctx.vm.name));
-}
-
-/** One VM's journal → true when a `start` began and no rollback came after it (rule 2 applies). */
-export function targetMayHaveRun(entries: readonly { step: string; event: string }[]): boolean {
-  let ran = false;
-  for (const e of entries) {
-    if (e.step === 'rollback') ran = false;
-    if (e.step === 'start' && e.event === 'begin') ran = true;
-  }
-  return ran;
-}
-
 /**
  * Leadership (or a cancel) is checked right before every irreversible sub-action, not only at step
  * boundaries: a step whose probe outlasted the lease must not go on to stop, start or delete.
  */
 function checkpoint(ctx: MoveContext, what: string): void {
   if (ctx.signal.aborted) throw new Error(`not ${what}: ${abortReason(ctx.signal).message}`);
-}
-
-/** A halted (not running) source is a cutover in progress only if the journal shows our `stop` ended (and no rollback since). */
-async function haltedForCutover(ctx: MoveContext): Promise<boolean> {
-  let stopped = false;
-  for (const e of await ctx.store.journalEntries(ctx.migrationUid, ctx.environment.name, ctx.vm.name)) {
-    if (e.step === 'rollback') stopped = false;
-    if (e.step === 'stop' && e.event === 'end') stopped = true;
-  }
-  return stopped;
 }
 
 async function assertStopped(h: MoveHost, env: string, vm: VMSpec): Promise<void> {

@@ -3,6 +3,7 @@ import type { EnvironmentSpec, HostQemu, HostSpec, Inventory, VMBoot, VMFile, VM
 import { connect, redactLocation, StoreOpenError, type ConnectOptions } from './connect.js';
 import { migrations, type Backend, type Database, type MoveRow } from './schema.js';
 import { boundedStrings } from '../util/text.js';
+import { journalFacts } from '../migrate/journal.js';
 
 export { isPostgresUrl, redactLocation, StoreOpenError } from './connect.js';
 
@@ -27,8 +28,6 @@ export interface MoveRecord {
   message: string | null;
 }
 
-/** Journal steps that only look (vmMove's checks): a move with nothing else journaled touched nothing. */
-const CHECK_STEPS: ReadonlySet<string> = new Set(['precheck', 'quorum']);
 
 /** Where a VM move in flight has, by this inventory, lost its footing; see `loadInventory`. */
 export class InventoryConflictError extends Error {
@@ -206,10 +205,9 @@ export class Store {
     const stuck: MoveRecord[] = [];
     for (const m of await this.moves(migrationUid)) {
       if (m.phase === 'Succeeded' || m.phase === 'RolledBack') continue;
-      const entries = await this.journalEntries(migrationUid, m.environment, m.vm);
-      if (entries.every((e) => CHECK_STEPS.has(e.step))) continue;
-      const last = entries.at(-1)!;
-      if ((last.step === 'cleanup' || last.step === 'rollback') && last.event === 'end') continue;
+      const facts = journalFacts(await this.journalEntries(migrationUid, m.environment, m.vm));
+      // nothing touched (only checks and waits), or over (cleaned up, rolled back)
+      if (!facts.touched || facts.settled) continue;
       (m.phase === 'Running' || m.phase === 'Pending' ? inFlight : stuck).push(m);
     }
     return { inFlight, stuck };

@@ -6,7 +6,7 @@
  * nothing touched: no connection to the API server or any SSH host (a
  * listener stands in for both and counts connections), the store unchanged.
  */
-import { execFile, spawn } from 'node:child_process';
+import { execFile, execFileSync, spawn } from 'node:child_process';
 import { createHash } from 'node:crypto';
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { createServer, type Server } from 'node:net';
@@ -49,12 +49,12 @@ function writeInventory(name: string, inv: Inventory): string {
 
 interface Result { code: number | null; stderr: string; stdout: string }
 
-async function runOperator(db: string, inventoryPath: string, opts: { env?: Record<string, string>; uid?: number } = {}): Promise<Result> {
+async function runOperator(db: string, inventoryPath: string, opts: { env?: Record<string, string> } = {}): Promise<Result> {
   const args = [...cliArgs('run'), '--kubeconfig', kubeconfigPath, '--inventory', inventoryPath,
     '--ssh-key', keyPath, '--metrics-port', '0', '--metrics-host', '127.0.0.1', ...(db ? ['--db', db] : [])];
   return new Promise((resolve) => {
     const child = spawn(process.execPath, args, {
-      cwd: REPO_ROOT, env: operatorEnv({ LOG_LEVEL: 'info', ...opts.env }), ...(opts.uid !== undefined ? { uid: opts.uid, gid: opts.uid } : {}),
+      cwd: REPO_ROOT, env: operatorEnv({ LOG_LEVEL: 'info', ...opts.env }),
     });
     let stdout = '';
     let stderr = '';
@@ -130,29 +130,30 @@ describe('operator start-up faults (real CLI, child process)', () => {
     expect(existsSync(join(dir, 'no-such-dir'))).toBe(false);
   });
 
-  it('an SQLite file the operator may read but not write (operator runs unprivileged)', async () => {
+  it('an SQLite file the operator may read but not write (a read-only volume, or an unprivileged operator)', async () => {
     const roDir = join(dir, 'readonly');
     mkdirSync(roDir);
     const db = join(roDir, 'operator.db');
     const s = await Store.open(db);
     await s.close();
-    for (const f of readdirSync(roDir)) chmodSync(join(roDir, f), 0o644);
-    chmodSync(roDir, 0o755);
-    chmodSync(dir, 0o755);
     const inv = writeInventory('inv-ro.yaml', inventory());
-    chmodSync(inv, 0o644);
-    chmodSync(keyPath, 0o644); // readable by the unprivileged test user; a throw-away key
-    chmodSync(kubeconfigPath, 0o644);
     const root = process.getuid?.() === 0;
-    if (!root) {
+    // root writes through file modes: the store's directory becomes a read-only mount instead (the
+    // checkout may sit below a directory no other user may enter, so the operator stays this user)
+    if (root) execFileSync('sh', ['-c', `mount --bind "$1" "$1" && mount -o remount,ro,bind "$1"`, 'ro', roDir]);
+    else {
       chmodSync(db, 0o444);
       chmodSync(roDir, 0o555);
     }
-    const before = sha(db);
-    const r = await runOperator(db, inv, root ? { uid: 65534 } : {});
-    expectNothingTouched(r);
-    expect(r.stderr).toMatch(new RegExp(`cannot open the store ${db.replace(/[.]/g, '\\.')}: SQLite: (attempt to write a readonly database|unable to open database file)`));
-    expect(sha(db)).toBe(before);
+    try {
+      const before = sha(db);
+      const r = await runOperator(db, inv);
+      expectNothingTouched(r);
+      expect(r.stderr).toMatch(new RegExp(`cannot open the store ${db.replace(/[.]/g, '\\.')}: SQLite: (attempt to write a readonly database|unable to open database file)`));
+      expect(sha(db)).toBe(before);
+    } finally {
+      if (root) execFileSync('umount', [roDir]);
+    }
   });
 
   it('an unreachable PostgreSQL (via VMOPS_DB): URL named with the password redacted', async () => {

@@ -7,7 +7,7 @@ import { pino } from 'pino';
 import { beforeEach, describe, expect, it } from 'vitest';
 import type { EnvironmentSpec, HostSpec } from '../../src/api/inventory.js';
 import type { VMMigration, VMMigrationStatus } from '../../src/api/types.js';
-import { Aborted, RetryLater, runMigration, type RunnerDeps, type StatusSink } from '../../src/controller/migrationRunner.js';
+import { Aborted, runMigration, type RunnerDeps, type StatusSink } from '../../src/controller/migrationRunner.js';
 import { migrationsActive } from '../../src/metrics/metrics.js';
 import { Handover, MoveError, type MoveContext, type MoveResult } from '../../src/migrate/vmMove.js';
 import { Store } from '../../src/store/store.js';
@@ -104,7 +104,7 @@ describe('vmops_migrations_active returns to 0 on every path', () => {
 
   it('a crash inside the run (unexpected error)', async () => {
     const err = await runMigration(vmm(), deps(ok, { openGuest: async () => { throw new Error('boom'); } }), new AbortController().signal).catch((e: unknown) => e);
-    expect(err).toBeUndefined();
+    expect(err).toEqual({ kind: 'done' });
     expect(await active()).toBe(0);
     expect(status.phase).toBe('Failed');
   });
@@ -120,7 +120,7 @@ describe('waiting is a state, not a failure', () => {
   it('a not-yet-safe verdict: Progressing=False with its reason, re-queued, gauge back to 0', async () => {
     const waiting = new MoveError('quorum', 'control plane would lose quorum without e-controller-1', 'waiting', { safe: false, reason: 'WaitingForQuorum', message: 'control plane would lose quorum' });
     const err = await runMigration(vmm(), deps(async () => { throw waiting; }), new AbortController().signal).catch((e: unknown) => e);
-    expect(err).toBeInstanceOf(RetryLater);
+    expect(err).toMatchObject({ kind: 'retry' });
     expect(await active()).toBe(0);
     expect(status.phase).toBe('Running');
     expect(status.waitingSince).toBeDefined();
@@ -142,7 +142,7 @@ describe('waiting is a state, not a failure', () => {
 
   it('an environment held by another migration waits with WaitingForEnvironment', async () => {
     const err = await runMigration(vmm(), deps(ok, { claimEnvironments: () => ['e'] }), new AbortController().signal).catch((e: unknown) => e);
-    expect(err).toBeInstanceOf(RetryLater);
+    expect(err).toMatchObject({ kind: 'retry' });
     expect(status.phase).toBe('Pending');
     expect(status.conditions?.find((c) => c.type === 'Progressing')).toMatchObject({ status: 'False', reason: 'WaitingForEnvironment' });
     expect(await active()).toBe(0);
@@ -150,7 +150,7 @@ describe('waiting is a state, not a failure', () => {
 
   it('an unreachable target host at precheck waits with WaitingForHost', async () => {
     const err = await runMigration(vmm(), deps(ok, { pool: { hypervisor: async () => { throw new Error('connect ECONNREFUSED'); }, connectFresh: async () => { throw new Error('unused'); } } }), new AbortController().signal).catch((e: unknown) => e);
-    expect(err).toBeInstanceOf(RetryLater);
+    expect(err).toMatchObject({ kind: 'retry' });
     expect(status.conditions?.find((c) => c.type === 'Progressing')).toMatchObject({ reason: 'WaitingForHost', message: expect.stringMatching(/h1 is unreachable/) });
     expect(await active()).toBe(0);
   });

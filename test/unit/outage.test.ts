@@ -3,7 +3,8 @@
  * and how a move finds them — in this run, or in the journal of the run before it.
  */
 import { describe, expect, it } from 'vitest';
-import { marksFromJournal, outageOf } from '../../src/migrate/outage.js';
+import { journalFacts } from '../../src/migrate/journal.js';
+import { outageOf } from '../../src/migrate/outage.js';
 import { moveVm } from '../../src/migrate/vmMove.js';
 import { context } from './moveDoubles.js';
 
@@ -25,35 +26,40 @@ describe('outageOf', () => {
   });
 });
 
-describe('marksFromJournal', () => {
+describe('the outage edges in the journal (journalFacts)', () => {
   const at = (ms: number) => new Date(ms).toISOString();
   it('takes the last stop and start since the last rollback', () => {
-    const m = marksFromJournal([
+    const m = journalFacts([
       { step: 'stop', event: 'begin', at: at(100) }, { step: 'stop', event: 'end', at: at(200) },
       { step: 'rollback', event: 'begin', at: at(300) }, { step: 'rollback', event: 'end', at: at(400) },
       { step: 'stop', event: 'begin', at: at(1000) }, { step: 'stop', event: 'end', at: at(1500) },
       { step: 'start', event: 'begin', at: at(2000) }, { step: 'start', event: 'fail', at: at(2100) },
       { step: 'start', event: 'begin', at: at(2500) }, { step: 'start', event: 'end', at: at(2600) },
-    ]);
+    ]).outage;
     expect(m).toEqual({ stoppedAt: 1000, haltedAt: 1500, startingAt: 2500, runningAt: 2600 });
   });
   it('a rollback after the stop forgets it', () => {
-    expect(marksFromJournal([{ step: 'stop', event: 'begin', at: at(1) }, { step: 'rollback', event: 'begin', at: at(2) }])).toEqual({});
+    expect(journalFacts([{ step: 'stop', event: 'begin', at: at(1) }, { step: 'rollback', event: 'begin', at: at(2) }]).outage).toEqual({});
   });
 });
 
 describe('a move reports the outage', () => {
-  it('cold: node Ready comes after the start, so the outage holds the boot and is longer than stop→start', async () => {
-    const { ctx, guest, source } = await context('running', 'absent');
+  it('cold: the outage runs from the stop command to the node seen Ready, holds the boot, and is longer than stop→start', async () => {
+    const { ctx, guest, source, target } = await context('running', 'absent');
+    const at: Record<string, number> = {};
     const stop = source.stopVm;
-    source.stopVm = async (...a) => { await pause(40); return stop(...a); };
-    guest.waitNodeReady = async () => { await pause(60); };
+    source.stopVm = async (...a) => { at.stopCalled = Date.now(); await pause(40); return stop(...a); };
+    const start = target.startVm;
+    target.startVm = async (...a) => { at.startCalled = Date.now(); return start(...a); };
+    guest.waitNodeReady = async () => { await pause(60); at.readySeen = Date.now(); };
     const r = await moveVm(ctx);
     const o = r.outage!;
     expect(o.until).toBe('NodeReady');
-    // each part at least as long as what the doubles waited in it, and the parts add up to the whole
-    expect(o.shutdownSeconds).toBeGreaterThanOrEqual(0.04);
-    expect(o.bootSeconds).toBeGreaterThanOrEqual(0.06);
+    // its edges enclose what the student could not use: from before the stop reached QEMU to after the node was Ready
+    expect(Date.parse(o.startedAt)).toBeLessThanOrEqual(at.stopCalled!);
+    expect(Date.parse(o.endedAt)).toBeGreaterThanOrEqual(at.readySeen!);
+    // the boot is from the target QEMU's launch to node Ready; the parts add up to the whole
+    expect(Date.parse(o.endedAt) - o.bootSeconds! * 1000).toBeLessThanOrEqual(at.startCalled! + 1);
     expect(o.shutdownSeconds! + o.copySeconds! + o.bootSeconds!).toBeCloseTo(o.seconds, 2);
     expect(o.seconds).toBeGreaterThan(o.stopToStartSeconds);
   });
@@ -62,16 +68,16 @@ describe('a move reports the outage', () => {
     const { ctx, store } = await context('stopped', 'running');
     const j = (step: string, event: 'begin' | 'end') => store.journal('uid', 'e', 'controller-1', step, event);
     await j('stop', 'begin');
-    await pause(30);
     await j('stop', 'end');
     await j('start', 'begin');
     await j('start', 'end');
-    await pause(50); // the operator was down here
+    const stopJournaled = (await store.journalEntries('uid')).find((e) => e.step === 'stop' && e.event === 'begin')!.at;
+    await pause(20); // the operator was down here
+    const resumed = Date.now();
     const r = await moveVm(ctx);
     expect(r.resumedFrom).toBe('nodeReady');
-    expect(r.outage).toMatchObject({ until: 'NodeReady' });
-    expect(r.outage!.shutdownSeconds).toBeGreaterThanOrEqual(0.03);
-    expect(r.outage!.bootSeconds).toBeGreaterThanOrEqual(0.05);
+    expect(r.outage).toMatchObject({ until: 'NodeReady', startedAt: stopJournaled });
+    expect(Date.parse(r.outage!.endedAt)).toBeGreaterThanOrEqual(resumed);
   });
 
   it('a VM that was already down when its move began (no stop anywhere) gets no outage figure', async () => {
