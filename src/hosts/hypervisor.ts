@@ -8,7 +8,7 @@ import { TIMEOUTS } from '../api/types.js';
 import { log as rootLog, type Logger } from '../util/log.js';
 import { sleep } from '../util/sleep.js';
 import { buildQemuArgv, definitionDrift, resolveHostQemu } from './qemuArgv.js';
-import { resumeSource } from './qemuIncoming.js';
+import { resumeSource } from './qmpRunState.js';
 import { QmpClient } from './qmp.js';
 import type { HostConnection } from './ssh.js';
 

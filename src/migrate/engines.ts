@@ -6,7 +6,8 @@
 import type { HostSpec, VMSpec } from '../api/inventory.js';
 import type { LiveFallback, MigrationSettings } from '../api/types.js';
 import type { Hypervisor } from '../hosts/hypervisor.js';
-import { flushDisks, openQmpAt, pauseSourceForCutover, quitQemu, resumeIncoming, resumeSource, verifyGuestData } from '../hosts/qemuIncoming.js';
+import { flushDisks, openQmpAt, quitQemu, verifyGuestData } from '../hosts/qemuIncoming.js';
+import { pauseSourceForCutover, resumeIncoming, resumeSource } from '../hosts/qmpRunState.js';
 import type { HostConnection } from '../hosts/ssh.js';
 import { LiveMigrationAbortedError, liveMigrateUntilHandover } from '../transfer/live.js';
 import { copyNonDiskFiles, startPrecopy } from '../transfer/mirror.js';

@@ -6,7 +6,8 @@
  */
 import type { VMSpec } from '../api/inventory.js';
 import type { Hypervisor } from '../hosts/hypervisor.js';
-import { flushDisks, pauseSourceForCutover, quitQemu, resumeIncoming, resumeSource, verifyGuestData, type DiskVerification } from '../hosts/qemuIncoming.js';
+import { flushDisks, quitQemu, verifyGuestData, type DiskVerification } from '../hosts/qemuIncoming.js';
+import { pauseSourceForCutover, resumeIncoming, resumeSource } from '../hosts/qmpRunState.js';
 import { liveMigrateUntilHandover, type LiveMigrateOptions, type LiveMigrateResult } from '../transfer/live.js';
 import { verifyChangedRanges, type IncrementalVerification } from '../transfer/mirrorVerify.js';
 import { type PrecopyCompleteResult, type PrecopyHandle, type PrecopyVerification } from '../transfer/mirror.js';
