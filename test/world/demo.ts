@@ -98,6 +98,7 @@ async function main(): Promise<void> {
     }
     console.log(`  total: ${total.toFixed(1)} s wall time, ${mib(bytes)} moved, result ${last.status?.phase}: ${last.status?.message ?? ''}`);
     console.log("  outage: the student's, from the stop until the node is Ready again; stop→start: the operator's share, without the boot");
+    console.log('  the same environment moved by hand with the cloud\'s runbook: ~150 s of outage per VM (rolling), ~25 min for all at once');
     if (sb.observers.size > 0) {
       console.log('\nSeen from inside the guests (heartbeat every 10 ms, fsync\'d log verified by the guest after its boot on the target)');
       for (const [name, obs] of sb.observers) {
